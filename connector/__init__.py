@@ -1,0 +1,1 @@
+"""mdr-connector: two-way sync between Kaspersky MDR incidents and ticket systems."""

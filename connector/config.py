@@ -1,0 +1,436 @@
+"""The configuration file and the field-mapping files, validated with pydantic.
+
+Both are YAML read with `yaml.safe_load`, then validated with unknown keys
+rejected, so a misspelled key fails at start-up with the file, the key path
+and the expected value named. Secrets never sit in these files: a secret
+field names an environment variable (`env:`) or a file (`file:`) to read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import string
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mdr_connector.connector.errors import ConfigError
+
+BUILTIN_MAPPING_PREFIX = "builtin:"
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+CONNECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+
+# Placeholders a mapping template may use; each is filled from the incident.
+TEMPLATE_FIELDS = {
+    "incident_id": "MDR incident id",
+    "incident_number": "human-readable incident number",
+    "summary": "incident title",
+    "description": "incident description (Markdown)",
+    "priority": "HIGH, NORMAL or LOW",
+    "status": "Open, On hold, Resolved or Closed",
+    "resolution": "resolution, empty until the incident is closed",
+    "tenant_name": "tenant, empty for the root tenant",
+    "affected_hosts": "Markdown list of affected hosts with their asset ids",
+    "host_names": "comma-separated affected host names",
+    "console_link": "link to the incident in the MDR web console",
+    "creation_time": "creation time, UTC",
+    "update_time": "last update time, UTC",
+    "detection_technology": "detection technology",
+    "attack_stage": "attack stage",
+    "mitre_tactics": "comma-separated MITRE ATT&CK tactics",
+    "mitre_techniques": "comma-separated MITRE ATT&CK techniques",
+    "client_description": "text the customer gave when creating the incident",
+    "recommendations": "SOC recommendations",
+}
+COMMENT_TEMPLATE_FIELDS = {
+    "author": "name of the comment's author",
+    "created": "comment creation time, UTC",
+    "ticket_key": "ticket key, for example SEC-12",
+    "system": "ticket system name, for example Jira",
+}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(StrictModel):
+    """Where to read a secret: an environment variable or a file, never the YAML itself."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("set exactly one of 'env' (variable name) or 'file' (path)")
+        return self
+
+    def read(self) -> str:
+        """Read the secret, raising ConfigError that names the source but never the value."""
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError(f"environment variable {self.env} is not set or empty")
+            return value
+
+        assert self.file is not None
+        try:
+            value = self.file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read secret file {self.file}: {err.strerror}") from err
+        if not value:
+            raise ConfigError(f"secret file {self.file} is empty")
+        return value
+
+
+class TransportSettings(StrictModel):
+    """TLS, proxy and timeout settings shared by every HTTP client."""
+
+    tls_verify: bool = True
+    ca_bundle: Path | None = None
+    proxy: str | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+
+
+def check_service_url(url: str) -> str:
+    """Accept https:// anywhere and http:// only for loopback hosts (the simulators)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url.rstrip("/")
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return url.rstrip("/")
+    raise ValueError(
+        f"{url!r} must be an https:// URL; plain http:// is accepted only for loopback addresses"
+    )
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class MdrSettings(TransportSettings):
+    """How to reach one MDR client (one API token)."""
+
+    base_url: str = "https://mdr.kaspersky.com/api/v1"
+    client_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")
+    connection_name: str = Field(min_length=1)
+    token_dir: Path
+    refresh_margin_seconds: int = Field(default=600, ge=0)
+    max_concurrency: int = Field(default=4, ge=1, le=64)
+    console_url: str = "https://mdr.kaspersky.com"
+
+    _check_url = field_validator("base_url", "console_url")(check_service_url)
+
+
+class JiraApiTokenAuth(StrictModel):
+    """Jira Cloud: account e-mail and API token."""
+
+    type: Literal["api_token"]
+    email: str
+    token: SecretRef
+
+
+class JiraPersonalTokenAuth(StrictModel):
+    """Jira Data Center: personal access token."""
+
+    type: Literal["pat"]
+    token: SecretRef
+
+
+class JiraBasicAuth(StrictModel):
+    """Jira Data Center: user name and password."""
+
+    type: Literal["basic"]
+    username: str
+    password: SecretRef
+
+
+JiraAuth = Annotated[
+    JiraApiTokenAuth | JiraPersonalTokenAuth | JiraBasicAuth, Field(discriminator="type")
+]
+
+
+class JiraSettings(TransportSettings):
+    """How to reach Jira Cloud or Jira Data Center."""
+
+    system: Literal["jira"]
+    url: str
+    auth: JiraAuth
+    deployment: Literal["auto", "cloud", "datacenter"] = "auto"
+    search_delay_seconds: float | None = Field(default=None, ge=0)
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+
+    _check_url = field_validator("url")(check_service_url)
+
+
+TicketSettings = Annotated[JiraSettings, Field(discriminator="system")]
+
+
+class StartSettings(StrictModel):
+    """Where the first sync of a connection starts."""
+
+    lookback_days: float = Field(default=7, gt=0)
+    since: datetime | None = None
+
+    @field_validator("since")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("give a time zone, for example 2026-11-01T00:00:00Z")
+        return value
+
+
+class FilterSettings(StrictModel):
+    """Which incidents sync; passed to `incidents/list` as the API's own filters."""
+
+    statuses: list[Literal["Open", "On hold", "Resolved", "Closed"]] = Field(default_factory=list)
+    priorities: list[Literal["HIGH", "NORMAL", "LOW"]] = Field(default_factory=list)
+    tenants: list[str] = Field(default_factory=list)
+
+
+class SyncSettings(StrictModel):
+    """Polling, paging and retry settings of one connection."""
+
+    interval_seconds: float = Field(default=60, gt=0)
+    mode: Literal["updated", "new_only"] = "updated"
+    start: StartSettings = Field(default_factory=StartSettings)
+    filters: FilterSettings = Field(default_factory=FilterSettings)
+    mdr_overlap_seconds: float = Field(default=300, ge=0)
+    ticket_overlap_seconds: float = Field(default=300, ge=0)
+    page_size: int = Field(default=100, ge=1, le=1000)
+    max_pages_per_cycle: int = Field(default=20, ge=1)
+    retry_base_seconds: float = Field(default=60, gt=0)
+    retry_max_seconds: float = Field(default=3600, gt=0)
+
+
+class ConnectionSettings(StrictModel):
+    """One MDR client paired with one ticket system."""
+
+    name: str = Field(pattern=CONNECTION_NAME_PATTERN)
+    mdr: MdrSettings
+    ticket: TicketSettings
+    mapping: str = "builtin:jira"
+    sync: SyncSettings = Field(default_factory=SyncSettings)
+
+
+class LogSettings(StrictModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(StrictModel):
+    """The whole configuration file."""
+
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    language: Literal["en", "ru"] | None = None
+    log: LogSettings = Field(default_factory=LogSettings)
+    connections: list[ConnectionSettings] = Field(min_length=1)
+
+    @field_validator("connections")
+    @classmethod
+    def _unique_names(cls, value: list[ConnectionSettings]) -> list[ConnectionSettings]:
+        names = [connection.name for connection in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"connection names must be unique, repeated: {', '.join(duplicates)}")
+        return value
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'mdr-connector.db'}"
+
+    def connection(self, name: str | None) -> ConnectionSettings:
+        """Return the named connection, or the only one when no name is given."""
+        if name is None:
+            if len(self.connections) == 1:
+                return self.connections[0]
+            names = ", ".join(c.name for c in self.connections)
+            raise ConfigError(f"several connections are configured ({names}): pick one with --connection")
+        for connection in self.connections:
+            if connection.name == name:
+                return connection
+        names = ", ".join(c.name for c in self.connections)
+        raise ConfigError(f"no connection named {name!r}; configured: {names}")
+
+
+class CommentFormat(StrictModel):
+    """Header lines that name the original author of a mirrored comment."""
+
+    mdr_to_ticket_header: str = "**{author}** (Kaspersky MDR, {created})"
+    ticket_to_mdr_header: str = "**{author}** ({system} {ticket_key}, {created})"
+
+    @field_validator("mdr_to_ticket_header", "ticket_to_mdr_header")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        check_template(value, COMMENT_TEMPLATE_FIELDS)
+        return value
+
+
+class Mapping(StrictModel):
+    """How an MDR incident becomes a ticket."""
+
+    project: str = Field(min_length=1)
+    issue_type: str = Field(min_length=1)
+    summary: str = "[MDR-{incident_number}] {summary}"
+    description: str
+    priority: dict[Literal["HIGH", "NORMAL", "LOW"], str]
+    labels: list[str] = Field(default_factory=list)
+    fields: dict[str, Any] = Field(default_factory=dict)
+    comments: CommentFormat = Field(default_factory=CommentFormat)
+
+    @field_validator("summary", "description")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        check_template(value, TEMPLATE_FIELDS)
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _label_templates(cls, value: list[str]) -> list[str]:
+        for label in value:
+            check_template(label, TEMPLATE_FIELDS)
+        return value
+
+    @field_validator("priority")
+    @classmethod
+    def _every_priority(cls, value: dict[str, str]) -> dict[str, str]:
+        missing = [name for name in ("HIGH", "NORMAL", "LOW") if name not in value]
+        if missing:
+            raise ValueError(f"map every MDR priority; missing: {', '.join(missing)}")
+        return value
+
+
+def check_template(template: str, allowed: dict[str, str]) -> None:
+    """Reject a template that uses an unknown placeholder or attribute/index access."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"invalid template {template!r}: {err}; write a literal brace as {{{{ or }}}}") from err
+
+    for _, name, _, conversion in parsed:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[a-z_]+", name):
+            raise ValueError(f"placeholder {{{name}}} is not allowed; use a plain name such as {{summary}}")
+        if name not in allowed:
+            raise ValueError(f"unknown placeholder {{{name}}}; allowed: {', '.join(sorted(allowed))}")
+        if conversion not in (None, "s"):
+            raise ValueError(f"conversion !{conversion} in {{{name}}} is not allowed")
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """Render pydantic errors as `file: key.path: message` lines, without echoing secret values."""
+    lines = []
+    for error in err.errors():
+        location = ".".join(
+            f"[{part}]" if isinstance(part, int) else str(part) for part in error["loc"]
+        ).replace(".[", "[")
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key; check its spelling against the documentation"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"{source}: {location or '<top level>'}: {message}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}") from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+
+
+def load_settings(path: Path) -> Settings:
+    """Load and validate the configuration file; relative paths are resolved against its folder."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(str(path), err)) from err
+    return resolve_paths(settings, path.parent.resolve())
+
+
+def resolve_paths(settings: Settings, base: Path) -> Settings:
+    """Make every relative path in the settings relative to `base`."""
+
+    def absolute(value: Path | None) -> Path | None:
+        if value is None or value.is_absolute():
+            return value
+        return base / value
+
+    def fix_secrets(model: BaseModel) -> BaseModel:
+        updates: dict[str, Any] = {}
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, SecretRef) and value.file is not None:
+                updates[name] = value.model_copy(update={"file": absolute(value.file)})
+            elif isinstance(value, BaseModel):
+                updates[name] = fix_secrets(value)
+            elif isinstance(value, Path):
+                updates[name] = absolute(value)
+        return model.model_copy(update=updates)
+
+    connections = []
+    for connection in settings.connections:
+        fixed = fix_secrets(connection)
+        mapping = connection.mapping
+        if not mapping.startswith(BUILTIN_MAPPING_PREFIX) and not Path(mapping).is_absolute():
+            fixed = fixed.model_copy(update={"mapping": str(base / mapping)})
+        connections.append(fixed)
+    return settings.model_copy(
+        update={"data_dir": absolute(settings.data_dir), "connections": connections}
+    )
+
+
+def load_mapping(reference: str) -> Mapping:
+    """Load a mapping from a path or from `builtin:<name>` (the defaults shipped in the package)."""
+    if reference.startswith(BUILTIN_MAPPING_PREFIX):
+        name = reference[len(BUILTIN_MAPPING_PREFIX):]
+        if not re.fullmatch(r"[a-z0-9_-]+", name):
+            raise ConfigError(f"invalid built-in mapping name {name!r}")
+        resource = resources.files("mdr_connector.mappings").joinpath(f"{name}.yaml")
+        if not resource.is_file():
+            raise ConfigError(f"no built-in mapping named {name!r}")
+        source, raw = reference, yaml.safe_load(resource.read_text(encoding="utf-8"))
+    else:
+        source, raw = reference, read_yaml(Path(reference))
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Mapping.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from err
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,82 @@
+"""Errors of mdr-connector, grouped by what the caller does to recover.
+
+    ConnectorError
+    ├── ConfigError                 invalid config or mapping: fix the file, nothing runs
+    ├── RetriableError              try the same call again later
+    │   ├── RateLimitedError        429; carries the server's Retry-After in seconds
+    │   ├── RemoteUnavailableError  timeout, connection error, 5xx
+    │   └── OutcomeUnknownError     a write was sent but no reply came back:
+    │                               look the write up by its marker before sending it again
+    ├── ItemError                   permanent for one item: park it, keep syncing the rest
+    │   ├── InvalidPayloadError     an MDR or ticket record fails validation
+    │   └── RejectedError           the remote system refused the write (4xx)
+    └── ConnectionFatalError        stop this connection, alert, keep the others running
+        ├── TokenExpiredError       the MDR refresh token is expired, used or rejected
+        ├── CredentialsRejectedError the ticket system refused the credentials
+        └── ConnectionBusyError     another process already works this connection
+
+Clients map library and HTTP errors onto this tree at their boundary and
+raise with `from err`, so callers never catch aiohttp or jira exceptions.
+"""
+
+from __future__ import annotations
+
+
+class ConnectorError(Exception):
+    """Base of every error raised on purpose by mdr-connector."""
+
+
+class ConfigError(ConnectorError):
+    """An invalid configuration or mapping file."""
+
+
+class RetriableError(ConnectorError):
+    """A failure that may pass if the same call is made again later."""
+
+
+class RateLimitedError(RetriableError):
+    """The remote system answered 429 (or 503 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RemoteUnavailableError(RetriableError):
+    """A timeout, a connection error or a 5xx reply."""
+
+
+class OutcomeUnknownError(RetriableError):
+    """A write was sent, but whether the remote system applied it is unknown."""
+
+
+class ItemError(ConnectorError):
+    """A failure bound to one item (incident, comment) that retrying now will not fix."""
+
+
+class InvalidPayloadError(ItemError):
+    """A record read from a remote system does not have the expected shape."""
+
+
+class RejectedError(ItemError):
+    """The remote system refused a write with a 4xx reply."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConnectionFatalError(ConnectorError):
+    """A failure that stops one connection until a person acts."""
+
+
+class TokenExpiredError(ConnectionFatalError):
+    """The MDR refresh token is expired, already used, or rejected."""
+
+
+class CredentialsRejectedError(ConnectionFatalError):
+    """The ticket system or MDR refused the configured credentials."""
+
+
+class ConnectionBusyError(ConnectionFatalError):
+    """Another process holds the lock of this connection."""
