@@ -340,20 +340,42 @@ def check_template(template: str, allowed: dict[str, str]) -> None:
             raise ValueError(f"conversion !{conversion} in {{{name}}} is not allowed")
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
+def format_validation_error(source: str, err: ValidationError, raw: Any = None) -> str:
     """Render pydantic errors as `file: key.path: message` lines, without echoing secret values."""
     lines = []
     for error in err.errors():
-        location = ".".join(
-            f"[{part}]" if isinstance(part, int) else str(part) for part in error["loc"]
-        ).replace(".[", "[")
+        location = format_location(raw, error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key; check its spelling against the documentation"
         elif error["type"] == "missing":
             message = "required key is missing"
+        elif "SecretRef" in message:
+            message = "expected a secret reference such as {env: VARIABLE_NAME} or {file: /path/to/file}"
         lines.append(f"{source}: {location or '<top level>'}: {message}")
     return "\n".join(lines)
+
+
+def format_location(raw: Any, location: tuple[int | str, ...]) -> str:
+    """Join an error location as `a.b[0].c`, leaving out the tags pydantic adds for union members.
+
+    A tag is a location part that is not a key of the raw input and is not
+    the last part (the last part may be a missing key, which is kept).
+    """
+    parts: list[str] = []
+    node = raw
+    for position, part in enumerate(location):
+        last = position == len(location) - 1
+        if isinstance(part, int) and isinstance(node, list):
+            parts.append(f"[{part}]")
+            node = node[part] if part < len(node) else None
+        elif isinstance(node, dict) and part in node:
+            parts.append(f".{part}")
+            node = node[part]
+        elif last or not isinstance(node, dict):
+            parts.append(f".{part}")
+            node = None
+    return "".join(parts).lstrip(".")
 
 
 def read_yaml(path: Path) -> Any:
@@ -375,7 +397,7 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(str(path), err)) from err
+        raise ConfigError(format_validation_error(str(path), err, raw)) from err
     return resolve_paths(settings, path.parent.resolve())
 
 
@@ -429,7 +451,7 @@ def load_mapping(reference: str) -> Mapping:
     try:
         return Mapping.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err)) from err
+        raise ConfigError(format_validation_error(source, err, raw)) from err
 
 
 def utc_now() -> datetime:

@@ -1,0 +1,533 @@
+"""The ledger: links, synced items, cursors and parked items, in SQL.
+
+SQLite (through aiosqlite) by default; any SQLAlchemy async URL works
+(`postgresql+asyncpg://...` in production). The schema belongs to the
+alembic migrations in `migrations/`; `Store.upgrade()` applies them.
+
+Every method is one short transaction that commits before it returns, so
+what a method recorded survives a crash right after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from mdr_connector.connector.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LINKED = "linked"
+PENDING = "pending"
+DONE = "done"
+
+MDR_TO_TICKET = "mdr_to_ticket"
+TICKET_TO_MDR = "ticket_to_mdr"
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; pass an aware UTC datetime")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Link(Base):
+    """One MDR incident paired with one ticket, per connection.
+
+    `state` is `pending` from the moment a create is about to be sent until
+    the ticket's id is recorded; a pending link whose create outcome is
+    unknown is resolved by looking the correlation marker up on the ticket
+    system, never by creating again.
+    """
+
+    __tablename__ = "links"
+    __table_args__ = (
+        UniqueConstraint("connection", "incident_id", name="uq_links_incident"),
+        Index("ix_links_ticket_id", "connection", "ticket_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(64))
+    incident_id: Mapped[str] = mapped_column(String(200))
+    incident_number: Mapped[int | None] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    ticket_key: Mapped[str | None] = mapped_column(String(200))
+    ticket_id: Mapped[str | None] = mapped_column(String(200))
+    ticket_url: Mapped[str | None] = mapped_column(Text)
+    create_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    mdr_update_time: Mapped[int | None] = mapped_column(BigInteger)
+    ticket_updated: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    fields_hash: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SyncedItem(Base):
+    """A comment (later: attachment, response decision) copied from one side to the other."""
+
+    __tablename__ = "synced_items"
+    __table_args__ = (
+        UniqueConstraint("connection", "kind", "direction", "source_id", name="uq_synced_items_source"),
+        Index("ix_synced_items_incident", "connection", "incident_id"),
+        Index("ix_synced_items_target", "connection", "kind", "target_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(64))
+    incident_id: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(32))
+    direction: Mapped[str] = mapped_column(String(16))
+    source_id: Mapped[str] = mapped_column(String(200))
+    target_id: Mapped[str | None] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16))
+    attempt_started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Cursor(Base):
+    """A watermark per connection and side, below which every change is reconciled."""
+
+    __tablename__ = "cursors"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    side: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ParkedItem(Base):
+    """An item whose sync failed; it is tried again from `next_try_at` on."""
+
+    __tablename__ = "parked_items"
+    __table_args__ = (UniqueConstraint("connection", "kind", "item_id", name="uq_parked_items_item"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    item_id: Mapped[str] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    first_failed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_failed_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    next_try_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+@dataclass(frozen=True)
+class StoreCounts:
+    links: int
+    pending_links: int
+    synced_items: int
+    parked_items: int
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _enable_sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
+    cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
+    # WAL lets a `status` command read while `run` writes; busy_timeout makes
+    # a second writer wait instead of failing at once with "database is locked".
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def alembic_config(url: str) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(resources.files("mdr_connector.migrations")))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    config.attributes["configure_logger"] = False
+    return config
+
+
+class Store:
+    """Async access to the ledger tables."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _enable_sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str, *, upgrade: bool = True) -> Store:
+        """Open the database, creating the SQLite folder, and bring the schema to the newest revision."""
+        try:
+            parsed = make_url(url)
+        except Exception as err:
+            raise ConfigError(f"invalid database URL: {err}") from err
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            from pathlib import Path
+
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+        store = cls(url)
+        await store.check_schema(upgrade=upgrade)
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def current_revision(self) -> str | None:
+        async with self.engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+
+    async def check_schema(self, *, upgrade: bool) -> None:
+        """Refuse a schema newer than this version knows; apply missing migrations when allowed."""
+        script = ScriptDirectory.from_config(alembic_config(self.url))
+        head = script.get_current_head()
+        current = await self.current_revision()
+        if current == head:
+            return
+        known = {revision.revision for revision in script.walk_revisions()}
+        if current is not None and current not in known:
+            raise ConfigError(
+                f"the database schema is at revision {current}, newer than this mdr-connector "
+                f"knows ({head}); upgrade mdr-connector before running it against this database"
+            )
+        if not upgrade:
+            raise ConfigError(
+                f"the database schema is at revision {current or 'none'}, expected {head}; "
+                "run `mdr-connector db upgrade`"
+            )
+        await self.upgrade()
+
+    async def upgrade(self) -> None:
+        """Apply every alembic migration up to the newest one."""
+        # Alembic's command API is synchronous and its env.py runs its own
+        # event loop, so it gets a thread of its own.
+        await asyncio.to_thread(command.upgrade, alembic_config(self.url), "head")
+        log.info("store.schema.upgraded", extra={"revision": await self.current_revision()})
+
+    # Links
+
+    async def get_link(self, connection: str, incident_id: str) -> Link | None:
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(Link).where(Link.connection == connection, Link.incident_id == incident_id)
+            )
+
+    async def get_links(self, connection: str, incident_ids: Iterable[str]) -> dict[str, Link]:
+        ids = list(incident_ids)
+        if not ids:
+            return {}
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(Link).where(Link.connection == connection, Link.incident_id.in_(ids))
+            )
+            return {row.incident_id: row for row in rows}
+
+    async def get_links_by_ticket_ids(self, connection: str, ticket_ids: Iterable[str]) -> dict[str, Link]:
+        ids = list(ticket_ids)
+        if not ids:
+            return {}
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(Link).where(Link.connection == connection, Link.ticket_id.in_(ids))
+            )
+            return {row.ticket_id: row for row in rows if row.ticket_id is not None}
+
+    async def start_create(self, connection: str, incident_id: str, incident_number: int) -> Link:
+        """Record the intent to create a ticket, before the create is sent."""
+        now = utc_now()
+        async with self.sessions() as session, session.begin():
+            link = await session.scalar(
+                select(Link).where(Link.connection == connection, Link.incident_id == incident_id)
+            )
+            if link is None:
+                link = Link(
+                    connection=connection,
+                    incident_id=incident_id,
+                    incident_number=incident_number,
+                    created_at=now,
+                )
+                session.add(link)
+            link.state = PENDING
+            link.create_started_at = now
+            link.updated_at = now
+        return link
+
+    async def drop_pending_create(self, connection: str, incident_id: str) -> None:
+        """Forget a create intent that is known to have failed without creating anything."""
+        async with self.sessions() as session, session.begin():
+            await session.execute(
+                delete(Link).where(
+                    Link.connection == connection,
+                    Link.incident_id == incident_id,
+                    Link.state == PENDING,
+                )
+            )
+
+    async def record_link(
+        self,
+        connection: str,
+        incident_id: str,
+        incident_number: int | None,
+        *,
+        ticket_key: str,
+        ticket_id: str,
+        ticket_url: str,
+        fields_hash: str | None,
+    ) -> Link:
+        """Pair an incident with its ticket; called after the create, or after finding the ticket."""
+        now = utc_now()
+        async with self.sessions() as session, session.begin():
+            link = await session.scalar(
+                select(Link).where(Link.connection == connection, Link.incident_id == incident_id)
+            )
+            if link is None:
+                link = Link(connection=connection, incident_id=incident_id, created_at=now)
+                session.add(link)
+            link.incident_number = incident_number
+            link.state = LINKED
+            link.ticket_key = ticket_key
+            link.ticket_id = ticket_id
+            link.ticket_url = ticket_url
+            link.fields_hash = fields_hash
+            link.updated_at = now
+        return link
+
+    async def record_fields_written(self, connection: str, incident_id: str, fields_hash: str) -> None:
+        await self._update_link(connection, incident_id, fields_hash=fields_hash)
+
+    async def record_mdr_reconciled(self, connection: str, incident_id: str, update_time: int) -> None:
+        """Remember the incident version whose every change is now on the ticket."""
+        await self._update_link(connection, incident_id, mdr_update_time=update_time)
+
+    async def record_ticket_reconciled(self, connection: str, incident_id: str, updated: datetime) -> None:
+        """Remember the ticket version whose every change is now in MDR."""
+        await self._update_link(connection, incident_id, ticket_updated=updated)
+
+    async def _update_link(self, connection: str, incident_id: str, **values: object) -> None:
+        async with self.sessions() as session, session.begin():
+            link = await session.scalar(
+                select(Link).where(Link.connection == connection, Link.incident_id == incident_id)
+            )
+            if link is None:
+                return
+            for name, value in values.items():
+                setattr(link, name, value)
+            link.updated_at = utc_now()
+
+    # Synced items
+
+    async def get_items(self, connection: str, incident_id: str, kind: str) -> list[SyncedItem]:
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(SyncedItem).where(
+                    SyncedItem.connection == connection,
+                    SyncedItem.incident_id == incident_id,
+                    SyncedItem.kind == kind,
+                )
+            )
+            return list(rows)
+
+    async def start_item(
+        self, connection: str, incident_id: str, kind: str, direction: str, source_id: str
+    ) -> None:
+        """Record the intent to copy one item, before the write is sent."""
+        now = utc_now()
+        async with self.sessions() as session, session.begin():
+            item = await session.scalar(self._item_query(connection, kind, direction, source_id))
+            if item is None:
+                item = SyncedItem(
+                    connection=connection,
+                    incident_id=incident_id,
+                    kind=kind,
+                    direction=direction,
+                    source_id=source_id,
+                )
+                session.add(item)
+            item.state = PENDING
+            item.attempt_started_at = now
+
+    async def finish_item(
+        self,
+        connection: str,
+        incident_id: str,
+        kind: str,
+        direction: str,
+        source_id: str,
+        target_id: str,
+    ) -> None:
+        """Record that an item exists on the other side as `target_id`."""
+        now = utc_now()
+        async with self.sessions() as session, session.begin():
+            item = await session.scalar(self._item_query(connection, kind, direction, source_id))
+            if item is None:
+                item = SyncedItem(
+                    connection=connection,
+                    incident_id=incident_id,
+                    kind=kind,
+                    direction=direction,
+                    source_id=source_id,
+                    attempt_started_at=now,
+                )
+                session.add(item)
+            item.state = DONE
+            item.target_id = target_id
+            item.done_at = now
+
+    @staticmethod
+    def _item_query(connection: str, kind: str, direction: str, source_id: str):  # noqa: ANN205
+        return select(SyncedItem).where(
+            SyncedItem.connection == connection,
+            SyncedItem.kind == kind,
+            SyncedItem.direction == direction,
+            SyncedItem.source_id == source_id,
+        )
+
+    # Cursors
+
+    async def get_cursor(self, connection: str, side: str) -> str | None:
+        async with self.sessions() as session:
+            row = await session.get(Cursor, (connection, side))
+            return row.value if row else None
+
+    async def set_cursor(self, connection: str, side: str, value: str) -> None:
+        async with self.sessions() as session, session.begin():
+            row = await session.get(Cursor, (connection, side))
+            if row is None:
+                row = Cursor(connection=connection, side=side)
+                session.add(row)
+            row.value = value
+            row.updated_at = utc_now()
+
+    # Parked items
+
+    async def park(
+        self, connection: str, kind: str, item_id: str, reason: str, next_try_at: datetime
+    ) -> ParkedItem:
+        """Record a failed item, or one more failure of it, with when to try it next."""
+        now = utc_now()
+        async with self.sessions() as session, session.begin():
+            item = await session.scalar(
+                select(ParkedItem).where(
+                    ParkedItem.connection == connection,
+                    ParkedItem.kind == kind,
+                    ParkedItem.item_id == item_id,
+                )
+            )
+            if item is None:
+                item = ParkedItem(
+                    connection=connection,
+                    kind=kind,
+                    item_id=item_id,
+                    attempts=0,
+                    first_failed_at=now,
+                )
+                session.add(item)
+            item.attempts += 1
+            item.reason = reason
+            item.last_failed_at = now
+            item.next_try_at = next_try_at
+        return item
+
+    async def get_parked(self, connection: str, kind: str, item_id: str) -> ParkedItem | None:
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(ParkedItem).where(
+                    ParkedItem.connection == connection,
+                    ParkedItem.kind == kind,
+                    ParkedItem.item_id == item_id,
+                )
+            )
+
+    async def unpark(self, connection: str, kind: str, item_id: str) -> None:
+        async with self.sessions() as session, session.begin():
+            await session.execute(
+                delete(ParkedItem).where(
+                    ParkedItem.connection == connection,
+                    ParkedItem.kind == kind,
+                    ParkedItem.item_id == item_id,
+                )
+            )
+
+    async def due_parked(self, connection: str, kind: str, now: datetime, limit: int) -> list[ParkedItem]:
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(ParkedItem)
+                .where(
+                    ParkedItem.connection == connection,
+                    ParkedItem.kind == kind,
+                    ParkedItem.next_try_at <= now,
+                )
+                .order_by(ParkedItem.next_try_at)
+                .limit(limit)
+            )
+            return list(rows)
+
+    async def list_parked(self, connection: str | None = None) -> list[ParkedItem]:
+        async with self.sessions() as session:
+            query = select(ParkedItem).order_by(ParkedItem.connection, ParkedItem.next_try_at)
+            if connection is not None:
+                query = query.where(ParkedItem.connection == connection)
+            return list(await session.scalars(query))
+
+    # Reports
+
+    async def counts(self, connection: str) -> StoreCounts:
+        async with self.sessions() as session:
+
+            async def count(model: type[Base], *conditions: object) -> int:
+                query = select(func.count()).select_from(model).where(
+                    model.connection == connection, *conditions  # type: ignore[attr-defined]
+                )
+                return int(await session.scalar(query) or 0)
+
+            return StoreCounts(
+                links=await count(Link, Link.state == LINKED),
+                pending_links=await count(Link, Link.state == PENDING),
+                synced_items=await count(SyncedItem, SyncedItem.state == DONE),
+                parked_items=await count(ParkedItem),
+            )

@@ -1,0 +1,101 @@
+"""The ledger: migrations, links, synced items, cursors and parked items."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.store import DONE, LINKED, MDR_TO_TICKET, PENDING, Store
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/db/ledger.db")
+    yield opened
+    await opened.close()
+
+
+async def test_open_creates_schema(store: Store) -> None:
+    """Opening a new database applies the migrations up to the newest revision."""
+    assert await store.current_revision() == "0001"
+
+
+async def test_newer_schema_is_refused(store: Store) -> None:
+    """A database migrated by a newer version is refused with the fix named."""
+    async with store.engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+
+    with pytest.raises(ConfigError, match="newer than this mdr-connector knows"):
+        await store.check_schema(upgrade=True)
+
+
+async def test_create_intent_then_link(store: Store) -> None:
+    """A create intent is pending until the ticket is recorded, then linked."""
+    await store.start_create("main", "inc-1", 42)
+    pending = await store.get_link("main", "inc-1")
+    assert pending is not None
+    assert pending.state == PENDING
+    assert pending.create_started_at is not None
+
+    await store.record_link(
+        "main", "inc-1", 42, ticket_key="SEC-1", ticket_id="10001", ticket_url="https://j/SEC-1", fields_hash="abc"
+    )
+    linked = await store.get_link("main", "inc-1")
+    assert linked.state == LINKED
+    assert linked.ticket_key == "SEC-1"
+    assert (await store.get_links_by_ticket_ids("main", ["10001"]))["10001"].incident_id == "inc-1"
+
+
+async def test_failed_create_intent_is_dropped(store: Store) -> None:
+    """A pending intent can be dropped, but a linked row is never dropped that way."""
+    await store.start_create("main", "inc-1", 1)
+    await store.drop_pending_create("main", "inc-1")
+    assert await store.get_link("main", "inc-1") is None
+
+    await store.record_link("main", "inc-2", 2, ticket_key="SEC-2", ticket_id="2", ticket_url="u", fields_hash=None)
+    await store.drop_pending_create("main", "inc-2")
+    assert (await store.get_link("main", "inc-2")).state == LINKED
+
+
+async def test_item_pending_then_done(store: Store) -> None:
+    """A synced item moves from pending to done with its target id, once per source id."""
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    [item] = await store.get_items("main", "inc-1", "comment")
+    assert item.state == PENDING
+
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100")
+    [item] = await store.get_items("main", "inc-1", "comment")
+    assert (item.state, item.target_id) == (DONE, "10100")
+
+
+async def test_cursor_round_trip(store: Store) -> None:
+    """Cursors are stored per connection and side."""
+    assert await store.get_cursor("main", "mdr") is None
+    await store.set_cursor("main", "mdr", "1768219992478")
+    await store.set_cursor("other", "mdr", "1")
+    assert await store.get_cursor("main", "mdr") == "1768219992478"
+
+
+async def test_parked_item_backoff(store: Store) -> None:
+    """A parked item counts its attempts and is due only from its next try."""
+    now = datetime.now(timezone.utc)
+    await store.park("main", "incident", "inc-1", "boom", now + timedelta(minutes=5))
+    await store.park("main", "incident", "inc-1", "boom again", now - timedelta(seconds=1))
+
+    [due] = await store.due_parked("main", "incident", now, limit=10)
+    assert (due.item_id, due.attempts, due.reason) == ("inc-1", 2, "boom again")
+
+    await store.unpark("main", "incident", "inc-1")
+    assert await store.due_parked("main", "incident", now, limit=10) == []
+    assert (await store.counts("main")).parked_items == 0
+
+
+async def test_naive_datetime_is_rejected(store: Store) -> None:
+    """Times must be timezone-aware, so no local time slips into the ledger."""
+    with pytest.raises(Exception, match="naive datetime"):
+        await store.park("main", "incident", "inc-1", "x", datetime(2026, 1, 1))
