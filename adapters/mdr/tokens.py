@@ -1,0 +1,504 @@
+"""The MDR token chain: one token file per client and the refresh manager.
+
+The MDR console issues a refresh token that lives 24 hours and works once.
+`session/confirm` exchanges a refresh token for an access token and a new
+refresh token. A client that loses the newest refresh token loses the chain,
+and a person must issue a new one in the console. Hence:
+
+- both tokens live in one JSON file per client (`<token_dir>/<client_id>.json`),
+  replaced by one atomic rename, so the pair on disk is always consistent;
+- the new pair is on disk before it is used;
+- one refresh runs at a time, in a process (asyncio.Lock) and across
+  processes (`fcntl.flock` on `<client_id>.lock` beside the token file);
+- after taking the file lock, the manager re-reads the file: when the refresh
+  token there differs from the one it loaded, another process has already
+  refreshed, and the manager adopts that pair instead of calling confirm.
+
+No token ever reaches a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from mdr_connector.connector.config import MdrSettings
+from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE_VERSION = 1
+LOCK_POLL_SECONDS = 0.05
+
+TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
+
+# Exchanges a refresh token for (access token, refresh token) via session/confirm.
+ConfirmFunction = Callable[[str], Awaitable[tuple[str, str]]]
+
+
+def expired_refresh_message(client_id: str) -> str:
+    return (
+        f"the MDR refresh token for client {client_id} is expired or was already used: "
+        "issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+    )
+
+
+def decode_jwt_claims(token: str) -> dict[str, Any]:
+    """Decode the payload of a JWT without checking its signature.
+
+    Raises ValueError with a message that never contains the token.
+    """
+    segments = token.split(".")
+    if len(segments) != 3 or not all(segments):
+        raise ValueError("a JWT has three non-empty base64url segments separated by dots")
+
+    payload = segments[1]
+    padded = payload + "=" * (-len(payload) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (UnicodeEncodeError, binascii.Error, ValueError) as err:
+        raise ValueError("the JWT payload is not base64url-encoded JSON") from err
+
+    if not isinstance(claims, dict):
+        raise ValueError("the JWT payload is not a JSON object")
+    return claims
+
+
+def jwt_expiry(token: str) -> int:
+    """Return the `exp` claim of a JWT, in Unix seconds."""
+    exp = decode_jwt_claims(token).get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        raise ValueError("the JWT has no numeric 'exp' claim")
+    return int(exp)
+
+
+def jwt_issued_at(token: str) -> int | None:
+    """Return the `iat` claim of a JWT in Unix seconds, or None when it has none."""
+    iat = decode_jwt_claims(token).get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+        return None
+    return int(iat)
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    """An access token and a refresh token with their expiry times in Unix seconds."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+    access_expires_at: int
+    refresh_expires_at: int
+    # Local time when the pair arrived; the access token's `iat`, if it has one.
+    obtained_at: int
+    access_issued_at: int | None = None
+
+    @classmethod
+    def from_tokens(cls, access_token: str, refresh_token: str, obtained_at: float) -> TokenPair:
+        """Build a pair from two fresh JWTs, raising RemoteUnavailableError when one has no `exp`."""
+        try:
+            access_expires_at = jwt_expiry(access_token)
+            refresh_expires_at = jwt_expiry(refresh_token)
+            access_issued_at = jwt_issued_at(access_token)
+        except ValueError as err:
+            raise RemoteUnavailableError(
+                f"MDR session/confirm returned a token that is not a valid JWT: {err}"
+            ) from err
+        return cls(
+            access_token,
+            refresh_token,
+            access_expires_at,
+            refresh_expires_at,
+            int(obtained_at),
+            access_issued_at,
+        )
+
+    def access_expires_locally(self) -> tuple[float, float]:
+        """Return when the access token expires by the local clock, and its lifetime in seconds.
+
+        With an `iat` claim, the lifetime is `exp - iat` counted from `obtained_at`,
+        so a local clock that runs ahead of MDR's does not trigger a refresh on
+        every call. Without one, `exp` is taken as it is.
+        """
+        issued_at = self.access_issued_at
+        if issued_at is not None and self.access_expires_at > issued_at:
+            lifetime = self.access_expires_at - issued_at
+            return self.obtained_at + lifetime, lifetime
+        return self.access_expires_at, max(self.access_expires_at - self.obtained_at, 0)
+
+
+@dataclass(frozen=True)
+class TokenStatus:
+    """State of a token file and both expiry times, as `mdr-connector token status` prints them."""
+
+    state: TokenState
+    path: Path
+    access_expires_at: datetime | None = None
+    refresh_expires_at: datetime | None = None
+
+
+def _utc(seconds: int) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+class TokenFileStore:
+    """Read and atomically replace the token file of one MDR client."""
+
+    def __init__(self, token_dir: Path, client_id: str) -> None:
+        self.token_dir = token_dir
+        self.client_id = client_id
+        self.path = token_dir / f"{client_id}.json"
+        self.lock_path = token_dir / f"{client_id}.lock"
+
+    def check_folder(self) -> None:
+        """Reject a token folder that group or others can write, since they could swap the file."""
+        try:
+            mode = os.stat(self.token_dir).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise ConfigError(f"cannot read the token folder {self.token_dir}: {err.strerror}") from err
+
+        if not stat.S_ISDIR(mode):
+            raise ConfigError(f"the token folder {self.token_dir} is not a folder")
+        if mode & 0o022:
+            raise ConfigError(
+                f"the token folder {self.token_dir} is writable by group or others: "
+                f"run `chmod 700 {self.token_dir}`"
+            )
+
+    def load(self) -> TokenPair | None:
+        """Read the pair, or return None when there is no token file yet.
+
+        Raises ConfigError when the file is a symlink, is not owned by this
+        user, can be read or written by group or others, or is malformed.
+        """
+        self.check_folder()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise ConfigError(
+                f"cannot open the token file {self.path}: {err.strerror}; "
+                "it must be a regular file, not a symlink"
+            ) from err
+
+        with os.fdopen(fd, "rb") as file:
+            self._check_file_mode(os.fstat(file.fileno()))
+            data = file.read()
+
+        return self._parse(data)
+
+    def _check_file_mode(self, info: os.stat_result) -> None:
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"the token file {self.path} is not a regular file")
+        if info.st_uid != os.getuid():
+            raise ConfigError(
+                f"the token file {self.path} belongs to user id {info.st_uid}, "
+                f"not to the user running mdr-connector ({os.getuid()}): fix the owner with chown"
+            )
+        if info.st_mode & 0o077:
+            raise ConfigError(
+                f"the token file {self.path} can be read or written by group or others: "
+                f"run `chmod 400 {self.path}`"
+            )
+
+    def _parse(self, data: bytes) -> TokenPair:
+        invalid = ConfigError(
+            f"the token file {self.path} is malformed: run `mdr-connector token activate` "
+            "with a new token from the MDR console"
+        )
+        try:
+            raw = json.loads(data)
+        except ValueError as err:
+            raise invalid from err
+        if not isinstance(raw, dict):
+            raise invalid
+
+        try:
+            pair = TokenPair(
+                access_token=raw["access_token"],
+                refresh_token=raw["refresh_token"],
+                access_expires_at=raw["access_expires_at"],
+                refresh_expires_at=raw["refresh_expires_at"],
+                obtained_at=raw["obtained_at"],
+                access_issued_at=raw.get("access_issued_at"),
+            )
+        except (KeyError, TypeError) as err:
+            raise invalid from err
+
+        strings_ok = isinstance(pair.access_token, str) and isinstance(pair.refresh_token, str)
+        times_ok = all(
+            isinstance(value, int)
+            for value in (pair.access_expires_at, pair.refresh_expires_at, pair.obtained_at)
+        )
+        times_ok = times_ok and isinstance(pair.access_issued_at, (int, type(None)))
+        if not (strings_ok and times_ok):
+            raise invalid
+        return pair
+
+    def save(self, pair: TokenPair) -> None:
+        """Replace the token file with `pair`: temp file 0400, fsync, rename, fsync the folder."""
+        self._ensure_folder()
+        data = json.dumps(
+            {
+                "version": TOKEN_FILE_VERSION,
+                "client_id": self.client_id,
+                "access_token": pair.access_token,
+                "access_expires_at": pair.access_expires_at,
+                "refresh_token": pair.refresh_token,
+                "refresh_expires_at": pair.refresh_expires_at,
+                "obtained_at": pair.obtained_at,
+                "access_issued_at": pair.access_issued_at,
+            },
+            indent=2,
+        ).encode("utf-8")
+
+        temp_path = self.token_dir / f".{self.client_id}.{secrets.token_hex(8)}.tmp"
+        try:
+            self._write_new_file(temp_path, data)
+            os.replace(temp_path, self.path)
+            self._fsync_folder()
+        except OSError as err:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+            raise ConfigError(f"cannot write the token file {self.path}: {err.strerror}") from err
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_path)
+            raise
+
+    def _ensure_folder(self) -> None:
+        try:
+            self.token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create the token folder {self.token_dir}: {err.strerror}") from err
+        self.check_folder()
+
+    @staticmethod
+    def _write_new_file(path: Path, data: bytes) -> None:
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o400)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_folder(self) -> None:
+        fd = os.open(self.token_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold an exclusive `flock` on the lock file, polling so the event loop never blocks.
+
+        flock(2) locks are released when the holding process exits, crashed or
+        not, so a crash leaves no stale lock.
+        """
+        self._ensure_folder()
+        flags = os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.lock_path, flags, 0o600)
+        except OSError as err:
+            raise ConfigError(f"cannot open the token lock file {self.lock_path}: {err.strerror}") from err
+
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(LOCK_POLL_SECONDS)
+            yield
+        finally:
+            # Closing the descriptor releases the flock.
+            os.close(fd)
+
+    def status(self, now: float) -> TokenStatus:
+        """Classify the stored pair at time `now` (Unix seconds)."""
+        pair = self.load()
+        if pair is None:
+            return TokenStatus("Pending activation", self.path)
+
+        if now >= pair.refresh_expires_at:
+            state: TokenState = "Expired"
+        elif now < pair.access_expires_at:
+            state = "Active"
+        else:
+            state = "Idle"
+        return TokenStatus(state, self.path, _utc(pair.access_expires_at), _utc(pair.refresh_expires_at))
+
+
+class TokenManager:
+    """Hand out a valid MDR access token, refreshing and persisting the pair as needed.
+
+    `confirm` performs the `session/confirm` call; MdrClient passes its own.
+    `clock` returns Unix seconds and exists so tests can follow a simulated clock.
+    """
+
+    def __init__(
+        self,
+        settings: MdrSettings,
+        confirm: ConfirmFunction,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client_id = settings.client_id
+        self.connection = settings.connection_name
+        self.store = TokenFileStore(settings.token_dir, settings.client_id)
+        self._confirm = confirm
+        self._clock = clock
+        self._margin = settings.refresh_margin_seconds
+        self._pair: TokenPair | None = None
+        self._lock = asyncio.Lock()
+
+    def status(self) -> TokenStatus:
+        """Return the state of the token file, checking its permissions."""
+        return self.store.status(self._clock())
+
+    async def access_token(self) -> str:
+        """Return an access token, refreshing first when it is within the margin of its expiry."""
+        pair = self._pair or self._load_required()
+        if not self._needs_refresh(pair):
+            return pair.access_token
+        return await self._refresh(rejected_access=None)
+
+    async def refresh_after_rejection(self, rejected_access: str) -> str:
+        """Refresh because MDR refused `rejected_access` (401/403), unless another caller already did."""
+        return await self._refresh(rejected_access=rejected_access)
+
+    async def activate(self, console_token: str) -> TokenStatus:
+        """Exchange a refresh token issued in the MDR console and store the new pair."""
+        try:
+            expires_at = jwt_expiry(console_token.strip())
+        except ValueError as err:
+            raise ConfigError(
+                f"the console token is not a valid MDR token ({err}): copy the whole token "
+                "from the MDR console (Settings, API)"
+            ) from err
+        if self._clock() >= expires_at:
+            raise TokenExpiredError(
+                f"the console token for client {self.client_id} expired at "
+                f"{_utc(expires_at).isoformat()}: issue a new token in the MDR console (Settings, API)"
+            )
+
+        async with self._lock:
+            await self._run_shielded(self._exchange_and_save(console_token.strip(), locked=False))
+
+        log.info("mdr.token.activated", extra={"connection": self.connection, "client_id": self.client_id})
+        return self.status()
+
+    def _load_required(self) -> TokenPair:
+        pair = self.store.load()
+        if pair is None:
+            raise ConfigError(
+                f"no MDR token for client {self.client_id} in {self.store.token_dir}: "
+                "issue a token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+            )
+        self._pair = pair
+        return pair
+
+    def _needs_refresh(self, pair: TokenPair) -> bool:
+        expires_at, lifetime = pair.access_expires_locally()
+        # A margin longer than half the token's life would refresh on every
+        # call and burn through refresh tokens, so it is capped there.
+        margin = min(self._margin, lifetime / 2)
+        return self._clock() >= expires_at - margin
+
+    async def _refresh(self, rejected_access: str | None) -> str:
+        async with self._lock:
+            pair = self._pair or self._load_required()
+            if self._already_fresh(pair, rejected_access):
+                return pair.access_token
+            return await self._run_shielded(self._refresh_under_file_lock(rejected_access))
+
+    def _already_fresh(self, pair: TokenPair, rejected_access: str | None) -> bool:
+        if rejected_access is not None:
+            return pair.access_token != rejected_access
+        return not self._needs_refresh(pair)
+
+    async def _refresh_under_file_lock(self, rejected_access: str | None) -> str:
+        async with self.store.locked():
+            pair = await asyncio.to_thread(self.store.load)
+            if pair is None:
+                raise ConfigError(
+                    f"the token file {self.store.path} disappeared: run `mdr-connector token activate`"
+                )
+
+            loaded_before = self._pair
+            self._pair = pair
+            changed = loaded_before is not None and pair.refresh_token != loaded_before.refresh_token
+            if changed and self._already_fresh(pair, rejected_access):
+                log.info(
+                    "mdr.token.reloaded",
+                    extra={"connection": self.connection, "client_id": self.client_id},
+                )
+                return pair.access_token
+
+            if self._clock() >= pair.refresh_expires_at:
+                raise TokenExpiredError(expired_refresh_message(self.client_id))
+
+            new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
+            return new_pair.access_token
+
+    async def _exchange_and_save(self, refresh_token: str, *, locked: bool) -> TokenPair:
+        if not locked:
+            async with self.store.locked():
+                return await self._exchange_and_save(refresh_token, locked=True)
+
+        # NOTE: if the reply to session/confirm is lost after MDR rotated the
+        # token, the chain is broken and only a new console token can fix it.
+        access_token, new_refresh_token = await self._confirm(refresh_token)
+        new_pair = TokenPair.from_tokens(access_token, new_refresh_token, self._clock())
+
+        await asyncio.to_thread(self.store.save, new_pair)
+        self._pair = new_pair
+        log.info(
+            "mdr.token.refreshed",
+            extra={
+                "connection": self.connection,
+                "client_id": self.client_id,
+                "access_expires_at": new_pair.access_expires_at,
+                "refresh_expires_at": new_pair.refresh_expires_at,
+            },
+        )
+        return new_pair
+
+    @staticmethod
+    async def _run_shielded(coroutine: Awaitable[Any]) -> Any:
+        """Finish a confirm-and-save even when the caller is cancelled.
+
+        A cancelled exchange could otherwise spend the single-use refresh
+        token and drop the new one before it reaches the disk.
+        """
+        task = asyncio.ensure_future(coroutine)
+        task.add_done_callback(_consume_result)
+        return await asyncio.shield(task)
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    # Retrieve the outcome of a shielded task whose caller went away, so
+    # asyncio does not report "exception was never retrieved".
+    if not task.cancelled():
+        task.exception()

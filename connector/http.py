@@ -1,0 +1,92 @@
+"""aiohttp sessions built the same way for every remote system.
+
+TLS verification uses the operating system's certificate store (aiohttp's
+default, unlike httpx, which bundles certifi), or `ca_bundle` when one is
+configured. `tls_verify: false` is allowed but logs a WARNING every time a
+session starts. A configured `proxy` is used for every request. Without
+one, the standard proxy variables (`HTTPS_PROXY`, `NO_PROXY`, ...) apply,
+but requests to loopback hosts never go through a proxy from the environment.
+
+Authenticated calls must pass `allow_redirects=False` (see `post_options`):
+aiohttp strips `Authorization` only on cross-origin redirects, and a
+redirect from an API endpoint is a misconfiguration worth failing on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from mdr_connector.connector.config import TransportSettings, is_loopback_host
+from mdr_connector.connector.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+def build_ssl_context(settings: TransportSettings) -> ssl.SSLContext | bool:
+    """Build the TLS setting for aiohttp: a verifying context, or False when verification is off.
+
+    Loading a certificate store reads files, so call this off the event loop.
+    """
+    if not settings.tls_verify:
+        return False
+
+    try:
+        return ssl.create_default_context(cafile=str(settings.ca_bundle) if settings.ca_bundle else None)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(
+            f"cannot load the CA bundle {settings.ca_bundle}: {err}; point ca_bundle at a readable PEM file"
+        ) from err
+
+
+def build_timeout(settings: TransportSettings) -> aiohttp.ClientTimeout:
+    """Bound the whole request by `timeout_seconds` and the TCP connect by at most 10 s."""
+    return aiohttp.ClientTimeout(
+        total=settings.timeout_seconds,
+        sock_connect=min(CONNECT_TIMEOUT_SECONDS, settings.timeout_seconds),
+    )
+
+
+async def create_session(
+    settings: TransportSettings,
+    base_url: str,
+    *,
+    connection: str,
+    max_connections: int = 100,
+) -> aiohttp.ClientSession:
+    """Open a ClientSession for `base_url` with the TLS, proxy and timeout settings applied."""
+    host = urlsplit(base_url).hostname or ""
+    loopback = is_loopback_host(host)
+    uses_tls = urlsplit(base_url).scheme == "https"
+
+    ssl_setting: ssl.SSLContext | bool = True
+    if uses_tls:
+        ssl_setting = await asyncio.to_thread(build_ssl_context, settings)
+    if uses_tls and ssl_setting is False:
+        log.warning(
+            "http.tls_verification_disabled",
+            extra={"connection": connection, "host": host},
+        )
+
+    connector = aiohttp.TCPConnector(ssl=ssl_setting, limit=max_connections)
+
+    # trust_env also makes aiohttp read ~/.netrc; it is off whenever a proxy
+    # is configured explicitly or the target is loopback (the simulators).
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=build_timeout(settings),
+        proxy=settings.proxy,
+        trust_env=settings.proxy is None and not loopback,
+        raise_for_status=False,
+    )
+
+
+def post_options() -> dict[str, Any]:
+    """Keyword arguments every authenticated POST passes to `ClientSession.post`."""
+    return {"allow_redirects": False}

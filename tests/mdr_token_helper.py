@@ -1,0 +1,83 @@
+"""Run one MDR client in its own process, for the token-chain tests.
+
+    mdr_token_helper.py call ...              list incidents once and print the count
+    mdr_token_helper.py crash-after-save ...  list incidents; die with exit code 17 right
+                                              after the first token file write
+
+With --ready and --go, the helper loads its token pair, creates the --ready
+file, and waits for the --go file before calling, so that tests can start
+two helpers that both hold the same old pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.adapters.mdr.tokens import TokenFileStore
+from mdr_connector.connector.config import MdrSettings
+from mdr_connector.connector.errors import ConnectorError
+
+CRASH_EXIT_CODE = 17
+
+
+def crash_after_save() -> None:
+    original_save = TokenFileStore.save
+
+    def save_then_die(self: TokenFileStore, pair: object) -> None:
+        original_save(self, pair)  # type: ignore[arg-type]
+        os._exit(CRASH_EXIT_CODE)
+
+    TokenFileStore.save = save_then_die  # type: ignore[method-assign]
+
+
+async def wait_for_go(ready: Path, go: Path) -> None:
+    ready.touch()
+    while not go.exists():
+        await asyncio.sleep(0.01)
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = MdrSettings(
+        base_url=args.base_url,
+        client_id=args.client_id,
+        connection_name=args.connection_name,
+        token_dir=Path(args.token_dir),
+        timeout_seconds=10,
+    )
+    async with MdrClient(settings) as client:
+        await client.tokens.access_token()
+        if args.ready and args.go:
+            await wait_for_go(Path(args.ready), Path(args.go))
+        try:
+            page = await client.list_incidents()
+        except ConnectorError as err:
+            print(json.dumps({"error": type(err).__name__, "message": str(err)}))
+            return 3
+    print(json.dumps({"raw_count": page.raw_count}))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("call", "crash-after-save"))
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--client-id", required=True)
+    parser.add_argument("--connection-name", required=True)
+    parser.add_argument("--token-dir", required=True)
+    parser.add_argument("--ready")
+    parser.add_argument("--go")
+    args = parser.parse_args()
+
+    if args.mode == "crash-after-save":
+        crash_after_save()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Token chain: activation, rotation, persistence, locking and secrecy, against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from fixtures_mdr import MDR_CLIENT_ID, run_token_helper
+from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.adapters.mdr.simulator import DAY, HOUR, MdrSimulator
+from mdr_connector.adapters.mdr.tokens import TokenFileStore, decode_jwt_claims, jwt_expiry
+from mdr_connector.connector.config import MdrSettings
+from mdr_connector.connector.errors import ConfigError, TokenExpiredError
+
+EXPIRED_MESSAGE = (
+    f"the MDR refresh token for client {MDR_CLIENT_ID} is expired or was already used: "
+    "issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+)
+
+
+def stored_pair(settings: MdrSettings):
+    pair = TokenFileStore(settings.token_dir, settings.client_id).load()
+    assert pair is not None
+    return pair
+
+
+async def test_activation_stores_pair(
+    mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """Activating a console token stores an owner-read-only pair and reports Active."""
+    status = await mdr_client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+
+    path = mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json"
+    assert status.state == "Active"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400
+    assert mdr_sim.confirm_calls == 1
+    pair = stored_pair(mdr_settings)
+    assert pair.access_expires_at == jwt_expiry(pair.access_token)
+    assert pair.refresh_expires_at == jwt_expiry(pair.refresh_token)
+    assert pair.refresh_expires_at - pair.access_expires_at == 7 * DAY - HOUR
+    assert not list(mdr_settings.token_dir.glob("*.tmp"))
+
+
+async def test_activation_console_token_works_once(mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """A console token activated once is rejected the second time."""
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+    await mdr_client.tokens.activate(console_token)
+
+    with pytest.raises(TokenExpiredError) as caught:
+        await mdr_client.tokens.activate(console_token)
+
+    assert str(caught.value) == EXPIRED_MESSAGE
+
+
+async def test_activation_expired_console_token(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
+    """An expired console token is rejected before any call to MDR."""
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+    mdr_sim.advance(DAY + 60)
+
+    async with MdrClient(mdr_settings, clock=mdr_sim.now) as client:
+        with pytest.raises(TokenExpiredError, match="console token"):
+            await client.tokens.activate(console_token)
+
+    assert mdr_sim.confirm_calls == 0
+    assert not (mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json").exists()
+
+
+async def test_activation_malformed_console_token(mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """A string that is not a JWT is rejected without echoing it."""
+    with pytest.raises(ConfigError) as caught:
+        await mdr_client.tokens.activate("not-a-token-canary")
+
+    assert "not-a-token-canary" not in str(caught.value)
+    assert mdr_sim.confirm_calls == 0
+
+
+async def test_status_states(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
+    """Status moves from Pending activation to Active, Idle and Expired with the clock."""
+    async with MdrClient(mdr_settings, clock=mdr_sim.now) as client:
+        assert client.tokens.status().state == "Pending activation"
+
+        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+        active = client.tokens.status()
+        mdr_sim.advance(2 * HOUR)
+        idle = client.tokens.status()
+        mdr_sim.advance(7 * DAY)
+        expired = client.tokens.status()
+
+    assert active.state == "Active"
+    assert idle.state == "Idle"
+    assert expired.state == "Expired"
+    assert active.access_expires_at is not None and active.refresh_expires_at is not None
+    assert active.refresh_expires_at > active.access_expires_at
+
+
+async def test_rotation_persisted_before_use(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """After a refresh, every request carries the access token already stored in the file."""
+    before = stored_pair(mdr_settings)
+    mismatches: list[str] = []
+    seen: list[str] = []
+
+    def check_file(method: str, request) -> None:
+        if method == "session/confirm":
+            return
+        sent = request.headers["Authorization"].removeprefix("Bearer ")
+        seen.append(sent)
+        if sent != stored_pair(mdr_settings).access_token:
+            mismatches.append(method)
+
+    mdr_sim.request_hook = check_file
+    mdr_sim.advance(2 * HOUR)
+    await active_mdr_client.list_incidents()
+
+    after = stored_pair(mdr_settings)
+    assert after.refresh_token != before.refresh_token
+    assert seen == [before.access_token, after.access_token]
+    assert mismatches == []
+
+
+@pytest.mark.parametrize("status", [403, 401])
+async def test_expired_access_refreshes_and_retries(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, status: int
+) -> None:
+    """An access token refused with 403 (or 401) is refreshed once and the call retried."""
+    mdr_sim.settings.expired_access_status = status
+    mdr_sim.seed_incident(MDR_CLIENT_ID)
+    mdr_sim.advance(2 * HOUR)
+
+    page = await active_mdr_client.list_incidents()
+
+    assert page.raw_count == 1
+    assert mdr_sim.call_counts["incidents/list"] == 2
+    assert mdr_sim.confirm_calls == 2
+
+
+async def test_proactive_refresh_within_margin(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
+    """An access token within the refresh margin is refreshed before the call, with no 403."""
+    async with MdrClient(mdr_settings, clock=mdr_sim.now) as client:
+        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+        mdr_sim.advance(HOUR - mdr_settings.refresh_margin_seconds + 5)
+
+        await client.list_incidents()
+
+    assert mdr_sim.confirm_calls == 2
+    assert mdr_sim.call_counts["incidents/list"] == 1
+
+
+async def test_fast_local_clock_no_refresh_loop(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
+    """A local clock two hours ahead of MDR does not refresh on every call."""
+    async with MdrClient(mdr_settings, clock=lambda: mdr_sim.now() + 2 * HOUR) as client:
+        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+
+        for _ in range(3):
+            await client.list_incidents()
+
+    assert mdr_sim.confirm_calls == 1
+    assert mdr_sim.call_counts["incidents/list"] == 3
+
+
+async def test_crash_after_confirm_keeps_new_pair(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A process killed right after writing the rotated pair leaves a pair that a new process can use."""
+    before = stored_pair(mdr_settings)
+    mdr_sim.advance(2 * HOUR)
+
+    helper = await run_token_helper(mdr_settings, "crash-after-save")
+    _, stderr = await helper.communicate()
+
+    assert helper.returncode == 17, stderr.decode()
+    after = stored_pair(mdr_settings)
+    assert after.refresh_token != before.refresh_token
+    assert mdr_sim.confirm_calls == 2
+
+    async with MdrClient(mdr_settings) as fresh:
+        await fresh.list_incidents()
+    assert mdr_sim.confirm_calls == 2
+
+
+@pytest.mark.parametrize("mode", [0o440, 0o404, 0o600 | 0o040])
+async def test_readable_token_file_rejected(
+    active_mdr_client: MdrClient, mdr_settings: MdrSettings, mode: int
+) -> None:
+    """A token file that group or others can read is refused with the chmod fix."""
+    path = mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json"
+    os.chmod(path, mode)
+
+    async with MdrClient(mdr_settings) as client:
+        with pytest.raises(ConfigError) as caught:
+            await client.list_incidents()
+        with pytest.raises(ConfigError):
+            client.tokens.status()
+
+    assert f"chmod 400 {path}" in str(caught.value)
+
+
+async def test_writable_token_folder_rejected(
+    active_mdr_client: MdrClient, mdr_settings: MdrSettings
+) -> None:
+    """A token folder that group or others can write is refused with the chmod fix."""
+    os.chmod(mdr_settings.token_dir, 0o770)
+
+    with pytest.raises(ConfigError) as caught:
+        TokenFileStore(mdr_settings.token_dir, MDR_CLIENT_ID).load()
+
+    assert f"chmod 700 {mdr_settings.token_dir}" in str(caught.value)
+
+
+async def test_symlinked_token_file_rejected(
+    active_mdr_client: MdrClient, mdr_settings: MdrSettings, tmp_path: Path
+) -> None:
+    """A token file that is a symlink is refused."""
+    path = mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    os.replace(path, elsewhere)
+    path.symlink_to(elsewhere)
+
+    with pytest.raises(ConfigError, match="symlink"):
+        TokenFileStore(mdr_settings.token_dir, MDR_CLIENT_ID).load()
+
+
+async def test_concurrent_refresh_tasks_one_confirm(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """Five tasks that all get 403 on the same expired token cause one session/confirm call."""
+    mdr_sim.settings.latency_seconds = 0.05
+    mdr_sim.advance(2 * HOUR)
+
+    pages = await asyncio.gather(*(active_mdr_client.list_incidents() for _ in range(5)))
+
+    assert len(pages) == 5
+    assert mdr_sim.confirm_calls == 2
+
+
+async def test_concurrent_refresh_clients_one_confirm(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """Two clients in one process sharing a token file cause one session/confirm call."""
+    mdr_sim.settings.latency_seconds = 0.05
+    async with MdrClient(mdr_settings) as second:
+        await second.tokens.access_token()
+        mdr_sim.advance(2 * HOUR)
+
+        await asyncio.gather(active_mdr_client.list_incidents(), second.list_incidents())
+
+    assert mdr_sim.confirm_calls == 2
+
+
+async def test_concurrent_refresh_processes_one_confirm(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings, tmp_path: Path
+) -> None:
+    """Two processes holding the same expired pair cause one session/confirm call."""
+    mdr_sim.settings.latency_seconds = 0.1
+    mdr_sim.advance(2 * HOUR)
+    go = tmp_path / "go"
+    ready = [tmp_path / "ready-1", tmp_path / "ready-2"]
+
+    helpers = [
+        await run_token_helper(mdr_settings, "call", "--ready", str(marker), "--go", str(go))
+        for marker in ready
+    ]
+    while not all(marker.exists() for marker in ready):
+        await asyncio.sleep(0.01)
+    go.touch()
+    outputs = [await helper.communicate() for helper in helpers]
+
+    for helper, (stdout, stderr) in zip(helpers, outputs, strict=True):
+        assert helper.returncode == 0, stdout.decode() + stderr.decode()
+        assert json.loads(stdout) == {"raw_count": 0}
+    assert mdr_sim.confirm_calls == 2
+
+
+async def test_expired_refresh_token_message(active_mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """A refresh token past its 7 days raises TokenExpiredError with the fix in the message."""
+    mdr_sim.advance(8 * DAY)
+
+    with pytest.raises(TokenExpiredError) as caught:
+        await active_mdr_client.list_incidents()
+
+    assert str(caught.value) == EXPIRED_MESSAGE
+
+
+async def test_used_refresh_token_message(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A refresh token spent by someone else raises TokenExpiredError with the fix in the message."""
+    mdr_sim.confirm_session(MDR_CLIENT_ID, stored_pair(mdr_settings).refresh_token)
+    mdr_sim.advance(2 * HOUR)
+
+    with pytest.raises(TokenExpiredError) as caught:
+        await active_mdr_client.list_incidents()
+
+    assert str(caught.value) == EXPIRED_MESSAGE
+
+
+async def test_missing_token_file(mdr_client: MdrClient) -> None:
+    """A call before activation raises ConfigError that names the activate command."""
+    with pytest.raises(ConfigError, match="mdr-connector token activate"):
+        await mdr_client.list_incidents()
+
+
+async def test_tokens_never_logged(
+    mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No token appears in any log record or exception message, at DEBUG level."""
+    caplog.set_level(logging.DEBUG)
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+    tokens = [console_token]
+    errors: list[str] = []
+
+    await mdr_client.tokens.activate(console_token)
+    tokens += [stored_pair(mdr_settings).access_token, stored_pair(mdr_settings).refresh_token]
+    mdr_sim.advance(2 * HOUR)
+    await mdr_client.list_incidents()
+    tokens += [stored_pair(mdr_settings).access_token, stored_pair(mdr_settings).refresh_token]
+    mdr_sim.advance(8 * DAY)
+    with pytest.raises(TokenExpiredError) as caught:
+        await mdr_client.list_incidents()
+    errors.append(str(caught.value))
+    with pytest.raises(TokenExpiredError) as caught:
+        await mdr_client.tokens.activate(console_token)
+    errors.append(str(caught.value))
+
+    assert caplog.records, "the test needs log records to inspect"
+    dumps = [repr(vars(record)) + record.getMessage() for record in caplog.records]
+    signatures = [token.rsplit(".", 1)[1] for token in tokens]
+    for signature in signatures:
+        assert not [dump for dump in dumps if signature in dump]
+        assert not [error for error in errors if signature in error]
+    assert "refresh_token" not in repr(stored_pair(mdr_settings))
+
+
+def test_jwt_decoder_reads_exp(mdr_sim: MdrSimulator) -> None:
+    """The JWT decoder reads exp in seconds from a simulator token."""
+    token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+
+    claims = decode_jwt_claims(token)
+
+    assert claims["exp"] == jwt_expiry(token)
+    assert claims["exp"] - int(mdr_sim.now()) == DAY
+
+
+@pytest.mark.parametrize("token", ["", "a.b", "a.!!!.c", "a.bm90IGpzb24.c", "a.WzFd.c", "a.e30.c"])
+def test_jwt_decoder_rejects_malformed(token: str) -> None:
+    """The JWT decoder raises ValueError for malformed tokens or a missing exp."""
+    with pytest.raises(ValueError):
+        jwt_expiry(token)
