@@ -1,0 +1,658 @@
+"""The Jira ticket adapter: Jira Cloud and Data Center through the `jira` package, REST v2.
+
+Every ticket the connector creates carries the label `mdr-connector`, the
+correlation label `mdr-<incident id>` and the issue property
+`mdr-connector` with the incident id. Every comment it writes carries the
+comment property `mdr-connector` with its origin and source id. Both
+properties travel in the create request itself, so no issue or comment
+exists without its marker.
+
+The `jira` package is synchronous, so each call runs in this adapter's own
+thread pool. Each worker thread keeps its own `JIRA` client: a
+`requests.Session` is not safe to share between threads, and serialising
+every call through one client would cap the pool at one request at a time.
+A call whose awaiting task is cancelled still finishes in its thread, so
+a cancelled create must be treated like OutcomeUnknownError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import requests
+from jira import JIRA
+from jira.exceptions import JIRAError
+
+from mdr_connector.adapters.jira.errors import map_error
+from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
+from mdr_connector.connector import markup
+from mdr_connector.connector.config import (
+    JiraApiTokenAuth,
+    JiraPersonalTokenAuth,
+    JiraSettings,
+)
+from mdr_connector.connector.errors import (
+    ConfigError,
+    ConnectionFatalError,
+    InvalidPayloadError,
+    OutcomeUnknownError,
+)
+from mdr_connector.connector.tickets import (
+    CommentDraft,
+    SyncMarker,
+    TicketAccount,
+    TicketChange,
+    TicketComment,
+    TicketDraft,
+    TicketFields,
+    TicketRef,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Deployment = Literal["cloud", "datacenter"]
+
+CONNECTOR_LABEL = "mdr-connector"
+PROPERTY_KEY = "mdr-connector"
+INCIDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+MAX_SUMMARY_LENGTH = 255
+PAGE_SIZE = 100
+# Atlassian documents search/jql as eventually consistent, with changes
+# showing up "from a few seconds to minutes" later.
+# NOTE: 60 s is an estimate of that window, not a documented bound.
+CLOUD_SEARCH_DELAY_SECONDS = 60.0
+MAX_RECONCILE_ISSUES = 50
+RECENT_WRITE_SECONDS = 600.0
+# Any zone is within 14 hours of UTC, so a UTC literal this much earlier is
+# a safe lower bound when the account's zone is unknown.
+MAX_ZONE_OFFSET = timedelta(hours=14)
+CORE_FIELDS = frozenset({"project", "issuetype", "summary", "description", "priority", "labels"})
+
+
+def correlation_label(incident_id: str) -> str:
+    """Return the label that ties a ticket to one MDR incident."""
+    if not INCIDENT_ID_PATTERN.fullmatch(incident_id):
+        raise InvalidPayloadError(
+            f"MDR incident id {incident_id!r} has characters other than letters, digits, '-' and '_'"
+        )
+    return f"mdr-{incident_id}"
+
+
+class JiraTicketAdapter:
+    """TicketAdapter for Jira; `project` is the project key of the connection's mapping."""
+
+    system = "jira"
+
+    def __init__(self, settings: JiraSettings, project: str) -> None:
+        self.settings = settings
+        self.project = project
+        self.deployment: Deployment | None = None if settings.deployment == "auto" else settings.deployment
+        self.account: TicketAccount | None = None
+        self.time_zone: ZoneInfo | None = None
+
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="jira"
+        )
+        self._local = threading.local()
+        self._clients: list[JIRA] = []
+        self._clients_lock = threading.Lock()
+        self._client_arguments: dict[str, Any] | None = None
+        self._server_info: dict[str, Any] | None = None
+        self._recent_writes: dict[int, float] = {}
+
+    # Lifecycle
+
+    async def open(self) -> TicketAccount:
+        """Connect, read serverInfo and `myself`, and return the connector's own account."""
+        self._client_arguments = self._read_client_arguments()
+        myself = await self._call("open", _myself, opening=True)
+
+        self.account = self._account_of(myself)
+        self.time_zone = _zone_or_none(myself.get("timeZone"))
+        if self.time_zone is None:
+            log.warning("jira.time_zone.unknown", extra={"account_id": self.account.id})
+
+        log.info(
+            "jira.opened",
+            extra={"deployment": self.deployment, "account_id": self.account.id, "project": self.project},
+        )
+        return self.account
+
+    async def close(self) -> None:
+        """Stop the worker threads and close every client session."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        with self._clients_lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    async def check(self, issue_type: str, priorities: Iterable[str]) -> list[str]:
+        """Return the problems that would stop ticket creation: project, issue type, priorities."""
+        project, known_priorities = await self._call("check", _project_and_priorities, self.project)
+        problems: list[str] = []
+        if project is None:
+            return [f"project {self.project!r} does not exist or the connector's account cannot see it"]
+
+        type_names = [item.get("name") for item in project.get("issueTypes", [])]
+        if issue_type not in type_names:
+            problems.append(
+                f"issue type {issue_type!r} is not available in project {self.project}; "
+                f"available: {', '.join(map(str, type_names)) or 'none'}"
+            )
+        for name in dict.fromkeys(priorities):
+            if name not in known_priorities:
+                problems.append(
+                    f"priority {name!r} does not exist; available: {', '.join(known_priorities) or 'none'}"
+                )
+        # NOTE: Jira Cloud priority schemes can hide a priority from one
+        # project, but this checks only the site-wide list.
+        return problems
+
+    def search_delay_seconds(self) -> float:
+        """Seconds after a write before search is sure to see it."""
+        if self.settings.search_delay_seconds is not None:
+            return self.settings.search_delay_seconds
+        if self.deployment == "datacenter":
+            return 0.0
+        return CLOUD_SEARCH_DELAY_SECONDS
+
+    # Tickets
+
+    async def find_ticket(self, incident_id: str) -> TicketRef | None:
+        """Find the ticket of an MDR incident by its label, confirmed by the issue property."""
+        label = correlation_label(incident_id)
+        query = (
+            f"project = {quote(self.project)} AND labels = {quote(CONNECTOR_LABEL)} "
+            f"AND labels = {quote(label)} ORDER BY created ASC"
+        )
+        issues = await self._call(
+            "find_ticket", self._search_with_properties, query, ["created"], self._reconcile_ids()
+        )
+
+        # Labels match case-insensitively in JQL while incident ids are
+        # case-sensitive, so only the property's exact id counts.
+        matches = [issue for issue in issues if _incident_id_of(issue) == incident_id]
+        if not matches:
+            return None
+        if len(matches) > 1:
+            log.warning(
+                "jira.ticket.duplicates",
+                extra={"incident_id": incident_id, "ticket_keys": [issue["key"] for issue in matches]},
+            )
+        return self._ref(matches[0])
+
+    async def create_ticket(self, draft: TicketDraft) -> TicketRef:
+        """Create an issue with the correlation labels and property in one request."""
+        if draft.project != self.project:
+            raise ConfigError(
+                f"draft project {draft.project!r} differs from the connection's project {self.project!r}, "
+                "so the ticket could never be found again: use one project for both"
+            )
+        label = correlation_label(draft.incident_id)
+        description = await asyncio.to_thread(markup.markdown_to_jira, draft.fields.description)
+
+        fields = self._field_values(draft.fields, description)
+        fields["project"] = {"key": draft.project}
+        fields["issuetype"] = {"name": draft.issue_type}
+        fields["labels"] = _labels([CONNECTOR_LABEL, label, *draft.fields.labels])
+        value = {**draft.metadata, "incident_id": draft.incident_id}
+        # NOTE: `properties` in the create body is documented for Jira Cloud;
+        # Data Center support was checked only against the simulator.
+        body = {"fields": fields, "properties": [{"key": PROPERTY_KEY, "value": value}]}
+
+        reply = await self._call("create_ticket", _request, "POST", "issue", body=body, write=True)
+        try:
+            ref = self._ref(reply)
+        except (KeyError, TypeError) as err:
+            raise OutcomeUnknownError("Jira accepted create_ticket but its reply has no issue key or id") from err
+
+        self._remember_write(ref.id)
+        log.info("jira.ticket.created", extra={"ticket_key": ref.key, "incident_id": draft.incident_id})
+        return ref
+
+    async def update_ticket(self, ref: TicketRef, fields: TicketFields) -> None:
+        """Write the mapped fields; labels are only added, so the connector's and people's labels stay."""
+        description = await asyncio.to_thread(markup.markdown_to_jira, fields.description)
+        body = {
+            "fields": self._field_values(fields, description),
+            "update": {"labels": [{"add": label} for label in _labels(fields.labels)]},
+        }
+        # An edit sets values, so repeating it is harmless: it is retried like a read.
+        await self._call("update_ticket", _request, "PUT", f"issue/{ref.id}", body=body)
+        self._remember_write(ref.id)
+        log.info("jira.ticket.updated", extra={"ticket_key": ref.key})
+
+    async def changed_tickets(self, since: datetime) -> list[TicketChange]:
+        """Return the connector's tickets updated at or after `since`, oldest first."""
+        if since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
+        since = since.astimezone(timezone.utc)
+
+        issues, zone_name = await self._call(
+            "changed_tickets", self._changed_since, since, self._reconcile_ids()
+        )
+        self.time_zone = _zone_or_none(zone_name) or self.time_zone
+
+        changes = [self._change_of(issue) for issue in issues]
+        changes = [change for change in changes if change.updated >= since]
+        return sorted(changes, key=lambda change: (change.updated, _numeric(change.ref.id)))
+
+    # Comments
+
+    async def list_comments(self, ref: TicketRef) -> list[TicketComment]:
+        """Return every comment, oldest first, with bodies converted to Markdown."""
+        raw_comments = await self._call("list_comments", _all_comments, ref.id)
+        bodies = await asyncio.to_thread(
+            lambda: [markup.jira_to_markdown(item.get("body") or "") for item in raw_comments]
+        )
+        comments = [self._comment_of(item, body, ref) for item, body in zip(raw_comments, bodies, strict=True)]
+        return sorted(comments, key=lambda comment: (comment.created, _numeric(comment.id)))
+
+    async def add_comment(self, ref: TicketRef, draft: CommentDraft) -> TicketComment:
+        """Add a comment with its marker property in the same request.
+
+        The returned body is the draft's Markdown, not a re-conversion of
+        what Jira stored.
+        """
+        wiki = await asyncio.to_thread(markup.markdown_to_jira, draft.body)
+        marker = {"origin": draft.marker.origin, "source_id": draft.marker.source_id}
+        body = {"body": wiki, "properties": [{"key": PROPERTY_KEY, "value": marker}]}
+
+        reply = await self._call(
+            "add_comment", _request, "POST", f"issue/{ref.id}/comment", body=body, write=True
+        )
+        try:
+            comment = TicketComment(
+                id=str(reply["id"]),
+                author=self._account_of(reply.get("author") or {}),
+                created=_parse_time(reply["created"]),
+                body=draft.body,
+                marker=draft.marker,
+            )
+        except (KeyError, TypeError, InvalidPayloadError) as err:
+            raise OutcomeUnknownError(
+                "Jira accepted add_comment but its reply has no readable comment id or created time"
+            ) from err
+
+        self._remember_write(ref.id)
+        log.info(
+            "jira.comment.created",
+            extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
+        )
+        return comment
+
+    # Worker-thread helpers
+
+    async def _call(
+        self,
+        operation: str,
+        function: Callable[..., T],
+        *args: Any,
+        write: bool = False,
+        opening: bool = False,
+        **kwargs: Any,
+    ) -> T:
+        """Run `function(client, *args)` in the pool and map library errors at this boundary."""
+        if self._client_arguments is None:
+            raise RuntimeError(f"await JiraTicketAdapter.open() before {operation}")
+        loop = asyncio.get_running_loop()
+        work = partial(self._in_worker, function, *args, **kwargs)
+        try:
+            return await loop.run_in_executor(self._executor, work)
+        except (JIRAError, requests.RequestException) as err:
+            raise map_error(err, operation, write=write, opening=opening) from err
+
+    def _in_worker(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return function(self._client(), *args, **kwargs)
+
+    def _client(self) -> JIRA:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._new_client()
+            self._local.client = client
+        return client
+
+    def _new_client(self) -> JIRA:
+        assert self._client_arguments is not None
+        # JIRA() deletes and adds keys in the options dict it is given, so
+        # each client gets its own copy.
+        arguments = {**self._client_arguments, "options": copy.deepcopy(self._client_arguments["options"])}
+        # get_server_info=False postpones serverInfo until trust_env is off.
+        # Otherwise requests lets HTTP(S)_PROXY override the configured proxy,
+        # and REQUESTS_CA_BUNDLE replace the CA list when no ca_bundle is set.
+        client = JIRA(get_server_info=False, max_retries=0, **arguments)
+        client._session.trust_env = False
+        with self._clients_lock:
+            self._clients.append(client)
+
+        if self._server_info is None:
+            self._server_info = client.server_info()
+            self.deployment = self._deployment_of(self._server_info)
+        _apply_server_info(client, self._server_info, self.deployment)
+        return client
+
+    def _read_client_arguments(self) -> dict[str, Any]:
+        settings = self.settings
+        auth = settings.auth
+        if isinstance(auth, JiraApiTokenAuth):
+            credentials: dict[str, Any] = {"basic_auth": (auth.email, auth.token.read())}
+        elif isinstance(auth, JiraPersonalTokenAuth):
+            credentials = {"token_auth": auth.token.read()}
+        else:
+            credentials = {"basic_auth": (auth.username, auth.password.read())}
+
+        verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else settings.tls_verify
+        proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
+        return {
+            "server": settings.url,
+            "options": {"verify": verify, "headers": {"User-Agent": "mdr-connector"}},
+            "timeout": settings.timeout_seconds,
+            "proxies": proxies,
+            **credentials,
+        }
+
+    def _deployment_of(self, info: dict[str, Any]) -> Deployment:
+        if "versionNumbers" not in info:
+            raise ConnectionFatalError(
+                f"serverInfo from {self.settings.url} has no versionNumbers: check that the url points to Jira"
+            )
+        if self.settings.deployment != "auto":
+            return self.settings.deployment
+        return "cloud" if info.get("deploymentType") == "Cloud" else "datacenter"
+
+    def _search_with_properties(
+        self, client: JIRA, query: str, fields: list[str], reconcile: list[int]
+    ) -> list[dict[str, Any]]:
+        issues = self._search(client, query, fields, [PROPERTY_KEY], reconcile)
+        for issue in issues:
+            if "properties" not in issue:
+                # Older Data Center versions ignore `properties` in search.
+                issue["properties"] = {PROPERTY_KEY: _issue_property(client, issue["id"])}
+        return issues
+
+    def _changed_since(
+        self, client: JIRA, since: datetime, reconcile: list[int]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        # The account's zone is read again on every poll: a profile change
+        # would otherwise shift every later query by the difference.
+        zone_name = _myself(client).get("timeZone")
+        literal = jql_minute(since, _zone_or_none(zone_name))
+        query = (
+            f"project = {quote(self.project)} AND labels = {quote(CONNECTOR_LABEL)} "
+            f'AND updated >= "{literal}" ORDER BY updated ASC'
+        )
+        return self._search(client, query, ["updated"], [], reconcile), zone_name
+
+    def _search(
+        self,
+        client: JIRA,
+        query: str,
+        fields: list[str],
+        properties: list[str],
+        reconcile: list[int],
+    ) -> list[dict[str, Any]]:
+        if self.deployment == "cloud":
+            return _search_cloud(client, query, fields, properties, reconcile)
+        return _search_datacenter(client, query, fields, properties)
+
+    # Records
+
+    def _change_of(self, issue: dict[str, Any]) -> TicketChange:
+        try:
+            return TicketChange(self._ref(issue), _parse_time(issue["fields"]["updated"]))
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(f"Jira search returned an issue without key, id or updated: {err!r}") from err
+
+    def _comment_of(self, item: dict[str, Any], body: str, ref: TicketRef) -> TicketComment:
+        try:
+            return TicketComment(
+                id=str(item["id"]),
+                author=self._account_of(item.get("author") or {}),
+                created=_parse_time(item["created"]),
+                body=body,
+                marker=_marker_of(item, ref),
+            )
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(f"Jira returned a comment of {ref.key} without id or created: {err!r}") from err
+
+    def _ref(self, issue: dict[str, Any]) -> TicketRef:
+        key = str(issue["key"])
+        return TicketRef(key=key, id=str(issue["id"]), url=f"{self.settings.url}/browse/{key}")
+
+    def _account_of(self, user: dict[str, Any]) -> TicketAccount:
+        identity = user.get("accountId") if self.deployment == "cloud" else user.get("name")
+        return TicketAccount(id=str(identity or ""), display_name=str(user.get("displayName") or ""))
+
+    def _field_values(self, fields: TicketFields, description: str) -> dict[str, Any]:
+        values = {name: value for name, value in fields.extra.items() if name not in CORE_FIELDS}
+        values["summary"] = _summary(fields.summary)
+        values["description"] = description
+        if fields.priority:
+            values["priority"] = {"name": fields.priority}
+        return values
+
+    def _remember_write(self, issue_id: str) -> None:
+        if issue_id.isdigit():
+            self._recent_writes[int(issue_id)] = time.monotonic()
+
+    def _reconcile_ids(self) -> list[int]:
+        """Ids of recently written issues, which Cloud search then reads in their current state."""
+        cutoff = time.monotonic() - RECENT_WRITE_SECONDS
+        self._recent_writes = {key: moment for key, moment in self._recent_writes.items() if moment >= cutoff}
+        newest = sorted(self._recent_writes, key=self._recent_writes.__getitem__, reverse=True)
+        return newest[:MAX_RECONCILE_ISSUES]
+
+
+# Synchronous Jira calls, run in worker threads with that thread's client.
+
+
+def _request(
+    client: JIRA,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, Any] | None = None,
+    body: Any = None,
+) -> Any:
+    """Send one REST v2 request through the client's session and return the JSON reply."""
+    data = json.dumps(body) if body is not None else None
+    response = client._session.request(method, client._get_url(path), params=params, data=data)
+    if response.status_code == 204 or not response.content:
+        return None
+    return response.json()
+
+
+def _myself(client: JIRA) -> dict[str, Any]:
+    return client.myself()
+
+
+def _project_and_priorities(client: JIRA, project: str) -> tuple[dict[str, Any] | None, list[str]]:
+    try:
+        found = _request(client, "GET", f"project/{project}")
+    except JIRAError as err:
+        if err.status_code != 404:
+            raise
+        found = None
+    priorities = [str(item.get("name")) for item in _request(client, "GET", "priority") or []]
+    return found, priorities
+
+
+def _issue_property(client: JIRA, issue_id: str) -> Any:
+    try:
+        reply = _request(client, "GET", f"issue/{issue_id}/properties/{PROPERTY_KEY}")
+    except JIRAError as err:
+        if err.status_code == 404:
+            return None
+        raise
+    return reply.get("value") if isinstance(reply, dict) else None
+
+
+def _search_cloud(
+    client: JIRA, query: str, fields: list[str], properties: list[str], reconcile: list[int]
+) -> list[dict[str, Any]]:
+    """Page through `search/jql` with nextPageToken; the reply has no total to stop at."""
+    issues: list[dict[str, Any]] = []
+    body: dict[str, Any] = {"jql": query, "maxResults": PAGE_SIZE, "fields": fields}
+    if properties:
+        body["properties"] = properties
+    if reconcile:
+        body["reconcileIssues"] = reconcile[:MAX_RECONCILE_ISSUES]
+
+    seen_tokens: set[str] = set()
+    while True:
+        page = _request(client, "POST", "search/jql", body=body)
+        issues.extend(page.get("issues", []))
+        token = page.get("nextPageToken")
+        if not token:
+            return issues
+        if token in seen_tokens:
+            raise InvalidPayloadError("Jira search/jql returned the same nextPageToken twice, so paging stopped")
+        seen_tokens.add(token)
+        body["nextPageToken"] = token
+
+
+def _search_datacenter(
+    client: JIRA, query: str, fields: list[str], properties: list[str]
+) -> list[dict[str, Any]]:
+    """Page through the classic `search` with startAt until `total` is reached."""
+    issues: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"jql": query, "maxResults": PAGE_SIZE, "fields": ",".join(fields)}
+    if properties:
+        params["properties"] = ",".join(properties)
+
+    while True:
+        params["startAt"] = len(issues)
+        page = _request(client, "GET", "search", params=params)
+        batch = page.get("issues", [])
+        issues.extend(batch)
+        if not batch or _reached_total(len(issues), page):
+            return issues
+
+
+def _all_comments(client: JIRA, issue_id: str) -> list[dict[str, Any]]:
+    """Page through every comment; Jira caps a page (100 on Cloud), so never stop at the first."""
+    comments: dict[str, dict[str, Any]] = {}
+    start_at = 0
+    while True:
+        params = {"startAt": start_at, "maxResults": PAGE_SIZE, "orderBy": "created", "expand": "properties"}
+        page = _request(client, "GET", f"issue/{issue_id}/comment", params=params)
+        batch = page.get("comments", [])
+        for item in batch:
+            comments.setdefault(str(item["id"]), item)
+        start_at += len(batch)
+        # NOTE: a comment deleted while paging shifts later pages back by one,
+        # so one comment can be skipped until the next reconciliation.
+        if not batch or _reached_total(start_at, page):
+            return list(comments.values())
+
+
+def _apply_server_info(client: JIRA, info: dict[str, Any], deployment: Deployment | None) -> None:
+    """Set what the JIRA constructor sets from serverInfo, with the configured deployment winning."""
+    client._version = tuple(info["versionNumbers"])
+    client.deploymentType = "Cloud" if deployment == "cloud" else "Server"
+
+
+# Pure helpers
+
+
+def _reached_total(count: int, page: dict[str, Any]) -> bool:
+    """Return whether `count` items cover the page's `total`; without one, paging goes on to an empty page."""
+    total = page.get("total")
+    return total is not None and count >= int(total)
+
+
+def _numeric(identifier: str) -> int:
+    return int(identifier) if identifier.isdigit() else 0
+
+
+def jql_minute(since: datetime, zone: ZoneInfo | None) -> str:
+    """Format a JQL `updated >=` bound that is at or before `since` in the account's zone.
+
+    JQL reads a zone-less literal in the searching account's profile zone at
+    minute precision, so the UTC time is converted and floored to the minute.
+    """
+    if zone is None:
+        return (since - MAX_ZONE_OFFSET).astimezone(timezone.utc).strftime(JQL_MINUTE_FORMAT)
+
+    local = since.astimezone(zone)
+    if _ambiguous(local):
+        # In the hour repeated by a DST change, Jira may read the literal as
+        # the later of the two instants. An hour earlier is safe either way.
+        local = (since - timedelta(hours=1)).astimezone(zone)
+    return local.strftime(JQL_MINUTE_FORMAT)
+
+
+def _ambiguous(local: datetime) -> bool:
+    return local.replace(fold=0).utcoffset() != local.replace(fold=1).utcoffset()
+
+
+def _zone_or_none(name: Any) -> ZoneInfo | None:
+    if not isinstance(name, str) or not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
+
+
+def _parse_time(text: str) -> datetime:
+    """Read Jira's `2026-12-04T10:00:00.000+0300` as an aware UTC datetime."""
+    for pattern in ("%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z"):
+        try:
+            return datetime.strptime(text, pattern).astimezone(timezone.utc)
+        except ValueError:
+            continue
+    raise InvalidPayloadError(f"Jira returned an unreadable time {text!r}")
+
+
+def _summary(text: str) -> str:
+    """Make a summary Jira accepts: one line, at most 255 UTF-16 code units as Jira counts them."""
+    line = " ".join(text.split())
+    if len(line.encode("utf-16-le")) // 2 <= MAX_SUMMARY_LENGTH:
+        return line
+    cut: list[str] = []
+    units = 0
+    for char in line:
+        width = 2 if ord(char) > 0xFFFF else 1
+        if units + width > MAX_SUMMARY_LENGTH - 1:
+            break
+        cut.append(char)
+        units += width
+    return "".join(cut) + "…"
+
+
+def _labels(labels: Iterable[str]) -> list[str]:
+    """Make labels Jira accepts: no whitespace (replaced by `_`), no duplicates, none empty."""
+    cleaned = (re.sub(r"\s+", "_", label.strip()) for label in labels)
+    return list(dict.fromkeys(label for label in cleaned if label))
+
+
+def _incident_id_of(issue: dict[str, Any]) -> str | None:
+    value = (issue.get("properties") or {}).get(PROPERTY_KEY)
+    if isinstance(value, dict) and isinstance(value.get("incident_id"), str):
+        return value["incident_id"]
+    return None
+
+
+def _marker_of(comment: dict[str, Any], ref: TicketRef) -> SyncMarker | None:
+    for item in comment.get("properties") or []:
+        if not isinstance(item, dict) or item.get("key") != PROPERTY_KEY:
+            continue
+        value = item.get("value")
+        if isinstance(value, dict) and isinstance(value.get("origin"), str) and isinstance(value.get("source_id"), str):
+            return SyncMarker(origin=value["origin"], source_id=value["source_id"])
+        log.warning("jira.comment.marker_invalid", extra={"ticket_key": ref.key, "comment_id": comment.get("id")})
+    return None

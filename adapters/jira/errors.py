@@ -1,0 +1,160 @@
+"""Map `jira` and `requests` exceptions onto the connector's error tree.
+
+The split that matters is whether a request may have reached Jira. A
+create or a comment whose reply never came (read timeout, connection
+dropped, 5xx from a gateway) may have been applied, so it becomes
+OutcomeUnknownError and the engine looks the write up by its marker instead
+of sending it again. Only a refused or timed-out connection proves that
+nothing was sent.
+
+Messages carry the HTTP status and Jira's own error text, which names the
+field at fault, but never request headers or bodies: `str(JIRAError)`
+includes both, so it is never used here.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+
+import requests
+from jira.exceptions import JIRAError
+from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+from mdr_connector.connector.errors import (
+    ConnectionFatalError,
+    ConnectorError,
+    CredentialsRejectedError,
+    OutcomeUnknownError,
+    RateLimitedError,
+    RejectedError,
+    RemoteUnavailableError,
+)
+
+MAX_DETAIL_LENGTH = 1000
+
+
+def map_error(
+    err: JIRAError | requests.RequestException,
+    operation: str,
+    *,
+    write: bool = False,
+    opening: bool = False,
+) -> ConnectorError:
+    """Return the connector error for a failed Jira call.
+
+    `write` marks a non-idempotent request (create issue, add comment);
+    `opening` marks the calls `open` makes, where 401 and 403 mean the
+    configured credentials are wrong.
+    """
+    if isinstance(err, JIRAError):
+        return _from_reply(err, operation, write=write, opening=opening)
+    return _from_transport(err, operation, write=write)
+
+
+def _from_reply(err: JIRAError, operation: str, *, write: bool, opening: bool) -> ConnectorError:
+    status = err.status_code
+    response = err.response if isinstance(err.response, requests.Response) else None
+    if status is None:
+        message = f"Jira {operation} failed without an HTTP status"
+        return OutcomeUnknownError(message) if write else RemoteUnavailableError(message)
+
+    # Without a response, err.text is the library's own message; with one,
+    # only a JSON error body is quoted, never an HTML page from a proxy.
+    detail = error_detail(response) if response is not None else _shorten(err.text or "")
+    suffix = f": {detail}" if detail else ""
+    headers = response.headers if response is not None else {}
+    retry_after = retry_after_seconds(headers.get("Retry-After"))
+
+    if status == 401 or (status == 403 and (opening or "X-Authentication-Denied-Reason" in headers)):
+        return CredentialsRejectedError(
+            f"Jira rejected the credentials during {operation} (HTTP {status}){suffix}. "
+            "Check the account and its API token or password."
+        )
+    if status == 429 or (status == 503 and retry_after is not None):
+        return RateLimitedError(f"Jira rate-limited {operation} (HTTP {status})", retry_after)
+    if status == 408:
+        return RemoteUnavailableError(f"Jira timed out reading the {operation} request (HTTP 408)")
+    if status >= 500:
+        message = f"Jira failed {operation} (HTTP {status}){suffix}"
+        return OutcomeUnknownError(message) if write else RemoteUnavailableError(message)
+    if opening and status == 404:
+        return ConnectionFatalError(
+            f"no Jira REST API found during {operation} (HTTP 404): check the configured url"
+        )
+    return RejectedError(f"Jira rejected {operation} (HTTP {status}){suffix}", status=status)
+
+
+def _from_transport(err: requests.RequestException, operation: str, *, write: bool) -> ConnectorError:
+    reason = type(err).__name__
+    if _never_sent(err):
+        return RemoteUnavailableError(f"cannot connect to Jira for {operation} ({reason})")
+    if write:
+        return OutcomeUnknownError(
+            f"Jira {operation} was sent but no reply arrived ({reason}). "
+            "Look the write up by its marker before sending it again."
+        )
+    return RemoteUnavailableError(f"Jira {operation} failed ({reason})")
+
+
+def _never_sent(err: requests.RequestException) -> bool:
+    """Return whether the request certainly did not reach Jira, because no connection was made."""
+    if isinstance(err, requests.ConnectTimeout):
+        return True
+    if not isinstance(err, requests.ConnectionError) or isinstance(err, requests.exceptions.ProxyError):
+        return False
+    cause = err.args[0] if err.args else None
+    if isinstance(cause, MaxRetryError):
+        cause = cause.reason
+    # urllib3 2 raises NewConnectionError (and its NameResolutionError) only
+    # when the TCP connection itself failed.
+    return isinstance(cause, NewConnectionError)
+
+
+def error_detail(response: requests.Response | None) -> str:
+    """Return Jira's `errorMessages` and field `errors` as one line, or "" for a non-JSON body."""
+    if response is None:
+        return ""
+    try:
+        body = response.json()
+    except (ValueError, json.JSONDecodeError):
+        return ""
+    if not isinstance(body, dict):
+        return ""
+
+    parts: list[str] = []
+    messages = body.get("errorMessages")
+    if isinstance(messages, list):
+        parts.extend(str(message) for message in messages if message)
+    errors = body.get("errors")
+    if isinstance(errors, dict):
+        parts.extend(f"{name}: {message}" for name, message in errors.items())
+    for key in ("message", "errorMessage"):
+        if not parts and isinstance(body.get(key), str):
+            parts.append(body[key])
+    return _shorten("; ".join(parts))
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Read Retry-After as seconds: a number, or an HTTP date relative to now."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) <= MAX_DETAIL_LENGTH:
+        return text
+    return text[: MAX_DETAIL_LENGTH - 1] + "…"

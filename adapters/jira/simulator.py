@@ -1,0 +1,731 @@
+"""A Jira simulator: the REST v2 calls the connector makes, kept in memory.
+
+It behaves as Jira Cloud or Jira Data Center (`deployment`) and checks
+Basic and Bearer credentials. It pages comments and searches the way each
+product does and reads JQL dates in the requesting user's time zone. It can
+also delay search visibility like Cloud's eventually consistent `search/jql`.
+Tests drive it in-process; `mdr-connector demo` and `simulate jira` run it
+with `serve`.
+
+    sim = JiraSimulator(deployment="cloud")
+    async with run_simulator(sim) as base_url:
+        ...  # point the connector at base_url with SERVICE_EMAIL / SERVICE_TOKEN
+        sim.add_comment("SEC-1", "Checked the host.", author="analyst")
+
+The connector's service account signs in with SERVICE_EMAIL and
+SERVICE_TOKEN on Cloud, and with SERVICE_NAME and SERVICE_PASSWORD or the
+Bearer token SERVICE_PAT on Data Center. A human user, HUMAN_NAME, writes
+the comments and edits that the connector must pick up.
+
+Besides `/rest/api/2/...` it serves a control API under `/_sim/` with no
+authentication, so it only ever listens on a loopback address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import copy
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from mdr_connector.adapters.jira.simulator_state import (
+    HUMAN_NAME,
+    SERVICE_ACCOUNT_ID,
+    SERVICE_EMAIL,
+    SERVICE_NAME,
+    SERVICE_PASSWORD,
+    SERVICE_PAT,
+    SERVICE_TOKEN,
+    SYSTEM_FIELDS,
+    UNBOUNDED_JQL_MESSAGE,
+    IssueView,
+    JiraSimulator,
+    SimComment,
+    SimError,
+    SimIssue,
+    SimUser,
+    check_property,
+    issue_type_id,
+    format_jira_time,
+)
+from mdr_connector.connector.config import is_loopback_host
+
+__all__ = [
+    "HUMAN_NAME",
+    "SERVICE_ACCOUNT_ID",
+    "SERVICE_EMAIL",
+    "SERVICE_NAME",
+    "SERVICE_PASSWORD",
+    "SERVICE_PAT",
+    "SERVICE_TOKEN",
+    "UNBOUNDED_JQL_MESSAGE",
+    "JiraSimulator",
+    "SimError",
+    "format_jira_time",
+    "make_app",
+    "run_simulator",
+    "serve",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API = "/rest/api/2"
+
+
+def _json_response(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=partial(json.dumps, ensure_ascii=False))
+
+
+# HTTP layer
+
+
+class _Api:
+    """Request handlers: translate REST calls into simulator operations and JSON replies."""
+
+    def __init__(self, sim: JiraSimulator) -> None:
+        self.sim = sim
+
+    @property
+    def cloud(self) -> bool:
+        return self.sim.settings.deployment == "cloud"
+
+    def base(self, request: web.Request) -> str:
+        return str(request.url.origin())
+
+    def user_json(self, request: web.Request, user: SimUser) -> dict[str, Any]:
+        base = self.base(request)
+        if self.cloud:
+            return {
+                "self": f"{base}{API}/user?accountId={user.account_id}",
+                "accountId": user.account_id,
+                "displayName": user.display_name,
+                "active": True,
+                "timeZone": user.time_zone,
+                "accountType": "atlassian",
+            }
+        return {
+            "self": f"{base}{API}/user?username={user.name}",
+            "name": user.name,
+            "key": user.name,
+            "displayName": user.display_name,
+            "emailAddress": user.email,
+            "active": True,
+            "timeZone": user.time_zone,
+        }
+
+    def time(self, request: web.Request, moment: datetime) -> str:
+        requester: SimUser | None = request.get("user")
+        return format_jira_time(moment, requester.time_zone if requester else "UTC")
+
+    # Server and user
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        version = (1001, 0, 0) if self.cloud else (9, 12, 8)
+        return _json_response(
+            {
+                "baseUrl": self.base(request),
+                "version": ".".join(map(str, version)),
+                "versionNumbers": list(version),
+                "deploymentType": "Cloud" if self.cloud else "Server",
+                "buildNumber": 100000,
+                "serverTime": self.time(request, self.sim.now()),
+                "serverTitle": "Jira simulator",
+            }
+        )
+
+    async def myself(self, request: web.Request) -> web.Response:
+        user: SimUser = request["user"]
+        body = self.user_json(request, user)
+        body["emailAddress"] = user.email
+        return _json_response(body)
+
+    async def fields(self, request: web.Request) -> web.Response:
+        system = [
+            {"id": field_id, "name": name, "custom": False, "clauseNames": [field_id]}
+            for field_id, name in SYSTEM_FIELDS
+        ]
+        custom = [
+            {"id": field_id, "name": name, "custom": True, "clauseNames": [f"cf[{field_id.split('_')[-1]}]", name]}
+            for field_id, name in self.sim.custom_fields.items()
+        ]
+        return _json_response(system + custom)
+
+    async def priorities(self, request: web.Request) -> web.Response:
+        return _json_response([self.priority_json(request, name) for name in self.sim.priorities])
+
+    def priority_json(self, request: web.Request, name: str) -> dict[str, Any]:
+        number = self.sim.priorities.index(name) + 1
+        return {"self": f"{self.base(request)}{API}/priority/{number}", "id": str(number), "name": name}
+
+    async def issue_types(self, request: web.Request) -> web.Response:
+        names = dict.fromkeys(name for _, types in self.sim.projects.values() for name in types)
+        return _json_response([self.issue_type_json(name) for name in names])
+
+    def issue_type_json(self, name: str) -> dict[str, Any]:
+        return {"id": issue_type_id(name), "name": name, "subtask": False}
+
+    async def projects(self, request: web.Request) -> web.Response:
+        return _json_response([self.project_json(request, key) for key in self.sim.projects])
+
+    async def project(self, request: web.Request) -> web.Response:
+        reference = request.match_info["project"]
+        try:
+            key = self.sim.project_key(reference)
+        except ValueError:
+            raise SimError(404, [f"No project could be found with key '{reference}'."]) from None
+        return _json_response(self.project_json(request, key))
+
+    def project_json(self, request: web.Request, key: str) -> dict[str, Any]:
+        name, types = self.sim.projects[key]
+        number = 20000 + list(self.sim.projects).index(key)
+        return {
+            "self": f"{self.base(request)}{API}/project/{number}",
+            "id": str(number),
+            "key": key,
+            "name": name,
+            "issueTypes": [self.issue_type_json(type_name) for type_name in types],
+        }
+
+    # Issues
+
+    async def create_issue(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        properties = body.get("properties", [])
+        issue = self.sim.create_issue(body.get("fields", {}), reporter=request["user"], properties=properties)
+        reply = {"id": str(issue.id), "key": issue.key, "self": f"{self.base(request)}{API}/issue/{issue.id}"}
+        return _json_response(reply, status=201)
+
+    async def get_issue(self, request: web.Request) -> web.Response:
+        issue = self.sim.issue(request.match_info["issue"])
+        requested = _list_param(request.query.getall("fields", []))
+        properties = _list_param(request.query.getall("properties", []))
+        body = self.issue_json(request, issue, issue.view(), requested or ["*all"], properties)
+        return _json_response(body)
+
+    async def edit_issue(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        self.sim.edit_issue(request.match_info["issue"], body.get("fields"), body.get("update"))
+        return web.Response(status=204)
+
+    def issue_json(
+        self,
+        request: web.Request,
+        issue: SimIssue,
+        view: IssueView,
+        requested: list[str],
+        properties: list[str],
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "expand": "renderedFields,names,schema,operations,editmeta,changelog,versionedRepresentations",
+            "id": str(issue.id),
+            "self": f"{self.base(request)}{API}/issue/{issue.id}",
+            "key": issue.key,
+        }
+        all_fields = self.fields_json(request, issue, view)
+        body["fields"] = {name: value for name, value in all_fields.items() if _field_requested(name, requested)}
+        if properties:
+            body["properties"] = {
+                key: copy.deepcopy(view.properties[key]) for key in properties if key in view.properties
+            }
+        return body
+
+    def fields_json(self, request: web.Request, issue: SimIssue, view: IssueView) -> dict[str, Any]:
+        fields = view.fields
+        priority = fields.get("priority")
+        result: dict[str, Any] = {
+            "summary": fields["summary"],
+            "description": fields.get("description"),
+            "priority": self.priority_json(request, priority) if priority else None,
+            "labels": list(fields.get("labels", [])),
+            "issuetype": self.issue_type_json(fields["issuetype"]),
+            "project": {key: value for key, value in self.project_json(request, fields["project"]).items() if key != "issueTypes"},
+            "created": self.time(request, issue.created),
+            "updated": self.time(request, view.updated),
+            "reporter": self.user_json(request, issue.reporter),
+            "status": {"name": "Open", "id": "1"},
+        }
+        for field_id in self.sim.custom_fields:
+            result[field_id] = copy.deepcopy(fields.get(field_id))
+        return result
+
+    # Comments
+
+    async def list_comments(self, request: web.Request) -> web.Response:
+        issue = self.sim.issue(request.match_info["issue"])
+        start_at = _int_param(request, "startAt", 0)
+        cap = self.sim.settings.comment_page_cap
+        max_results = min(_int_param(request, "maxResults", cap), cap)
+        expand = _list_param(request.query.getall("expand", []))
+
+        order = request.query.get("orderBy", "created")
+        if order.lstrip("+-") != "created":
+            raise SimError(400, [f"Ordering by {order!r} is not supported. Use created or -created."])
+        comments = sorted(issue.comments, key=lambda comment: (comment.created, comment.id))
+        if order.startswith("-"):
+            comments.reverse()
+
+        page = comments[start_at : start_at + max_results] if max_results > 0 else []
+        body = {
+            "comments": [self.comment_json(request, issue, comment, "properties" in expand) for comment in page],
+            "maxResults": max_results,
+            "total": len(comments),
+            "startAt": start_at,
+        }
+        return _json_response(body)
+
+    async def get_comment(self, request: web.Request) -> web.Response:
+        issue = self.sim.issue(request.match_info["issue"])
+        expand = _list_param(request.query.getall("expand", []))
+        for comment in issue.comments:
+            if str(comment.id) == request.match_info["comment"]:
+                return _json_response(self.comment_json(request, issue, comment, "properties" in expand))
+        raise SimError(404, ["Can not find a comment for the id."])
+
+    async def add_comment(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        comment = self.sim.add_comment(
+            request.match_info["issue"],
+            body.get("body"),
+            author=request["user"],
+            properties=body.get("properties", []),
+        )
+        issue, _ = self.sim.comment(comment.id)
+        return _json_response(self.comment_json(request, issue, comment, with_properties=False), status=201)
+
+    def comment_json(
+        self, request: web.Request, issue: SimIssue, comment: SimComment, with_properties: bool
+    ) -> dict[str, Any]:
+        author = self.user_json(request, comment.author)
+        body: dict[str, Any] = {
+            "self": f"{self.base(request)}{API}/issue/{issue.id}/comment/{comment.id}",
+            "id": str(comment.id),
+            "author": author,
+            "body": comment.body,
+            "updateAuthor": author,
+            "created": self.time(request, comment.created),
+            "updated": self.time(request, comment.updated),
+            "jsdPublic": True,
+        }
+        if with_properties:
+            body["properties"] = [{"key": key, "value": value} for key, value in comment.properties.items()]
+        return body
+
+    # Entity properties
+
+    def property_owner(self, request: web.Request) -> tuple[dict[str, Any], SimIssue]:
+        if "comment" in request.match_info:
+            issue, comment = self.sim.comment(request.match_info["comment"])
+            return comment.properties, issue
+        issue = self.sim.issue(request.match_info["issue"])
+        return issue.properties, issue
+
+    async def property_keys(self, request: web.Request) -> web.Response:
+        properties, _ = self.property_owner(request)
+        keys = [{"self": f"{request.url}/{key}", "key": key} for key in properties]
+        return _json_response({"keys": keys})
+
+    async def get_property(self, request: web.Request) -> web.Response:
+        properties, _ = self.property_owner(request)
+        key = request.match_info["key"]
+        if key not in properties:
+            raise SimError(404, [f"The property with key '{key}' does not exist."])
+        return _json_response({"key": key, "value": properties[key]})
+
+    async def put_property(self, request: web.Request) -> web.Response:
+        properties, issue = self.property_owner(request)
+        key = request.match_info["key"]
+        value = await _json_body(request, expect_object=False)
+        check_property(key, value)
+        existed = key in properties
+        properties[key] = value
+        if "comment" not in request.match_info:
+            # A property write does not move `updated`, but search reads the new value only after the delay.
+            self.sim.reindex(issue)
+        return web.Response(status=200 if existed else 201)
+
+    async def delete_property(self, request: web.Request) -> web.Response:
+        properties, _ = self.property_owner(request)
+        key = request.match_info["key"]
+        if properties.pop(key, None) is None:
+            raise SimError(404, [f"The property with key '{key}' does not exist."])
+        return web.Response(status=204)
+
+    # Search
+
+    async def search_jql(self, request: web.Request) -> web.Response:
+        if not self.cloud:
+            raise SimError(404, ["This endpoint exists only on Jira Cloud. Use /rest/api/2/search."])
+        params = await _search_params(request)
+        offset = _decode_page_token(params.get("nextPageToken"))
+        cap = self.sim.settings.search_page_cap
+        max_results = min(int(params.get("maxResults") or 50), cap)
+        reconcile = {int(value) for value in _list_param(params.get("reconcileIssues")) if str(value).isdigit()}
+
+        found = self.sim.search(str(params.get("jql", "")), request["user"], reconcile)
+        page = found[offset : offset + max_results]
+        requested = _list_param(params.get("fields"))
+        properties = _list_param(params.get("properties"))
+        body: dict[str, Any] = {
+            "issues": [self.search_item(request, issue, view, requested, properties) for issue, view in page],
+            "isLast": offset + len(page) >= len(found),
+        }
+        if not body["isLast"]:
+            body["nextPageToken"] = _encode_page_token(offset + len(page))
+        return _json_response(body)
+
+    async def search_classic(self, request: web.Request) -> web.Response:
+        if self.cloud:
+            raise SimError(
+                410,
+                ["This search API was removed from Jira Cloud. Use /rest/api/2/search/jql instead."],
+            )
+        params = await _search_params(request)
+        start_at = int(params.get("startAt") or 0)
+        cap = self.sim.settings.search_page_cap
+        max_results = min(int(params.get("maxResults") or 50), cap)
+
+        found = self.sim.search(str(params.get("jql", "")), request["user"])
+        page = found[start_at : start_at + max_results]
+        requested = _list_param(params.get("fields")) or ["*navigable"]
+        properties = _list_param(params.get("properties"))
+        body = {
+            "expand": "schema,names",
+            "startAt": start_at,
+            "maxResults": max_results,
+            "total": len(found),
+            "issues": [self.search_item(request, issue, view, requested, properties) for issue, view in page],
+        }
+        return _json_response(body)
+
+    def search_item(
+        self,
+        request: web.Request,
+        issue: SimIssue,
+        view: IssueView,
+        requested: list[str],
+        properties: list[str],
+    ) -> dict[str, Any]:
+        if not requested and not properties:
+            return {"id": str(issue.id)}
+        return self.issue_json(request, issue, view, [name for name in requested if name != "comment"], properties)
+
+
+def _field_requested(name: str, requested: list[str]) -> bool:
+    if f"-{name}" in requested:
+        return False
+    return name in requested or "*all" in requested or "*navigable" in requested
+
+
+def _list_param(values: Any) -> list[str]:
+    """Read a list parameter given repeated, comma-separated or as a JSON list."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    result: list[str] = []
+    for value in values:
+        result.extend(part.strip() for part in str(value).split(",") if part.strip())
+    return result
+
+
+def _int_param(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise SimError(400, [f"The '{name}' parameter must be a whole number."]) from None
+
+
+async def _json_body(request: web.Request, *, expect_object: bool = True) -> Any:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise SimError(400, ["The request body is not valid JSON."]) from None
+    if expect_object and not isinstance(body, dict):
+        raise SimError(400, ["The request body must be a JSON object."])
+    return body
+
+
+async def _search_params(request: web.Request) -> dict[str, Any]:
+    if request.method == "POST":
+        return await _json_body(request)
+    params: dict[str, Any] = {}
+    for name in ("jql", "nextPageToken", "maxResults", "startAt"):
+        if name in request.query:
+            params[name] = request.query[name]
+    for name in ("fields", "properties", "reconcileIssues", "expand"):
+        if name in request.query:
+            params[name] = request.query.getall(name)
+    return params
+
+
+def _encode_page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def _decode_page_token(token: Any) -> int:
+    if not token:
+        return 0
+    try:
+        return int(json.loads(base64.urlsafe_b64decode(str(token)))["offset"])
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise SimError(400, ["The nextPageToken is invalid."]) from None
+
+
+# Middlewares, outermost first: count, latency, faults, errors, authentication.
+
+
+def _count_calls(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else "<unmatched>"
+        sim.calls[f"{request.method} {path}"] += 1
+        return await handler(request)
+
+    return middleware
+
+
+def _latency(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if sim.settings.latency_seconds > 0 and request.path.startswith("/rest/"):
+            await asyncio.sleep(sim.settings.latency_seconds)
+        return await handler(request)
+
+    return middleware
+
+
+def _faults(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Inject faults around the real handler.
+
+    NOTE: only "apply, then drop the connection" exists so far; 429 with
+    Retry-After, 5xx and slow replies belong here too.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else ""
+        rule = next(
+            (rule for rule in sim.drop_rules if rule.remaining > 0 and (rule.method, rule.path) == (request.method, path)),
+            None,
+        )
+        if rule is None or response.status >= 400 or request.transport is None:
+            return response
+
+        rule.remaining -= 1
+        log.info("jira_sim.reply.dropped", extra={"method": request.method, "path": path})
+        request.transport.close()
+        return response
+
+    return middleware
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except SimError as err:
+        body = {"errorMessages": err.messages, "errors": err.errors}
+        return _json_response(body, status=err.status)
+
+
+def _authenticate(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/rest/"):
+            return await handler(request)
+
+        header = request.headers.get("Authorization")
+        anonymous_allowed = request.path == f"{API}/serverInfo"
+        if header is None and anonymous_allowed:
+            return await handler(request)
+
+        user = _user_for(sim, header)
+        if user is None:
+            raise SimError(401, ["You are not authenticated: the credentials are missing or wrong."])
+        request["user"] = user
+        return await handler(request)
+
+    return middleware
+
+
+def _user_for(sim: JiraSimulator, header: str | None) -> SimUser | None:
+    if not header:
+        return None
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() == "bearer" and sim.settings.deployment == "datacenter":
+        return next((user for user in sim.users if user.token and user.token == credentials), None)
+    if scheme.lower() != "basic":
+        return None
+
+    try:
+        login, _, secret = base64.b64decode(credentials).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    for user in sim.users:
+        identity = user.email if sim.settings.deployment == "cloud" else user.name
+        if identity and login == identity and user.password and secret == user.password:
+            return user
+    return None
+
+
+# Control API
+
+
+class _Control:
+    """`/_sim/...`: drive and inspect the simulator over HTTP."""
+
+    def __init__(self, sim: JiraSimulator) -> None:
+        self.sim = sim
+
+    async def state(self, request: web.Request) -> web.Response:
+        return _json_response(self.sim.state())
+
+    async def calls(self, request: web.Request) -> web.Response:
+        return _json_response(dict(self.sim.calls))
+
+    async def add_user(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            user = self.sim.add_user(
+                account_id=str(body["account_id"]),
+                name=str(body["name"]),
+                display_name=str(body.get("display_name", body["name"])),
+                time_zone=str(body.get("time_zone", "UTC")),
+                email=str(body.get("email", "")),
+                password=str(body.get("password", "")),
+                token=str(body.get("token", "")),
+            )
+        except KeyError as err:
+            raise SimError(400, [f"Missing key {err.args[0]!r}."]) from None
+        except ValueError as err:
+            raise SimError(400, [str(err)]) from None
+        return _json_response({"account_id": user.account_id, "name": user.name}, status=201)
+
+    async def add_comment(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            comment = self.sim.add_comment(request.match_info["issue"], body.get("body"), author=body.get("author"))
+        except KeyError as err:
+            raise SimError(400, [str(err)]) from None
+        return _json_response({"id": str(comment.id)}, status=201)
+
+    async def edit_issue(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        issue = self.sim.edit_issue(request.match_info["issue"], body.get("fields"), body.get("update"))
+        return _json_response({"key": issue.key, "updated": issue.updated.isoformat()})
+
+    async def clock(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        self.sim.advance(float(body.get("advance_seconds", 0)))
+        return _json_response({"now": self.sim.now().isoformat()})
+
+    async def get_settings(self, request: web.Request) -> web.Response:
+        return _json_response(vars(self.sim.settings))
+
+    async def put_settings(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        unknown = sorted(set(body) - set(vars(self.sim.settings)))
+        if unknown:
+            raise SimError(400, [f"Unknown settings: {', '.join(unknown)}."])
+        if body.get("deployment", "cloud") not in ("cloud", "datacenter"):
+            raise SimError(400, ["deployment must be cloud or datacenter."])
+        for name, value in body.items():
+            setattr(self.sim.settings, name, value)
+        return _json_response(vars(self.sim.settings))
+
+
+def make_app(sim: JiraSimulator) -> web.Application:
+    """Build the aiohttp application serving `sim`."""
+    app = web.Application(
+        middlewares=[_count_calls(sim), _latency(sim), _faults(sim), _errors, _authenticate(sim)]
+    )
+    api = _Api(sim)
+    routes = [
+        ("GET", "/serverInfo", api.server_info),
+        ("GET", "/myself", api.myself),
+        ("GET", "/field", api.fields),
+        ("GET", "/priority", api.priorities),
+        ("GET", "/issuetype", api.issue_types),
+        ("GET", "/project", api.projects),
+        ("GET", "/project/{project}", api.project),
+        ("POST", "/issue", api.create_issue),
+        ("GET", "/issue/{issue}", api.get_issue),
+        ("PUT", "/issue/{issue}", api.edit_issue),
+        ("GET", "/issue/{issue}/comment", api.list_comments),
+        ("POST", "/issue/{issue}/comment", api.add_comment),
+        ("GET", "/issue/{issue}/comment/{comment}", api.get_comment),
+        ("GET", "/issue/{issue}/properties", api.property_keys),
+        ("GET", "/issue/{issue}/properties/{key}", api.get_property),
+        ("PUT", "/issue/{issue}/properties/{key}", api.put_property),
+        ("DELETE", "/issue/{issue}/properties/{key}", api.delete_property),
+        ("GET", "/comment/{comment}/properties", api.property_keys),
+        ("GET", "/comment/{comment}/properties/{key}", api.get_property),
+        ("PUT", "/comment/{comment}/properties/{key}", api.put_property),
+        ("DELETE", "/comment/{comment}/properties/{key}", api.delete_property),
+        ("GET", "/search/jql", api.search_jql),
+        ("POST", "/search/jql", api.search_jql),
+        ("GET", "/search", api.search_classic),
+        ("POST", "/search", api.search_classic),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, API + path, handler)
+
+    control = _Control(sim)
+    app.router.add_get("/_sim/state", control.state)
+    app.router.add_get("/_sim/calls", control.calls)
+    app.router.add_post("/_sim/users", control.add_user)
+    app.router.add_post("/_sim/issues/{issue}/comments", control.add_comment)
+    app.router.add_put("/_sim/issues/{issue}", control.edit_issue)
+    app.router.add_post("/_sim/clock", control.clock)
+    app.router.add_get("/_sim/settings", control.get_settings)
+    app.router.add_put("/_sim/settings", control.put_settings)
+    return app
+
+
+@asynccontextmanager
+async def run_simulator(sim: JiraSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve `sim` on a loopback address and yield its base URL; port 0 picks a free port."""
+    if not is_loopback_host(host):
+        raise ValueError(f"the simulator serves only loopback addresses, not {host!r}: its control API has no authentication")
+
+    runner = web.AppRunner(make_app(sim), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield f"http://{url_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
+
+
+async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None) -> None:
+    """Run a simulator until cancelled; used by `mdr-connector simulate jira`."""
+    sim = sim or JiraSimulator()
+    async with run_simulator(sim, host, port) as url:
+        log.info(
+            "jira_sim.started",
+            extra={"url": url, "deployment": sim.settings.deployment, "service_login": SERVICE_EMAIL},
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            log.info("jira_sim.stopped", extra={"url": url})

@@ -1,0 +1,588 @@
+"""The state of a simulated Jira site: users, issues, comments, properties and search.
+
+`JiraSimulator` validates writes the way Jira does and keeps time as real
+UTC time plus an offset that tests move forward. It records each issue's
+searchable state with the moment it becomes visible, so search can lag
+behind writes like Jira Cloud's `search/jql`. The HTTP layer in
+`simulator.py` serves it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from mdr_connector.adapters.jira import jql
+
+log = logging.getLogger(__name__)
+
+Deployment = Literal["cloud", "datacenter"]
+
+SERVICE_ACCOUNT_ID = "557058:mdr-connector-service"
+SERVICE_NAME = "mdr-connector"
+SERVICE_EMAIL = "mdr-connector@example.test"
+SERVICE_TOKEN = "simulator-api-token"
+SERVICE_PASSWORD = "simulator-password"
+SERVICE_PAT = "simulator-personal-access-token"
+HUMAN_NAME = "analyst"
+
+UNBOUNDED_JQL_MESSAGE = (
+    "Unbounded JQL queries are not allowed here. Please add a search restriction to your query."
+)
+MAX_TEXT_LENGTH = 32767
+MAX_SUMMARY_LENGTH = 255
+MAX_PROPERTY_BYTES = 32768
+SYSTEM_FIELDS = (
+    ("summary", "Summary"),
+    ("description", "Description"),
+    ("priority", "Priority"),
+    ("labels", "Labels"),
+    ("issuetype", "Issue Type"),
+    ("project", "Project"),
+    ("created", "Created"),
+    ("updated", "Updated"),
+    ("reporter", "Reporter"),
+    ("status", "Status"),
+    ("comment", "Comment"),
+)
+DEFAULT_PRIORITIES = ("Highest", "High", "Medium", "Low", "Lowest")
+DEFAULT_PROJECTS = {"SEC": ("Security incidents", ("Task", "Incident"))}
+
+
+class SimError(Exception):
+    """A Jira error reply: HTTP status plus `errorMessages` and field `errors`."""
+
+    def __init__(
+        self,
+        status: int,
+        messages: list[str] | None = None,
+        errors: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, messages, errors)
+        self.status = status
+        self.messages = messages or []
+        self.errors = errors or {}
+
+
+@dataclass
+class SimUser:
+    """A Jira account, identified by `account_id` on Cloud and by `name` on Data Center."""
+
+    account_id: str
+    name: str
+    display_name: str
+    time_zone: str = "UTC"
+    email: str = ""
+    password: str = ""
+    token: str = ""
+
+
+@dataclass
+class SimComment:
+    id: int
+    author: SimUser
+    body: str
+    created: datetime
+    updated: datetime
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class IssueView:
+    """The searchable state of an issue at one moment."""
+
+    fields: dict[str, Any]
+    updated: datetime
+    properties: dict[str, Any]
+
+
+@dataclass
+class SimIssue:
+    id: int
+    key: str
+    fields: dict[str, Any]
+    reporter: SimUser
+    created: datetime
+    updated: datetime
+    properties: dict[str, Any] = field(default_factory=dict)
+    comments: list[SimComment] = field(default_factory=list)
+    index: list[tuple[datetime, IssueView]] = field(default_factory=list)
+
+    def view(self) -> IssueView:
+        return IssueView(copy.deepcopy(self.fields), self.updated, copy.deepcopy(self.properties))
+
+
+@dataclass
+class SimSettings:
+    """Behaviour switches; change them between calls from a test or `/_sim/settings`."""
+
+    deployment: Deployment = "cloud"
+    search_delay_seconds: float = 0.0
+    latency_seconds: float = 0.0
+    comment_page_cap: int = 100
+    search_page_cap: int = 100
+
+
+@dataclass
+class DropRule:
+    """Apply a matching write, then close the connection before the reply is sent."""
+
+    method: str
+    path: str
+    remaining: int
+
+
+class JiraSimulator:
+    """The state of one simulated Jira site and the Python control API over it."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Deployment = "cloud",
+        service_time_zone: str = "UTC",
+        search_delay_seconds: float = 0.0,
+        latency_seconds: float = 0.0,
+        projects: dict[str, tuple[str, tuple[str, ...]]] | None = None,
+        priorities: tuple[str, ...] = DEFAULT_PRIORITIES,
+        custom_fields: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = SimSettings(
+            deployment=deployment,
+            search_delay_seconds=search_delay_seconds,
+            latency_seconds=latency_seconds,
+        )
+        self.projects = dict(projects or DEFAULT_PROJECTS)
+        self.priorities = tuple(priorities)
+        self.custom_fields = dict(custom_fields or {"customfield_10010": "MDR incident link"})
+        self.users: list[SimUser] = []
+        self.issues: dict[int, SimIssue] = {}
+        self.calls: Counter[str] = Counter()
+        self.drop_rules: list[DropRule] = []
+        self.clock_offset = timedelta()
+        self._next_issue_id = 10000
+        self._next_comment_id = 10000
+        self._next_issue_number: Counter[str] = Counter()
+
+        self.service = self.add_user(
+            account_id=SERVICE_ACCOUNT_ID,
+            name=SERVICE_NAME,
+            display_name="MDR connector",
+            time_zone=service_time_zone,
+            email=SERVICE_EMAIL,
+            password=SERVICE_TOKEN if deployment == "cloud" else SERVICE_PASSWORD,
+            token=SERVICE_PAT,
+        )
+        self.human = self.add_user(
+            account_id="557058:analyst",
+            name=HUMAN_NAME,
+            display_name="SOC Analyst",
+            time_zone="Europe/Moscow",
+            email="analyst@example.test",
+            password="analyst-secret",
+        )
+
+    # Users and clock
+
+    def add_user(
+        self,
+        *,
+        account_id: str,
+        name: str,
+        display_name: str,
+        time_zone: str = "UTC",
+        email: str = "",
+        password: str = "",
+        token: str = "",
+    ) -> SimUser:
+        """Add an account; `password` is the Cloud API token or the Data Center password."""
+        _check_time_zone(time_zone)
+        user = SimUser(account_id, name, display_name, time_zone, email, password, token)
+        self.users.append(user)
+        return user
+
+    def user(self, reference: str) -> SimUser:
+        """Find a user by account id, name or e-mail."""
+        for user in self.users:
+            if reference in (user.account_id, user.name, user.email):
+                return user
+        raise KeyError(f"no simulated user {reference!r}")
+
+    def now(self) -> datetime:
+        """Simulator time: real UTC time plus the offset set by `advance`, in milliseconds."""
+        moment = datetime.now(timezone.utc) + self.clock_offset
+        return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+    def advance(self, seconds: float) -> None:
+        """Move simulator time forward."""
+        self.clock_offset += timedelta(seconds=seconds)
+
+    def drop_reply_after_commit(self, method: str, path: str, times: int = 1) -> None:
+        """Make the next `times` successful `method path` calls apply, then drop the connection.
+
+        `path` is the route pattern, for example `/rest/api/2/issue` or
+        `/rest/api/2/issue/{issue}/comment`.
+        """
+        self.drop_rules.append(DropRule(method.upper(), path, times))
+
+    # Issues
+
+    def issue(self, reference: str | int) -> SimIssue:
+        """Find an issue by id or key; raises SimError 404 like Jira."""
+        text = str(reference)
+        if text.isdigit() and int(text) in self.issues:
+            return self.issues[int(text)]
+        for issue in self.issues.values():
+            if issue.key.upper() == text.upper():
+                return issue
+        raise SimError(404, ["Issue does not exist or you do not have permission to see it."])
+
+    def create_issue(
+        self,
+        fields: dict[str, Any],
+        *,
+        reporter: SimUser | None = None,
+        properties: list[dict[str, Any]] | None = None,
+    ) -> SimIssue:
+        """Create an issue from a REST `fields` object, validating it like Jira."""
+        values = self._validated_fields(fields, creating=True)
+        property_values = _validated_properties(properties or [])
+
+        project = values["project"]
+        self._next_issue_number[project] += 1
+        now = self.now()
+        issue = SimIssue(
+            id=self._next_issue_id,
+            key=f"{project}-{self._next_issue_number[project]}",
+            fields={"description": None, "priority": "Medium", "labels": [], **values},
+            reporter=reporter or self.service,
+            created=now,
+            updated=now,
+            properties=property_values,
+        )
+        self._next_issue_id += 1
+        self.issues[issue.id] = issue
+        self.reindex(issue)
+        log.info("jira_sim.issue.created", extra={"ticket_key": issue.key})
+        return issue
+
+    def edit_issue(
+        self,
+        reference: str | int,
+        fields: dict[str, Any] | None = None,
+        update: dict[str, list[dict[str, Any]]] | None = None,
+    ) -> SimIssue:
+        """Edit an issue with REST `fields` (set) and `update` (add/remove/set operations)."""
+        issue = self.issue(reference)
+        fields = fields or {}
+        update = update or {}
+        both = sorted(set(fields) & set(update))
+        if both:
+            raise SimError(400, errors={name: f"Field '{name}' is set in both 'fields' and 'update'." for name in both})
+
+        changes = self._validated_fields(fields, creating=False)
+        for name, operations in update.items():
+            changes[name] = self._apply_operations(issue, name, operations)
+
+        issue.fields.update(changes)
+        self._touch(issue)
+        return issue
+
+    def edit_as_human(self, reference: str | int, **fields: Any) -> SimIssue:
+        """Edit an issue as a person would: `summary=`, `description=`, `labels=`, `priority=` (a name)."""
+        rest_fields = dict(fields)
+        if isinstance(rest_fields.get("priority"), str):
+            rest_fields["priority"] = {"name": rest_fields["priority"]}
+        return self.edit_issue(reference, rest_fields)
+
+    def add_comment(
+        self,
+        reference: str | int,
+        body: str,
+        *,
+        author: str | SimUser | None = None,
+        properties: list[dict[str, Any]] | None = None,
+    ) -> SimComment:
+        """Add a comment; by default as the human user, as a person would in the web UI."""
+        issue = self.issue(reference)
+        user = author if isinstance(author, SimUser) else self.user(author or HUMAN_NAME)
+        if not isinstance(body, str) or not body.strip():
+            raise SimError(400, errors={"comment": "Comment body can not be empty!"})
+        if len(body) > MAX_TEXT_LENGTH:
+            raise SimError(400, errors={"comment": f"The comment is longer than {MAX_TEXT_LENGTH} characters."})
+
+        now = self.now()
+        comment = SimComment(
+            id=self._next_comment_id,
+            author=user,
+            body=body,
+            created=now,
+            updated=now,
+            properties=_validated_properties(properties or []),
+        )
+        self._next_comment_id += 1
+        issue.comments.append(comment)
+        self._touch(issue)
+        return comment
+
+    def comment(self, comment_id: str | int) -> tuple[SimIssue, SimComment]:
+        for issue in self.issues.values():
+            for comment in issue.comments:
+                if str(comment.id) == str(comment_id):
+                    return issue, comment
+        raise SimError(404, ["Can not find a comment for the id."])
+
+    def _touch(self, issue: SimIssue) -> None:
+        issue.updated = max(self.now(), issue.updated)
+        self.reindex(issue)
+
+    def reindex(self, issue: SimIssue) -> None:
+        """Record the issue's current state for search, visible once the search delay has passed."""
+        visible_from = self.now() + timedelta(seconds=self.settings.search_delay_seconds)
+        issue.index.append((visible_from, issue.view()))
+
+    def searchable_view(self, issue: SimIssue, reconcile: set[int]) -> IssueView | None:
+        """Return the state a search reads now: the newest indexed one, or the live one if reconciled."""
+        if issue.id in reconcile:
+            return issue.view()
+        now = self.now()
+        visible = [view for visible_from, view in issue.index if visible_from <= now]
+        return visible[-1] if visible else None
+
+    def _validated_fields(self, fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+        errors: dict[str, str] = {}
+        values: dict[str, Any] = {}
+        if not isinstance(fields, dict):
+            raise SimError(400, ["The 'fields' value must be an object."])
+
+        if creating:
+            for required, message in (
+                ("project", "valid project is required"),
+                ("issuetype", "valid issue type is required"),
+                ("summary", "You must specify a summary of the issue."),
+            ):
+                if required not in fields:
+                    errors[required] = message
+
+        for name, value in fields.items():
+            try:
+                values[name] = self._validated_field(name, value, fields)
+            except ValueError as err:
+                errors[name] = str(err)
+
+        if errors:
+            raise SimError(400, errors=errors)
+        return values
+
+    def _validated_field(self, name: str, value: Any, fields: dict[str, Any]) -> Any:
+        if name == "project":
+            return self.project_key(value)
+        if name == "issuetype":
+            return self._issue_type(value, fields.get("project"))
+        if name == "summary":
+            return _validated_summary(value)
+        if name == "description":
+            return _validated_text(value, allow_none=True)
+        if name == "priority":
+            return self._priority(value)
+        if name == "labels":
+            return _validated_labels(value)
+        if name in self.custom_fields:
+            return copy.deepcopy(value)
+        raise ValueError(f"Field '{name}' cannot be set: it is unknown or not on the screen.")
+
+    def project_key(self, value: Any) -> str:
+        """Return the key of a project given as key, id or `{"key"|"id": ...}`; raises ValueError."""
+        reference = value.get("key") or value.get("id") if isinstance(value, dict) else value
+        for index, key in enumerate(self.projects):
+            if str(reference).upper() == key or str(reference) == str(20000 + index):
+                return key
+        raise ValueError("valid project is required")
+
+    def _issue_type(self, value: Any, project: Any) -> str:
+        name = value.get("name") or value.get("id") if isinstance(value, dict) else value
+        try:
+            project_key = self.project_key(project)
+        except ValueError:
+            raise ValueError("valid issue type is required") from None
+        for type_name in self.projects[project_key][1]:
+            if str(name) in (type_name, issue_type_id(type_name)):
+                return type_name
+        raise ValueError("Specify a valid issue type")
+
+    def _priority(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        reference = value.get("name") or value.get("id") if isinstance(value, dict) else None
+        for index, name in enumerate(self.priorities):
+            if str(reference) in (name, str(index + 1)):
+                return name
+        raise ValueError(f"Priority name '{reference}' is not valid.")
+
+    def _apply_operations(self, issue: SimIssue, name: str, operations: list[dict[str, Any]]) -> Any:
+        if name != "labels":
+            sets = [operation["set"] for operation in operations if "set" in operation]
+            if len(sets) != 1 or len(operations) != 1:
+                raise SimError(400, errors={name: f"Field '{name}' supports only one 'set' operation."})
+            return self._validated_fields({name: sets[0]}, creating=False)[name]
+
+        labels = list(issue.fields.get("labels", []))
+        for operation in operations:
+            if "set" in operation:
+                labels = _validated_labels(operation["set"])
+            elif "add" in operation:
+                label = _validated_labels([operation["add"]])[0]
+                if label not in labels:
+                    labels.append(label)
+            elif "remove" in operation:
+                labels = [label for label in labels if label != operation["remove"]]
+            else:
+                raise SimError(400, errors={"labels": "Use 'add', 'remove' or 'set'."})
+        return labels
+
+    # Search
+
+    def search(
+        self,
+        jql_text: str,
+        requester: SimUser,
+        reconcile: set[int] | None = None,
+    ) -> list[tuple[SimIssue, IssueView]]:
+        """Run a JQL query as `requester`, seeing each issue as search would now."""
+        try:
+            query = jql.parse(jql_text)
+        except jql.JqlError as err:
+            raise SimError(400, [str(err)]) from err
+        if self.settings.deployment == "cloud" and not query.bounded:
+            raise SimError(400, [UNBOUNDED_JQL_MESSAGE])
+
+        try:
+            matches = jql.matcher(query, requester.time_zone, self.now())
+        except jql.JqlError as err:
+            raise SimError(400, [str(err)]) from err
+
+        found: list[tuple[SimIssue, IssueView]] = []
+        for issue in self.issues.values():
+            view = self.searchable_view(issue, reconcile or set())
+            if view is not None and matches(_search_record(issue, view)):
+                found.append((issue, view))
+
+        records = [_search_record(issue, view) | {"_pair": (issue, view)} for issue, view in found]
+        return [record["_pair"] for record in jql.sort_records(records, query.order)]
+
+    # Inspection
+
+    def state(self) -> dict[str, Any]:
+        """Return every issue with its labels, properties and comments, as plain JSON values."""
+        return {
+            "issues": [
+                {
+                    "id": str(issue.id),
+                    "key": issue.key,
+                    "fields": copy.deepcopy(issue.fields),
+                    "updated": issue.updated.isoformat(),
+                    "properties": copy.deepcopy(issue.properties),
+                    "comments": [
+                        {
+                            "id": str(comment.id),
+                            "author": comment.author.name,
+                            "body": comment.body,
+                            "created": comment.created.isoformat(),
+                            "properties": copy.deepcopy(comment.properties),
+                        }
+                        for comment in issue.comments
+                    ],
+                }
+                for issue in self.issues.values()
+            ],
+            "calls": dict(self.calls),
+        }
+
+
+def _check_time_zone(name: str) -> None:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as err:
+        raise ValueError(f"unknown time zone {name!r}; use an IANA name such as Europe/Moscow") from err
+
+
+def issue_type_id(name: str) -> str:
+    return str(10000 + sum(name.encode()))
+
+
+def _utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _validated_summary(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("You must specify a summary of the issue.")
+    if "\n" in value or "\r" in value:
+        raise ValueError("The summary must be one line: it contains a line break.")
+    # Jira counts Java characters (UTF-16 code units), so an emoji counts twice.
+    if _utf16_length(value) > MAX_SUMMARY_LENGTH:
+        raise ValueError(f"Summary must be less than {MAX_SUMMARY_LENGTH + 1} characters.")
+    return value
+
+
+def _validated_text(value: Any, *, allow_none: bool) -> str | None:
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("The value must be a string.")
+    if _utf16_length(value) > MAX_TEXT_LENGTH:
+        raise ValueError(f"The text is longer than {MAX_TEXT_LENGTH} characters.")
+    return value
+
+
+def _validated_labels(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(label, str) for label in value):
+        raise ValueError("Labels must be a list of strings.")
+    for label in value:
+        if not label or re.search(r"\s", label):
+            raise ValueError(f"The label '{label}' contains spaces, which is not allowed.")
+        if len(label) > 255:
+            raise ValueError("A label must be at most 255 characters long.")
+    return list(dict.fromkeys(value))
+
+
+def _validated_properties(properties: Any) -> dict[str, Any]:
+    if not isinstance(properties, list):
+        raise SimError(400, ["The 'properties' value must be a list of {key, value} objects."])
+    result: dict[str, Any] = {}
+    for item in properties:
+        if not isinstance(item, dict) or not isinstance(item.get("key"), str) or "value" not in item:
+            raise SimError(400, ["Each property needs a string 'key' and a 'value'."])
+        check_property(item["key"], item["value"])
+        result[item["key"]] = copy.deepcopy(item["value"])
+    return result
+
+
+def check_property(key: str, value: Any) -> None:
+    if not key or len(key) > 255:
+        raise SimError(400, ["The property key must be 1 to 255 characters long."])
+    if len(json.dumps(value).encode()) > MAX_PROPERTY_BYTES:
+        raise SimError(400, [f"The property value is larger than {MAX_PROPERTY_BYTES} bytes."])
+
+
+def _search_record(issue: SimIssue, view: IssueView) -> dict[str, Any]:
+    return {
+        "id": issue.id,
+        "key": issue.key,
+        "project": view.fields["project"],
+        "labels": view.fields.get("labels", []),
+        "updated": view.updated,
+        "created": issue.created,
+    }
+
+
+def format_jira_time(moment: datetime, time_zone: str) -> str:
+    """Format a time as Jira's REST API does: `2026-12-04T10:00:00.000+0300` in the user's zone."""
+    local = moment.astimezone(ZoneInfo(time_zone))
+    return local.strftime("%Y-%m-%dT%H:%M:%S.") + f"{local.microsecond // 1000:03d}" + local.strftime("%z")

@@ -1,0 +1,475 @@
+"""The Jira ticket adapter against the simulator, and its error mapping."""
+
+from __future__ import annotations
+
+import json
+import socket
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import requests
+from jira.exceptions import JIRAError
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
+
+from fixtures_jira import MakeAdapter, RunningJira, StartJira, jira_settings
+from mdr_connector.adapters.jira.adapter import JiraTicketAdapter, jql_minute
+from mdr_connector.adapters.jira.errors import map_error
+from mdr_connector.connector import markup
+from mdr_connector.connector.errors import (
+    ConfigError,
+    ConnectionFatalError,
+    CredentialsRejectedError,
+    InvalidPayloadError,
+    OutcomeUnknownError,
+    RateLimitedError,
+    RejectedError,
+    RemoteUnavailableError,
+)
+from mdr_connector.connector.tickets import (
+    MDR_ORIGIN,
+    CommentDraft,
+    SyncMarker,
+    TicketAdapter,
+    TicketDraft,
+    TicketFields,
+)
+
+INCIDENT_ID = "-MAfspsBq_r24TsN5-jl"
+
+
+def draft(incident_id: str = INCIDENT_ID, **fields: Any) -> TicketDraft:
+    values: dict[str, Any] = {
+        "summary": "[MDR-7] Suspicious PowerShell",
+        "description": "Host **ws-01** ran an encoded command.",
+        "priority": "High",
+        "labels": ("mdr high",),
+    }
+    values.update(fields)
+    return TicketDraft(
+        incident_id=incident_id,
+        project="SEC",
+        issue_type="Task",
+        fields=TicketFields(**values),
+        metadata={"incident_number": 7},
+    )
+
+
+def comment(source_id: str, body: str = "Checked the host.") -> CommentDraft:
+    return CommentDraft(body=body, marker=SyncMarker(origin=MDR_ORIGIN, source_id=source_id))
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_open_returns_own_account(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """open returns the service account: accountId on Cloud, user name on Data Center."""
+    running = await start_jira(deployment=deployment)
+    adapter = await make_adapter(running)
+    expected = running.sim.service.account_id if deployment == "cloud" else running.sim.service.name
+
+    assert isinstance(adapter, TicketAdapter)
+    assert adapter.account is not None
+    assert adapter.account.id == expected
+    assert adapter.account.display_name == "MDR connector"
+    assert adapter.deployment == deployment
+
+
+async def test_open_wrong_secret(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong API token stops the connection with CredentialsRejectedError."""
+    adapter = JiraTicketAdapter(jira_settings(jira_cloud, monkeypatch), "SEC")
+    monkeypatch.setenv("MDR_TEST_JIRA_SECRET", "not-the-token")
+
+    with pytest.raises(CredentialsRejectedError) as caught:
+        await adapter.open()
+    await adapter.close()
+
+    assert "not-the-token" not in str(caught.value)
+
+
+async def test_open_unreachable(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed loopback port is RemoteUnavailableError, not a crash."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = jira_settings(jira_cloud, monkeypatch, url=f"http://127.0.0.1:{closed_port}")
+    adapter = JiraTicketAdapter(settings, "SEC")
+
+    with pytest.raises(RemoteUnavailableError):
+        await adapter.open()
+    await adapter.close()
+
+
+async def test_call_before_open(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Using the adapter before open fails with a clear message."""
+    adapter = JiraTicketAdapter(jira_settings(jira_cloud, monkeypatch), "SEC")
+
+    with pytest.raises(RuntimeError, match="open"):
+        await adapter.find_ticket(INCIDENT_ID)
+    await adapter.close()
+
+
+async def test_create_marks_ticket(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A created issue carries both labels, the property and the converted fields."""
+    ref = await cloud_adapter.create_ticket(draft())
+    issue = jira_cloud.sim.issue(ref.key)
+
+    assert ref.url == f"{jira_cloud.url}/browse/{ref.key}"
+    assert issue.fields["labels"] == ["mdr-connector", f"mdr-{INCIDENT_ID}", "mdr_high"]
+    assert issue.properties["mdr-connector"] == {"incident_number": 7, "incident_id": INCIDENT_ID}
+    assert issue.fields["description"] == "Host *ws-01* ran an encoded command."
+    assert issue.fields["priority"] == "High"
+    assert jira_cloud.sim.calls["POST /rest/api/2/issue"] == 1
+
+
+async def test_create_cuts_summary(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A long multi-line summary with emoji is cut to what Jira accepts."""
+    summary = "Alert 😀\n" + "x" * 300
+    ref = await cloud_adapter.create_ticket(draft(summary=summary))
+    stored = jira_cloud.sim.issue(ref.key).fields["summary"]
+
+    assert stored.startswith("Alert 😀 xxx")
+    assert stored.endswith("…")
+    assert len(stored.encode("utf-16-le")) // 2 == 255
+
+
+async def test_create_then_find_after_delay(start_jira: StartJira, make_adapter: MakeAdapter) -> None:
+    """find_ticket finds a new ticket only after Cloud's search delay."""
+    running = await start_jira(search_delay_seconds=60)
+    adapter = await make_adapter(running)
+    ref = await adapter.create_ticket(draft())
+    # A new adapter has no recent writes to reconcile, like a restarted connector.
+    fresh = await make_adapter(running)
+
+    assert adapter.search_delay_seconds() == 60
+    assert await fresh.find_ticket(INCIDENT_ID) is None
+    running.sim.advance(adapter.search_delay_seconds() + 1)
+    assert await fresh.find_ticket(INCIDENT_ID) == ref
+
+
+async def test_find_needs_exact_id(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A label that matches only case-insensitively, or lacks the property, is not a match."""
+    sim = jira_cloud.sim
+    base = {"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "other"}
+    sim.create_issue({**base, "labels": ["mdr-connector", "mdr-abc"]}, properties=[{"key": "mdr-connector", "value": {"incident_id": "abc"}}])
+    sim.create_issue({**base, "labels": ["mdr-connector", "mdr-ABC"]})
+    expected_issue = sim.create_issue({**base, "labels": ["mdr-connector", "mdr-ABC"]}, properties=[{"key": "mdr-connector", "value": {"incident_id": "ABC"}}])
+
+    found = await cloud_adapter.find_ticket("ABC")
+
+    assert found is not None
+    assert found.key == expected_issue.key
+    assert await cloud_adapter.find_ticket("Abc") is None
+
+
+async def test_find_datacenter(jira_dc: RunningJira, make_adapter: MakeAdapter) -> None:
+    """On Data Center the lookup uses the classic search."""
+    adapter = await make_adapter(jira_dc)
+    ref = await adapter.create_ticket(draft())
+
+    assert await adapter.find_ticket(INCIDENT_ID) == ref
+    assert jira_dc.sim.calls["GET /rest/api/2/search"] == 1
+    assert adapter.search_delay_seconds() == 0
+
+
+async def test_create_reply_lost(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A create whose reply is lost is OutcomeUnknownError, and the marker lookup finds the issue."""
+    jira_cloud.sim.drop_reply_after_commit("POST", "/rest/api/2/issue")
+
+    with pytest.raises(OutcomeUnknownError):
+        await cloud_adapter.create_ticket(draft())
+    found = await cloud_adapter.find_ticket(INCIDENT_ID)
+
+    assert len(jira_cloud.sim.issues) == 1
+    assert found is not None
+    assert found.key == "SEC-1"
+
+
+async def test_comment_reply_lost(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A comment whose reply is lost is OutcomeUnknownError, and it is listed with its marker."""
+    ref = await cloud_adapter.create_ticket(draft())
+    jira_cloud.sim.drop_reply_after_commit("POST", "/rest/api/2/issue/{issue}/comment")
+
+    with pytest.raises(OutcomeUnknownError):
+        await cloud_adapter.add_comment(ref, comment("c-1"))
+    comments = await cloud_adapter.list_comments(ref)
+
+    assert [item.marker for item in comments] == [SyncMarker(MDR_ORIGIN, "c-1")]
+
+
+async def test_lists_150_comments(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """Every one of 150 comments is listed once, oldest first, across pages of 100."""
+    ref = await cloud_adapter.create_ticket(draft())
+    for number in range(150):
+        jira_cloud.sim.add_comment(ref.key, f"note {number}")
+
+    comments = await cloud_adapter.list_comments(ref)
+
+    assert [item.body for item in comments] == [f"note {number}" for number in range(150)]
+    assert len({item.id for item in comments}) == 150
+    assert jira_cloud.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 2
+
+
+async def test_marker_round_trip(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """The connector's comment comes back with its marker and account; a person's has none."""
+    ref = await cloud_adapter.create_ticket(draft())
+    added = await cloud_adapter.add_comment(ref, comment("mdr-comment-1"))
+    jira_cloud.sim.add_comment(ref.key, "Confirmed by SOC.")
+
+    mine, human = await cloud_adapter.list_comments(ref)
+
+    assert mine.id == added.id
+    assert mine.marker == SyncMarker(MDR_ORIGIN, "mdr-comment-1")
+    assert mine.author == cloud_adapter.account
+    assert mine.created.tzinfo == timezone.utc
+    assert human.marker is None
+    assert human.author.id == jira_cloud.sim.human.account_id
+    assert jira_cloud.sim.calls["POST /rest/api/2/issue/{issue}/comment"] == 1
+
+
+async def test_marker_round_trip_datacenter(jira_dc: RunningJira, make_adapter: MakeAdapter) -> None:
+    """On Data Center comment authors are user names."""
+    adapter = await make_adapter(jira_dc)
+    ref = await adapter.create_ticket(draft())
+    await adapter.add_comment(ref, comment("c-9"))
+    jira_dc.sim.add_comment(ref.key, "ok")
+
+    mine, human = await adapter.list_comments(ref)
+
+    assert mine.author.id == "mdr-connector"
+    assert mine.marker == SyncMarker(MDR_ORIGIN, "c-9")
+    assert human.author.id == "analyst"
+
+
+async def test_text_round_trip(cloud_adapter: JiraTicketAdapter) -> None:
+    """MDR HTML with Cyrillic, emoji and literal tags survives MDR → Markdown → Jira → Markdown."""
+    html = "<p>Хост <b>ws-01</b> изолирован 😀 👍🏽</p><p>Команда: &lt;script&gt;alert(1)&lt;/script&gt; &amp; +7 ~/bin</p>"
+    markdown = markup.html_to_markdown(html)
+    ref = await cloud_adapter.create_ticket(draft())
+
+    await cloud_adapter.add_comment(ref, comment("c-2", markdown))
+    (stored,) = await cloud_adapter.list_comments(ref)
+
+    assert stored.body == markdown
+    assert "Хост **ws-01** изолирован 😀 👍🏽" in stored.body
+    assert "\\<script\\>alert(1)\\</script\\>" in stored.body
+    assert "+7 ~/bin" in stored.body
+
+
+@pytest.mark.parametrize("zone", ["America/Los_Angeles", "Asia/Vladivostok"])
+async def test_changed_tickets_zones(start_jira: StartJira, make_adapter: MakeAdapter, zone: str) -> None:
+    """A change after `since` is found, and one before it is not, west and east of UTC."""
+    running = await start_jira(service_time_zone=zone)
+    adapter = await make_adapter(running)
+    old = await adapter.create_ticket(draft("old-incident"))
+    changed = await adapter.create_ticket(draft("changed-incident"))
+    running.sim.advance(3 * 3600)
+    running.sim.add_comment(changed.key, "new evidence")
+    updated = running.sim.issue(changed.key).updated
+
+    found = await adapter.changed_tickets(updated - timedelta(minutes=10))
+    exact = await adapter.changed_tickets(updated)
+    later = await adapter.changed_tickets(updated + timedelta(milliseconds=1))
+
+    assert [change.ref for change in found] == [changed]
+    assert found[0].updated == updated
+    assert found[0].updated.tzinfo == timezone.utc
+    assert [change.ref for change in exact] == [changed]
+    assert later == []
+    assert old not in [change.ref for change in found]
+
+
+async def test_changed_tickets_pages(start_jira: StartJira, make_adapter: MakeAdapter) -> None:
+    """changed_tickets follows every page on Cloud and on Data Center."""
+    for deployment in ("cloud", "datacenter"):
+        running = await start_jira(deployment=deployment)
+        running.sim.settings.search_page_cap = 2
+        adapter = await make_adapter(running)
+        since = running.sim.now()
+        refs = [await adapter.create_ticket(draft(f"incident-{number}")) for number in range(5)]
+
+        changes = await adapter.changed_tickets(since)
+
+        assert [change.ref for change in changes] == refs
+
+
+async def test_changed_tickets_needs_zone(cloud_adapter: JiraTicketAdapter) -> None:
+    """A naive `since` is a programming error."""
+    adapter = cloud_adapter
+
+    with pytest.raises(ValueError):
+        await adapter.changed_tickets(datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("since", "zone", "literal"),
+    [
+        (datetime(2026, 12, 4, 10, 0, 59, tzinfo=timezone.utc), "America/Los_Angeles", "2026/12/04 02:00"),
+        (datetime(2026, 12, 4, 10, 0, 59, tzinfo=timezone.utc), "Asia/Vladivostok", "2026/12/04 20:00"),
+        (datetime(2026, 11, 1, 8, 30, tzinfo=timezone.utc), "America/Los_Angeles", "2026/11/01 00:30"),
+        (datetime(2026, 11, 1, 9, 30, tzinfo=timezone.utc), "America/Los_Angeles", "2026/11/01 01:30"),
+        (datetime(2026, 12, 4, 10, 0, tzinfo=timezone.utc), None, "2026/12/03 20:00"),
+    ],
+    ids=["west", "east", "dst-first-pass", "dst-second-pass", "unknown-zone"],
+)
+def test_jql_minute(since: datetime, zone: str | None, literal: str) -> None:
+    """The JQL bound is `since` in the account's zone, floored, and never later than `since`."""
+    assert jql_minute(since, ZoneInfo(zone) if zone else None) == literal
+
+
+async def test_update_keeps_labels(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """update_ticket writes the fields and adds labels without removing any."""
+    ref = await cloud_adapter.create_ticket(draft())
+    jira_cloud.sim.edit_as_human(ref.key, labels=[*jira_cloud.sim.issue(ref.key).fields["labels"], "triaged"])
+
+    fields = TicketFields(summary="Updated", description="*new*", priority="Low", labels=("closed",))
+    await cloud_adapter.update_ticket(ref, fields)
+    issue = jira_cloud.sim.issue(ref.key)
+
+    assert issue.fields["labels"] == ["mdr-connector", f"mdr-{INCIDENT_ID}", "mdr_high", "triaged", "closed"]
+    assert issue.fields["summary"] == "Updated"
+    assert issue.fields["description"] == "_new_"
+    assert issue.fields["priority"] == "Low"
+
+
+async def test_rejected_names_field(cloud_adapter: JiraTicketAdapter) -> None:
+    """An unknown priority is RejectedError with status 400 naming the field."""
+    with pytest.raises(RejectedError) as caught:
+        await cloud_adapter.create_ticket(draft(priority="Urgent"))
+
+    assert caught.value.status == 400
+    assert "priority: Priority name 'Urgent' is not valid." in str(caught.value)
+
+
+async def test_draft_project_mismatch(cloud_adapter: JiraTicketAdapter) -> None:
+    """A draft for another project is rejected, because its ticket could never be found."""
+    other = TicketDraft(INCIDENT_ID, "OPS", "Task", draft().fields)
+
+    with pytest.raises(ConfigError):
+        await cloud_adapter.create_ticket(other)
+
+
+async def test_invalid_incident_id(cloud_adapter: JiraTicketAdapter) -> None:
+    """An incident id that cannot be a label is InvalidPayloadError."""
+    with pytest.raises(InvalidPayloadError):
+        await cloud_adapter.find_ticket("bad id")
+
+
+async def test_check_reports_problems(cloud_adapter: JiraTicketAdapter) -> None:
+    """check names a missing issue type and priority, and accepts good ones."""
+    problems = await cloud_adapter.check("Bug", ["High", "Urgent"])
+
+    assert len(problems) == 2
+    assert "issue type 'Bug'" in problems[0]
+    assert "priority 'Urgent'" in problems[1]
+    assert await cloud_adapter.check("Incident", ["High", "Low"]) == []
+
+
+async def test_check_missing_project(jira_cloud: RunningJira, make_adapter: MakeAdapter) -> None:
+    """check reports a project the account cannot see."""
+    adapter = await make_adapter(jira_cloud, project="NOPE")
+
+    problems = await adapter.check("Task", [])
+
+    assert problems == ["project 'NOPE' does not exist or the connector's account cannot see it"]
+
+
+async def test_search_delay_setting(jira_cloud: RunningJira, make_adapter: MakeAdapter) -> None:
+    """A configured search delay wins over the Cloud default."""
+    adapter = await make_adapter(jira_cloud, search_delay_seconds=5)
+
+    assert adapter.search_delay_seconds() == 5
+
+
+async def test_deployment_override(jira_dc: RunningJira, make_adapter: MakeAdapter) -> None:
+    """A configured deployment wins over serverInfo's deploymentType."""
+    adapter = await make_adapter(jira_dc, deployment="datacenter")
+    await adapter.changed_tickets(datetime.now(timezone.utc))
+
+    assert adapter.deployment == "datacenter"
+    assert jira_dc.sim.calls["GET /rest/api/2/search"] == 1
+
+
+def reply_error(status: int, body: Any = None, headers: dict[str, str] | None = None) -> JIRAError:
+    """Build the JIRAError the jira package raises for an HTTP error reply."""
+    response = requests.Response()
+    response.status_code = status
+    response.headers.update(headers or {})
+    if body is None:
+        response._content = b""
+    elif isinstance(body, bytes):
+        response._content = body
+    else:
+        response._content = json.dumps(body).encode()
+    request_headers = {"Authorization": "Basic c2VjcmV0LXRva2Vu"}
+    return JIRAError("from jira", status_code=status, url="http://127.0.0.1/x", response=response, headers=request_headers)
+
+
+def connection_refused() -> requests.ConnectionError:
+    reason = NewConnectionError(None, "Connection refused")
+    return requests.ConnectionError(MaxRetryError(None, "/rest/api/2/issue", reason))
+
+
+def aborted() -> requests.ConnectionError:
+    return requests.ConnectionError(ProtocolError("Connection aborted.", ConnectionResetError()))
+
+
+FIELD_ERRORS = {"errorMessages": [], "errors": {"priority": "Priority name 'Urgent' is not valid."}}
+
+
+@pytest.mark.parametrize(
+    ("error", "flags", "expected", "retry_after", "text"),
+    [
+        (reply_error(401), {"opening": True}, CredentialsRejectedError, None, "credentials"),
+        (reply_error(401), {}, CredentialsRejectedError, None, "HTTP 401"),
+        (reply_error(403), {"opening": True}, CredentialsRejectedError, None, "HTTP 403"),
+        (reply_error(403, headers={"X-Authentication-Denied-Reason": "CAPTCHA_CHALLENGE"}), {}, CredentialsRejectedError, None, "HTTP 403"),
+        (reply_error(403, {"errorMessages": ["No permission"]}), {}, RejectedError, None, "No permission"),
+        (reply_error(429, headers={"Retry-After": "30"}), {"write": True}, RateLimitedError, 30.0, "HTTP 429"),
+        (reply_error(429), {}, RateLimitedError, None, "HTTP 429"),
+        (reply_error(503, headers={"Retry-After": "12"}), {}, RateLimitedError, 12.0, "HTTP 503"),
+        (reply_error(503), {}, RemoteUnavailableError, None, "HTTP 503"),
+        (reply_error(502, b"<html>gateway</html>"), {}, RemoteUnavailableError, None, "HTTP 502"),
+        (reply_error(500), {"write": True}, OutcomeUnknownError, None, "HTTP 500"),
+        (reply_error(400, FIELD_ERRORS), {"write": True}, RejectedError, None, "priority: Priority name"),
+        (reply_error(404), {"opening": True}, ConnectionFatalError, None, "url"),
+        (reply_error(404, {"errorMessages": ["Issue does not exist"]}), {}, RejectedError, None, "Issue does not exist"),
+        (reply_error(408), {"write": True}, RemoteUnavailableError, None, "HTTP 408"),
+        (requests.ReadTimeout("read timed out"), {"write": True}, OutcomeUnknownError, None, "ReadTimeout"),
+        (requests.ReadTimeout("read timed out"), {}, RemoteUnavailableError, None, "ReadTimeout"),
+        (aborted(), {"write": True}, OutcomeUnknownError, None, "marker"),
+        (aborted(), {}, RemoteUnavailableError, None, "ConnectionError"),
+        (connection_refused(), {"write": True}, RemoteUnavailableError, None, "cannot connect"),
+        (requests.ConnectTimeout("connect timed out"), {"write": True}, RemoteUnavailableError, None, "cannot connect"),
+        (JIRAError("Empty Response!"), {"write": True}, OutcomeUnknownError, None, "without an HTTP status"),
+    ],
+    ids=[
+        "401-open", "401-later", "403-open", "403-denied-reason", "403-permission", "429-retry-after",
+        "429-no-header", "503-retry-after", "503-plain", "502-html", "500-write", "400-field",
+        "404-open", "404-read", "408-write", "read-timeout-write", "read-timeout-read",
+        "aborted-write", "aborted-read", "refused-write", "connect-timeout-write", "no-status-write",
+    ],
+)
+def test_error_mapping(
+    error: Exception, flags: dict[str, bool], expected: type[Exception], retry_after: float | None, text: str
+) -> None:
+    """Each library failure maps to the connector error its recovery needs."""
+    mapped = map_error(error, "create_ticket", **flags)  # type: ignore[arg-type]
+
+    assert type(mapped) is expected
+    assert text in str(mapped)
+    assert "c2VjcmV0" not in str(mapped)
+    assert "<html>" not in str(mapped)
+    if isinstance(mapped, RateLimitedError):
+        assert mapped.retry_after == retry_after
+
+
+def test_retry_after_http_date() -> None:
+    """A Retry-After HTTP date becomes seconds from now."""
+    moment = datetime.now(timezone.utc) + timedelta(seconds=120)
+    header = moment.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+    mapped = map_error(reply_error(429, headers={"Retry-After": header}), "list_comments")
+
+    assert isinstance(mapped, RateLimitedError)
+    assert mapped.retry_after is not None
+    assert 60 < mapped.retry_after <= 120

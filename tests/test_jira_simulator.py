@@ -1,0 +1,387 @@
+"""The Jira simulator, driven by the real `jira` package over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+import requests
+from jira import JIRA
+from jira.exceptions import JIRAError
+
+from fixtures_jira import RunningJira, StartJira
+from mdr_connector.adapters.jira.simulator import (
+    SERVICE_EMAIL,
+    SERVICE_PAT,
+    SERVICE_TOKEN,
+    UNBOUNDED_JQL_MESSAGE,
+    JiraSimulator,
+    format_jira_time,
+    run_simulator,
+)
+
+
+def connect(running: RunningJira, **options: Any) -> JIRA:
+    """Build a real JIRA client for the simulator's service account."""
+    if running.sim.settings.deployment == "cloud":
+        options.setdefault("basic_auth", (SERVICE_EMAIL, SERVICE_TOKEN))
+    else:
+        options.setdefault("token_auth", SERVICE_PAT)
+    client = JIRA(running.url, max_retries=0, timeout=10, **options)
+    client._session.trust_env = False
+    return client
+
+
+async def jira(running: RunningJira, **options: Any) -> JIRA:
+    return await asyncio.to_thread(connect, running, **options)
+
+
+def post_issue(client: JIRA, body: dict[str, Any]) -> dict[str, Any]:
+    response = client._session.post(client._get_url("issue"), data=json.dumps(body))
+    return response.json()
+
+
+def issue_body(summary: str = "Suspicious logon", labels: tuple[str, ...] = ("mdr-connector",)) -> dict[str, Any]:
+    return {
+        "fields": {
+            "project": {"key": "SEC"},
+            "issuetype": {"name": "Task"},
+            "summary": summary,
+            "labels": list(labels),
+        },
+        "properties": [{"key": "mdr-connector", "value": {"incident_id": "2NJMGXkBNGNeZ5iut24S"}}],
+    }
+
+
+async def test_connects_cloud(jira_cloud: RunningJira) -> None:
+    """The jira package reads Cloud serverInfo and the service account's accountId."""
+    client = await jira(jira_cloud)
+    myself = await asyncio.to_thread(client.myself)
+
+    assert client.deploymentType == "Cloud"
+    assert client._is_cloud
+    assert myself["accountId"] == jira_cloud.sim.service.account_id
+    assert myself["timeZone"] == "UTC"
+
+
+async def test_connects_datacenter_pat(jira_dc: RunningJira) -> None:
+    """A Data Center personal access token authenticates and `myself` names the user."""
+    client = await jira(jira_dc)
+    myself = await asyncio.to_thread(client.myself)
+
+    assert client.deploymentType == "Server"
+    assert myself["name"] == jira_dc.sim.service.name
+    assert "accountId" not in myself
+
+
+async def test_datacenter_basic_auth(jira_dc: RunningJira) -> None:
+    """Data Center also accepts user name and password."""
+    client = await jira(jira_dc, basic_auth=("mdr-connector", "simulator-password"), token_auth=None)
+    myself = await asyncio.to_thread(client.myself)
+
+    assert myself["name"] == "mdr-connector"
+
+
+async def test_wrong_token_401(jira_cloud: RunningJira) -> None:
+    """Wrong credentials fail the constructor's serverInfo call with 401."""
+    with pytest.raises(JIRAError) as caught:
+        await jira(jira_cloud, basic_auth=(SERVICE_EMAIL, "wrong"))
+
+    assert caught.value.status_code == 401
+
+
+async def test_bearer_rejected_on_cloud(jira_cloud: RunningJira) -> None:
+    """Cloud does not take a personal access token."""
+    with pytest.raises(JIRAError) as caught:
+        await jira(jira_cloud, basic_auth=None, token_auth=SERVICE_PAT)
+
+    assert caught.value.status_code == 401
+
+
+async def test_create_with_property(jira_cloud: RunningJira) -> None:
+    """POST issue stores the `properties` of its body and returns key and id."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    prop = await asyncio.to_thread(client.issue_property, created["key"], "mdr-connector")
+
+    assert created["key"] == "SEC-1"
+    assert created["id"].isdigit()
+    assert prop.value.incident_id == "2NJMGXkBNGNeZ5iut24S"
+
+
+async def test_create_rejects_bad_fields(jira_cloud: RunningJira) -> None:
+    """Invalid fields come back as 400 with the field names in `errors`."""
+    client = await jira(jira_cloud)
+    body = issue_body(labels=("has space",))
+    body["fields"]["priority"] = {"name": "Urgent"}
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(post_issue, client, body)
+
+    errors = caught.value.response.json()["errors"]
+    assert caught.value.status_code == 400
+    assert set(errors) == {"labels", "priority"}
+
+
+async def test_issue_fields_param(jira_cloud: RunningJira) -> None:
+    """GET issue returns only the requested fields and properties."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    issue = await asyncio.to_thread(client.issue, created["key"], "summary,labels", None, "mdr-connector")
+
+    assert set(issue.raw["fields"]) == {"summary", "labels"}
+    assert issue.raw["properties"]["mdr-connector"]["incident_id"] == "2NJMGXkBNGNeZ5iut24S"
+
+
+async def test_comments_paged(jira_cloud: RunningJira) -> None:
+    """150 comments come in pages of at most 100 with a total, each with its properties."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    for number in range(150):
+        jira_cloud.sim.add_comment(
+            created["key"], f"comment {number}", properties=[{"key": "mdr-connector", "value": {"n": number}}]
+        )
+
+    first = await asyncio.to_thread(client.comments, created["key"], "properties", 0, 500)
+    page = await asyncio.to_thread(
+        client._get_json, f"issue/{created['key']}/comment", {"startAt": 100, "maxResults": 100, "expand": "properties"}
+    )
+
+    assert len(first) == 100
+    assert page["total"] == 150
+    assert len(page["comments"]) == 50
+    assert page["comments"][-1]["body"] == "comment 149"
+    assert page["comments"][-1]["properties"] == [{"key": "mdr-connector", "value": {"n": 149}}]
+
+
+async def test_comment_with_property(jira_cloud: RunningJira) -> None:
+    """POST comment keeps its `properties`, readable through the comment property endpoint."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    body = {"body": "Host isolated", "properties": [{"key": "mdr-connector", "value": {"origin": "mdr"}}]}
+    url = client._get_url(f"issue/{created['id']}/comment")
+    comment = (await asyncio.to_thread(client._session.post, url, data=json.dumps(body))).json()
+    prop = await asyncio.to_thread(client._get_json, f"comment/{comment['id']}/properties/mdr-connector")
+
+    assert comment["author"]["accountId"] == jira_cloud.sim.service.account_id
+    assert prop == {"key": "mdr-connector", "value": {"origin": "mdr"}}
+
+
+async def test_search_cloud_pages(start_jira: StartJira) -> None:
+    """enhanced_search_issues follows nextPageToken through every page."""
+    running = await start_jira()
+    running.sim.settings.search_page_cap = 2
+    client = await jira(running)
+    for number in range(5):
+        await asyncio.to_thread(post_issue, client, issue_body(f"issue {number}"))
+
+    found = await asyncio.to_thread(
+        client.enhanced_search_issues, 'project = SEC ORDER BY key ASC', None, 0, "summary"
+    )
+
+    assert [issue.key for issue in found] == [f"SEC-{number}" for number in range(1, 6)]
+
+
+async def test_search_server_pages(jira_dc: RunningJira) -> None:
+    """Data Center's classic search pages with startAt and reports the total."""
+    jira_dc.sim.settings.search_page_cap = 2
+    client = await jira(jira_dc)
+    for number in range(5):
+        await asyncio.to_thread(post_issue, client, issue_body(f"issue {number}"))
+
+    found = await asyncio.to_thread(client.search_issues, "project = SEC ORDER BY key DESC", 0, False)
+
+    assert found.total == 5
+    assert [issue.key for issue in found] == [f"SEC-{number}" for number in range(5, 0, -1)]
+
+
+async def test_search_removed_on_cloud(jira_cloud: RunningJira) -> None:
+    """The classic /search returns 410 in Cloud mode."""
+    client = await jira(jira_cloud)
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client._get_json, "search", {"jql": "project = SEC"})
+
+    assert caught.value.status_code == 410
+
+
+async def test_unbounded_jql_400(jira_cloud: RunningJira) -> None:
+    """Cloud rejects a query without a restriction, with Atlassian's message."""
+    client = await jira(jira_cloud)
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client.enhanced_search_issues, "ORDER BY updated DESC")
+
+    assert caught.value.status_code == 400
+    assert caught.value.text == UNBOUNDED_JQL_MESSAGE
+
+
+async def test_unsupported_jql_400(jira_cloud: RunningJira) -> None:
+    """A query outside the subset fails loudly instead of matching wrongly."""
+    client = await jira(jira_cloud)
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client.enhanced_search_issues, "project = SEC OR labels = x")
+
+    assert caught.value.status_code == 400
+
+
+async def test_labels_match_any_case(jira_cloud: RunningJira) -> None:
+    """Label clauses match case-insensitively, like Jira's."""
+    client = await jira(jira_cloud)
+    await asyncio.to_thread(post_issue, client, issue_body(labels=("mdr-AbC",)))
+
+    found = await asyncio.to_thread(client.enhanced_search_issues, 'project = SEC AND labels = "mdr-abc"')
+
+    assert len(found) == 1
+
+
+@pytest.mark.parametrize("zone", ["America/Los_Angeles", "Asia/Vladivostok"])
+async def test_jql_dates_in_user_zone(start_jira: StartJira, zone: str) -> None:
+    """`updated >=` literals are read in the searching user's zone at minute precision."""
+    running = await start_jira(service_time_zone=zone)
+    client = await jira(running)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    updated = running.sim.issue(created["key"]).updated
+
+    local_minute = updated.astimezone(ZoneInfo(zone))
+    at_minute = local_minute.strftime("%Y/%m/%d %H:%M")
+    next_minute = (local_minute + timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M")
+    utc_literal = updated.strftime("%Y/%m/%d %H:%M")
+
+    def count(literal: str) -> int:
+        return len(client.enhanced_search_issues(f'project = SEC AND updated >= "{literal}"'))
+
+    assert await asyncio.to_thread(count, at_minute) == 1
+    assert await asyncio.to_thread(count, next_minute) == 0
+    expected_with_utc_literal = 0 if zone == "America/Los_Angeles" else 1
+    assert await asyncio.to_thread(count, utc_literal) == expected_with_utc_literal
+
+
+async def test_times_in_user_zone(start_jira: StartJira) -> None:
+    """Timestamps carry the requesting user's offset, in Jira's format."""
+    running = await start_jira(service_time_zone="Asia/Vladivostok")
+    client = await jira(running)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    issue = await asyncio.to_thread(client.issue, created["key"], "created")
+
+    assert issue.raw["fields"]["created"].endswith("+1000")
+    assert issue.raw["fields"]["created"] == format_jira_time(running.sim.issue("SEC-1").created, "Asia/Vladivostok")
+
+
+async def test_search_delay(start_jira: StartJira) -> None:
+    """A new issue is hidden from search until the delay passes, unless reconciled."""
+    running = await start_jira(search_delay_seconds=30)
+    client = await jira(running)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+
+    def search(reconcile: list[int] | None = None) -> int:
+        return len(client.enhanced_search_issues("project = SEC", reconcileIssues=reconcile, fields="summary"))
+
+    assert await asyncio.to_thread(search) == 0
+    assert await asyncio.to_thread(search, [int(created["id"])]) == 1
+    running.sim.advance(31)
+    assert await asyncio.to_thread(search) == 1
+
+
+async def test_search_sees_old_state(start_jira: StartJira) -> None:
+    """An edited issue is found by its old labels until the delay passes."""
+    running = await start_jira()
+    client = await jira(running)
+    created = await asyncio.to_thread(post_issue, client, issue_body(labels=("old",)))
+    running.sim.settings.search_delay_seconds = 30
+    running.sim.edit_as_human(created["key"], labels=["new"])
+
+    def count(label: str) -> int:
+        return len(client.enhanced_search_issues(f"project = SEC AND labels = {label}"))
+
+    assert await asyncio.to_thread(count, "old") == 1
+    assert await asyncio.to_thread(count, "new") == 0
+    running.sim.advance(31)
+    assert await asyncio.to_thread(count, "old") == 0
+    assert await asyncio.to_thread(count, "new") == 1
+
+
+async def test_updated_moves(jira_cloud: RunningJira) -> None:
+    """A comment and an edit both move the issue's `updated`."""
+    sim = jira_cloud.sim
+    issue = sim.create_issue({"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"})
+    created = issue.updated
+
+    sim.advance(60)
+    sim.add_comment(issue.key, "seen")
+    after_comment = issue.updated
+    sim.advance(60)
+    sim.edit_as_human(issue.key, summary="y")
+
+    assert after_comment > created
+    assert issue.updated > after_comment
+
+
+async def test_edit_adds_labels(jira_cloud: RunningJira) -> None:
+    """PUT issue with `update.labels` adds without removing other labels."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body(labels=("mdr-connector", "human")))
+    body = {"fields": {"summary": "renamed"}, "update": {"labels": [{"add": "mapped"}]}}
+    url = client._get_url(f"issue/{created['id']}")
+    response = await asyncio.to_thread(client._session.put, url, data=json.dumps(body))
+
+    issue = jira_cloud.sim.issue(created["key"])
+    assert response.status_code == 204
+    assert issue.fields["labels"] == ["mdr-connector", "human", "mapped"]
+    assert issue.fields["summary"] == "renamed"
+
+
+async def test_drop_reply_after_commit(jira_cloud: RunningJira) -> None:
+    """A drop rule applies the write, then closes the connection without a reply."""
+    client = await jira(jira_cloud)
+    jira_cloud.sim.drop_reply_after_commit("POST", "/rest/api/2/issue")
+
+    with pytest.raises(requests.ConnectionError):
+        await asyncio.to_thread(post_issue, client, issue_body())
+    again = await asyncio.to_thread(post_issue, client, issue_body())
+
+    assert [issue.key for issue in jira_cloud.sim.issues.values()] == ["SEC-1", "SEC-2"]
+    assert again["key"] == "SEC-2"
+
+
+async def test_counts_calls(jira_cloud: RunningJira) -> None:
+    """Calls are counted per method and route pattern."""
+    client = await jira(jira_cloud)
+    await asyncio.to_thread(client.myself)
+    await asyncio.to_thread(client.myself)
+
+    assert jira_cloud.sim.calls["GET /rest/api/2/myself"] == 2
+    assert jira_cloud.sim.calls["GET /rest/api/2/serverInfo"] == 1
+
+
+async def test_control_api(jira_cloud: RunningJira) -> None:
+    """The /_sim/ API adds comments, edits issues, moves the clock and returns state."""
+    issue = jira_cloud.sim.create_issue({"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"})
+    base = jira_cloud.url
+    async with aiohttp.ClientSession() as session:
+        comment = await session.post(f"{base}/_sim/issues/{issue.key}/comments", json={"author": "analyst", "body": "hi"})
+        edit = await session.put(f"{base}/_sim/issues/{issue.key}", json={"fields": {"labels": ["triaged"]}})
+        clock = await session.post(f"{base}/_sim/clock", json={"advance_seconds": 120})
+        settings = await session.put(f"{base}/_sim/settings", json={"search_delay_seconds": 5})
+        state = await (await session.get(f"{base}/_sim/state")).json()
+
+    assert comment.status == 201
+    assert edit.status == 200
+    assert clock.status == 200
+    assert settings.status == 200
+    assert jira_cloud.sim.settings.search_delay_seconds == 5
+    assert state["issues"][0]["fields"]["labels"] == ["triaged"]
+    assert state["issues"][0]["comments"][0]["author"] == "analyst"
+
+
+async def test_loopback_only() -> None:
+    """The simulator rejects a non-loopback address."""
+    with pytest.raises(ValueError):
+        async with run_simulator(JiraSimulator(), host="0.0.0.0"):
+            pass
