@@ -1,0 +1,370 @@
+"""The `mdr-connector` command line.
+
+Every command has --help; every failure exits non-zero with one readable
+line on stderr. Messages for people go through `i18n._` (English by
+default, Russian by --lang, the config file or the locale); logs stay in
+English.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mdr_connector.connector import i18n
+from mdr_connector.connector.config import Settings, load_mapping, load_settings
+from mdr_connector.connector.errors import (
+    ConfigError,
+    ConnectionBusyError,
+    ConnectorError,
+    TokenExpiredError,
+)
+from mdr_connector.connector.i18n import _
+from mdr_connector.connector.logs import configure_logging, register_secret
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# EX_TEMPFAIL from sysexits.h: "try again later", which is what a cron job
+# that found the connection busy should hear.
+EXIT_BUSY = 75
+DEFAULT_CONFIG = "config.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i18n.set_language(i18n.detect_language(explicit=_peek_option(argv, "--lang")))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USAGE
+
+    try:
+        return args.handler(args)
+    except ConnectionBusyError as err:
+        print_error(str(err))
+        return EXIT_BUSY
+    except TokenExpiredError as err:
+        print_error(str(err))
+        return EXIT_FAILED
+    except ConnectorError as err:
+        print_error(str(err))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_error(message: str) -> None:
+    lines = message.splitlines() or [""]
+    print(f"mdr-connector: {_('error')}: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line}", file=sys.stderr)
+
+
+def _peek_option(argv: list[str], name: str) -> str | None:
+    for index, value in enumerate(argv):
+        if value == name and index + 1 < len(argv):
+            return argv[index + 1]
+        if value.startswith(f"{name}="):
+            return value.split("=", 1)[1]
+    return None
+
+
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdr-connector",
+        description=_("Two-way sync between Kaspersky MDR incidents and a ticket system."),
+    )
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("MDR_CONNECTOR_CONFIG", DEFAULT_CONFIG),
+        help=_("path of the configuration file (default: $MDR_CONNECTOR_CONFIG or config.yaml)"),
+    )
+    parser.add_argument("--lang", choices=i18n.SUPPORTED, help=_("language of messages: en or ru"))
+    parser.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help=_("log level (default: from the config file, else INFO)"),
+    )
+    commands = parser.add_subparsers(title=_("commands"), metavar="COMMAND")
+
+    run = commands.add_parser("run", help=_("sync every connection until stopped (SIGTERM or Ctrl-C)"))
+    run.set_defaults(handler=command_run)
+
+    sync = commands.add_parser("sync", help=_("run one sync cycle and exit, for cron"))
+    sync.add_argument("--once", action="store_true", help=_("run one cycle (the only mode; kept for clarity)"))
+    sync.add_argument("--connection", help=_("name of the connection (default: all)"))
+    sync.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help=_("wait up to SECONDS for another process working the connection (default: 0, exit at once)"),
+    )
+    sync.set_defaults(handler=command_sync)
+
+    token = commands.add_parser("token", help=_("manage the MDR API token chain"))
+    token_commands = token.add_subparsers(title=_("commands"), metavar="COMMAND")
+    activate = token_commands.add_parser(
+        "activate",
+        help=_("exchange the token issued in the MDR console for an access and refresh token"),
+    )
+    activate.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
+    activate.add_argument(
+        "--token-file",
+        type=Path,
+        help=_("file holding the console-issued token (default: read it from standard input)"),
+    )
+    activate.set_defaults(handler=command_token_activate)
+    status = token_commands.add_parser("status", help=_("show the state and expiry of the token chain"))
+    status.add_argument("--connection", help=_("name of the connection (default: all)"))
+    status.set_defaults(handler=command_token_status)
+
+    check = commands.add_parser("check", help=_("validate the config and mappings, then test both connections"))
+    check.add_argument("--connection", help=_("name of the connection (default: all)"))
+    check.add_argument("--offline", action="store_true", help=_("validate the files only, contact nothing"))
+    check.set_defaults(handler=command_check)
+
+    demo = commands.add_parser(
+        "demo", help=_("run a self-contained demo against the MDR and Jira simulators on loopback")
+    )
+    demo.add_argument("--incidents", type=int, default=5, help=_("number of incidents to seed (default: 5)"))
+    demo.add_argument("--keep", action="store_true", help=_("keep the temporary folder with the database and logs"))
+    demo.set_defaults(handler=command_demo)
+
+    simulate = commands.add_parser("simulate", help=_("run a simulator on loopback for manual testing"))
+    simulate.add_argument("system", choices=("mdr", "jira"), help=_("which simulator to run"))
+    simulate.add_argument("--host", default="127.0.0.1", help=_("address to listen on (default: 127.0.0.1)"))
+    simulate.add_argument("--port", type=int, default=0, help=_("port to listen on (default: a free port)"))
+    simulate.set_defaults(handler=command_simulate)
+
+    db = commands.add_parser("db", help=_("manage the database schema"))
+    db_commands = db.add_subparsers(title=_("commands"), metavar="COMMAND")
+    upgrade = db_commands.add_parser("upgrade", help=_("apply the database migrations"))
+    upgrade.set_defaults(handler=command_db_upgrade)
+
+    return parser
+
+
+# Shared steps
+
+
+def load_config(args: argparse.Namespace) -> Settings:
+    """Load the config, then apply its language and log settings unless the command line overrides them."""
+    path = Path(args.config)
+    if not path.exists():
+        raise ConfigError(
+            _("configuration file {path} not found; pass --config PATH or set MDR_CONNECTOR_CONFIG").format(path=path)
+        )
+    settings = load_settings(path)
+    if args.lang is None and settings.language:
+        i18n.set_language(settings.language)
+    configure_logging(args.log_level or settings.log.level, settings.log.format)
+    return settings
+
+
+def selected(settings: Settings, name: str | None) -> list[Any]:
+    return [settings.connection(name)] if name else list(settings.connections)
+
+
+def run_async(coroutine_factory: Callable[[], Any]) -> Any:
+    return asyncio.run(coroutine_factory())
+
+
+# Commands
+
+
+def command_run(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    for connection in settings.connections:
+        load_mapping(connection.mapping)
+
+    async def go() -> int:
+        from mdr_connector.connector.runner import run_forever
+        from mdr_connector.connector.service import open_connection
+        from mdr_connector.connector.store import Store
+
+        store = await Store.open(settings.resolved_database_url())
+        try:
+            outcomes = await run_forever(settings, store, open_connection)
+        finally:
+            await store.close()
+        failed = [outcome for outcome in outcomes if outcome.error]
+        for outcome in failed:
+            print_error(f"{outcome.name}: {outcome.error}")
+        return EXIT_FAILED if failed else EXIT_OK
+
+    return run_async(go)
+
+
+def command_sync(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    connections = selected(settings, args.connection)
+
+    async def go() -> int:
+        from mdr_connector.connector.runner import sync_once
+        from mdr_connector.connector.service import open_connection
+        from mdr_connector.connector.store import Store
+
+        store = await Store.open(settings.resolved_database_url())
+        try:
+            outcomes = await sync_once(settings, connections, store, open_connection, wait_seconds=args.wait)
+        finally:
+            await store.close()
+
+        exit_code = EXIT_OK
+        for outcome in outcomes:
+            if outcome.error:
+                print_error(f"{outcome.name}: {outcome.error}")
+                busy = "being synced by another mdr-connector process" in outcome.error
+                exit_code = max(exit_code, EXIT_BUSY if busy else EXIT_FAILED)
+            elif outcome.stats is not None:
+                print(
+                    _("{name}: {seen} incidents seen, {created} tickets created, "
+                      "{to_ticket} comments to the ticket system, {to_mdr} comments to MDR, "
+                      "{failed} failures").format(
+                        name=outcome.name,
+                        seen=len(outcome.stats.incidents_seen),
+                        created=outcome.stats.tickets_created,
+                        to_ticket=outcome.stats.comments_to_ticket,
+                        to_mdr=outcome.stats.comments_to_mdr,
+                        failed=outcome.stats.failures,
+                    )
+                )
+        return exit_code
+
+    return run_async(go)
+
+
+def read_console_token(token_file: Path | None) -> str:
+    """Read the console-issued token from a file or standard input; never from the command line."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(_("cannot read {path}: {reason}").format(path=token_file, reason=err.strerror)) from err
+    elif sys.stdin.isatty():
+        token = getpass.getpass(_("Paste the token issued in the MDR console (Settings, API): ")).strip()
+    else:
+        token = sys.stdin.read().strip()
+
+    if not token:
+        raise ConfigError(_("no token given; pass --token-file PATH or pipe the token to standard input"))
+    register_secret(token)
+    return token
+
+
+def command_token_activate(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    connection = settings.connection(args.connection)
+    token = read_console_token(args.token_file)
+
+    async def go() -> Any:
+        from mdr_connector.adapters.mdr.client import MdrClient
+
+        async with MdrClient(connection.mdr) as mdr:
+            return await mdr.tokens.activate(token)
+
+    status = run_async(go)
+    print(_("{name}: token activated; state {state}").format(name=connection.name, state=_(status.state)))
+    print_token_expiry(status)
+    return EXIT_OK
+
+
+def command_token_status(args: argparse.Namespace) -> int:
+    from mdr_connector.adapters.mdr.tokens import TokenFileStore
+
+    settings = load_config(args)
+    for connection in selected(settings, args.connection):
+        status = TokenFileStore(connection.mdr.token_dir, connection.mdr.client_id).status(
+            datetime.now(timezone.utc).timestamp()
+        )
+        print(_("{name}: {state}").format(name=connection.name, state=_(status.state)))
+        print_token_expiry(status)
+    return EXIT_OK
+
+
+def print_token_expiry(status: Any) -> None:
+    if status.access_expires_at is not None:
+        print("  " + _("access token expires:  {time}").format(time=format_local(status.access_expires_at)))
+    if status.refresh_expires_at is not None:
+        print("  " + _("refresh token expires: {time}").format(time=format_local(status.refresh_expires_at)))
+
+
+def format_local(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_check(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    connections = selected(settings, args.connection)
+    for connection in connections:
+        load_mapping(connection.mapping)
+        print(_("{name}: configuration and mapping are valid").format(name=connection.name))
+    if args.offline:
+        return EXIT_OK
+
+    from mdr_connector.connector.checks import check_connection
+
+    failures = 0
+    for connection in connections:
+        for line, ok in run_async(lambda: check_connection(connection)):
+            mark = "ok" if ok else _("FAILED")
+            print(f"  [{mark}] {line}")
+            failures += 0 if ok else 1
+    return EXIT_OK if failures == 0 else EXIT_FAILED
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    from mdr_connector.connector.demo import run_demo
+
+    if args.incidents < 1 or args.incidents > 500:
+        raise ConfigError(_("--incidents must be between 1 and 500, got {value}").format(value=args.incidents))
+    configure_logging(args.log_level or "WARNING", "text" if sys.stderr.isatty() else "json")
+    return run_async(lambda: run_demo(incidents=args.incidents, keep=args.keep))
+
+
+def command_simulate(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level or "INFO", "auto")
+    if args.system == "mdr":
+        from mdr_connector.adapters.mdr.simulator import serve
+    else:
+        from mdr_connector.adapters.jira.simulator import serve
+    run_async(lambda: serve(args.host, args.port))
+    return EXIT_OK
+
+
+def command_db_upgrade(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+
+    async def go() -> str | None:
+        from mdr_connector.connector.store import Store
+
+        store = Store(settings.resolved_database_url())
+        try:
+            await store.upgrade()
+            return await store.current_revision()
+        finally:
+            await store.close()
+
+    revision = run_async(go)
+    print(_("database schema is at revision {revision}").format(revision=revision))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

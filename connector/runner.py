@@ -1,0 +1,169 @@
+"""Run connections: forever as a service, or one cycle for cron.
+
+Each connection runs in its own task, holding its process lock. A fatal
+error (expired refresh token, refused credentials) stops that connection
+with one clear log line and leaves the others running. A failure streak is
+logged when it starts and when it ends, not on every cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from mdr_connector.connector.config import ConnectionSettings, Settings
+from mdr_connector.connector.engine import ConnectionSync, SyncStats
+from mdr_connector.connector.errors import ConnectionFatalError, ConnectorError, RateLimitedError
+from mdr_connector.connector.locks import ConnectionLock
+from mdr_connector.connector.store import Store
+
+log = logging.getLogger(__name__)
+
+# How long a cycle in progress may run on after SIGTERM before it is cancelled.
+# Cancelling mid-write is safe: every write has a recorded intent.
+SHUTDOWN_GRACE_SECONDS = 20.0
+
+ConnectionFactory = Callable[[Settings, ConnectionSettings, Store], AbstractAsyncContextManager[ConnectionSync]]
+
+
+@dataclass
+class ConnectionOutcome:
+    name: str
+    stats: SyncStats | None
+    error: str | None
+
+
+class FailureStreak:
+    """Log the first failure of a streak and the recovery, not every failure in between."""
+
+    def __init__(self, connection: str) -> None:
+        self.connection = connection
+        self.failures = 0
+
+    def failed(self, err: BaseException) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.error(
+                "sync.cycle.failing",
+                extra={"connection": self.connection, "error": f"{type(err).__name__}: {err}"},
+            )
+
+    def succeeded(self) -> None:
+        if self.failures:
+            log.info("sync.cycle.recovered", extra={"connection": self.connection, "failed_cycles": self.failures})
+        self.failures = 0
+
+
+@contextlib.asynccontextmanager
+async def held_lock(settings: Settings, connection: str, wait_seconds: float) -> AsyncIterator[None]:
+    lock = ConnectionLock(settings.data_dir, connection)
+    await lock.acquire(wait_seconds)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+async def sync_once(
+    settings: Settings,
+    connections: list[ConnectionSettings],
+    store: Store,
+    factory: ConnectionFactory,
+    *,
+    wait_seconds: float = 0,
+) -> list[ConnectionOutcome]:
+    """Run one cycle of each connection, one after another."""
+    outcomes = []
+    for connection in connections:
+        try:
+            async with held_lock(settings, connection.name, wait_seconds), factory(settings, connection, store) as sync:
+                stats = await sync.run_cycle()
+            outcomes.append(ConnectionOutcome(connection.name, stats, None))
+        except ConnectorError as err:
+            log.error("sync.connection.failed", extra={"connection": connection.name, "error": str(err)})
+            outcomes.append(ConnectionOutcome(connection.name, None, str(err)))
+    return outcomes
+
+
+async def run_forever(
+    settings: Settings,
+    store: Store,
+    factory: ConnectionFactory,
+    stop: asyncio.Event | None = None,
+) -> list[ConnectionOutcome]:
+    """Run every connection until SIGTERM/SIGINT, or until all of them stopped on fatal errors."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+
+    tasks = [
+        asyncio.create_task(work_connection(settings, connection, store, factory, stop), name=connection.name)
+        for connection in settings.connections
+    ]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
+
+
+async def work_connection(
+    settings: Settings,
+    connection: ConnectionSettings,
+    store: Store,
+    factory: ConnectionFactory,
+    stop: asyncio.Event,
+) -> ConnectionOutcome:
+    """Cycle one connection every interval until stopped."""
+    streak = FailureStreak(connection.name)
+    try:
+        async with held_lock(settings, connection.name, 0), factory(settings, connection, store) as sync:
+            log.info("sync.connection.started", extra={"connection": connection.name})
+            while not stop.is_set():
+                delay = await run_cycle_until_stopped(sync, stop, streak)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+            log.info("sync.connection.stopped", extra={"connection": connection.name})
+            return ConnectionOutcome(connection.name, sync.stats, None)
+    except ConnectionFatalError as err:
+        log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
+        return ConnectionOutcome(connection.name, None, str(err))
+
+
+async def run_cycle_until_stopped(sync: ConnectionSync, stop: asyncio.Event, streak: FailureStreak) -> float:
+    """Run one cycle; on stop, give it a grace period, then cancel it. Return the delay before the next one."""
+    interval = sync.settings.sync.interval_seconds
+    cycle = asyncio.create_task(sync.run_cycle())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({cycle, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not cycle.done():
+            log.info("sync.cycle.finishing", extra={"connection": sync.name, "grace_seconds": SHUTDOWN_GRACE_SECONDS})
+            await asyncio.wait({cycle}, timeout=SHUTDOWN_GRACE_SECONDS)
+        if not cycle.done():
+            cycle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await cycle
+            return 0
+        cycle.result()
+    except ConnectionFatalError:
+        raise
+    except RateLimitedError as err:
+        streak.failed(err)
+        return max(interval, err.retry_after or 0)
+    except ConnectorError as err:
+        streak.failed(err)
+        return interval
+    finally:
+        stopping.cancel()
+
+    streak.succeeded()
+    return interval

@@ -1,0 +1,38 @@
+"""Build a running connection from its settings: MDR client, ticket adapter, engine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.connector.config import ConnectionSettings, Mapping, Settings, load_mapping
+from mdr_connector.connector.engine import ConnectionSync
+from mdr_connector.connector.store import Store
+from mdr_connector.connector.tickets import TicketAdapter
+
+
+def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> TicketAdapter:
+    """Create the adapter of the connection's ticket system."""
+    ticket = connection.ticket
+    if ticket.system == "jira":
+        from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
+
+        return JiraTicketAdapter(ticket, project=mapping.project)
+    raise AssertionError(f"unknown ticket system {ticket.system!r} passed config validation")
+
+
+@contextlib.asynccontextmanager
+async def open_connection(
+    settings: Settings, connection: ConnectionSettings, store: Store
+) -> AsyncIterator[ConnectionSync]:
+    """Open the MDR client and the ticket adapter of one connection, and close both afterwards."""
+    mapping = load_mapping(connection.mapping)
+    async with MdrClient(connection.mdr) as mdr:
+        tickets = build_ticket_adapter(connection, mapping)
+        try:
+            sync = ConnectionSync(connection, mapping, store, mdr, tickets)
+            await sync.open()
+            yield sync
+        finally:
+            await tickets.close()
