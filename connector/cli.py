@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from mdr_connector.connector import i18n
 from mdr_connector.connector.config import Settings, load_mapping, load_settings
 from mdr_connector.connector.errors import (
@@ -27,7 +29,7 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     TokenExpiredError,
 )
-from mdr_connector.connector.i18n import _
+from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.logs import configure_logging, register_secret
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ EXIT_USAGE = 2
 # that found the connection busy should hear.
 EXIT_BUSY = 75
 DEFAULT_CONFIG = "config.yaml"
+
+# The token states as the MDR console names them, marked so the
+# translation scan finds them; they are shown with `_(status.state)`.
+TOKEN_STATES = (N_("Pending activation"), N_("Active"), N_("Idle"), N_("Expired"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,8 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectorError as err:
         print_error(str(err))
         return EXIT_FAILED
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+        print_error(_("database error: {reason}").format(reason=reason))
+        return EXIT_FAILED
+    except OSError as err:
+        print_error(str(err))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # noqa: BLE001 - the promise is one readable line, never a traceback
+        log.debug("cli.command.crashed", exc_info=True)
+        print_error(_("unexpected {kind}: {reason} (run with --log-level DEBUG for the traceback)").format(
+            kind=type(err).__name__, reason=str(err).splitlines()[0] if str(err) else ""))
+        return EXIT_FAILED
 
 
 def print_error(message: str) -> None:
@@ -354,9 +372,8 @@ def command_db_upgrade(args: argparse.Namespace) -> int:
     async def go() -> str | None:
         from mdr_connector.connector.store import Store
 
-        store = Store(settings.resolved_database_url())
+        store = await Store.open(settings.resolved_database_url(), upgrade=True)
         try:
-            await store.upgrade()
             return await store.current_revision()
         finally:
             await store.close()

@@ -86,4 +86,10 @@ def gettext(message: str) -> str:
     return _catalog.get(message, message)
 
 
+def mark(message: str) -> str:
+    """Mark a message for translation where it is defined and translate it later with `_(variable)`."""
+    return message
+
+
 _ = gettext
+N_ = mark

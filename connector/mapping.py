@@ -73,9 +73,17 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
     }
 
 
+def truncate_utf16(text: str, limit: int) -> str:
+    """Cut text to `limit` UTF-16 code units, the unit in which Jira counts its 255-character limits."""
+    if len(text.encode("utf-16-le")) <= limit * 2:
+        return text
+    kept = text.encode("utf-16-le")[: limit * 2].decode("utf-16-le", errors="ignore")
+    return kept
+
+
 def clean_label(label: str) -> str:
     """Make a label Jira accepts: no whitespace, at most 255 characters."""
-    return re.sub(r"\s+", "_", label.strip())[:MAX_LABEL_LENGTH]
+    return truncate_utf16(re.sub(r"\s+", "_", label.strip()), MAX_LABEL_LENGTH)
 
 
 def render_fields(mapping: Mapping, incident: Incident, console_url: str) -> TicketFields:
@@ -86,7 +94,7 @@ def render_fields(mapping: Mapping, incident: Incident, console_url: str) -> Tic
     labels += [CONNECTOR_LABEL, correlation_label(incident.incident_id)]
 
     return TicketFields(
-        summary=summary[:MAX_SUMMARY_LENGTH],
+        summary=truncate_utf16(summary, MAX_SUMMARY_LENGTH),
         description=mapping.description.format_map(values).strip(),
         priority=mapping.priority[incident.priority] if incident.priority in mapping.priority else None,
         labels=tuple(dict.fromkeys(label for label in labels if label)),

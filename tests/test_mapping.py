@@ -93,3 +93,13 @@ def test_mdr_footer_round_trip() -> None:
     assert parse_mdr_footer(text).source_id == "10023"
     assert parse_mdr_footer("<p><em>mdr-connector: jira comment 10023</em></p>").source_id == "10023"
     assert parse_mdr_footer("<p>plain analyst text</p>") is None
+
+
+def test_summary_limit_counts_utf16_units() -> None:
+    """Emoji count twice toward Jira's limit, and none is cut in half."""
+    emoji_incident = INCIDENT.model_copy(update={"summary": "🚨" * 200})
+
+    summary = render_fields(load_mapping("builtin:jira"), emoji_incident, CONSOLE).summary
+
+    assert len(summary.encode("utf-16-le")) <= 255 * 2
+    assert summary.endswith("🚨")
