@@ -1,0 +1,280 @@
+"""The aiohttp application of the simulator: API dispatch and the `/_sim/` control routes,
+plus `run_simulator`, `serve` and the `main` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
+from mdr_connector.adapters.mdr.simulator.protocol import API_PREFIX, CONTROL_PREFIX, Params, SimError
+from mdr_connector.adapters.mdr.simulator.state import MdrSimulator
+
+log = logging.getLogger(__name__)
+
+
+# --- HTTP app ------------------------------------------------------------------
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+SIM_KEY = web.AppKey("mdr_simulator", MdrSimulator)
+
+
+@web.middleware
+async def wire_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Count API calls and add the configured latency.
+
+    Fault injection (429, 5xx, dropped connections) belongs here, before the
+    handler runs or after it has produced its reply.
+    """
+    sim = request.app[SIM_KEY]
+    if request.path.startswith(API_PREFIX + "/"):
+        method = request.match_info.get("method", request.path)
+        sim.call_counts[method] += 1
+        if sim.request_hook is not None:
+            sim.request_hook(method, request)
+        if sim.settings.latency_seconds > 0:
+            await asyncio.sleep(sim.settings.latency_seconds)
+    return await handler(request)
+
+
+async def handle_api(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM_KEY]
+    client_id = request.match_info["client_id"]
+    method = request.match_info["method"]
+    try:
+        return await dispatch(sim, request, client_id, method)
+    except SimError as err:
+        return error_response(err.status, err.message)
+
+
+async def dispatch(
+    sim: MdrSimulator, request: web.Request, client_id: str, method: str
+) -> web.StreamResponse:
+    if method == "session/confirm":
+        body = parse_json_object(await request.read())
+        refresh_token = Params(body, {"refresh_token"}).required_string("refresh_token")
+        return web.json_response(sim.confirm_session(client_id, refresh_token))
+
+    api_method = API_METHODS.get(method)
+    if api_method is None:
+        raise SimError(404, f"unknown method {method}")
+
+    connection = sim.authenticate(client_id, request.headers.get("Authorization"))
+    body = {} if method == "attachments/upload" else parse_json_object(await request.read())
+    result = await api_method(sim, connection, body, request)
+    if isinstance(result, web.StreamResponse):
+        return result
+    return web.json_response(result, dumps=lambda data: json.dumps(data, ensure_ascii=False))
+
+
+# --- control API over HTTP -------------------------------------------------------
+
+
+def control_routes() -> list[web.RouteDef]:
+    return [
+        web.get(f"{CONTROL_PREFIX}/state", control_state),
+        web.get(f"{CONTROL_PREFIX}/settings", control_settings),
+        web.patch(f"{CONTROL_PREFIX}/settings", control_settings),
+        web.post(f"{CONTROL_PREFIX}/clock/advance", control_advance),
+        web.post(f"{CONTROL_PREFIX}/clients", control_create_client),
+        web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/console-token", control_console_token),
+        web.get(f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents", control_incidents),
+        web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents", control_seed_incident),
+        web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/demo-incidents", control_seed_demo),
+        web.patch(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}", control_update_incident
+        ),
+        web.get(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/comments", control_comments
+        ),
+        web.post(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/comments", control_add_comment
+        ),
+    ]
+
+
+def control_handler(
+    function: Callable[[MdrSimulator, web.Request, dict[str, Any]], Any],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """Wrap a control function: parse the JSON body, turn KeyError and ValueError into 404 and 400."""
+
+    @functools.wraps(function)
+    async def handler(request: web.Request) -> web.Response:
+        sim = request.app[SIM_KEY]
+        try:
+            body = parse_json_object(await request.read()) if request.can_read_body else {}
+            return web.json_response(function(sim, request, body))
+        except SimError as err:
+            return error_response(err.status, err.message)
+        except KeyError as err:
+            return error_response(404, str(err.args[0]) if err.args else "not found")
+        except (TypeError, ValueError) as err:
+            return error_response(400, str(err))
+
+    return handler
+
+
+@control_handler
+def control_state(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.state()
+
+
+@control_handler
+def control_settings(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    if request.method == "PATCH":
+        sim.update_settings(**body)
+    return asdict(sim.settings)
+
+
+@control_handler
+def control_advance(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return {"now_ms": sim.advance(float(body.get("seconds", 0)))}
+
+
+@control_handler
+def control_create_client(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    connection = sim.create_client(
+        body.get("client_id"),
+        connection_name=body.get("connection_name", "mdr-connector"),
+        tenants=body.get("tenants"),
+    )
+    return {
+        **asdict(connection),
+        "console_token": sim.issue_console_token(connection.client_id, connection.connection_name),
+    }
+
+
+@control_handler
+def control_console_token(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    client_id = request.match_info["client_id"]
+    return {"refresh_token": sim.issue_console_token(client_id, body.get("connection_name"))}
+
+
+@control_handler
+def control_incidents(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.incidents(request.match_info["client_id"])
+
+
+@control_handler
+def control_seed_incident(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.seed_incident(request.match_info["client_id"], **body)
+
+
+@control_handler
+def control_seed_demo(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.seed_demo_incidents(request.match_info["client_id"], int(body.get("count", 12)))
+
+
+@control_handler
+def control_update_incident(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.update_incident(request.match_info["client_id"], request.match_info["incident_id"], **body)
+
+
+@control_handler
+def control_comments(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.comments(request.match_info["client_id"], request.match_info["incident_id"])
+
+
+@control_handler
+def control_add_comment(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    if not isinstance(body.get("text"), str):
+        raise ValueError("text is required")
+    return sim.add_soc_comment(
+        request.match_info["client_id"],
+        request.match_info["incident_id"],
+        body["text"],
+        author=body.get("author", "Kaspersky MDR SOC"),
+    )
+
+
+def make_app(sim: MdrSimulator) -> web.Application:
+    """Build the aiohttp application serving the MDR API and the `/_sim/` control API."""
+    app = web.Application(
+        middlewares=[wire_middleware], client_max_size=sim.settings.max_upload_bytes + 1024 * 1024
+    )
+    app[SIM_KEY] = sim
+    app.router.add_post(API_PREFIX + "/{client_id}/{method:.+}", handle_api)
+    app.router.add_routes(control_routes())
+    return app
+
+
+@contextlib.asynccontextmanager
+async def run_simulator(sim: MdrSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve `sim` on host:port (0 picks a free port) and yield the API base URL."""
+    runner = web.AppRunner(make_app(sim), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    try:
+        bound_port = runner.addresses[0][1]
+        yield f"http://{host}:{bound_port}{API_PREFIX}"
+    finally:
+        await runner.cleanup()
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 8480,
+    *,
+    client_id: str = "sim-client",
+    connection_name: str = "mdr-connector",
+    demo_incidents: int = 12,
+) -> None:
+    """Run a simulator with one client and demo incidents until SIGINT or SIGTERM."""
+    sim = MdrSimulator()
+    sim.create_client(client_id, connection_name=connection_name)
+    sim.seed_demo_incidents(client_id, demo_incidents)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    async with run_simulator(sim, host, port) as base_url:
+        origin = base_url.removesuffix(API_PREFIX)
+        print(f"MDR simulator: API base URL {base_url}, client_id {client_id}", flush=True)
+        print(
+            "Issue a console token (valid 24 h, single-use):\n"
+            f"  curl -s -X POST {origin}{CONTROL_PREFIX}/clients/{client_id}/console-token",
+            flush=True,
+        )
+        print("Stop with Ctrl-C.", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdr-connector simulate mdr", description="Run the MDR API simulator."
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8480, help="TCP port to listen on (default 8480)")
+    parser.add_argument("--client-id", default="sim-client", help="client id of the simulated customer")
+    parser.add_argument("--connection-name", default="mdr-connector", help="connection name of the API token")
+    parser.add_argument("--demo-incidents", type=int, default=12, help="number of demo incidents to seed")
+    args = parser.parse_args(argv)
+    asyncio.run(
+        serve(
+            args.host,
+            args.port,
+            client_id=args.client_id,
+            connection_name=args.connection_name,
+            demo_incidents=args.demo_incidents,
+        )
+    )
+    return 0
