@@ -55,6 +55,7 @@ from mdr_connector.connector.tickets import (
     SyncMarker,
     TicketAccount,
     TicketAdapter,
+    TicketChange,
     TicketComment,
     TicketRef,
 )
@@ -178,6 +179,9 @@ class ConnectionSync:
         Page numbers are used only inside one millisecond that holds more than
         a page of incidents, with `max_update_time` pinning the window to it.
         """
+        # NOTE: sorting incidents/list by `update_time` is INFERRED from the
+        # documented `"<field>:asc"` form; public sources show only
+        # `creation_time` as a sort field.
         sync = self.settings.sync
         cursor = await self._mdr_cursor()
         window_start = max(cursor - int(sync.mdr_overlap_seconds * 1000), 0)
@@ -230,13 +234,19 @@ class ConnectionSync:
         return int(self._first_run_start().timestamp() * 1000)
 
     async def _creation_floor(self) -> int | None:
-        """In `new_only` mode, the creation time before which incidents are ignored."""
+        """In `new_only` mode, the creation time before which incidents are ignored.
+
+        It is `start.since` when set, else the moment of the first run: the
+        lookback applies to `updated` mode only, because `new_only` means
+        incidents created from now on.
+        """
         if self.settings.sync.mode != "new_only":
             return None
         stored = await self.store.get_cursor(self.name, "mdr_creation_floor")
         if stored is not None:
             return int(stored)
-        floor = int(self._first_run_start().timestamp() * 1000)
+        since = self.settings.sync.start.since
+        floor = int((since or self.clock()).timestamp() * 1000)
         await self.store.set_cursor(self.name, "mdr_creation_floor", str(floor))
         return floor
 
@@ -288,22 +298,29 @@ class ConnectionSync:
         since = cursor - timedelta(seconds=self.settings.sync.ticket_overlap_seconds)
 
         changes = await self._read(lambda: self.tickets.changed_tickets(since))
-        links = await self.store.get_links_by_ticket_ids(self.name, (change.ref.id for change in changes))
-        newest = cursor
-
+        newest_by_ticket: dict[str, TicketChange] = {}
         for change in changes:
-            newest = max(newest, change.updated)
-            link = links.get(change.ref.id)
-            if link is None or link.state != LINKED:
-                continue
-            if link.ticket_updated is not None and link.ticket_updated >= change.updated:
-                continue
-            reconciled = await self._reconcile_guarded(link.incident_id, None)
-            if reconciled:
-                await self.store.record_ticket_reconciled(self.name, link.incident_id, change.updated)
+            known = newest_by_ticket.get(change.ref.id)
+            if known is None or change.updated > known.updated:
+                newest_by_ticket[change.ref.id] = change
 
+        links = await self.store.get_links_by_ticket_ids(self.name, newest_by_ticket)
+        due = [
+            (links[ticket_id], change)
+            for ticket_id, change in newest_by_ticket.items()
+            if ticket_id in links
+            and links[ticket_id].state == LINKED
+            and (links[ticket_id].ticket_updated is None or links[ticket_id].ticket_updated < change.updated)
+        ]
+        await asyncio.gather(*(self._reconcile_ticket_change(link, change) for link, change in due))
+
+        newest = max([cursor, *(change.updated for change in changes)])
         if newest > cursor:
             await self.store.set_cursor(self.name, TICKET_CURSOR, newest.isoformat())
+
+    async def _reconcile_ticket_change(self, link: Link, change: TicketChange) -> None:
+        if await self._reconcile_guarded(link.incident_id, None):
+            await self.store.record_ticket_reconciled(self.name, link.incident_id, change.updated)
 
     # Parked incidents
 

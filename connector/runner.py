@@ -162,6 +162,10 @@ async def run_cycle_until_stopped(sync: ConnectionSync, stop: asyncio.Event, str
     except ConnectorError as err:
         streak.failed(err)
         return interval
+    except Exception as err:  # noqa: BLE001 - a bug in one cycle must not end the service
+        log.exception("sync.cycle.crashed", extra={"connection": sync.name})
+        streak.failed(err)
+        return interval
     finally:
         stopping.cancel()
 

@@ -267,3 +267,22 @@ async def test_filters_go_to_the_api(harness: SyncHarness) -> None:
 
     assert harness.issues_for(open_incident)
     assert harness.issues_for(closed_incident) == []
+
+
+async def test_new_only_mode_skips_older_incidents(harness: SyncHarness) -> None:
+    """In new_only mode, incidents created before the first run are ignored, even when updated later."""
+    old = harness.seed()["incident_id"]
+    sync_settings = harness.connection.sync.model_copy(update={"mode": "new_only"})
+    harness.settings = harness.settings.model_copy(
+        update={"connections": [harness.connection.model_copy(update={"sync": sync_settings})]}
+    )
+    harness.advance(2)
+    sync = await harness.cycles(1)
+
+    harness.advance(2)
+    new = harness.seed()["incident_id"]
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, old, "<p>update of an old incident</p>", author="Analyst")
+    await harness.cycles(1, sync)
+
+    assert harness.issues_for(new)
+    assert harness.issues_for(old) == []
