@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     i18n.set_language(i18n.detect_language(explicit=_peek_option(argv, "--lang")))
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_option_defaults(args)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USAGE
@@ -102,28 +103,47 @@ def _peek_option(argv: list[str], name: str) -> str | None:
 # Parser
 
 
+def common_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after the command name."""
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS keeps a value given before the command from being reset by the
+    # subcommand's default; main() fills in the real defaults afterwards.
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help=_("path of the configuration file (default: $MDR_CONNECTOR_CONFIG or config.yaml)"),
+    )
+    common.add_argument(
+        "--lang", choices=i18n.SUPPORTED, default=argparse.SUPPRESS, help=_("language of messages: en or ru")
+    )
+    common.add_argument(
+        "--log-level",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        default=argparse.SUPPRESS,
+        help=_("log level (default: from the config file, else INFO)"),
+    )
+    return common
+
+
+def apply_option_defaults(args: argparse.Namespace) -> None:
+    args.config = getattr(args, "config", os.environ.get("MDR_CONNECTOR_CONFIG", DEFAULT_CONFIG))
+    args.lang = getattr(args, "lang", None)
+    args.log_level = getattr(args, "log_level", None)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
     parser = argparse.ArgumentParser(
         prog="mdr-connector",
         description=_("Two-way sync between Kaspersky MDR incidents and a ticket system."),
-    )
-    parser.add_argument(
-        "--config",
-        default=os.environ.get("MDR_CONNECTOR_CONFIG", DEFAULT_CONFIG),
-        help=_("path of the configuration file (default: $MDR_CONNECTOR_CONFIG or config.yaml)"),
-    )
-    parser.add_argument("--lang", choices=i18n.SUPPORTED, help=_("language of messages: en or ru"))
-    parser.add_argument(
-        "--log-level",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-        help=_("log level (default: from the config file, else INFO)"),
+        parents=[common],
     )
     commands = parser.add_subparsers(title=_("commands"), metavar="COMMAND")
 
-    run = commands.add_parser("run", help=_("sync every connection until stopped (SIGTERM or Ctrl-C)"))
+    run = commands.add_parser("run", parents=[common], help=_("sync every connection until stopped (SIGTERM or Ctrl-C)"))
     run.set_defaults(handler=command_run)
 
-    sync = commands.add_parser("sync", help=_("run one sync cycle and exit, for cron"))
+    sync = commands.add_parser("sync", parents=[common], help=_("run one sync cycle and exit, for cron"))
     sync.add_argument("--once", action="store_true", help=_("run one cycle (the only mode; kept for clarity)"))
     sync.add_argument("--connection", help=_("name of the connection (default: all)"))
     sync.add_argument(
@@ -139,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands = token.add_subparsers(title=_("commands"), metavar="COMMAND")
     activate = token_commands.add_parser(
         "activate",
+        parents=[common],
         help=_("exchange the token issued in the MDR console for an access and refresh token"),
     )
     activate.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
@@ -148,23 +169,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=_("file holding the console-issued token (default: read it from standard input)"),
     )
     activate.set_defaults(handler=command_token_activate)
-    status = token_commands.add_parser("status", help=_("show the state and expiry of the token chain"))
+    status = token_commands.add_parser("status", parents=[common], help=_("show the state and expiry of the token chain"))
     status.add_argument("--connection", help=_("name of the connection (default: all)"))
     status.set_defaults(handler=command_token_status)
 
-    check = commands.add_parser("check", help=_("validate the config and mappings, then test both connections"))
+    check = commands.add_parser("check", parents=[common], help=_("validate the config and mappings, then test both connections"))
     check.add_argument("--connection", help=_("name of the connection (default: all)"))
     check.add_argument("--offline", action="store_true", help=_("validate the files only, contact nothing"))
     check.set_defaults(handler=command_check)
 
     demo = commands.add_parser(
-        "demo", help=_("run a self-contained demo against the MDR and Jira simulators on loopback")
+        "demo", parents=[common], help=_("run a self-contained demo against the MDR and Jira simulators on loopback")
     )
     demo.add_argument("--incidents", type=int, default=5, help=_("number of incidents to seed (default: 5)"))
     demo.add_argument("--keep", action="store_true", help=_("keep the temporary folder with the database and logs"))
     demo.set_defaults(handler=command_demo)
 
-    simulate = commands.add_parser("simulate", help=_("run a simulator on loopback for manual testing"))
+    simulate = commands.add_parser("simulate", parents=[common], help=_("run a simulator on loopback for manual testing"))
     simulate.add_argument("system", choices=("mdr", "jira"), help=_("which simulator to run"))
     simulate.add_argument("--host", default="127.0.0.1", help=_("address to listen on (default: 127.0.0.1)"))
     simulate.add_argument("--port", type=int, default=0, help=_("port to listen on (default: a free port)"))
@@ -172,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help=_("manage the database schema"))
     db_commands = db.add_subparsers(title=_("commands"), metavar="COMMAND")
-    upgrade = db_commands.add_parser("upgrade", help=_("apply the database migrations"))
+    upgrade = db_commands.add_parser("upgrade", parents=[common], help=_("apply the database migrations"))
     upgrade.set_defaults(handler=command_db_upgrade)
 
     return parser
@@ -248,8 +269,7 @@ def command_sync(args: argparse.Namespace) -> int:
         for outcome in outcomes:
             if outcome.error:
                 print_error(f"{outcome.name}: {outcome.error}")
-                busy = "being synced by another mdr-connector process" in outcome.error
-                exit_code = max(exit_code, EXIT_BUSY if busy else EXIT_FAILED)
+                exit_code = max(exit_code, EXIT_BUSY if outcome.busy else EXIT_FAILED)
             elif outcome.stats is not None:
                 print(
                     _("{name}: {seen} incidents seen, {created} tickets created, "

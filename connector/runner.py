@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync, SyncStats
-from mdr_connector.connector.errors import ConnectionFatalError, ConnectorError, RateLimitedError
+from mdr_connector.connector.errors import (
+    ConnectionBusyError,
+    ConnectionFatalError,
+    ConnectorError,
+    RateLimitedError,
+)
 from mdr_connector.connector.locks import ConnectionLock
 from mdr_connector.connector.store import Store
 
@@ -36,6 +41,7 @@ class ConnectionOutcome:
     name: str
     stats: SyncStats | None
     error: str | None
+    busy: bool = False
 
 
 class FailureStreak:
@@ -84,6 +90,9 @@ async def sync_once(
             async with held_lock(settings, connection.name, wait_seconds), factory(settings, connection, store) as sync:
                 stats = await sync.run_cycle()
             outcomes.append(ConnectionOutcome(connection.name, stats, None))
+        except ConnectionBusyError as err:
+            log.warning("sync.connection.busy", extra={"connection": connection.name})
+            outcomes.append(ConnectionOutcome(connection.name, None, str(err), busy=True))
         except ConnectorError as err:
             log.error("sync.connection.failed", extra={"connection": connection.name, "error": str(err)})
             outcomes.append(ConnectionOutcome(connection.name, None, str(err)))
@@ -122,20 +131,37 @@ async def work_connection(
     factory: ConnectionFactory,
     stop: asyncio.Event,
 ) -> ConnectionOutcome:
-    """Cycle one connection every interval until stopped."""
+    """Cycle one connection every interval until stopped; retry opening it while either side is unreachable."""
     streak = FailureStreak(connection.name)
+    interval = connection.sync.interval_seconds
     try:
-        async with held_lock(settings, connection.name, 0), factory(settings, connection, store) as sync:
-            log.info("sync.connection.started", extra={"connection": connection.name})
+        async with held_lock(settings, connection.name, 0):
             while not stop.is_set():
-                delay = await run_cycle_until_stopped(sync, stop, streak)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                try:
+                    async with factory(settings, connection, store) as sync:
+                        log.info("sync.connection.started", extra={"connection": connection.name})
+                        while not stop.is_set():
+                            delay = await run_cycle_until_stopped(sync, stop, streak)
+                            await wait_unless_stopped(stop, delay)
+                        log.info("sync.connection.stopped", extra={"connection": connection.name})
+                        return ConnectionOutcome(connection.name, sync.stats, None)
+                except ConnectionFatalError:
+                    raise
+                except ConnectorError as err:
+                    # Opening failed (MDR or the ticket system unreachable, a
+                    # 5xx on the first call): try again after one interval.
+                    streak.failed(err)
+                    await wait_unless_stopped(stop, interval)
             log.info("sync.connection.stopped", extra={"connection": connection.name})
-            return ConnectionOutcome(connection.name, sync.stats, None)
+            return ConnectionOutcome(connection.name, None, None)
     except ConnectionFatalError as err:
         log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
         return ConnectionOutcome(connection.name, None, str(err))
+
+
+async def wait_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run_cycle_until_stopped(sync: ConnectionSync, stop: asyncio.Event, streak: FailureStreak) -> float:

@@ -1,0 +1,124 @@
+"""The service loop: retries while a side is unreachable, stops one connection on a fatal error, logs streaks once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mdr_connector.connector.config import Settings
+from mdr_connector.connector.engine import SyncStats
+from mdr_connector.connector.errors import RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.runner import run_forever, sync_once
+from mdr_connector.connector.locks import ConnectionLock
+
+
+def settings_for(tmp_path: Path, *names: str) -> Settings:
+    connection = {
+        "mdr": {"client_id": "c1", "connection_name": "n", "token_dir": str(tmp_path / "tokens")},
+        "ticket": {
+            "system": "jira",
+            "url": "https://jira.example.com",
+            "auth": {"type": "pat", "token": {"env": "UNUSED"}},
+        },
+        "sync": {"interval_seconds": 0.01},
+    }
+    return Settings.model_validate(
+        {"data_dir": str(tmp_path), "connections": [{"name": name, **connection} for name in names]}
+    )
+
+
+class FakeSync:
+    """Stands in for ConnectionSync: runs scripted cycle outcomes, then asks the runner to stop."""
+
+    def __init__(self, settings: Any, outcomes: list[BaseException | None], stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.stats = SyncStats()
+        self.outcomes = outcomes
+        self.stop = stop
+
+    async def run_cycle(self) -> SyncStats:
+        self.stats.cycles += 1
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if not self.outcomes:
+            self.stop.set()
+        if outcome is not None:
+            raise outcome
+        return self.stats
+
+
+def scripted_factory(open_failures: dict[str, list[BaseException]], cycles: dict[str, list], stop: asyncio.Event):
+    """A connection factory whose opening fails as scripted per connection, then yields a FakeSync."""
+
+    @contextlib.asynccontextmanager
+    async def factory(settings, connection, store):
+        failures = open_failures.get(connection.name, [])
+        if failures:
+            raise failures.pop(0)
+        yield FakeSync(connection, cycles.get(connection.name, [None]), stop)
+
+    return factory
+
+
+async def test_opening_retried_until_reachable(tmp_path: Path) -> None:
+    """A ticket system unreachable at start is retried; the connection then syncs."""
+    stop = asyncio.Event()
+    failures = {"main": [RemoteUnavailableError("connection refused"), RemoteUnavailableError("connection refused")]}
+
+    [outcome] = await asyncio.wait_for(
+        run_forever(settings_for(tmp_path, "main"), None, scripted_factory(failures, {}, stop), stop), 10
+    )
+
+    assert outcome.error is None
+    assert outcome.stats is not None and outcome.stats.cycles == 1
+    assert failures["main"] == []
+
+
+async def test_fatal_error_stops_one_connection(tmp_path: Path) -> None:
+    """An expired refresh token stops its connection; the other connection keeps syncing."""
+    stop = asyncio.Event()
+    failures = {"broken": [TokenExpiredError("issue a new token")]}
+
+    outcomes = await asyncio.wait_for(
+        run_forever(settings_for(tmp_path, "broken", "healthy"), None, scripted_factory(failures, {}, stop), stop), 10
+    )
+
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    assert by_name["broken"].error == "issue a new token"
+    assert by_name["healthy"].error is None
+    assert by_name["healthy"].stats.cycles == 1
+
+
+async def test_failure_streak_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Three failing cycles log one error when the streak starts and one line when it ends."""
+    stop = asyncio.Event()
+    down = RemoteUnavailableError("MDR answered 503")
+    cycles = {"main": [down, down, down, None]}
+
+    with caplog.at_level(logging.INFO, logger="mdr_connector.connector.runner"):
+        await asyncio.wait_for(
+            run_forever(settings_for(tmp_path, "main"), None, scripted_factory({}, cycles, stop), stop), 10
+        )
+
+    events = [record.getMessage() for record in caplog.records]
+    assert events.count("sync.cycle.failing") == 1
+    assert events.count("sync.cycle.recovered") == 1
+
+
+async def test_sync_once_reports_busy(tmp_path: Path) -> None:
+    """A held lock is reported as busy, not as a failure, so cron can tell the two apart."""
+    settings = settings_for(tmp_path, "main")
+    lock = ConnectionLock(settings.data_dir, "main")
+    assert lock.try_acquire()
+    try:
+        [outcome] = await sync_once(settings, settings.connections, None, scripted_factory({}, {}, asyncio.Event()))
+    finally:
+        lock.release()
+
+    assert outcome.busy
+    assert "another mdr-connector process" in outcome.error
