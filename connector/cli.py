@@ -27,7 +27,6 @@ from mdr_connector.connector.errors import (
     ConfigError,
     ConnectionBusyError,
     ConnectorError,
-    TokenExpiredError,
 )
 from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.logs import configure_logging, register_secret
@@ -60,13 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConnectionBusyError as err:
-        print_error(str(err))
+        print_error(err.localized(_))
         return EXIT_BUSY
-    except TokenExpiredError as err:
-        print_error(str(err))
-        return EXIT_FAILED
     except ConnectorError as err:
-        print_error(str(err))
+        print_error(err.localized(_))
         return EXIT_FAILED
     except SQLAlchemyError as err:
         reason = str(getattr(err, "orig", None) or err).splitlines()[0]
@@ -242,9 +238,9 @@ def command_run(args: argparse.Namespace) -> int:
             outcomes = await run_forever(settings, store, open_connection)
         finally:
             await store.close()
-        failed = [outcome for outcome in outcomes if outcome.error]
+        failed = [outcome for outcome in outcomes if outcome.failure is not None]
         for outcome in failed:
-            print_error(f"{outcome.name}: {outcome.error}")
+            print_error(f"{outcome.name}: {outcome.failure.localized(_)}")
         return EXIT_FAILED if failed else EXIT_OK
 
     return run_async(go)
@@ -267,8 +263,8 @@ def command_sync(args: argparse.Namespace) -> int:
 
         exit_code = EXIT_OK
         for outcome in outcomes:
-            if outcome.error:
-                print_error(f"{outcome.name}: {outcome.error}")
+            if outcome.failure is not None:
+                print_error(f"{outcome.name}: {outcome.failure.localized(_)}")
                 exit_code = max(exit_code, EXIT_BUSY if outcome.busy else EXIT_FAILED)
             elif outcome.stats is not None:
                 print(

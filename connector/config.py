@@ -9,8 +9,10 @@ field names an environment variable (`env:`) or a file (`file:`) to read.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
+import stat
 import string
 from datetime import datetime, timezone
 from importlib import resources
@@ -29,8 +31,14 @@ from pydantic import (
 )
 
 from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.logs import register_secret
+
+log = logging.getLogger(__name__)
 
 BUILTIN_MAPPING_PREFIX = "builtin:"
+MAX_SECRET_BYTES = 64 * 1024
+# Ticket fields the mapping sets through its own keys, never through `fields`.
+CORE_TICKET_FIELDS = frozenset({"project", "issuetype", "issue_type", "summary", "description", "priority", "labels"})
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 CONNECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
@@ -81,21 +89,59 @@ class SecretRef(StrictModel):
         return self
 
     def read(self) -> str:
-        """Read the secret, raising ConfigError that names the source but never the value."""
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise ConfigError(f"environment variable {self.env} is not set or empty")
-            return value
+        """Read the secret, raising ConfigError that names the source but never the value.
 
+        Every value read is registered with the log redaction, so it cannot
+        reach a log line even inside an error text from a library.
+        """
+        value = self._read_env() if self.env is not None else self._read_file()
+        register_secret(value)
+        return value
+
+    def _read_env(self) -> str:
+        assert self.env is not None
+        value = os.environ.get(self.env)
+        if not value:
+            raise ConfigError(f"environment variable {self.env} is not set or empty")
+        return value
+
+    def _read_file(self) -> str:
         assert self.file is not None
         try:
-            value = self.file.read_text(encoding="utf-8").strip()
+            info = self.file.stat()
         except OSError as err:
             raise ConfigError(f"cannot read secret file {self.file}: {err.strerror}") from err
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"secret file {self.file} is not a regular file")
+        if info.st_size > MAX_SECRET_BYTES:
+            raise ConfigError(f"secret file {self.file} is larger than {MAX_SECRET_BYTES} bytes; is it the right file?")
+        if info.st_mode & 0o077:
+            log.warning("config.secret_file.readable_by_others", extra={"path": str(self.file)})
+
+        try:
+            value = self.file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read secret file {self.file}: {err}") from err
         if not value:
             raise ConfigError(f"secret file {self.file} is empty")
         return value
+
+
+def reject_inline_password(url: str) -> str:
+    """Refuse a URL that carries a password in the YAML; it belongs in an environment variable or file."""
+    if urlsplit(url).password:
+        raise ValueError(
+            "this URL contains a password, and secrets must not sit in the YAML: "
+            "move the whole URL to an environment variable or file, e.g. {env: VARIABLE_NAME}"
+        )
+    return url
+
+
+def secret_or_plain(value: str | SecretRef | None) -> str | None:
+    """Resolve a setting that is either a plain value or a SecretRef."""
+    if isinstance(value, SecretRef):
+        return value.read()
+    return value
 
 
 class TransportSettings(StrictModel):
@@ -103,8 +149,17 @@ class TransportSettings(StrictModel):
 
     tls_verify: bool = True
     ca_bundle: Path | None = None
-    proxy: str | None = None
+    proxy: str | SecretRef | None = None
     timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_without_password(cls, value: str | SecretRef | None) -> str | SecretRef | None:
+        return reject_inline_password(value) if isinstance(value, str) else value
+
+    def proxy_url(self) -> str | None:
+        """The proxy URL, read from its environment variable or file when it is a secret."""
+        return secret_or_plain(self.proxy)
 
 
 def check_service_url(url: str) -> str:
@@ -242,7 +297,7 @@ class Settings(StrictModel):
     """The whole configuration file."""
 
     data_dir: Path = Path("data")
-    database_url: str | None = None
+    database_url: str | SecretRef | None = None
     language: Literal["en", "ru"] | None = None
     log: LogSettings = Field(default_factory=LogSettings)
     connections: list[ConnectionSettings] = Field(min_length=1)
@@ -256,9 +311,16 @@ class Settings(StrictModel):
             raise ValueError(f"connection names must be unique, repeated: {', '.join(duplicates)}")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_without_password(cls, value: str | SecretRef | None) -> str | SecretRef | None:
+        return reject_inline_password(value) if isinstance(value, str) else value
+
     def resolved_database_url(self) -> str:
-        if self.database_url:
-            return self.database_url
+        """The SQLAlchemy URL: the configured one (read from its secret if need be), else SQLite in data_dir."""
+        url = secret_or_plain(self.database_url)
+        if url:
+            return url
         return f"sqlite+aiosqlite:///{self.data_dir / 'mdr-connector.db'}"
 
     def connection(self, name: str | None) -> ConnectionSettings:
@@ -311,6 +373,17 @@ class Mapping(StrictModel):
     def _label_templates(cls, value: list[str]) -> list[str]:
         for label in value:
             check_template(label, TEMPLATE_FIELDS)
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _no_core_fields(cls, value: dict[str, Any]) -> dict[str, Any]:
+        core = sorted(set(value) & CORE_TICKET_FIELDS)
+        if core:
+            raise ValueError(
+                f"{', '.join(core)} cannot be set under 'fields'; use the top-level keys "
+                "project, issue_type, summary, description, priority and labels"
+            )
         return value
 
     @field_validator("priority")
@@ -428,9 +501,29 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
         if not mapping.startswith(BUILTIN_MAPPING_PREFIX) and not Path(mapping).is_absolute():
             fixed = fixed.model_copy(update={"mapping": str(base / mapping)})
         connections.append(fixed)
+    database_url = settings.database_url
+    if isinstance(database_url, SecretRef):
+        database_url = fix_secrets(database_url)
+    elif isinstance(database_url, str):
+        database_url = absolute_sqlite_url(database_url, base)
     return settings.model_copy(
-        update={"data_dir": absolute(settings.data_dir), "connections": connections}
+        update={"data_dir": absolute(settings.data_dir), "connections": connections, "database_url": database_url}
     )
+
+
+def absolute_sqlite_url(url: str, base: Path) -> str:
+    """Resolve a relative SQLite file path against the config file's folder, not the current folder."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - Store.open reports an invalid URL with its reason
+        return url
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return url
+    if Path(parsed.database).is_absolute():
+        return url
+    return parsed.set(database=str(base / parsed.database)).render_as_string(hide_password=False)
 
 
 def load_mapping(reference: str) -> Mapping:

@@ -21,9 +21,33 @@ raise with `from err`, so callers never catch aiohttp or jira exceptions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Self
+
 
 class ConnectorError(Exception):
-    """Base of every error raised on purpose by mdr-connector."""
+    """Base of every error raised on purpose by mdr-connector.
+
+    An error built with `from_template` keeps its English template and its
+    values, so the CLI can show it in the user's language while logs and
+    `str(error)` stay English.
+    """
+
+    template: str | None = None
+    values: dict[str, object] | None = None
+
+    @classmethod
+    def from_template(cls, template: str, **values: object) -> Self:
+        error = cls(template.format(**values))
+        error.template = template
+        error.values = values
+        return error
+
+    def localized(self, translate: Callable[[str], str]) -> str:
+        """Render the message with `translate` applied to its template, or as is without one."""
+        if self.template is None or self.values is None:
+            return str(self)
+        return translate(self.template).format(**self.values)
 
 
 class ConfigError(ConnectorError):

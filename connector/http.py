@@ -1,7 +1,7 @@
-"""aiohttp sessions built the same way for every remote system.
+"""HTTP clients built the same way for every remote system: aiohttp sessions, and requests settings for Jira.
 
 TLS verification uses the operating system's certificate store (aiohttp's
-default, unlike httpx, which bundles certifi), or `ca_bundle` when one is
+default; requests is pointed at the same store), or `ca_bundle` when one is
 configured. `tls_verify: false` is allowed but logs a WARNING every time a
 session starts. A configured `proxy` is used for every request. Without
 one, the standard proxy variables (`HTTPS_PROXY`, `NO_PROXY`, ...) apply,
@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import requests
 from mdr_connector.connector.config import TransportSettings, is_loopback_host
 from mdr_connector.connector.errors import ConfigError
 
@@ -68,23 +69,55 @@ async def create_session(
     ssl_setting: ssl.SSLContext | bool = True
     if uses_tls:
         ssl_setting = await asyncio.to_thread(build_ssl_context, settings)
-    if uses_tls and ssl_setting is False:
-        log.warning(
-            "http.tls_verification_disabled",
-            extra={"connection": connection, "host": host},
-        )
+        warn_if_unverified(settings, base_url, connection)
 
     connector = aiohttp.TCPConnector(ssl=ssl_setting, limit=max_connections)
+    proxy = settings.proxy_url()
 
     # trust_env also makes aiohttp read ~/.netrc; it is off whenever a proxy
     # is configured explicitly or the target is loopback (the simulators).
     return aiohttp.ClientSession(
         connector=connector,
         timeout=build_timeout(settings),
-        proxy=settings.proxy,
-        trust_env=settings.proxy is None and not loopback,
+        proxy=proxy,
+        trust_env=proxy is None and not loopback,
         raise_for_status=False,
     )
+
+
+def warn_if_unverified(settings: TransportSettings, url: str, connection: str) -> None:
+    """Log a WARNING at every start of a client whose TLS verification is turned off."""
+    if settings.tls_verify or urlsplit(url).scheme != "https":
+        return
+    log.warning(
+        "http.tls_verification_disabled",
+        extra={"connection": connection, "host": urlsplit(url).hostname or ""},
+    )
+
+
+def requests_verify(settings: TransportSettings) -> bool | str:
+    """The `verify` value for a requests session, chosen as for aiohttp.
+
+    That is `ca_bundle` when set, else the operating system's store (requests
+    would otherwise use certifi's bundle and miss a corporate CA installed
+    in the system), or False when verification is off.
+    """
+    if not settings.tls_verify:
+        return False
+    if settings.ca_bundle is not None:
+        return str(settings.ca_bundle)
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.capath or True
+
+
+def requests_proxies(settings: TransportSettings, url: str) -> dict[str, str] | None:
+    """The proxies for a requests session: the configured one, else the environment's, never for loopback."""
+    proxy = settings.proxy_url()
+    if proxy:
+        return {"http": proxy, "https": proxy}
+    if is_loopback_host(urlsplit(url).hostname or ""):
+        return None
+    return requests.utils.get_environ_proxies(url) or None
 
 
 def post_options() -> dict[str, Any]:

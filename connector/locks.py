@@ -14,6 +14,12 @@ import time
 from pathlib import Path
 
 from mdr_connector.connector.errors import ConnectionBusyError
+from mdr_connector.connector.i18n import N_
+
+BUSY = N_(
+    "connection {connection} is being synced by another mdr-connector process (pid {pid}); "
+    "wait for it to finish, or pass --wait SECONDS"
+)
 
 
 class ConnectionLock:
@@ -42,9 +48,8 @@ class ConnectionLock:
         deadline = time.monotonic() + wait_seconds
         while not self.try_acquire():
             if time.monotonic() >= deadline:
-                raise ConnectionBusyError(
-                    f"connection {self.connection!r} is being synced by another mdr-connector process "
-                    f"(pid {self.holder_pid() or 'unknown'}); wait for it to finish, or pass --wait SECONDS"
+                raise ConnectionBusyError.from_template(
+                    BUSY, connection=self.connection, pid=self.holder_pid() or "?"
                 )
             await asyncio.sleep(0.5)
 

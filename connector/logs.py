@@ -120,6 +120,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None
     root.addHandler(handler)
     root.setLevel(level)
     # The jira package and urllib3 log request details at DEBUG, URLs with
-    # query strings included; keep them at WARNING unless asked.
-    for noisy in ("urllib3", "jira", "requests_oauthlib", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    # query strings included, and alembic logs every migration step at INFO:
+    # these stay at WARNING whatever the level.
+    for noisy in ("urllib3", "jira", "requests_oauthlib", "aiohttp.access", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -38,10 +38,19 @@ ConnectionFactory = Callable[[Settings, ConnectionSettings, Store], AbstractAsyn
 
 @dataclass
 class ConnectionOutcome:
+    """How one connection ended: its stats, or the error that stopped it."""
+
     name: str
     stats: SyncStats | None
-    error: str | None
-    busy: bool = False
+    failure: ConnectorError | None = None
+
+    @property
+    def error(self) -> str | None:
+        return str(self.failure) if self.failure is not None else None
+
+    @property
+    def busy(self) -> bool:
+        return isinstance(self.failure, ConnectionBusyError)
 
 
 class FailureStreak:
@@ -89,13 +98,13 @@ async def sync_once(
         try:
             async with held_lock(settings, connection.name, wait_seconds), factory(settings, connection, store) as sync:
                 stats = await sync.run_cycle()
-            outcomes.append(ConnectionOutcome(connection.name, stats, None))
+            outcomes.append(ConnectionOutcome(connection.name, stats))
         except ConnectionBusyError as err:
             log.warning("sync.connection.busy", extra={"connection": connection.name})
-            outcomes.append(ConnectionOutcome(connection.name, None, str(err), busy=True))
+            outcomes.append(ConnectionOutcome(connection.name, None, err))
         except ConnectorError as err:
             log.error("sync.connection.failed", extra={"connection": connection.name, "error": str(err)})
-            outcomes.append(ConnectionOutcome(connection.name, None, str(err)))
+            outcomes.append(ConnectionOutcome(connection.name, None, err))
     return outcomes
 
 
@@ -144,7 +153,7 @@ async def work_connection(
                             delay = await run_cycle_until_stopped(sync, stop, streak)
                             await wait_unless_stopped(stop, delay)
                         log.info("sync.connection.stopped", extra={"connection": connection.name})
-                        return ConnectionOutcome(connection.name, sync.stats, None)
+                        return ConnectionOutcome(connection.name, sync.stats)
                 except ConnectionFatalError:
                     raise
                 except ConnectorError as err:
@@ -153,10 +162,10 @@ async def work_connection(
                     streak.failed(err)
                     await wait_unless_stopped(stop, interval)
             log.info("sync.connection.stopped", extra={"connection": connection.name})
-            return ConnectionOutcome(connection.name, None, None)
+            return ConnectionOutcome(connection.name, None)
     except ConnectionFatalError as err:
         log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
-        return ConnectionOutcome(connection.name, None, str(err))
+        return ConnectionOutcome(connection.name, None, err)
 
 
 async def wait_unless_stopped(stop: asyncio.Event, seconds: float) -> None:

@@ -241,3 +241,16 @@ async def test_demo_runs() -> None:
     assert "tickets created:                3" in out
     assert "comments mirrored Jira -> MDR:  1" in out
     assert "check: one ticket per incident, no comment duplicated on either side" in out
+
+
+async def test_busy_message_in_russian(activated_config: Path, tmp_path: Path) -> None:
+    """The busy message follows --lang ru, placed after the command."""
+    lock = ConnectionLock(tmp_path / "data", "main")
+    assert lock.try_acquire()
+    try:
+        code, _, err = await run_cli("--config", str(activated_config), "sync", "--once", "--lang", "ru")
+    finally:
+        lock.release()
+
+    assert code == 75
+    assert "уже синхронизирует другой процесс mdr-connector" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -152,4 +153,76 @@ def test_mapping_requires_every_priority(tmp_path: Path) -> None:
     )
 
     with pytest.raises(ConfigError, match="missing: LOW"):
+        load_mapping(str(path))
+
+
+def test_url_with_password_is_rejected(tmp_path: Path) -> None:
+    """A database or proxy URL with a password in the YAML is rejected; the fix is named."""
+    with_database = "database_url: postgresql+asyncpg://mdr:hunter2@db/mdr\n" + VALID_CONFIG
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path / "db.yaml", with_database))
+    assert "database_url: Value error, this URL contains a password" in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+    with_proxy = VALID_CONFIG.replace("token_dir: tokens", "token_dir: tokens\n      proxy: http://u:p4ss@proxy:3128")
+    with pytest.raises(ConfigError, match="connections\\[0\\].mdr.proxy"):
+        load_settings(write(tmp_path / "proxy.yaml", with_proxy))
+
+
+def test_database_url_from_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """database_url can come from an environment variable, password included."""
+    monkeypatch.setenv("MDR_TEST_DB_URL", "postgresql+asyncpg://mdr:hunter2@db/mdr")
+    settings = load_settings(write(tmp_path / "config.yaml", "database_url: {env: MDR_TEST_DB_URL}\n" + VALID_CONFIG))
+
+    assert settings.resolved_database_url() == "postgresql+asyncpg://mdr:hunter2@db/mdr"
+
+
+def test_relative_sqlite_path_follows_config(tmp_path: Path) -> None:
+    """A relative SQLite path is resolved against the config file's folder, not the current one."""
+    settings = load_settings(
+        write(tmp_path / "config.yaml", "database_url: sqlite+aiosqlite:///state/ledger.db\n" + VALID_CONFIG)
+    )
+
+    assert settings.resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path}/state/ledger.db"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_secret_file_must_be_regular(tmp_path: Path, kind: str) -> None:
+    """A secret 'file' that is a FIFO, a folder or a device is rejected instead of read."""
+    path = tmp_path / "secret"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        SecretRef(file=path).read()
+
+
+def test_secret_values_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret read from the config is redacted from log text from then on."""
+    from mdr_connector.connector.logs import redact_text
+
+    monkeypatch.setenv("MDR_TEST_CANARY", "canary-3f9a1c77")
+    SecretRef(env="MDR_TEST_CANARY").read()
+
+    assert redact_text("Jira said: bad token canary-3f9a1c77") == "Jira said: bad token [REDACTED]"
+
+
+def test_mapping_rejects_core_fields(tmp_path: Path) -> None:
+    """`fields` cannot set summary or priority behind the mapping's own keys."""
+    path = write(
+        tmp_path / "mapping.yaml",
+        """
+        project: SEC
+        issue_type: Task
+        description: x
+        priority: {HIGH: High, NORMAL: Medium, LOW: Low}
+        fields: {summary: overridden, customfield_10010: SOC}
+        """,
+    )
+
+    with pytest.raises(ConfigError, match="summary cannot be set under 'fields'"):
         load_mapping(str(path))

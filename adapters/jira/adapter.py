@@ -38,6 +38,7 @@ from jira.exceptions import JIRAError
 from mdr_connector.adapters.jira.errors import map_error
 from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
 from mdr_connector.connector import markup
+from mdr_connector.connector.http import requests_proxies, requests_verify, warn_if_unverified
 from mdr_connector.connector.config import (
     JiraApiTokenAuth,
     JiraPersonalTokenAuth,
@@ -69,6 +70,7 @@ CONNECTOR_LABEL = "mdr-connector"
 PROPERTY_KEY = "mdr-connector"
 INCIDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_SUMMARY_LENGTH = 255
+MAX_LABEL_LENGTH = 255
 PAGE_SIZE = 100
 # Atlassian documents search/jql as eventually consistent, with changes
 # showing up "from a few seconds to minutes" later.
@@ -354,8 +356,9 @@ class JiraTicketAdapter:
         else:
             credentials = {"basic_auth": (auth.username, auth.password.read())}
 
-        verify: bool | str = str(settings.ca_bundle) if settings.ca_bundle else settings.tls_verify
-        proxies = {"http": settings.proxy, "https": settings.proxy} if settings.proxy else None
+        warn_if_unverified(settings, settings.url, self.project)
+        verify = requests_verify(settings)
+        proxies = requests_proxies(settings, settings.url)
         return {
             "server": settings.url,
             "options": {"verify": verify, "headers": {"User-Agent": "mdr-connector"}},
@@ -635,9 +638,14 @@ def _summary(text: str) -> str:
 
 
 def _labels(labels: Iterable[str]) -> list[str]:
-    """Make labels Jira accepts: no whitespace (replaced by `_`), no duplicates, none empty."""
-    cleaned = (re.sub(r"\s+", "_", label.strip()) for label in labels)
+    """Make labels Jira accepts: no whitespace (replaced by `_`), at most 255 characters, no duplicates, none empty."""
+    cleaned = (_cut_utf16(re.sub(r"\s+", "_", label.strip()), MAX_LABEL_LENGTH) for label in labels)
     return list(dict.fromkeys(label for label in cleaned if label))
+
+
+def _cut_utf16(text: str, limit: int) -> str:
+    """Cut text to `limit` UTF-16 code units, the unit Jira counts, without splitting a character."""
+    return text.encode("utf-16-le")[: limit * 2].decode("utf-16-le", errors="ignore")
 
 
 def _incident_id_of(issue: dict[str, Any]) -> str | None:

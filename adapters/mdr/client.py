@@ -40,7 +40,7 @@ from mdr_connector.adapters.mdr.models import (
     parse_comment,
     parse_incident,
 )
-from mdr_connector.adapters.mdr.tokens import TokenManager, expired_refresh_message
+from mdr_connector.adapters.mdr.tokens import TokenManager, expired_refresh_error
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import (
     CredentialsRejectedError,
@@ -256,7 +256,7 @@ class MdrClient:
             raise RemoteUnavailableError(f"MDR {CONFIRM_PATH} failed: {describe_error(err)}") from err
 
         if reply.status in (400, 401, 403):
-            raise TokenExpiredError(expired_refresh_message(self.settings.client_id))
+            raise expired_refresh_error(self.settings.client_id)
         if reply.status != 200:
             raise_for_status(CONFIRM_PATH, reply, write=False, include_message=False)
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mdr_connector.connector.config import MdrSettings
+from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,22 @@ TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
 ConfirmFunction = Callable[[str], Awaitable[tuple[str, str]]]
 
 
-def expired_refresh_message(client_id: str) -> str:
-    return (
-        f"the MDR refresh token for client {client_id} is expired or was already used: "
-        "issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
-    )
+EXPIRED_REFRESH = N_(
+    "the MDR refresh token for client {client_id} is expired or was already used: "
+    "issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+)
+NOT_ACTIVATED = N_(
+    "no MDR token for client {client_id} in {token_dir}: "
+    "issue a token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+)
+CONSOLE_TOKEN_EXPIRED = N_(
+    "the console token for client {client_id} expired at {expired_at}: "
+    "issue a new token in the MDR console (Settings, API)"
+)
+
+
+def expired_refresh_error(client_id: str) -> TokenExpiredError:
+    return TokenExpiredError.from_template(EXPIRED_REFRESH, client_id=client_id)
 
 
 def decode_jwt_claims(token: str) -> dict[str, Any]:
@@ -398,9 +410,8 @@ class TokenManager:
                 "from the MDR console (Settings, API)"
             ) from err
         if self._clock() >= expires_at:
-            raise TokenExpiredError(
-                f"the console token for client {self.client_id} expired at "
-                f"{_utc(expires_at).isoformat()}: issue a new token in the MDR console (Settings, API)"
+            raise TokenExpiredError.from_template(
+                CONSOLE_TOKEN_EXPIRED, client_id=self.client_id, expired_at=_utc(expires_at).isoformat()
             )
 
         async with self._lock:
@@ -412,10 +423,7 @@ class TokenManager:
     def _load_required(self) -> TokenPair:
         pair = self.store.load()
         if pair is None:
-            raise ConfigError(
-                f"no MDR token for client {self.client_id} in {self.store.token_dir}: "
-                "issue a token in the MDR console (Settings, API) and run `mdr-connector token activate`"
-            )
+            raise ConfigError.from_template(NOT_ACTIVATED, client_id=self.client_id, token_dir=self.store.token_dir)
         self._pair = pair
         return pair
 
@@ -457,7 +465,7 @@ class TokenManager:
                 return pair.access_token
 
             if self._clock() >= pair.refresh_expires_at:
-                raise TokenExpiredError(expired_refresh_message(self.client_id))
+                raise expired_refresh_error(self.client_id)
 
             new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
             return new_pair.access_token
