@@ -76,6 +76,9 @@ class TicketComment:
     created: datetime
     body: str
     marker: SyncMarker | None = None
+    # True when the ticket system limits who may read the comment (a Jira
+    # comment visible to one role or group); such comments stay internal.
+    restricted: bool = False
 
 
 @dataclass(frozen=True)
