@@ -9,42 +9,80 @@ emoji of source and result, ignoring markup and URLs, and when any are
 missing it returns a plain rendering of the source instead, so no text is
 lost.
 
-The functions are synchronous and start one pandoc process per new text
-(results are cached). From async code, run them with `asyncio.to_thread`.
+The MDR console renders the Markdown made here as HTML, so it must carry
+no raw HTML, no images and no links with a script scheme. Pandoc reads the
+source into its document tree, where images become links. Raw HTML read
+from Jira markup becomes escaped text. Raw HTML read from MDR HTML is
+dropped, because a browser shows no tag, script or comment as text. The
+writer then emits GitHub Markdown without raw HTML. Pandoc's own Markdown reader reads the result
+back, and if it still finds HTML or an image, the source gets the plain
+rendering.
+NOTE: this assumes the console follows CommonMark, where `\\<` is an
+escaped character; a renderer with other escaping rules was not checked.
+
+Every input first goes through `clean_text`. Inputs over
+MAX_PANDOC_INPUT_BYTES skip pandoc and get the plain rendering. A
+conversion gets PANDOC_TIMEOUT_SECONDS for all its pandoc runs together,
+and gets the plain rendering when that time runs out.
+
+The functions are synchronous and start pandoc processes per new text
+(results of small inputs are cached). From async code, run them with
+`asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
 import subprocess
+import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from html.parser import HTMLParser
+from typing import Any, Literal
 
 import pypandoc
 
 log = logging.getLogger(__name__)
 
-PANDOC_TIMEOUT_SECONDS = 30.0
+# Pathological inputs (`{` repeated 16,000 times in Jira markup, nested
+# `<b><i>` in HTML) keep pandoc busy far longer than any real comment.
+PANDOC_TIMEOUT_SECONDS = 5.0
+MAX_PANDOC_INPUT_BYTES = 256 * 1024
+# NOTE: the cache can still hold CACHE_SIZE inputs of this size with their
+# results, an estimated 400 MB at worst.
+MAX_CACHED_INPUT_BYTES = 64 * 1024
 CACHE_SIZE = 2048
+# Links with these schemes stay links. A link with any other scheme
+# (javascript:, data:, vbscript:) is shown as text.
+SAFE_URL_SCHEMES = frozenset({"http", "https", "mailto"})
+
+RawHtmlPolicy = Literal["text", "drop"]
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# Browsers drop these from a URL before they read its scheme.
+_URL_IGNORED = re.compile(r"[\x00-\x20\x7f]+")
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_RAW_KINDS = frozenset({"RawInline", "RawBlock"})
+_NO_ATTRIBUTES: list[Any] = ["", [], []]
+_DROP = object()
 
 # Letters and digits in URLs, markup keywords and tags are not text, so
 # they are removed before source and result are compared.
-_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://\S+|\bmailto:\S+")
+# A URL ends at a bracket, so text right after an autolink `<…>` or a
+# Markdown link target still counts.
+_URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>()\[\]]+|\bmailto:[^\s<>()\[\]]+")
 _WIKI_MACRO = re.compile(r"(?<!\{)\{[A-Za-z]+(?::[^{}\n]*)?\}(?!\})")
 _WIKI_BLOCK_PREFIX = re.compile(r"^[ \t]*(?:h[1-6]|bq)\.", re.MULTILINE)
 _WIKI_EMOTICON = re.compile(r"\((?:y|n|i|/|x|!|\+|-|\?|on|off|\*[rgby]?|flag|flagoff)\)")
 _WIKI_IMAGE_ATTRIBUTES = re.compile(r"(![^!\s|]+)\|[^!\n]*!")
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _HTML_TAG = re.compile(r"(?<!\\)</?[A-Za-z][^<>\n]*>")
-_GENERATED_TAG = re.compile(
-    r"(?<!\\)</?(?:a|br|cite|del|div|img|ins|s|span|sub|sup|u)\b([^<>\n]*)>"
-)
-_TAG_SOURCE = re.compile(r"\bsrc=\"([^\"]*)\"")
 _MD_TASK_BOX = re.compile(r"^([ \t>]*[-*+][ \t]+)\[[ xX]\]", re.MULTILINE)
 _MD_ORDERED_MARKER = re.compile(r"^([ \t>]*)\d{1,9}[.)](?=[ \t]|$)", re.MULTILINE)
 _MD_FENCE_INFO = re.compile(r"^([ \t]*(?:`{3,}|~{3,}))[^`\n]*$", re.MULTILINE)
@@ -63,32 +101,75 @@ _IGNORED_SYMBOLS = frozenset("☐☒")
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~&])")
 
 
+class UnsafeMarkdownError(ValueError):
+    """A result in which pandoc's Markdown reader finds raw HTML, an image or a script link."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        super().__init__(f"Markdown result has {', '.join(kinds)}")
+        self.kinds = kinds
+
+
+def clean_text(text: str) -> str:
+    """Make text safe to encode and send.
+
+    A lone UTF-16 surrogate becomes U+FFFD (a surrogate pair becomes its
+    character), and NUL and the other C0 control characters except tab,
+    line feed and carriage return are removed.
+    """
+    if _LONE_SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return _CONTROL.sub("", text)
+
+
 def html_to_markdown(source: str) -> str:
-    """Convert MDR HTML to Markdown; fall back to the escaped text of the HTML."""
-    return _convert(source, "html")
+    """Convert MDR HTML to Markdown without raw HTML, or else to the escaped text of the HTML."""
+    return _convert(clean_text(source), "html")
 
 
 def markdown_to_jira(source: str) -> str:
     """Convert Markdown to Jira wiki markup; fall back to a `{noformat}` block."""
     # NOTE: pandoc writes a backslash as `&bsol;`, because `\\` is a line
     # break in Jira; whether Jira renders that entity is not verified.
-    return _convert(source, "markdown-jira")
+    return _convert(clean_text(source), "markdown-jira")
 
 
 def jira_to_markdown(source: str) -> str:
-    """Convert Jira wiki markup to Markdown; fall back to a fenced code block."""
-    return _convert(source, "jira-markdown")
+    """Convert Jira wiki markup to Markdown without raw HTML, or else to a fenced code block."""
+    return _convert(clean_text(source), "jira-markdown")
+
+
+def _convert(source: str, route_name: str) -> str:
+    # Only small inputs are cached, so the cache cannot grow to gigabytes.
+    if _utf8_size(source) <= MAX_CACHED_INPUT_BYTES:
+        return _convert_cached(source, route_name)
+    return _convert_once(source, route_name)
 
 
 @lru_cache(maxsize=CACHE_SIZE)
-def _convert(source: str, route_name: str) -> str:
+def _convert_cached(source: str, route_name: str) -> str:
+    return _convert_once(source, route_name)
+
+
+def _convert_once(source: str, route_name: str) -> str:
     if not source.strip():
         return ""
 
     route = ROUTES[route_name]
+    size = _utf8_size(source)
+    if size > MAX_PANDOC_INPUT_BYTES:
+        log.warning("markup.too_large", extra={"route": route_name, "size_bytes": size})
+        return route.fallback(source)
+
     try:
-        result = route.finish(_run_pandoc(route.prepare(source), route.reader, route.writer))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        result = route.finish(_pandoc_convert(route.prepare(source), route))
+    except UnsafeMarkdownError as err:
+        log.warning(
+            "markup.raw_html",
+            extra={"route": route_name, "node_types": err.kinds, "length": len(source)},
+        )
+        return route.fallback(source)
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as err:
+        # RuntimeError covers RecursionError on a very deeply nested document.
         log.warning(
             "markup.pandoc.failed",
             extra={"route": route_name, "error_type": type(err).__name__, "length": len(source)},
@@ -105,13 +186,33 @@ def _convert(source: str, route_name: str) -> str:
     return result
 
 
-def _run_pandoc(text: str, reader: str, writer: str) -> str:
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _pandoc_convert(text: str, route: _Route) -> str:
+    """Run the route's pandoc steps within one shared deadline."""
+    deadline = time.monotonic() + PANDOC_TIMEOUT_SECONDS
+    if route.raw_html is None:
+        return _run_pandoc(text, route.reader, route.writer, deadline)
+
+    document = json.loads(_run_pandoc(text, route.reader, "json", deadline))
+    document["blocks"] = _defang(document["blocks"], route.raw_html)
+    markdown = _run_pandoc(json.dumps(document), "json", route.writer, deadline)
+    _check_markdown(markdown, deadline)
+    return markdown
+
+
+def _run_pandoc(text: str, reader: str, writer: str, deadline: float) -> str:
     command = [_pandoc_path(), "--from", reader, "--to", writer, "--wrap=none", "--sandbox"]
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+        raise subprocess.TimeoutExpired(command, PANDOC_TIMEOUT_SECONDS)
     completed = subprocess.run(
         command,
         input=text.encode("utf-8"),
         capture_output=True,
-        timeout=PANDOC_TIMEOUT_SECONDS,
+        timeout=timeout,
         check=False,
     )
     if completed.returncode != 0:
@@ -125,6 +226,91 @@ def _pandoc_path() -> str:
     # (rather than pypandoc.convert_text) gives a timeout, so a stuck
     # conversion cannot hold a worker thread forever.
     return pypandoc.get_pandoc_path()
+
+
+# Pandoc's JSON document tree, in which each element is {"t": kind, "c": content}.
+
+
+def _defang(node: Any, raw_html: RawHtmlPolicy) -> Any:
+    """Rewrite every image, raw HTML element and script link in a pandoc tree."""
+    if isinstance(node, list):
+        items = (_defang(item, raw_html) for item in node)
+        return [item for item in items if item is not _DROP]
+    if not isinstance(node, dict) or "t" not in node:
+        return node
+    if "c" in node:
+        node = {**node, "c": _defang(node["c"], raw_html)}
+    return _defanged_element(node, raw_html)
+
+
+def _defanged_element(node: dict[str, Any], raw_html: RawHtmlPolicy) -> Any:
+    kind = node["t"]
+    if kind in _RAW_KINDS:
+        return _raw_as_text(node) if raw_html == "text" else _DROP
+    if kind == "Image":
+        return _image_as_link(node)
+    if kind == "Link" and not _safe_url(node["c"][2][0]):
+        _attributes, content, (url, _title) = node["c"]
+        return {"t": "Span", "c": [_NO_ATTRIBUTES, [*content, {"t": "Space"}, _text(f"({url})")]]}
+    return node
+
+
+def _image_as_link(node: dict[str, Any]) -> Any:
+    """Replace an image with a link to it, or with its alt text when its URL has an unsafe scheme."""
+    _attributes, alt, target = node["c"]
+    if not _safe_url(target[0]):
+        return {"t": "Span", "c": [_NO_ATTRIBUTES, alt]} if alt else _DROP
+    return {"t": "Link", "c": [_NO_ATTRIBUTES, alt or [_text(target[0])], target]}
+
+
+def _raw_as_text(node: dict[str, Any]) -> dict[str, Any]:
+    """Turn raw markup into text the writer escapes: a `Str` inline, or a paragraph of lines."""
+    _format, raw = node["c"]
+    if node["t"] == "RawInline":
+        return _text(raw)
+    lines: list[dict[str, Any]] = []
+    for line in raw.splitlines():
+        if lines:
+            lines.append({"t": "LineBreak"})
+        lines.append(_text(line))
+    return {"t": "Para", "c": lines}
+
+
+def _text(value: str) -> dict[str, Any]:
+    return {"t": "Str", "c": value}
+
+
+def _safe_url(url: str) -> bool:
+    scheme = _URL_SCHEME.match(_URL_IGNORED.sub("", url))
+    return scheme is None or scheme.group(1).lower() in SAFE_URL_SCHEMES
+
+
+def _check_markdown(markdown: str, deadline: float) -> None:
+    """Raise UnsafeMarkdownError when pandoc's GitHub Markdown reader finds HTML or images in the result."""
+    if not markdown.strip():
+        return
+    document = json.loads(_run_pandoc(markdown, "gfm", "json", deadline))
+    kinds = sorted(set(_unsafe_kinds(document["blocks"])))
+    if kinds:
+        raise UnsafeMarkdownError(kinds)
+
+
+def _unsafe_kinds(node: Any) -> Iterator[str]:
+    if isinstance(node, list):
+        for item in node:
+            yield from _unsafe_kinds(item)
+        return
+    if not isinstance(node, dict) or "t" not in node:
+        return
+    kind = node["t"]
+    if kind in _RAW_KINDS or kind == "Image":
+        yield kind
+    elif kind == "Link" and not _safe_url(node["c"][2][0]):
+        yield "Link"
+    yield from _unsafe_kinds(node.get("c"))
+
+
+# Content-loss check
 
 
 def _missing_characters(source_text: str, result_text: str) -> int:
@@ -161,15 +347,8 @@ def _markdown_source_text(markdown: str) -> str:
 
 
 def _markdown_result_text(markdown: str) -> str:
-    # Only the tags pandoc writes for Jira markup without a Markdown form are
-    # removed; a tag typed as text comes out escaped or inside code.
-    markdown = _GENERATED_TAG.sub(_tag_source, markdown)
+    # Results carry no tags: a tag typed as text comes out escaped or inside code.
     return _MD_FENCE_INFO.sub(r"\1", markdown)
-
-
-def _tag_source(match: re.Match[str]) -> str:
-    source = _TAG_SOURCE.search(match.group(1))
-    return f" {source.group(1)} " if source else " "
 
 
 class _VisibleText(HTMLParser):
@@ -266,7 +445,11 @@ class _Route:
         fallback: Callable[[str], str],
         prepare: Callable[[str], str] = lambda text: text,
         finish: Callable[[str], str] = lambda text: text,
+        raw_html: RawHtmlPolicy | None = None,
     ) -> None:
+        # Routes that write Markdown for the MDR console set `raw_html`, and
+        # their document tree is made safe between reader and writer.
+        self.raw_html = raw_html
         self.reader = reader
         self.writer = writer
         self.text_of_source = text_of_source
@@ -283,6 +466,8 @@ ROUTES = {
         text_of_source=_html_text,
         text_of_result=_markdown_result_text,
         fallback=_html_fallback,
+        # Tags a browser does not show as text (a script, a comment) carry no visible text.
+        raw_html="drop",
     ),
     "markdown-jira": _Route(
         reader="gfm",
@@ -294,10 +479,11 @@ ROUTES = {
     ),
     "jira-markdown": _Route(
         reader="jira",
-        writer="gfm",
+        writer="gfm-raw_html",
         text_of_source=_wiki_text,
         text_of_result=_markdown_result_text,
         fallback=_markdown_fallback,
         prepare=_decode_wiki_escapes,
+        raw_html="text",
     ),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -14,7 +15,13 @@ from jira.exceptions import JIRAError
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
 
 from fixtures_jira import MakeAdapter, RunningJira, StartJira, jira_settings
-from mdr_connector.adapters.jira.adapter import JiraTicketAdapter, jql_minute
+from mdr_connector.adapters.jira.adapter import (
+    MAX_TEXT_LENGTH,
+    TRUNCATION_NOTE,
+    JiraTicketAdapter,
+    _truncated,
+    jql_minute,
+)
 from mdr_connector.adapters.jira.errors import map_error
 from mdr_connector.connector import markup
 from mdr_connector.connector.errors import (
@@ -387,6 +394,160 @@ async def test_deployment_override(jira_dc: RunningJira, make_adapter: MakeAdapt
 
     assert adapter.deployment == "datacenter"
     assert jira_dc.sim.calls["GET /rest/api/2/search"] == 1
+
+
+# Hostile and oversized input
+
+
+def utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+async def test_reports_restricted_comments(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A comment limited to a role or a group is reported as restricted, and other comments are not."""
+    ref = await cloud_adapter.create_ticket(draft())
+    sim = jira_cloud.sim
+    sim.add_comment(ref.key, "role only", visibility={"type": "role", "value": "Administrators"})
+    sim.add_comment(ref.key, "group only", visibility={"type": "group", "value": "soc-team"})
+    sim.add_comment(ref.key, "for everyone")
+    added = await cloud_adapter.add_comment(ref, comment("c-3"))
+
+    listed = await cloud_adapter.list_comments(ref)
+
+    assert [(item.body, item.restricted) for item in listed] == [
+        ("role only", True),
+        ("group only", True),
+        ("for everyone", False),
+        ("Checked the host.", False),
+    ]
+    assert added.restricted is False
+
+
+async def test_restricted_datacenter(jira_dc: RunningJira, make_adapter: MakeAdapter) -> None:
+    """Data Center comments with a visibility are restricted too."""
+    adapter = await make_adapter(jira_dc)
+    ref = await adapter.create_ticket(draft())
+    jira_dc.sim.add_comment(ref.key, "internal", visibility={"type": "role", "value": "Developers"})
+
+    (listed,) = await adapter.list_comments(ref)
+
+    assert listed.restricted is True
+
+
+async def test_cleans_outgoing_text(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """Lone surrogates and control characters in summary, description, labels and comments never reach Jira."""
+    fields = {"summary": "Alert\ud800\x00 on host", "description": "Bad \udc00 text\x07", "labels": ("tag\ud800\x01",)}
+    ref = await cloud_adapter.create_ticket(draft(**fields))
+    await cloud_adapter.add_comment(ref, comment("c-4", "note \ud800\x1b end"))
+    issue = jira_cloud.sim.issue(ref.key)
+
+    assert issue.fields["summary"] == "Alert\ufffd on host"
+    assert issue.fields["description"] == "Bad \ufffd text"
+    assert issue.fields["labels"][-1] == "tag\ufffd"
+    assert issue.comments[0].body == "note \ufffd end"
+
+
+async def test_reads_lone_surrogate(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A comment stored with a lone surrogate is read with U+FFFD in its place."""
+    ref = await cloud_adapter.create_ticket(draft())
+    jira_cloud.sim.add_comment(ref.key, "odd \ud800 text")
+
+    (listed,) = await cloud_adapter.list_comments(ref)
+
+    assert listed.body == "odd \ufffd text"
+
+
+async def test_long_description_cut(
+    jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A description over Jira's limit is cut with a note instead of being rejected."""
+    with caplog.at_level(logging.WARNING, logger="mdr_connector.adapters.jira.adapter"):
+        ref = await cloud_adapter.create_ticket(draft(description="word " * 10000))
+    stored = jira_cloud.sim.issue(ref.key).fields["description"]
+
+    assert utf16_length(stored) <= MAX_TEXT_LENGTH
+    assert stored.startswith("word word")
+    assert stored.endswith(TRUNCATION_NOTE)
+    assert [record.message for record in caplog.records] == ["jira.text.truncated"]
+    assert caplog.records[0].incident_id == INCIDENT_ID
+
+
+async def test_long_update_and_comment_cut(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """update_ticket and add_comment cut long text of emoji without leaving half a surrogate pair."""
+    ref = await cloud_adapter.create_ticket(draft())
+    text = "😀" * 20000
+    fields = TicketFields(summary="s", description=text, priority=None, labels=())
+
+    await cloud_adapter.update_ticket(ref, fields)
+    await cloud_adapter.add_comment(ref, comment("c-5", text))
+    issue = jira_cloud.sim.issue(ref.key)
+
+    for stored in (issue.fields["description"], issue.comments[0].body):
+        assert utf16_length(stored) <= MAX_TEXT_LENGTH
+        assert stored.endswith(TRUNCATION_NOTE)
+        assert stored.removesuffix(TRUNCATION_NOTE).strip("😀") == ""
+        stored.encode("utf-8")
+
+
+async def test_huge_description(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A 5 MB description skips pandoc, and its `{noformat}` block is closed before the note."""
+    ref = await cloud_adapter.create_ticket(draft(description="<b>" + "x" * 5_000_000))
+    stored = jira_cloud.sim.issue(ref.key).fields["description"]
+
+    assert utf16_length(stored) <= MAX_TEXT_LENGTH
+    assert stored.startswith("{noformat}\n<b>xxx")
+    assert stored.endswith("xxx\n{noformat}" + TRUNCATION_NOTE)
+
+
+@pytest.mark.parametrize(
+    ("markdown", "closer"),
+    [
+        ("```python\n" + "print(1)\n" * 5000 + "```", "{code}"),
+        ("```\n" + "line\n" * 8000 + "```", "{noformat}"),
+    ],
+    ids=["code", "noformat"],
+)
+async def test_cut_block_closed(
+    jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter, markdown: str, closer: str
+) -> None:
+    """A cut inside a code block closes the block before the note."""
+    ref = await cloud_adapter.create_ticket(draft())
+
+    await cloud_adapter.add_comment(ref, comment("c-6", markdown))
+    stored = jira_cloud.sim.issue(ref.key).comments[0].body
+
+    assert utf16_length(stored) <= MAX_TEXT_LENGTH
+    assert stored.endswith(f"\n{closer}{TRUNCATION_NOTE}")
+
+
+@pytest.mark.parametrize(
+    ("wiki", "ending"),
+    [
+        ("a" * (MAX_TEXT_LENGTH - 80) + "😀" * 100, "😀"),
+        ("{code}x{code}" + "b" * MAX_TEXT_LENGTH, "b"),
+        ("\\{code} " + "c" * MAX_TEXT_LENGTH, "c"),
+        ("{noformat}{code}" + "d" * MAX_TEXT_LENGTH, "d\n{noformat}"),
+        ("{code:java}{noformat}" + "e" * MAX_TEXT_LENGTH, "e\n{code}"),
+    ],
+    ids=["surrogate-pair", "closed-block", "escaped-macro", "code-inside-noformat", "noformat-inside-code"],
+)
+def test_truncated(wiki: str, ending: str) -> None:
+    """Cut text fits Jira's limit, keeps whole characters and closes only a block left open."""
+    cut = _truncated(wiki)
+
+    assert utf16_length(cut) <= MAX_TEXT_LENGTH
+    assert cut.endswith(ending + TRUNCATION_NOTE)
+    cut.encode("utf-8")
+
+
+async def test_text_at_limit_kept(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A description exactly at Jira's limit is sent whole."""
+    text = "😀" * (MAX_TEXT_LENGTH // 2) + "a"
+
+    ref = await cloud_adapter.create_ticket(draft(description=text))
+
+    assert utf16_length(text) == MAX_TEXT_LENGTH
+    assert jira_cloud.sim.issue(ref.key).fields["description"] == text
 
 
 def reply_error(status: int, body: Any = None, headers: dict[str, str] | None = None) -> JIRAError:

@@ -21,6 +21,7 @@ from mdr_connector.adapters.jira.simulator import (
     SERVICE_TOKEN,
     UNBOUNDED_JQL_MESSAGE,
     JiraSimulator,
+    SimError,
     format_jira_time,
     run_simulator,
 )
@@ -170,6 +171,94 @@ async def test_comment_with_property(jira_cloud: RunningJira) -> None:
 
     assert comment["author"]["accountId"] == jira_cloud.sim.service.account_id
     assert prop == {"key": "mdr-connector", "value": {"origin": "mdr"}}
+
+
+async def test_comment_visibility(jira_cloud: RunningJira) -> None:
+    """POST comment keeps a role `visibility` and returns it in the reply and the comment list."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    visibility = {"type": "role", "value": "Administrators"}
+    url = client._get_url(f"issue/{created['id']}/comment")
+    reply = await asyncio.to_thread(
+        client._session.post, url, data=json.dumps({"body": "internal", "visibility": visibility})
+    )
+    jira_cloud.sim.add_comment(created["key"], "public")
+    listed = await asyncio.to_thread(client._get_json, f"issue/{created['key']}/comment")
+
+    assert reply.json()["visibility"] == visibility
+    assert listed["comments"][0]["visibility"] == visibility
+    assert "visibility" not in listed["comments"][1]
+    assert jira_cloud.sim.state()["issues"][0]["comments"][0]["visibility"] == visibility
+
+
+@pytest.mark.parametrize(
+    "visibility",
+    [{"type": "user", "value": "x"}, {"type": "group"}, {"type": "role", "value": " "}, "role"],
+    ids=["unknown-type", "no-value", "blank-value", "not-object"],
+)
+async def test_comment_visibility_invalid(jira_cloud: RunningJira, visibility: Any) -> None:
+    """A malformed `visibility` is rejected with 400 naming the comment level."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    url = client._get_url(f"issue/{created['id']}/comment")
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(
+            client._session.post, url, data=json.dumps({"body": "x", "visibility": visibility})
+        )
+
+    assert caught.value.status_code == 400
+    assert "commentLevel" in caught.value.response.json()["errors"]
+    assert jira_cloud.sim.issue(created["key"]).comments == []
+
+
+async def test_control_comment_visibility(jira_cloud: RunningJira) -> None:
+    """The control API adds a comment restricted to a group."""
+    issue = jira_cloud.sim.create_issue({"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"})
+    visibility = {"type": "group", "value": "soc-team"}
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(
+            f"{jira_cloud.url}/_sim/issues/{issue.key}/comments", json={"body": "hi", "visibility": visibility}
+        )
+
+    assert reply.status == 201
+    assert issue.comments[0].visibility == visibility
+
+
+async def test_lone_surrogate_json(jira_cloud: RunningJira) -> None:
+    """Text with a lone surrogate is served as valid JSON with a `\\ud800` escape, not a 500."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    jira_cloud.sim.add_comment(created["key"], "odd \ud800 text")
+    url = client._get_url(f"issue/{created['key']}/comment")
+
+    response = await asyncio.to_thread(client._session.get, url)
+
+    assert response.status_code == 200
+    assert b"odd \\ud800 text" in response.content
+    assert response.json()["comments"][0]["body"] == "odd \ud800 text"
+
+
+async def test_lone_surrogate_write(jira_cloud: RunningJira) -> None:
+    """A request with a `\\ud800` escape is stored and counted like Jira, not answered with 500."""
+    client = await jira(jira_cloud)
+    body = issue_body()
+    body["fields"]["description"] = "bad \ud800 text"
+
+    created = await asyncio.to_thread(post_issue, client, body)
+
+    assert jira_cloud.sim.issue(created["key"]).fields["description"] == "bad \ud800 text"
+
+
+async def test_comment_length_utf16(jira_cloud: RunningJira) -> None:
+    """A comment is limited to 32,767 UTF-16 code units, so each emoji counts twice."""
+    issue = jira_cloud.sim.create_issue({"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"})
+
+    jira_cloud.sim.add_comment(issue.key, "😀" * 16383)
+    with pytest.raises(SimError) as caught:
+        jira_cloud.sim.add_comment(issue.key, "😀" * 16384)
+
+    assert caught.value.status == 400
 
 
 async def test_search_cloud_pages(start_jira: StartJira) -> None:

@@ -71,6 +71,14 @@ PROPERTY_KEY = "mdr-connector"
 INCIDENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
 MAX_SUMMARY_LENGTH = 255
 MAX_LABEL_LENGTH = 255
+# Jira Cloud rejects a longer description or comment body with HTTP 400.
+# Jira counts this length in UTF-16 code units, like every other length.
+# NOTE: the same limit is assumed for Data Center, where it was not checked.
+MAX_TEXT_LENGTH = 32767
+TRUNCATION_NOTE = "\n\n… (truncated by mdr-connector: the full text is in Kaspersky MDR)"
+# Room for the line that closes a `{code}` or `{noformat}` block cut short.
+_BLOCK_CLOSER_ROOM = len("\n{noformat}")
+_WIKI_BLOCK_TAG = re.compile(r"\{(code|noformat)(?::[^{}\n]*)?\}")
 PAGE_SIZE = 100
 # Atlassian documents search/jql as eventually consistent, with changes
 # showing up "from a few seconds to minutes" later.
@@ -204,7 +212,7 @@ class JiraTicketAdapter:
                 "so the ticket could never be found again: use one project for both"
             )
         label = correlation_label(draft.incident_id)
-        description = await asyncio.to_thread(markup.markdown_to_jira, draft.fields.description)
+        description = await _jira_text(draft.fields.description, "description", incident_id=draft.incident_id)
 
         fields = self._field_values(draft.fields, description)
         fields["project"] = {"key": draft.project}
@@ -227,7 +235,7 @@ class JiraTicketAdapter:
 
     async def update_ticket(self, ref: TicketRef, fields: TicketFields) -> None:
         """Write the mapped fields; labels are only added, so the connector's and people's labels stay."""
-        description = await asyncio.to_thread(markup.markdown_to_jira, fields.description)
+        description = await _jira_text(fields.description, "description", ticket_key=ref.key)
         body = {
             "fields": self._field_values(fields, description),
             "update": {"labels": [{"add": label} for label in _labels(fields.labels)]},
@@ -269,7 +277,7 @@ class JiraTicketAdapter:
         The returned body is the draft's Markdown, not a re-conversion of
         what Jira stored.
         """
-        wiki = await asyncio.to_thread(markup.markdown_to_jira, draft.body)
+        wiki = await _jira_text(draft.body, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
         marker = {"origin": draft.marker.origin, "source_id": draft.marker.source_id}
         body = {"body": wiki, "properties": [{"key": PROPERTY_KEY, "value": marker}]}
 
@@ -283,6 +291,7 @@ class JiraTicketAdapter:
                 created=_parse_time(reply["created"]),
                 body=draft.body,
                 marker=draft.marker,
+                restricted=_restricted(reply),
             )
         except (KeyError, TypeError, InvalidPayloadError) as err:
             raise OutcomeUnknownError(
@@ -427,6 +436,7 @@ class JiraTicketAdapter:
                 created=_parse_time(item["created"]),
                 body=body,
                 marker=_marker_of(item, ref),
+                restricted=_restricted(item),
             )
         except (KeyError, TypeError) as err:
             raise InvalidPayloadError(f"Jira returned a comment of {ref.key} without id or created: {err!r}") from err
@@ -571,6 +581,42 @@ def _apply_server_info(client: JIRA, info: dict[str, Any], deployment: Deploymen
 # Pure helpers
 
 
+async def _jira_text(markdown: str, field: str, **ids: str) -> str:
+    """Convert Markdown to wiki markup that Jira accepts as a description or comment body."""
+    wiki = markup.clean_text(await asyncio.to_thread(markup.markdown_to_jira, markdown))
+    length = _utf16_length(wiki)
+    if length <= MAX_TEXT_LENGTH:
+        return wiki
+    log.warning("jira.text.truncated", extra={"field": field, "length": length, **ids})
+    return _truncated(wiki)
+
+
+def _truncated(wiki: str) -> str:
+    """Cut wiki text to MAX_TEXT_LENGTH with TRUNCATION_NOTE at its end, closing a block the cut left open."""
+    room = MAX_TEXT_LENGTH - _utf16_length(TRUNCATION_NOTE) - _BLOCK_CLOSER_ROOM
+    head = _cut_utf16(wiki, room)
+    block = _open_block(head)
+    closer = f"\n{{{block}}}" if block else ""
+    return head + closer + TRUNCATION_NOTE
+
+
+def _open_block(wiki: str) -> str | None:
+    """Return `code` or `noformat` when wiki text ends inside that block, else None."""
+    open_kind: str | None = None
+    for match in _WIKI_BLOCK_TAG.finditer(wiki):
+        kind = match.group(1)
+        if open_kind is None:
+            escaped = match.start() > 0 and wiki[match.start() - 1] == "\\"
+            open_kind = None if escaped else kind
+        elif kind == open_kind:
+            open_kind = None
+    return open_kind
+
+
+def _utf16_length(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
 def _reached_total(count: int, page: dict[str, Any]) -> bool:
     """Return whether `count` items cover the page's `total`; without one, paging goes on to an empty page."""
     total = page.get("total")
@@ -623,8 +669,8 @@ def _parse_time(text: str) -> datetime:
 
 def _summary(text: str) -> str:
     """Make a summary Jira accepts: one line, at most 255 UTF-16 code units as Jira counts them."""
-    line = " ".join(text.split())
-    if len(line.encode("utf-16-le")) // 2 <= MAX_SUMMARY_LENGTH:
+    line = " ".join(markup.clean_text(text).split())
+    if _utf16_length(line) <= MAX_SUMMARY_LENGTH:
         return line
     cut: list[str] = []
     units = 0
@@ -639,7 +685,9 @@ def _summary(text: str) -> str:
 
 def _labels(labels: Iterable[str]) -> list[str]:
     """Make labels Jira accepts: no whitespace (replaced by `_`), at most 255 characters, no duplicates, none empty."""
-    cleaned = (_cut_utf16(re.sub(r"\s+", "_", label.strip()), MAX_LABEL_LENGTH) for label in labels)
+    cleaned = (
+        _cut_utf16(re.sub(r"\s+", "_", markup.clean_text(label).strip()), MAX_LABEL_LENGTH) for label in labels
+    )
     return list(dict.fromkeys(label for label in cleaned if label))
 
 
@@ -653,6 +701,13 @@ def _incident_id_of(issue: dict[str, Any]) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("incident_id"), str):
         return value["incident_id"]
     return None
+
+
+def _restricted(comment: dict[str, Any]) -> bool:
+    """Return whether Jira limits who may read a comment, which it marks with a role or group `visibility`."""
+    # Any visibility value counts, even one this adapter cannot read, so a
+    # malformed reply errs on the side of keeping the comment internal.
+    return comment.get("visibility") is not None
 
 
 def _marker_of(comment: dict[str, Any], ref: TicketRef) -> SyncMarker | None:

@@ -32,7 +32,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -84,7 +83,21 @@ API = "/rest/api/2"
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=partial(json.dumps, ensure_ascii=False))
+    return web.json_response(body, status=status, dumps=_json_text)
+
+
+def _json_text(body: Any) -> str:
+    """Encode JSON with characters as they are, like Jira, or with `\\u` escapes when UTF-8 cannot carry them.
+
+    Text with a lone surrogate, stored from a `\\ud800` escape in a request,
+    has no UTF-8 form. The escaped JSON is still valid and decodes to the same text.
+    """
+    text = json.dumps(body, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(body)
+    return text
 
 
 # HTTP layer
@@ -299,6 +312,7 @@ class _Api:
             body.get("body"),
             author=request["user"],
             properties=body.get("properties", []),
+            visibility=body.get("visibility"),
         )
         issue, _ = self.sim.comment(comment.id)
         return _json_response(self.comment_json(request, issue, comment, with_properties=False), status=201)
@@ -317,6 +331,8 @@ class _Api:
             "updated": self.time(request, comment.updated),
             "jsdPublic": True,
         }
+        if comment.visibility is not None:
+            body["visibility"] = dict(comment.visibility)
         if with_properties:
             body["properties"] = [{"key": key, "value": value} for key, value in comment.properties.items()]
         return body
@@ -621,7 +637,12 @@ class _Control:
     async def add_comment(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         try:
-            comment = self.sim.add_comment(request.match_info["issue"], body.get("body"), author=body.get("author"))
+            comment = self.sim.add_comment(
+                request.match_info["issue"],
+                body.get("body"),
+                author=body.get("author"),
+                visibility=body.get("visibility"),
+            )
         except KeyError as err:
             raise SimError(400, [str(err)]) from None
         return _json_response({"id": str(comment.id)}, status=201)

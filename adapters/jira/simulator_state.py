@@ -52,6 +52,7 @@ SYSTEM_FIELDS = (
     ("status", "Status"),
     ("comment", "Comment"),
 )
+VISIBILITY_TYPES = ("role", "group")
 DEFAULT_PRIORITIES = ("Highest", "High", "Medium", "Low", "Lowest")
 DEFAULT_PROJECTS = {"SEC": ("Security incidents", ("Task", "Incident"))}
 
@@ -92,6 +93,8 @@ class SimComment:
     created: datetime
     updated: datetime
     properties: dict[str, Any] = field(default_factory=dict)
+    # {"type": "role" | "group", "value": name} when only that role or group may read the comment.
+    visibility: dict[str, str] | None = None
 
 
 @dataclass
@@ -308,14 +311,20 @@ class JiraSimulator:
         *,
         author: str | SimUser | None = None,
         properties: list[dict[str, Any]] | None = None,
+        visibility: dict[str, Any] | None = None,
     ) -> SimComment:
-        """Add a comment; by default as the human user, as a person would in the web UI."""
+        """Add a comment, by default as the human user, as a person would in the web UI.
+
+        `visibility` restricts the comment to a role or a group, for example
+        `{"type": "role", "value": "Administrators"}`.
+        """
         issue = self.issue(reference)
         user = author if isinstance(author, SimUser) else self.user(author or HUMAN_NAME)
         if not isinstance(body, str) or not body.strip():
             raise SimError(400, errors={"comment": "Comment body can not be empty!"})
-        if len(body) > MAX_TEXT_LENGTH:
+        if _utf16_length(body) > MAX_TEXT_LENGTH:
             raise SimError(400, errors={"comment": f"The comment is longer than {MAX_TEXT_LENGTH} characters."})
+        checked_visibility = _validated_visibility(visibility)
 
         now = self.now()
         comment = SimComment(
@@ -325,6 +334,7 @@ class JiraSimulator:
             created=now,
             updated=now,
             properties=_validated_properties(properties or []),
+            visibility=checked_visibility,
         )
         self._next_comment_id += 1
         issue.comments.append(comment)
@@ -495,6 +505,7 @@ class JiraSimulator:
                             "body": comment.body,
                             "created": comment.created.isoformat(),
                             "properties": copy.deepcopy(comment.properties),
+                            "visibility": copy.deepcopy(comment.visibility),
                         }
                         for comment in issue.comments
                     ],
@@ -517,7 +528,8 @@ def issue_type_id(name: str) -> str:
 
 
 def _utf16_length(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
+    # Java counts a lone surrogate as one code unit, so it must not raise here.
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _validated_summary(value: Any) -> str:
@@ -550,6 +562,17 @@ def _validated_labels(value: Any) -> list[str]:
         if len(label) > 255:
             raise ValueError("A label must be at most 255 characters long.")
     return list(dict.fromkeys(value))
+
+
+def _validated_visibility(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in VISIBILITY_TYPES:
+        raise SimError(400, errors={"commentLevel": "Visibility needs a 'type' of 'role' or 'group'."})
+    name = value.get("value")
+    if not isinstance(name, str) or not name.strip():
+        raise SimError(400, errors={"commentLevel": "Visibility needs the role or group name as 'value'."})
+    return {"type": value["type"], "value": name}
 
 
 def _validated_properties(properties: Any) -> dict[str, Any]:
