@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -22,14 +23,20 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from mdr_connector.connector import i18n
-from mdr_connector.connector.config import Settings, load_mapping, load_settings
+from mdr_connector.connector.config import (
+    Settings,
+    is_loopback_host,
+    load_mapping,
+    load_settings,
+    read_text_file,
+)
 from mdr_connector.connector.errors import (
     ConfigError,
     ConnectionBusyError,
     ConnectorError,
 )
 from mdr_connector.connector.i18n import N_, _
-from mdr_connector.connector.logs import configure_logging, register_secret
+from mdr_connector.connector.logs import configure_logging, escape_controls, redact_text, register_secret
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ EXIT_USAGE = 2
 # that found the connection busy should hear.
 EXIT_BUSY = 75
 DEFAULT_CONFIG = "config.yaml"
+MAX_TOKEN_FILE_BYTES = 64 * 1024
 
 # The token states as the MDR console names them, marked so the
 # translation scan finds them; they are shown with `_(status.state)`.
@@ -53,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     apply_option_defaults(args)
     if not getattr(args, "handler", None):
-        parser.print_help()
+        # `token` and `db` alone show their own subcommands, not the top level.
+        getattr(args, "help_parser", parser).print_help()
         return EXIT_USAGE
 
     try:
@@ -81,10 +90,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def print_error(message: str) -> None:
-    lines = message.splitlines() or [""]
+    """Print an error on stderr, secrets redacted: Jira and MDR may echo a token in their error texts."""
+    lines = [safe_text(line) for line in message.splitlines()] or [""]
     print(f"mdr-connector: {_('error')}: {lines[0]}", file=sys.stderr)
     for line in lines[1:]:
         print(f"  {line}", file=sys.stderr)
+
+
+def safe_text(line: str) -> str:
+    """Redact secrets in `line` and escape its control characters, so it can be printed on a terminal."""
+    return escape_controls(redact_text(line))
 
 
 def _peek_option(argv: list[str], name: str) -> str | None:
@@ -97,6 +112,32 @@ def _peek_option(argv: list[str], name: str) -> str | None:
 
 
 # Parser
+
+
+def wait_seconds(text: str) -> float:
+    """argparse type of --wait: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            _("expected a finite number of seconds, 0 or more, got {value}").format(value=text)
+        )
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type of --port: a TCP port from 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            _("expected a port number from 0 to 65535, got {value}").format(value=text)
+        )
+    return value
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -144,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--connection", help=_("name of the connection (default: all)"))
     sync.add_argument(
         "--wait",
-        type=float,
+        type=wait_seconds,
         default=0,
         metavar="SECONDS",
         help=_("wait up to SECONDS for another process working the connection (default: 0, exit at once)"),
@@ -152,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(handler=command_sync)
 
     token = commands.add_parser("token", help=_("manage the MDR API token chain"))
+    token.set_defaults(help_parser=token)
     token_commands = token.add_subparsers(title=_("commands"), metavar="COMMAND")
     activate = token_commands.add_parser(
         "activate",
@@ -184,10 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser("simulate", parents=[common], help=_("run a simulator on loopback for manual testing"))
     simulate.add_argument("system", choices=("mdr", "jira"), help=_("which simulator to run"))
     simulate.add_argument("--host", default="127.0.0.1", help=_("address to listen on (default: 127.0.0.1)"))
-    simulate.add_argument("--port", type=int, default=0, help=_("port to listen on (default: a free port)"))
+    simulate.add_argument("--port", type=port_number, default=0, help=_("port to listen on (default: a free port)"))
     simulate.set_defaults(handler=command_simulate)
 
     db = commands.add_parser("db", help=_("manage the database schema"))
+    db.set_defaults(help_parser=db)
     db_commands = db.add_subparsers(title=_("commands"), metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", parents=[common], help=_("apply the database migrations"))
     upgrade.set_defaults(handler=command_db_upgrade)
@@ -287,19 +330,28 @@ def command_sync(args: argparse.Namespace) -> int:
 def read_console_token(token_file: Path | None) -> str:
     """Read the console-issued token from a file or standard input; never from the command line."""
     if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise ConfigError(_("cannot read {path}: {reason}").format(path=token_file, reason=err.strerror)) from err
+        token = read_text_file(token_file, MAX_TOKEN_FILE_BYTES).strip()
     elif sys.stdin.isatty():
         token = getpass.getpass(_("Paste the token issued in the MDR console (Settings, API): ")).strip()
     else:
-        token = sys.stdin.read().strip()
+        token = read_standard_input(MAX_TOKEN_FILE_BYTES).strip()
 
     if not token:
         raise ConfigError(_("no token given; pass --token-file PATH or pipe the token to standard input"))
     register_secret(token)
     return token
+
+
+def read_standard_input(limit: int) -> str:
+    data = sys.stdin.buffer.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(
+            _("standard input contains more than {limit} bytes; pipe in only the token").format(limit=limit)
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(_("cannot read standard input: not UTF-8 text")) from err
 
 
 def command_token_activate(args: argparse.Namespace) -> int:
@@ -358,7 +410,7 @@ def command_check(args: argparse.Namespace) -> int:
     for connection in connections:
         for line, ok in run_async(lambda: check_connection(connection)):
             mark = "ok" if ok else _("FAILED")
-            print(f"  [{mark}] {line}")
+            print(f"  [{mark}] {safe_text(line)}")
             failures += 0 if ok else 1
     return EXIT_OK if failures == 0 else EXIT_FAILED
 
@@ -373,6 +425,11 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_simulate(args: argparse.Namespace) -> int:
+    if not is_loopback_host(args.host):
+        raise ConfigError(
+            _("the simulator serves only loopback addresses, not {host}: its control API has no "
+              "authentication; pass --host 127.0.0.1 or --host ::1").format(host=args.host)
+        )
     configure_logging(args.log_level or "INFO", "auto")
     if args.system == "mdr":
         from mdr_connector.adapters.mdr.simulator import serve

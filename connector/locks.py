@@ -8,18 +8,26 @@ process dies, so a crash never leaves a stale lock behind.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import math
 import os
+import stat
 import time
 from pathlib import Path
 
-from mdr_connector.connector.errors import ConnectionBusyError
+from mdr_connector.connector.errors import ConfigError, ConnectionBusyError
 from mdr_connector.connector.i18n import N_
 
 BUSY = N_(
     "connection {connection} is being synced by another mdr-connector process (pid {pid}); "
     "wait for it to finish, or pass --wait SECONDS"
 )
+NOT_REGULAR = N_("the lock file {path} is not a regular file: remove it and run the command again")
+# Opened without following a symlink and without blocking on a FIFO, since
+# the lock file is truncated and written once it is held.
+OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+MAX_PID_BYTES = 32
 
 
 class ConnectionLock:
@@ -32,19 +40,34 @@ class ConnectionLock:
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError.from_template(NOT_REGULAR, path=self.path)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return True
 
+    def _open(self, flags: int) -> int:
+        try:
+            return os.open(self.path, flags | OPEN_FLAGS, 0o600)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ConfigError.from_template(NOT_REGULAR, path=self.path) from err
+            raise
+
     async def acquire(self, wait_seconds: float = 0) -> None:
         """Take the lock, waiting up to `wait_seconds`; raise ConnectionBusyError if another process keeps it."""
+        if not math.isfinite(wait_seconds) or wait_seconds < 0:
+            raise ValueError(f"wait_seconds must be a finite number of seconds >= 0, got {wait_seconds}")
         deadline = time.monotonic() + wait_seconds
         while not self.try_acquire():
             if time.monotonic() >= deadline:
@@ -55,9 +78,15 @@ class ConnectionLock:
 
     def holder_pid(self) -> int | None:
         try:
-            return int(self.path.read_text().strip() or 0) or None
+            fd = self._open(os.O_RDONLY)
+        except (OSError, ConfigError):
+            return None
+        try:
+            return int(os.read(fd, MAX_PID_BYTES).strip() or 0) or None
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._fd is None:

@@ -20,7 +20,15 @@ REDACTED = "[REDACTED]"
 SECRET_KEY_PATTERN = re.compile(
     r"(token|password|passwd|secret|authorization|api[_-]?key|cookie|credential)", re.IGNORECASE
 )
-JWT_PATTERN = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+# `eyJ` is base64url for `{"`, the start of every JWT header. Ten more
+# characters, dots allowed between them, catch a JWT cut short inside an
+# error text as well as a whole one.
+JWT_PATTERN = re.compile(r"eyJ(?:\.?[A-Za-z0-9_-]){10,}")
+# C0 and C1 controls (newline, carriage return, ESC...), Unicode line and
+# paragraph separators and the bidirectional overrides. Each of them lets a
+# value start a forged line or change what a terminal shows.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 STANDARD_ATTRIBUTES = frozenset(
@@ -41,6 +49,19 @@ def redact_text(text: str) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return JWT_PATTERN.sub(REDACTED, text)
+
+
+def escape_controls(text: str) -> str:
+    """Replace control characters with escapes such as `\\n` and `\\x1b`, so the text stays on one line."""
+    return CONTROL_CHARACTERS.sub(_escape_character, text)
+
+
+def _escape_character(match: re.Match[str]) -> str:
+    character = match.group()
+    if character in NAMED_ESCAPES:
+        return NAMED_ESCAPES[character]
+    code = ord(character)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def redact_value(key: str, value: Any) -> Any:
@@ -91,16 +112,24 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """A readable line for a terminal: time, level, event, then key=value fields."""
+    """A readable line for a terminal: time, level, event, then key=value fields.
+
+    Control characters in the event and the fields are escaped, so a value
+    such as an incident id cannot forge a log line. A traceback follows on
+    indented lines, so none of its lines can pass for a record either.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         moment = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        fields = " ".join(f"{key}={value}" for key, value in record_fields(record).items())
-        line = f"{moment} {record.levelname:<7} {record.getMessage()}"
+        fields = " ".join(
+            f"{escape_controls(str(key))}={escape_controls(str(value))}"
+            for key, value in record_fields(record).items()
+        )
+        line = f"{moment} {record.levelname:<7} {escape_controls(record.getMessage())}"
         if fields:
             line = f"{line}  {fields}"
         if record.exc_text:
-            line = f"{line}\n{record.exc_text}"
+            line += "".join(f"\n    {escape_controls(text)}" for text in record.exc_text.splitlines())
         return line
 
 
@@ -120,7 +149,8 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", stream: Any = None
     root.addHandler(handler)
     root.setLevel(level)
     # The jira package and urllib3 log request details at DEBUG, URLs with
-    # query strings included, and alembic logs every migration step at INFO:
-    # these stay at WARNING whatever the level.
-    for noisy in ("urllib3", "jira", "requests_oauthlib", "aiohttp.access", "alembic"):
+    # query strings included. aiosqlite logs every statement with its
+    # parameters, which contain incident and comment text, and alembic logs
+    # every migration step at INFO. These stay at WARNING whatever the level.
+    for noisy in ("urllib3", "jira", "requests_oauthlib", "aiohttp.access", "aiosqlite", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

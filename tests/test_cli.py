@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import math
 import os
+import secrets
 import signal
 import stat
 import sys
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
+from aiohttp import web
 from fixtures_jira import RunningJira, StartJira
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
 
 from mdr_connector.adapters.jira.simulator import SERVICE_EMAIL, SERVICE_TOKEN
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
-from mdr_connector.connector.cli import main
+from mdr_connector.adapters.mdr.tokens import TokenFileStore
+from mdr_connector.connector.cli import main, read_console_token
+from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.locks import ConnectionLock
 
 JIRA_TOKEN_VARIABLE = "MDR_CLI_TEST_JIRA_TOKEN"
@@ -171,7 +180,7 @@ async def test_sync_once_exits_when_busy(activated_config: Path, tmp_path: Path)
 
 
 async def test_run_stops_on_sigterm(activated_config: Path, mdr_sim: MdrSimulator, jira: RunningJira) -> None:
-    """`run` syncs until SIGTERM, then exits 0."""
+    """`run` holds the connection while it syncs, so `sync --once` exits busy; SIGTERM then ends it with 0."""
     mdr_sim.seed_incident(MDR_CLIENT_ID)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mdr_connector.connector.cli", "--config", str(activated_config), "run",
@@ -184,6 +193,11 @@ async def test_run_stops_on_sigterm(activated_config: Path, mdr_sim: MdrSimulato
                 break
             await asyncio.sleep(0.1)
         assert jira.sim.issues, "run created no issue"
+
+        code, _, err = await run_cli("--config", str(activated_config), "sync", "--once")
+        assert code == 75, err
+        assert "being synced by another mdr-connector process" in err
+
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(process.communicate(), 30)
     finally:
@@ -254,3 +268,288 @@ async def test_busy_message_in_russian(activated_config: Path, tmp_path: Path) -
 
     assert code == 75
     assert "уже синхронизирует другой процесс mdr-connector" in err
+
+
+# Hostile input: secrets echoed by the remote side, bad arguments, files that are not files.
+
+MDR_ECHO_PREFIX = "the access token is not valid for this client: "
+
+
+def error_within(seconds: float, function, *args) -> BaseException | None:
+    """Run `function(*args)` in a daemon thread and return what it raised; a read that blocks fails the test."""
+    raised: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            function(*args)
+            raised.append(None)
+        except BaseException as err:  # noqa: BLE001 - handed to the test to inspect
+            raised.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert raised, f"{function.__name__} still blocked after {seconds} s"
+    return raised[0]
+
+
+def edit_config(config: Path, *, jira_url: str | None = None, log_format: str | None = None) -> None:
+    document = yaml.safe_load(config.read_text())
+    if jira_url is not None:
+        document["connections"][0]["ticket"]["url"] = jira_url
+    if log_format is not None:
+        document["log"]["format"] = log_format
+    config.write_text(yaml.safe_dump(document))
+
+
+@pytest.fixture
+async def echoing_jira() -> AsyncIterator[str]:
+    """A fake Jira on loopback that rejects every call and quotes the caller's API token in its error."""
+
+    async def reject(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        credentials = base64.b64decode(header.removeprefix("Basic ")).decode() if header.startswith("Basic ") else ""
+        token = credentials.partition(":")[2]
+        return web.json_response({"errorMessages": [f"API token {token} is not valid"]}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reject)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def echo_access_token(calls: list[str]):
+    """An MDR request hook that rejects every API call, quoting the access token as a careless server might."""
+
+    def hook(method: str, request: web.Request) -> None:
+        if method == "session/confirm":
+            return
+        calls.append(method)
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        raise web.HTTPBadRequest(
+            text=json.dumps({"code": 400, "message": MDR_ECHO_PREFIX + token}), content_type="application/json"
+        )
+
+    return hook
+
+
+@pytest.mark.parametrize("command", [["sync", "--once"], ["check"]], ids=["sync", "check"])
+async def test_jira_echoed_token_never_printed(
+    command: list[str], tmp_path: Path, mdr_sim: MdrSimulator, mdr_url: str, echoing_jira: str, jira: RunningJira
+) -> None:
+    """A Jira API token that Jira quotes in its error reaches no output, text or JSON logs included."""
+    canary = f"jira-canary-{secrets.token_hex(8)}"
+    config = write_config(tmp_path, mdr_url, jira)
+    edit_config(config, jira_url=echoing_jira)
+    token_file = tmp_path / "console-token"
+    token_file.write_text(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+    code, _, err = await run_cli("--config", str(config), "token", "activate", "--token-file", str(token_file))
+    assert code == 0, err
+
+    outputs = []
+    for log_format in ("json", "text"):
+        edit_config(config, log_format=log_format)
+        code, out, err = await run_cli(
+            "--config", str(config), "--log-level", "DEBUG", *command, env={JIRA_TOKEN_VARIABLE: canary}
+        )
+        assert code == 1, out + err
+        outputs.append(out + err)
+
+    assert canary not in "".join(outputs)
+    assert "API token [REDACTED] is not valid" in "".join(outputs)
+
+
+@pytest.mark.parametrize("command", [["sync", "--once"], ["check"]], ids=["sync", "check"])
+async def test_mdr_echoed_token_never_printed(
+    command: list[str], activated_config: Path, mdr_sim: MdrSimulator, tmp_path: Path
+) -> None:
+    """An MDR access token quoted in an error, whole or cut at 200 characters, reaches no output."""
+    calls: list[str] = []
+    mdr_sim.request_hook = echo_access_token(calls)
+    access_token = TokenFileStore(tmp_path / "tokens", MDR_CLIENT_ID).load().access_token
+    # The client keeps 200 characters of an error message: the token must be cut inside it.
+    assert len(MDR_ECHO_PREFIX) + len(access_token) > 200
+
+    outputs = []
+    for log_format in ("json", "text"):
+        edit_config(activated_config, log_format=log_format)
+        code, out, err = await run_cli("--config", str(activated_config), "--log-level", "DEBUG", *command)
+        assert code != 0, out + err
+        outputs.append(out + err)
+
+    assert calls, "the hook never ran, so nothing was echoed"
+    output = "".join(outputs)
+    _, payload, _ = access_token.split(".")
+    assert payload[:16] not in output
+    assert "eyJ" not in output
+    assert MDR_ECHO_PREFIX + "[REDACTED]" in output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "soon"])
+def test_wait_must_be_finite_and_not_negative(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sync --wait` takes a finite number of seconds, 0 or more, or fails as a usage error."""
+    with pytest.raises(SystemExit) as caught:
+        main(["sync", "--once", f"--wait={value}"])
+
+    assert caught.value.code == 2
+    assert f"argument --wait: expected a finite number of seconds, 0 or more, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["99999", "-1", "65536", "http"])
+def test_simulate_port_range(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`simulate --port` takes 0 to 65535, or fails as a usage error."""
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "mdr", f"--port={value}"])
+
+    assert caught.value.code == 2
+    assert f"argument --port: expected a port number from 0 to 65535, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("system", ["mdr", "jira"])
+def test_simulate_rejects_non_loopback_host(system: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Neither simulator listens beyond loopback; 192.0.2.1 is a documentation address, so nothing leaves."""
+    code = main(["simulate", system, "--host", "192.0.2.1"])
+
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert lines == [
+        "mdr-connector: error: the simulator serves only loopback addresses, not 192.0.2.1: its control API has no "
+        "authentication; pass --host 127.0.0.1 or --host ::1"
+    ]
+
+
+@pytest.mark.parametrize(("command", "subcommands"), [("token", ["activate", "status"]), ("db", ["upgrade"])])
+def test_group_without_subcommand_shows_its_help(
+    command: str, subcommands: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`token` or `db` alone prints that command's help, not the top-level one, and exits 2."""
+    code = main([command])
+
+    out = capsys.readouterr().out
+    assert code == 2
+    assert out.startswith(f"usage: mdr-connector {command} ")
+    assert all(name in out for name in subcommands)
+    assert "simulate" not in out
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "large", "binary"])
+def test_token_file_must_be_small_regular_text(tmp_path: Path, kind: str) -> None:
+    """--token-file rejects a FIFO, a device, a folder, a file over 64 KB and binary data, each in one line."""
+    path = tmp_path / "console-token"
+    expected = f"cannot read {path}: not a regular file"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "large":
+        path.write_bytes(b"e" * (64 * 1024 + 1))
+        expected = f"cannot read {path}: larger than 65536 bytes; is it the right file?"
+    else:
+        path.write_bytes(b"\xff\xfe\x00token")
+        expected = f"cannot read {path}: not UTF-8 text"
+
+    error = error_within(5, read_console_token, path)
+
+    assert isinstance(error, ConfigError)
+    assert str(error) == expected
+
+
+async def test_token_file_fifo_from_cli(tmp_path: Path, mdr_url: str, jira: RunningJira) -> None:
+    """`token activate --token-file FIFO` exits 1 at once with one line, instead of waiting for a writer."""
+    config = write_config(tmp_path, mdr_url, jira)
+    fifo = tmp_path / "console-token"
+    os.mkfifo(fifo)
+
+    code, _, err = await run_cli("--config", str(config), "token", "activate", "--token-file", str(fifo), timeout=20)
+
+    assert code == 1
+    assert err.strip().splitlines() == [f"mdr-connector: error: cannot read {fifo}: not a regular file"]
+
+
+@pytest.mark.parametrize(
+    ("stdin", "expected"),
+    [
+        (b"\xff\xfe token", "cannot read standard input: not UTF-8 text"),
+        (b"e" * (64 * 1024 + 1), "standard input contains more than 65536 bytes; pipe in only the token"),
+    ],
+    ids=["binary", "large"],
+)
+async def test_token_from_stdin_limits(
+    stdin: bytes, expected: str, tmp_path: Path, mdr_url: str, jira: RunningJira
+) -> None:
+    """A token piped to standard input must be UTF-8 text of at most 64 KB."""
+    config = write_config(tmp_path, mdr_url, jira)
+
+    code, _, err = await run_cli("--config", str(config), "token", "activate", stdin=stdin)
+
+    assert code == 1
+    assert err.strip().splitlines() == [f"mdr-connector: error: {expected}"]
+
+
+async def test_token_status_with_absurd_times(tmp_path: Path, mdr_url: str, jira: RunningJira) -> None:
+    """`token status` on a token file with times past the year 10000 names the fix instead of crashing."""
+    config = write_config(tmp_path, mdr_url, jira)
+    path = tmp_path / "tokens" / f"{MDR_CLIENT_ID}.json"
+    path.write_text(json.dumps({
+        "access_token": "a" * 20, "refresh_token": "r" * 20, "access_expires_at": 10**30,
+        "refresh_expires_at": 10**30, "obtained_at": 1_800_000_000,
+    }))
+    path.chmod(0o400)
+
+    code, _, err = await run_cli("--config", str(config), "token", "status")
+
+    assert code == 1
+    assert err.strip().splitlines() == [
+        f"mdr-connector: error: the token file {path} is malformed: run `mdr-connector token activate` "
+        "with a new token from the MDR console"
+    ]
+
+
+async def test_yaml_error_is_one_line(tmp_path: Path) -> None:
+    """A YAML syntax error in the config is one line naming the file, line and column."""
+    config = tmp_path / "config.yaml"
+    config.write_text("connections:\n  - name: [main\n    mdr: {}\n", encoding="utf-8")
+
+    code, _, err = await run_cli("--config", str(config), "check", "--offline")
+
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"mdr-connector: error: {config}: not valid YAML at line 3, column 8: ")
+
+
+def test_symlinked_lock_file_rejected(tmp_path: Path) -> None:
+    """A lock file replaced by a symlink is rejected, and the file it points to is not truncated."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "locks").mkdir(mode=0o700)
+    (tmp_path / "locks" / "main.lock").symlink_to(victim)
+
+    with pytest.raises(ConfigError, match="is not a regular file: remove it"):
+        ConnectionLock(tmp_path, "main").try_acquire()
+
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -1.0])
+async def test_lock_wait_must_be_finite(tmp_path: Path, seconds: float) -> None:
+    """A NaN or infinite wait would never end; the lock rejects it."""
+    with pytest.raises(ValueError, match="wait_seconds must be a finite number of seconds"):
+        await ConnectionLock(tmp_path, "main").acquire(seconds)
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["sync", "--once"], ["check"]], ids=["db", "sync", "check"])
+async def test_commands_print_no_alembic_lines(command: list[str], activated_config: Path) -> None:
+    """Starting a command prints nothing from alembic, at INFO or at DEBUG."""
+    for level in ("INFO", "DEBUG"):
+        code, out, err = await run_cli("--config", str(activated_config), "--log-level", level, *command)
+
+        assert code == 0, out + err
+        assert "alembic" not in (out + err).replace("alembic_version", "")

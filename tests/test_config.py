@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,162 @@ def test_mapping_rejects_core_fields(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="summary cannot be set under 'fields'"):
         load_mapping(str(path))
+
+
+MAPPING_HEAD = """\
+project: SEC
+issue_type: Task
+description: x
+priority: {HIGH: High, NORMAL: Medium, LOW: Low}
+"""
+
+
+def finishes_within(seconds: float, function, *args):
+    """Run `function(*args)` in a daemon thread, so a read that blocks fails the test instead of hanging it."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = function(*args)
+        except Exception as err:  # noqa: BLE001 - handed to the test to inspect
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} still blocked after {seconds} s"
+    return outcome
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["{summary:>999999999}", "{summary:{description}}", "{summary:{description.__class__}}", "{summary:d}"],
+    ids=["huge-width", "nested-field", "nested-attribute", "type-code"],
+)
+def test_mapping_template_format_spec_rejected(tmp_path: Path, template: str) -> None:
+    """Any format spec is rejected, naming the placeholder, before it can pad, probe or fail a render."""
+    path = write(tmp_path / "mapping.yaml", MAPPING_HEAD + f'summary: "{template}"\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(str(path))
+
+    assert f"{path}: summary: Value error, placeholder {{summary}} has a format spec, " \
+           "and format specs are not supported; write {summary}" in str(caught.value)
+
+
+def test_mapping_fields_alias_bomb_rejected(tmp_path: Path) -> None:
+    """Nested aliases under `fields` that expand to 10**8 values are rejected quickly with a clear error."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]")
+    bomb = "fields:\n  customfield_1:\n" + "".join(f"    {line}\n" for line in levels)
+    path = write(tmp_path / "mapping.yaml", MAPPING_HEAD + bomb)
+
+    outcome = finishes_within(5, load_mapping, str(path))
+
+    assert isinstance(outcome.get("error"), ConfigError)
+    assert "too large once YAML aliases are expanded" in str(outcome["error"])
+
+
+def test_mapping_fields_repeated_long_text_rejected(tmp_path: Path) -> None:
+    """A long string repeated by aliases under `fields` stays under the node count, but not under 64 KB."""
+    text = "y" * 40_000
+    path = write(
+        tmp_path / "mapping.yaml",
+        MAPPING_HEAD + f"fields:\n  customfield_1: &long {text}\n  customfield_2: *long\n",
+    )
+
+    with pytest.raises(ConfigError, match="fields: Value error, the custom fields are too large"):
+        load_mapping(str(path))
+
+
+def test_mapping_fields_that_contain_themselves_rejected(tmp_path: Path) -> None:
+    """A `fields` value that refers to itself cannot reach serialisation."""
+    path = write(tmp_path / "mapping.yaml", MAPPING_HEAD + "fields: &f {customfield_1: *f}\n")
+
+    with pytest.raises(ConfigError, match="too large once YAML aliases are expanded"):
+        load_mapping(str(path))
+
+
+def test_mapping_small_fields_with_alias_load(tmp_path: Path) -> None:
+    """A modest alias under `fields` still loads."""
+    path = write(
+        tmp_path / "mapping.yaml",
+        MAPPING_HEAD + "fields:\n  customfield_1: &team {value: SOC}\n  customfield_2: *team\n",
+    )
+
+    assert load_mapping(str(path)).fields == {"customfield_1": {"value": "SOC"}, "customfield_2": {"value": "SOC"}}
+
+
+def test_config_alias_bomb_rejected(tmp_path: Path) -> None:
+    """The whole config document has the same budget: an alias bomb in any key is rejected."""
+    levels = "".join(f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]\n" for prev, name in zip("abcdef", "bcdefg"))
+    path = write(tmp_path / "config.yaml", "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + levels + VALID_CONFIG)
+
+    with pytest.raises(ConfigError, match=f"{path}: too large once YAML aliases are expanded"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory"])
+@pytest.mark.parametrize("loader", ["config", "mapping"])
+def test_yaml_file_must_be_regular(tmp_path: Path, kind: str, loader: str) -> None:
+    """A config or mapping 'file' that is a FIFO, a device or a folder is rejected without reading it."""
+    path = tmp_path / "document.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    else:
+        path.mkdir()
+
+    outcome = finishes_within(5, load_settings if loader == "config" else load_mapping,
+                              path if loader == "config" else str(path))
+
+    assert str(outcome.get("error")) == f"cannot read {path}: not a regular file"
+
+
+@pytest.mark.parametrize("loader", ["config", "mapping"])
+def test_yaml_file_size_limit(tmp_path: Path, loader: str) -> None:
+    """A config or mapping file over 1 MB is rejected before it is read."""
+    path = tmp_path / "document.yaml"
+    with path.open("wb") as file:
+        file.truncate(1024 * 1024 + 1)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path) if loader == "config" else load_mapping(str(path))
+
+    assert str(caught.value) == f"cannot read {path}: larger than 1048576 bytes; is it the right file?"
+
+
+def test_binary_config_is_one_line(tmp_path: Path) -> None:
+    """A file that is not UTF-8 text is reported in one line, without a decoder traceback."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(caught.value) == f"cannot read {path}: not UTF-8 text"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: [1\nb: 2\n", "not valid YAML at line 2, column 2: expected ',' or ']', but got ':'"),
+        ("a: 1\nb: \x00\n", "not valid YAML at line 2, column 4: character U+0000 is not allowed in YAML"),
+        ("a: " + "[" * 2000, "not valid YAML: nested too deeply; flatten the document"),
+        ("a: " + "1" * 5000, "not valid YAML: Exceeds the limit (4300 digits)"),
+    ],
+    ids=["syntax", "control-character", "deep", "long-number"],
+)
+def test_yaml_errors_are_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    """YAML errors name the file, the line and the column on one line."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {expected}")
+    assert "\n" not in message

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME, wire_call
 from mdr_connector.adapters.mdr.simulator import DAY, HOUR, MdrSimulator, run_simulator
+from mdr_connector.adapters.mdr.simulator import main as simulator_main
 
 
 def seed_timeline(sim: MdrSimulator, count: int) -> list[dict]:
@@ -568,3 +569,42 @@ async def test_control_api_over_http(mdr_sim: MdrSimulator) -> None:
     assert state["incident_counts"]["other"] == 3
     assert advanced["now_ms"] - before >= 3_600_000
     assert confirm.status == 200
+
+
+async def test_simulator_rejects_non_loopback_host(mdr_sim: MdrSimulator) -> None:
+    """The control API has no authentication, so the simulator rejects hosts beyond loopback.
+
+    192.0.2.1 is a documentation address: should the check ever go, binding
+    it fails on this machine without a packet leaving it.
+    """
+    with pytest.raises(ValueError, match="the simulator serves only loopback addresses, not '192.0.2.1'"):
+        async with run_simulator(mdr_sim, "192.0.2.1"):
+            pass
+
+
+def test_simulator_command_rejects_non_loopback_host(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m ...simulator --host 192.0.2.1` is a usage error, before anything listens."""
+    with pytest.raises(SystemExit) as caught:
+        simulator_main(["--host", "192.0.2.1"])
+
+    assert caught.value.code == 2
+    assert "the simulator serves only loopback addresses" in capsys.readouterr().err
+
+
+async def test_simulator_serves_ipv6_loopback(mdr_sim: MdrSimulator) -> None:
+    """On ::1 the base URL brackets the address, so clients can use it as it is."""
+    try:
+        async with run_simulator(mdr_sim, "::1") as url:
+            assert url.startswith("http://[::1]:")
+    except OSError as err:
+        pytest.skip(f"no IPv6 loopback here: {err}")
+
+
+async def test_lone_surrogate_answers_ascii_json(mdr_sim: MdrSimulator, mdr_url: str, wire_token: dict) -> None:
+    """A record that cannot be UTF-8 (a lone surrogate) is sent as escaped ASCII JSON, not as a 500."""
+    mdr_sim.seed_incident(MDR_CLIENT_ID, summary="broken \ud800 title")
+
+    status, body = await wire_call(mdr_url, "incidents/list", {}, wire_token["access_token"])
+
+    assert status == 200
+    assert body[0]["summary"] == "broken \ud800 title"

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, run_token_helper
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import DAY, HOUR, MdrSimulator
-from mdr_connector.adapters.mdr.tokens import TokenFileStore, decode_jwt_claims, jwt_expiry
+from mdr_connector.adapters.mdr.tokens import TokenFileStore, TokenPair, decode_jwt_claims, jwt_expiry
 from mdr_connector.connector.config import MdrSettings
-from mdr_connector.connector.errors import ConfigError, TokenExpiredError
+from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.logs import REDACTED, redact_text
 
 EXPIRED_MESSAGE = (
     f"the MDR refresh token for client {MDR_CLIENT_ID} is expired or was already used: "
@@ -352,3 +355,106 @@ def test_jwt_decoder_rejects_malformed(token: str) -> None:
     """The JWT decoder raises ValueError for malformed tokens or a missing exp."""
     with pytest.raises(ValueError):
         jwt_expiry(token)
+
+
+def jwt_with_raw_payload(payload: str) -> str:
+    """A JWT-shaped string whose payload is `payload` as written, such as `{"exp": Infinity}`."""
+    def encode(text: str) -> str:
+        return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+    header = encode('{"alg":"HS256","typ":"JWT"}')
+    return f"{header}.{encode(payload)}.c2lnbmF0dXJl"
+
+
+@pytest.mark.parametrize(
+    "exp",
+    ["Infinity", "-Infinity", "NaN", "1e30", "1000000000000000000000000000000", "true", '"123"', "0"],
+)
+async def test_activation_absurd_console_exp(mdr_client: MdrClient, mdr_sim: MdrSimulator, exp: str) -> None:
+    """A console token whose exp is not a number of seconds before the year 10000 is a clear ConfigError."""
+    token = jwt_with_raw_payload(f'{{"exp": {exp}}}')
+
+    with pytest.raises(ConfigError) as caught:
+        await mdr_client.tokens.activate(token)
+
+    assert str(caught.value).startswith("the console token is not a valid MDR token: the JWT 'exp' claim")
+    assert mdr_sim.confirm_calls == 0
+
+
+def test_fractional_exp_is_read() -> None:
+    """A JWT NumericDate may carry a fraction; it is read as whole seconds."""
+    from mdr_connector.adapters.mdr.tokens import jwt_expiry
+
+    assert jwt_expiry(jwt_with_raw_payload('{"exp": 4102444800.75}')) == 4102444800
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("access_expires_at", 10**30),
+        ("refresh_expires_at", True),
+        ("obtained_at", -5),
+        ("access_issued_at", 253402300800),
+        ("refresh_expires_at", 1.9e9),
+    ],
+    ids=["huge", "boolean", "negative", "year-10000", "float"],
+)
+def test_token_file_absurd_times_are_malformed(token_dir: Path, field: str, value: object) -> None:
+    """A token file with times no clock can show is rejected as malformed, naming the fix, instead of crashing status."""
+    document = {
+        "access_token": "a" * 20, "refresh_token": "r" * 20, "access_expires_at": 1_900_000_000,
+        "refresh_expires_at": 1_900_000_000, "obtained_at": 1_800_000_000, "access_issued_at": None, field: value,
+    }
+    path = token_dir / f"{MDR_CLIENT_ID}.json"
+    path.write_text(json.dumps(document))
+    path.chmod(0o400)
+
+    with pytest.raises(ConfigError, match="is malformed: run `mdr-connector token activate`"):
+        TokenFileStore(token_dir, MDR_CLIENT_ID).status(1_850_000_000)
+
+
+async def test_token_file_fifo_rejected(token_dir: Path) -> None:
+    """A FIFO in place of the token file is rejected without waiting for a writer."""
+    os.mkfifo(token_dir / f"{MDR_CLIENT_ID}.json", 0o600)
+    # A daemon thread, so a load that blocks fails the test instead of hanging the run.
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[BaseException | None] = loop.create_future()
+
+    def load() -> None:
+        try:
+            TokenFileStore(token_dir, MDR_CLIENT_ID).load()
+            error = None
+        except BaseException as err:  # noqa: BLE001 - handed to the test to inspect
+            error = err
+        loop.call_soon_threadsafe(outcome.set_result, error)
+
+    threading.Thread(target=load, daemon=True).start()
+    error = await asyncio.wait_for(outcome, 5)
+
+    assert isinstance(error, ConfigError)
+    assert "is not a regular file" in str(error)
+
+
+def test_loaded_tokens_are_redacted(token_dir: Path) -> None:
+    """Tokens read from the token file are redacted from log text, even when they are not JWT-shaped."""
+    path = token_dir / f"{MDR_CLIENT_ID}.json"
+    path.write_text(json.dumps({
+        "access_token": "opaque-loaded-access-4c1d", "refresh_token": "opaque-loaded-refresh-9e2f",
+        "access_expires_at": 1_900_000_000, "refresh_expires_at": 1_900_000_000, "obtained_at": 1_800_000_000,
+    }))
+    path.chmod(0o400)
+
+    TokenFileStore(token_dir, MDR_CLIENT_ID).load()
+
+    assert redact_text("opaque-loaded-access-4c1d opaque-loaded-refresh-9e2f") == f"{REDACTED} {REDACTED}"
+
+
+def test_saved_and_received_tokens_are_redacted(token_dir: Path) -> None:
+    """Tokens are redacted once saved, and once received even when the reply is not a valid JWT."""
+    pair = TokenPair("opaque-saved-access-77aa", "opaque-saved-refresh-88bb", 1_900_000_000, 1_900_000_000, 1_800_000_000)
+    TokenFileStore(token_dir, MDR_CLIENT_ID).save(pair)
+    with pytest.raises(RemoteUnavailableError):
+        TokenPair.from_tokens("opaque-received-access-1a", "opaque-received-refresh-2b", 1_800_000_000)
+
+    text = "opaque-saved-access-77aa opaque-saved-refresh-88bb opaque-received-access-1a opaque-received-refresh-2b"
+    assert redact_text(text) == " ".join([REDACTED] * 4)

@@ -25,6 +25,7 @@ import binascii
 import contextlib
 import fcntl
 import json
+import math
 import logging
 import os
 import secrets
@@ -39,11 +40,16 @@ from typing import Any, Literal
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.logs import register_secret
 
 log = logging.getLogger(__name__)
 
 TOKEN_FILE_VERSION = 1
 LOCK_POLL_SECONDS = 0.05
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+# Token times must be whole Unix seconds after 1970 and before the year 10000,
+# which datetime can represent. Any other value is rejected, not converted.
+MAX_UNIX_SECONDS = 253402300800
 
 TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
 
@@ -90,20 +96,43 @@ def decode_jwt_claims(token: str) -> dict[str, Any]:
     return claims
 
 
+def is_unix_time(value: object) -> bool:
+    """Return whether `value` is a whole number of seconds between 1970 and the year 10000."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < MAX_UNIX_SECONDS
+
+
+def claim_seconds(value: object) -> int | None:
+    """Read a JWT time claim as whole Unix seconds, or None when it is not a plausible time.
+
+    A JWT NumericDate may have a fraction (RFC 7519, section 2), so a finite
+    float is accepted and rounded down; a boolean is not a number here.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    seconds = int(value)
+    return seconds if is_unix_time(seconds) else None
+
+
 def jwt_expiry(token: str) -> int:
     """Return the `exp` claim of a JWT, in Unix seconds."""
-    exp = decode_jwt_claims(token).get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
-        raise ValueError("the JWT has no numeric 'exp' claim")
-    return int(exp)
+    exp = claim_seconds(decode_jwt_claims(token).get("exp"))
+    if exp is None:
+        raise ValueError("the JWT 'exp' claim is not a number of seconds between 1970 and the year 10000")
+    return exp
 
 
 def jwt_issued_at(token: str) -> int | None:
-    """Return the `iat` claim of a JWT in Unix seconds, or None when it has none."""
-    iat = decode_jwt_claims(token).get("iat")
-    if isinstance(iat, bool) or not isinstance(iat, (int, float)):
-        return None
-    return int(iat)
+    """Return the `iat` claim of a JWT in Unix seconds, or None when it has no usable one."""
+    return claim_seconds(decode_jwt_claims(token).get("iat"))
+
+
+def register_tokens(*tokens: object) -> None:
+    """Register each token with the log redaction, which then hides it in log records and printed errors."""
+    for token in tokens:
+        if isinstance(token, str):
+            register_secret(token)
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,7 @@ class TokenPair:
     @classmethod
     def from_tokens(cls, access_token: str, refresh_token: str, obtained_at: float) -> TokenPair:
         """Build a pair from two fresh JWTs, raising RemoteUnavailableError when one has no `exp`."""
+        register_tokens(access_token, refresh_token)
         try:
             access_expires_at = jwt_expiry(access_token)
             refresh_expires_at = jwt_expiry(refresh_token)
@@ -200,7 +230,8 @@ class TokenFileStore:
         """
         self.check_folder()
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -209,9 +240,11 @@ class TokenFileStore:
                 "it must be a regular file, not a symlink"
             ) from err
 
-        with os.fdopen(fd, "rb") as file:
-            self._check_file_mode(os.fstat(file.fileno()))
-            data = file.read()
+        try:
+            self._check_file_mode(os.fstat(fd))
+            data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
 
         return self._parse(data)
 
@@ -234,12 +267,15 @@ class TokenFileStore:
             f"the token file {self.path} is malformed: run `mdr-connector token activate` "
             "with a new token from the MDR console"
         )
+        if len(data) > MAX_TOKEN_FILE_BYTES:
+            raise invalid
         try:
             raw = json.loads(data)
         except ValueError as err:
             raise invalid from err
         if not isinstance(raw, dict):
             raise invalid
+        register_tokens(raw.get("access_token"), raw.get("refresh_token"))
 
         try:
             pair = TokenPair(
@@ -255,16 +291,17 @@ class TokenFileStore:
 
         strings_ok = isinstance(pair.access_token, str) and isinstance(pair.refresh_token, str)
         times_ok = all(
-            isinstance(value, int)
+            is_unix_time(value)
             for value in (pair.access_expires_at, pair.refresh_expires_at, pair.obtained_at)
         )
-        times_ok = times_ok and isinstance(pair.access_issued_at, (int, type(None)))
+        times_ok = times_ok and (pair.access_issued_at is None or is_unix_time(pair.access_issued_at))
         if not (strings_ok and times_ok):
             raise invalid
         return pair
 
     def save(self, pair: TokenPair) -> None:
         """Replace the token file with `pair`: temp file 0400, fsync, rename, fsync the folder."""
+        register_tokens(pair.access_token, pair.refresh_token)
         self._ensure_folder()
         data = json.dumps(
             {
@@ -402,11 +439,12 @@ class TokenManager:
 
     async def activate(self, console_token: str) -> TokenStatus:
         """Exchange a refresh token issued in the MDR console and store the new pair."""
+        register_tokens(console_token.strip())
         try:
             expires_at = jwt_expiry(console_token.strip())
         except ValueError as err:
             raise ConfigError(
-                f"the console token is not a valid MDR token ({err}): copy the whole token "
+                f"the console token is not a valid MDR token: {err}; copy the whole token "
                 "from the MDR console (Settings, API)"
             ) from err
         if self._clock() >= expires_at:

@@ -19,6 +19,7 @@ from aiohttp import web
 from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
 from mdr_connector.adapters.mdr.simulator.protocol import API_PREFIX, CONTROL_PREFIX, Params, SimError
 from mdr_connector.adapters.mdr.simulator.state import MdrSimulator
+from mdr_connector.connector.config import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,20 @@ def error_response(status: int, message: str) -> web.Response:
 
 
 SIM_KEY = web.AppKey("mdr_simulator", MdrSimulator)
+
+
+def dumps_utf8_or_ascii(data: Any) -> str:
+    """Encode JSON as UTF-8 text, falling back to \\u escapes when a string cannot be UTF-8.
+
+    A lone surrogate in a record passes json.dumps but fails when aiohttp
+    encodes the body, which would turn the reply into a 500.
+    """
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, ensure_ascii=True)
+    return text
 
 
 @web.middleware
@@ -80,7 +95,7 @@ async def dispatch(
     result = await api_method(sim, connection, body, request)
     if isinstance(result, web.StreamResponse):
         return result
-    return web.json_response(result, dumps=lambda data: json.dumps(data, ensure_ascii=False))
+    return web.json_response(result, dumps=dumps_utf8_or_ascii)
 
 
 # --- control API over HTTP -------------------------------------------------------
@@ -216,14 +231,19 @@ def make_app(sim: MdrSimulator) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def run_simulator(sim: MdrSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve `sim` on host:port (0 picks a free port) and yield the API base URL."""
+    """Serve `sim` on a loopback host:port (0 picks a free port) and yield the API base URL."""
+    if not is_loopback_host(host):
+        raise ValueError(
+            f"the simulator serves only loopback addresses, not {host!r}: its control API has no authentication"
+        )
     runner = web.AppRunner(make_app(sim), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
     try:
-        bound_port = runner.addresses[0][1]
-        yield f"http://{host}:{bound_port}{API_PREFIX}"
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+        yield f"http://{url_host}:{bound_port}{API_PREFIX}"
     finally:
         await runner.cleanup()
 
@@ -268,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connection-name", default="mdr-connector", help="connection name of the API token")
     parser.add_argument("--demo-incidents", type=int, default=12, help="number of demo incidents to seed")
     args = parser.parse_args(argv)
+    if not is_loopback_host(args.host):
+        parser.error(f"--host {args.host}: the simulator serves only loopback addresses; use 127.0.0.1 or ::1")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: expected a port number from 0 to 65535")
     asyncio.run(
         serve(
             args.host,
