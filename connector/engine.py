@@ -28,6 +28,8 @@ from mdr_connector.connector.config import ConnectionSettings, Mapping
 from mdr_connector.connector.errors import (
     ConnectionFatalError,
     ConnectorError,
+    InvalidPayloadError,
+    ItemError,
     OutcomeUnknownError,
 )
 from mdr_connector.connector.mapping import (
@@ -66,6 +68,10 @@ MDR_CURSOR = "mdr"
 TICKET_CURSOR = "ticket"
 INCIDENT = "incident"
 COMMENT = "comment"
+# An MDR time further ahead of this machine's clock than this is taken for
+# bad data: moving the cursor to it would hide every later change.
+# NOTE: one day is a judgement call, far above real clock skew.
+FUTURE_TOLERANCE = timedelta(days=1)
 
 
 T = TypeVar("T")
@@ -75,6 +81,11 @@ class MalformedLike(Protocol):
     record_id: str | None
     update_time: int | None
     error: str
+
+
+class CommentPageLike(Protocol):
+    items: list[Comment]
+    malformed: list[MalformedLike]
 
 
 class IncidentPageLike(Protocol):
@@ -90,9 +101,25 @@ class MdrApi(Protocol):
 
     async def get_incident(self, incident_id: str) -> Incident: ...
 
-    async def list_comments(self, incident_id: str) -> list[Comment]: ...
+    async def list_comments(self, incident_id: str) -> CommentPageLike: ...
 
     async def create_comment(self, incident_id: str, text: str, markdown_to_html: bool = True) -> Comment: ...
+
+
+async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
+    """Run awaitables concurrently; when one raises, cancel the rest before the error goes up.
+
+    Plain `asyncio.gather` leaves the other tasks running after the first
+    error, so they would keep writing after the caller gave up on the cycle.
+    """
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass
@@ -107,6 +134,7 @@ class SyncStats:
     comments_to_ticket: int = 0
     comments_to_mdr: int = 0
     echoes_suppressed: set[str] = field(default_factory=set)
+    restricted_skipped: set[str] = field(default_factory=set)
     failures: int = 0
 
 
@@ -259,9 +287,15 @@ class ConnectionSync:
         return self.clock() - timedelta(days=start.lookback_days)
 
     async def _reconcile_page(self, page: IncidentPageLike) -> int | None:
-        """Reconcile the changed incidents of one page; return its newest `update_time`."""
+        """Reconcile the changed incidents of one page; return its newest plausible `update_time`.
+
+        Times beyond the future horizon never move the cursor, and their
+        incidents are parked by `reconcile` as invalid.
+        """
+        horizon = self._future_horizon_ms()
         times = [incident.update_time for incident in page.items]
         times += [record.update_time for record in page.malformed if record.update_time is not None]
+        times = [moment for moment in times if moment <= horizon]
 
         for record in page.malformed:
             await self._park_malformed(record)
@@ -275,8 +309,11 @@ class ConnectionSync:
                 continue
             changed.append(incident)
 
-        await asyncio.gather(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
+        await gather_or_cancel(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
         return max(times) if times else None
+
+    def _future_horizon_ms(self) -> int:
+        return int((self.clock() + FUTURE_TOLERANCE).timestamp() * 1000)
 
     async def _park_malformed(self, record: MalformedLike) -> None:
         self.stats.failures += 1
@@ -312,7 +349,7 @@ class ConnectionSync:
             and links[ticket_id].state == LINKED
             and (links[ticket_id].ticket_updated is None or links[ticket_id].ticket_updated < change.updated)
         ]
-        await asyncio.gather(*(self._reconcile_ticket_change(link, change) for link, change in due))
+        await gather_or_cancel(*(self._reconcile_ticket_change(link, change) for link, change in due))
 
         newest = max([cursor, *(change.updated for change in changes)])
         if newest > cursor:
@@ -332,7 +369,7 @@ class ConnectionSync:
                 "sync.incident.retrying",
                 extra={"connection": self.name, "incident_id": item.item_id, "attempts": item.attempts},
             )
-        await asyncio.gather(*(self._reconcile_guarded(item.item_id, None) for item in due))
+        await gather_or_cancel(*(self._reconcile_guarded(item.item_id, None) for item in due))
 
     async def _park(self, incident_id: str, reason: str, not_before: datetime | None = None) -> None:
         sync = self.settings.sync
@@ -381,6 +418,11 @@ class ConnectionSync:
         async with lock:
             if incident is None:
                 incident = await self._read(lambda: self.mdr.get_incident(incident_id))
+            if incident.update_time > self._future_horizon_ms():
+                raise InvalidPayloadError(
+                    f"MDR incident {incident_id} has update_time {incident.update_time}, more than "
+                    f"{FUTURE_TOLERANCE} ahead of this machine's clock; check the clock, or report the record to Kaspersky"
+                )
 
             link = await self.ensure_ticket(incident)
             if link is None:
@@ -476,15 +518,23 @@ class ConnectionSync:
     # Comments
 
     async def sync_comments(self, incident: Incident, ref: TicketRef) -> None:
-        """Copy the comments missing on either side, in both directions."""
-        mdr_comments, ticket_comments = await asyncio.gather(
+        """Copy the comments missing on either side, in both directions.
+
+        A comment that fails for a reason of its own (malformed, rejected by
+        the target) does not stop the others: the rest are copied first, then
+        one ItemError parks the incident so the failed ones are tried again.
+        """
+        mdr_page, ticket_comments = await gather_or_cancel(
             self._read(lambda: self.mdr.list_comments(incident.incident_id)),
             self._read(lambda: self.tickets.list_comments(ref)),
         )
         items = await self.store.get_items(self.name, incident.incident_id, COMMENT)
+        failed = [f"comment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]
 
-        await self.sync_comments_mdr_to_ticket(incident, ref, mdr_comments, ticket_comments, items)
-        await self.sync_comments_ticket_to_mdr(incident, ref, mdr_comments, ticket_comments, items)
+        failed += await self.sync_comments_mdr_to_ticket(incident, ref, mdr_page.items, ticket_comments, items)
+        failed += await self.sync_comments_ticket_to_mdr(incident, ref, mdr_page.items, ticket_comments, items)
+        if failed:
+            raise ItemError(f"{len(failed)} comment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}")
 
     async def sync_comments_mdr_to_ticket(
         self,
@@ -493,14 +543,12 @@ class ConnectionSync:
         mdr_comments: list[Comment],
         ticket_comments: list[TicketComment],
         items: list[SyncedItem],
-    ) -> None:
+    ) -> list[str]:
+        """Copy MDR comments missing on the ticket; return the failures of single comments."""
         done = {item.source_id for item in items if item.direction == MDR_TO_TICKET and item.state == DONE}
         written_by_us = {item.target_id for item in items if item.direction == TICKET_TO_MDR and item.target_id}
-        on_ticket = {
-            comment.marker.source_id: comment
-            for comment in ticket_comments
-            if comment.marker is not None and comment.marker.origin == MDR_ORIGIN
-        }
+        on_ticket = self._landed_on_ticket(ref, ticket_comments)
+        failed: list[str] = []
 
         for comment in sorted(mdr_comments, key=lambda c: c.creation_time):
             if comment.comment_id in done:
@@ -513,15 +561,11 @@ class ConnectionSync:
                 await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
                 continue
 
-            body = await asyncio.to_thread(markup.html_to_markdown, comment.text)
-            created = datetime.fromtimestamp(comment.creation_time / 1000, tz=timezone.utc)
-            draft = CommentDraft(
-                body=render_comment_for_ticket(self.mapping, comment.author_name, created, body),
-                marker=SyncMarker(origin=MDR_ORIGIN, source_id=comment.comment_id),
-            )
-            await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
-            posted = await self.tickets.add_comment(ref, draft)
-            await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+            try:
+                posted = await self._post_to_ticket(incident, ref, comment)
+            except ItemError as err:
+                failed.append(f"comment {comment.comment_id}: {err}")
+                continue
             self.stats.comments_to_ticket += 1
             log.info(
                 "sync.comment.mirrored",
@@ -534,6 +578,36 @@ class ConnectionSync:
                     "target_comment_id": posted.id,
                 },
             )
+        return failed
+
+    def _landed_on_ticket(self, ref: TicketRef, ticket_comments: list[TicketComment]) -> dict[str, TicketComment]:
+        """Map MDR comment ids to the ticket comments that carry their marker."""
+        assert self.own_account is not None
+        landed: dict[str, TicketComment] = {}
+        for comment in ticket_comments:
+            if comment.marker is None or comment.marker.origin != MDR_ORIGIN:
+                continue
+            if comment.author.id != self.own_account.id:
+                # The marker is the connector's, but someone else wrote the
+                # comment: either an earlier service account, or a forgery.
+                log.warning(
+                    "sync.comment.marker_from_other_account",
+                    extra={"connection": self.name, "ticket_key": ref.key, "comment_id": comment.id},
+                )
+            landed.setdefault(comment.marker.source_id, comment)
+        return landed
+
+    async def _post_to_ticket(self, incident: Incident, ref: TicketRef, comment: Comment) -> TicketComment:
+        body = await asyncio.to_thread(markup.html_to_markdown, comment.text)
+        created = datetime.fromtimestamp(comment.creation_time / 1000, tz=timezone.utc)
+        draft = CommentDraft(
+            body=render_comment_for_ticket(self.mapping, comment.author_name, created, body),
+            marker=SyncMarker(origin=MDR_ORIGIN, source_id=comment.comment_id),
+        )
+        await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
+        posted = await self.tickets.add_comment(ref, draft)
+        await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+        return posted
 
     def _is_mdr_echo(self, comment: Comment, written_by_us: set[str]) -> bool:
         """Tell whether an MDR comment was written by this connector."""
@@ -555,7 +629,8 @@ class ConnectionSync:
         mdr_comments: list[Comment],
         ticket_comments: list[TicketComment],
         items: list[SyncedItem],
-    ) -> None:
+    ) -> list[str]:
+        """Copy ticket comments missing in MDR; return the failures of single comments."""
         done = {item.source_id for item in items if item.direction == TICKET_TO_MDR and item.state == DONE}
         written_by_us = {item.target_id for item in items if item.direction == MDR_TO_TICKET and item.target_id}
         in_mdr: dict[str, Comment] = {}
@@ -564,10 +639,15 @@ class ConnectionSync:
             if marker is not None and comment.author_name == self.settings.mdr.connection_name:
                 in_mdr.setdefault(marker.source_id, comment)
 
+        failed: list[str] = []
+
         for comment in sorted(ticket_comments, key=lambda c: c.created):
             if comment.id in done:
                 continue
             if self._is_ticket_echo(comment, written_by_us):
+                continue
+            if comment.restricted and not self.mapping.comments.mirror_restricted:
+                self._note_restricted(ref, comment)
                 continue
 
             landed = in_mdr.get(comment.id)
@@ -575,18 +655,11 @@ class ConnectionSync:
                 await self._finish_item(incident, TICKET_TO_MDR, comment.id, landed.comment_id)
                 continue
 
-            text = render_comment_for_mdr(
-                self.mapping,
-                author=comment.author.display_name,
-                created=comment.created,
-                body=comment.body,
-                system=self.tickets.system,
-                ticket_key=ref.key,
-                comment_id=comment.id,
-            )
-            await self.store.start_item(self.name, incident.incident_id, COMMENT, TICKET_TO_MDR, comment.id)
-            posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
-            await self._finish_item(incident, TICKET_TO_MDR, comment.id, posted.comment_id)
+            try:
+                posted = await self._post_to_mdr(incident, ref, comment)
+            except ItemError as err:
+                failed.append(f"{self.tickets.system} comment {comment.id}: {err}")
+                continue
             self.stats.comments_to_mdr += 1
             log.info(
                 "sync.comment.mirrored",
@@ -599,6 +672,32 @@ class ConnectionSync:
                     "target_comment_id": posted.comment_id,
                 },
             )
+        return failed
+
+    async def _post_to_mdr(self, incident: Incident, ref: TicketRef, comment: TicketComment) -> Comment:
+        text = render_comment_for_mdr(
+            self.mapping,
+            author=comment.author.display_name,
+            created=comment.created,
+            body=comment.body,
+            system=self.tickets.system,
+            ticket_key=ref.key,
+            comment_id=comment.id,
+        )
+        await self.store.start_item(self.name, incident.incident_id, COMMENT, TICKET_TO_MDR, comment.id)
+        posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
+        await self._finish_item(incident, TICKET_TO_MDR, comment.id, posted.comment_id)
+        return posted
+
+    def _note_restricted(self, ref: TicketRef, comment: TicketComment) -> None:
+        key = f"restricted:{comment.id}"
+        if key in self.stats.restricted_skipped:
+            return
+        self.stats.restricted_skipped.add(key)
+        log.info(
+            "sync.comment.restricted_kept_internal",
+            extra={"connection": self.name, "ticket_key": ref.key, "comment_id": comment.id},
+        )
 
     def _is_ticket_echo(self, comment: TicketComment, written_by_us: set[str]) -> bool:
         """Tell whether a ticket comment was written by this connector."""

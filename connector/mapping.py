@@ -8,6 +8,7 @@ lookups on the values.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import re
 from dataclasses import asdict
@@ -20,8 +21,14 @@ from mdr_connector.connector.tickets import SyncMarker, TicketDraft, TicketField
 CONNECTOR_LABEL = "mdr-connector"
 
 # The footer of a comment the connector wrote to MDR. It is how a comment
-# whose create reply was lost is found again before it is sent twice.
-MDR_FOOTER_PATTERN = re.compile(r"mdr-connector: ([a-z]+) comment ([A-Za-z0-9:.-]*[A-Za-z0-9])")
+# whose create reply was lost is found again before it is sent twice. Only
+# a footer that ends the comment counts, so the same words quoted inside a
+# comment body or a display name cannot pass for it.
+MDR_FOOTER_PATTERN = re.compile(r"mdr-connector: ([a-z]+) comment ([A-Za-z0-9:.-]*[A-Za-z0-9])[\W_]*$")
+HTML_TAG = re.compile(r"<[^>]*>")
+# Characters that can start emphasis, code, links, images, HTML or tables
+# inside a line of Markdown.
+MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()!|<>&~])")
 
 
 def correlation_label(incident_id: str) -> str:
@@ -45,7 +52,7 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
     """The values a mapping template can use, all rendered as text."""
     hosts = [entry.split(":", 1) for entry in incident.affected_hosts]
     host_lines = [
-        f"- `{parts[0]}` (asset {parts[1]})" if len(parts) == 2 else f"- `{parts[0]}`"
+        f"- {code_span(parts[0])} (asset {code_span(parts[1])})" if len(parts) == 2 else f"- {code_span(parts[0])}"
         for parts in hosts
     ]
     return {
@@ -111,7 +118,7 @@ def fields_hash(fields: TicketFields) -> str:
 def render_comment_for_ticket(mapping: Mapping, author: str, created: datetime, body: str) -> str:
     """A Markdown comment for the ticket, headed by the MDR author and time."""
     header = mapping.comments.mdr_to_ticket_header.format_map(
-        {"author": author, "created": format_time(created), "ticket_key": "", "system": "Kaspersky MDR"}
+        {"author": escape_markdown(author), "created": format_time(created), "ticket_key": "", "system": "Kaspersky MDR"}
     )
     return f"{header}\n\n{body}".strip()
 
@@ -128,15 +135,35 @@ def render_comment_for_mdr(
 ) -> str:
     """A Markdown comment for MDR, headed by the ticket author and ending in the connector's footer."""
     header = mapping.comments.ticket_to_mdr_header.format_map(
-        {"author": author, "created": format_time(created), "ticket_key": ticket_key, "system": system.title()}
+        {
+            "author": escape_markdown(author),
+            "created": format_time(created),
+            "ticket_key": ticket_key,
+            "system": system.title(),
+        }
     )
     footer = f"_mdr-connector: {system} comment {comment_id}_"
     return f"{header}\n\n{body}\n\n{footer}"
 
 
 def parse_mdr_footer(text: str) -> SyncMarker | None:
-    """Find the connector's footer in an MDR comment (plain, Markdown or HTML)."""
-    match = MDR_FOOTER_PATTERN.search(text)
+    """Read the connector's footer at the end of an MDR comment (plain, Markdown or HTML)."""
+    visible = " ".join(html.unescape(HTML_TAG.sub(" ", text)).split())
+    match = MDR_FOOTER_PATTERN.search(visible)
     if match is None:
         return None
     return SyncMarker(origin=TICKET_ORIGIN, source_id=match.group(2))
+
+
+def escape_markdown(text: str) -> str:
+    """Escape text taken from outside (a name, a host) so Markdown shows it literally, with no HTML or links."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+
+
+def code_span(text: str) -> str:
+    """A Markdown code span that shows any text literally, backticks included."""
+    text = " ".join(text.split())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{padding}{text}{padding}{fence}"

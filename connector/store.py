@@ -112,7 +112,7 @@ class SyncedItem(Base):
 
     __tablename__ = "synced_items"
     __table_args__ = (
-        UniqueConstraint("connection", "kind", "direction", "source_id", name="uq_synced_items_source"),
+        UniqueConstraint("connection", "incident_id", "kind", "direction", "source_id", name="uq_synced_items_source"),
         Index("ix_synced_items_incident", "connection", "incident_id"),
         Index("ix_synced_items_target", "connection", "kind", "target_id"),
     )
@@ -378,7 +378,7 @@ class Store:
         """Record the intent to copy one item, before the write is sent."""
         now = utc_now()
         async with self.sessions() as session, session.begin():
-            item = await session.scalar(self._item_query(connection, kind, direction, source_id))
+            item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
             if item is None:
                 item = SyncedItem(
                     connection=connection,
@@ -403,7 +403,7 @@ class Store:
         """Record that an item exists on the other side as `target_id`."""
         now = utc_now()
         async with self.sessions() as session, session.begin():
-            item = await session.scalar(self._item_query(connection, kind, direction, source_id))
+            item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
             if item is None:
                 item = SyncedItem(
                     connection=connection,
@@ -419,9 +419,10 @@ class Store:
             item.done_at = now
 
     @staticmethod
-    def _item_query(connection: str, kind: str, direction: str, source_id: str):  # noqa: ANN205
+    def _item_query(connection: str, incident_id: str, kind: str, direction: str, source_id: str):  # noqa: ANN205
         return select(SyncedItem).where(
             SyncedItem.connection == connection,
+            SyncedItem.incident_id == incident_id,
             SyncedItem.kind == kind,
             SyncedItem.direction == direction,
             SyncedItem.source_id == source_id,

@@ -125,7 +125,11 @@ class TicketAdapter(Protocol):
         """Add a comment stamped with `draft.marker`."""
 
     async def changed_tickets(self, since: datetime) -> list[TicketChange]:
-        """Return the connector's tickets updated at or after `since` (UTC), oldest first."""
+        """Return tickets updated at or after `since` (UTC), oldest first.
+
+        The result must include every ticket the connector created, even one
+        whose markers a person removed; other tickets may be included too.
+        """
 
     def search_delay_seconds(self) -> float:
         """Seconds after a write before `find_ticket` is sure to see it."""

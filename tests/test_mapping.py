@@ -37,7 +37,7 @@ def test_default_mapping_renders_fields() -> None:
     assert fields.summary == "[MDR-1336654] Подозрительный PowerShell на WS-FIN-017"
     assert fields.priority == "High"
     assert "Обнаружен *encoded* PowerShell. 🚨" in fields.description
-    assert "- `WS-FIN-017` (asset 0xe5afd1145ed019ed14e695a4ab8811dd)" in fields.description
+    assert "- `WS-FIN-017` (asset `0xe5afd1145ed019ed14e695a4ab8811dd`)" in fields.description
     assert "https://mdr.kaspersky.com/incidents/-MAfspsBq_r24TsN5-jl" in fields.description
     assert "Execution, Defense evasion" in fields.description
     assert fields.labels == ("kaspersky-mdr", "mdr-connector", "mdr--MAfspsBq_r24TsN5-jl")

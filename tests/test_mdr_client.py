@@ -265,7 +265,7 @@ async def test_comment_round_trip(active_mdr_client: MdrClient, mdr_sim: MdrSimu
     mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident["incident_id"], "<p>Host isolated</p>", author="MDR SOC")
 
     created = await active_mdr_client.create_comment(incident["incident_id"], "Ticket **SEC-12** opened")
-    comments = await active_mdr_client.list_comments(incident["incident_id"])
+    comments = (await active_mdr_client.list_comments(incident["incident_id"])).items
 
     assert created.author_name == MDR_CONNECTION_NAME
     assert "<strong>SEC-12</strong>" in created.text

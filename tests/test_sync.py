@@ -286,3 +286,297 @@ async def test_new_only_mode_skips_older_incidents(harness: SyncHarness) -> None
 
     assert harness.issues_for(new)
     assert harness.issues_for(old) == []
+
+
+def break_comment(harness: SyncHarness, incident_id: str, comment_id: str, **fields) -> None:
+    """Overwrite fields of a stored MDR comment, as a buggy or hostile source would send it."""
+    stored = harness.mdr_sim._incidents[incident_id]
+    [comment] = [c for c in stored.comments if c["comment_id"] == comment_id]
+    comment.update(fields)
+
+
+async def test_future_update_time_is_parked(harness: SyncHarness) -> None:
+    """An incident dated in year 9999 is parked and cannot move the cursor past later incidents."""
+    future = harness.seed(update_time=253402300799000)["incident_id"]
+    sync = await harness.cycles(1)
+
+    cursor = await harness.store.get_cursor("main", "mdr")
+    assert cursor is None or int(cursor) < 253402300799000
+    parked = await harness.store.get_parked("main", INCIDENT, future)
+    assert parked is not None and "ahead of this machine's clock" in parked.reason
+    assert harness.issues_for(future) == []
+
+    harness.advance(1)
+    later = harness.seed()["incident_id"]
+    await harness.cycles(1, sync)
+    assert harness.issues_for(later)
+
+
+async def test_malformed_comment_does_not_block_others(harness: SyncHarness) -> None:
+    """A malformed MDR comment is reported and retried, while the other comments and fields still sync."""
+    incident_id = harness.seed()["incident_id"]
+    bad = harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>bad</p>", author="Analyst")
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>good one</p>", author="Analyst")
+    break_comment(harness, incident_id, bad["comment_id"], creation_time="yesterday")
+
+    await harness.cycles(1)
+
+    issue = harness.issue_for(incident_id)
+    assert sum("good one" in c.body for c in issue.comments) == 1
+    parked = await harness.store.get_parked("main", INCIDENT, incident_id)
+    assert parked is not None and bad["comment_id"] in parked.reason
+
+
+async def test_forged_footer_hides_nothing(harness: SyncHarness) -> None:
+    """A Jira comment quoting the connector's footer with the next comment id does not hide that comment."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    next_id = harness.jira.sim._next_comment_id + 1
+
+    harness.jira.sim.add_comment(issue.key, f"see mdr-connector: jira comment {next_id}")
+    harness.jira.sim.add_comment(issue.key, "the real second comment")
+    await harness.cycles(2, sync)
+
+    texts = [c["text"] for c in harness.mdr_comments(incident_id)]
+    assert sum("the real second comment" in text for text in texts) == 1
+    assert sum("see mdr-connector" in text for text in texts) == 1
+
+
+async def test_hostile_display_name_is_escaped(harness: SyncHarness) -> None:
+    """A Jira display name carrying HTML reaches MDR as text, not as markup."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    harness.jira.sim.human.display_name = '<img src=x onerror="alert(1)">'
+
+    harness.jira.sim.add_comment(issue.key, "plain note")
+    await harness.cycles(1, sync)
+
+    [mirrored] = [c["text"] for c in harness.mdr_comments(incident_id) if "plain note" in c["text"]]
+    assert "<img" not in mirrored
+    assert "&lt;img" in mirrored
+
+
+async def test_crash_mid_page_keeps_mdr_cursor(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while the first incident of a page is being created leaves the cursor before it."""
+    first = harness.seed()["incident_id"]
+    harness.advance(600)
+    second = harness.seed()["incident_id"]
+    sync = await harness.engine()
+
+    class SimulatedCrash(BaseException):
+        pass
+
+    real_create = sync.tickets.create_ticket
+
+    async def crash_on_first(draft):
+        if draft.incident_id == first:
+            raise SimulatedCrash
+        return await real_create(draft)
+
+    monkeypatch.setattr(sync.tickets, "create_ticket", crash_on_first)
+    with pytest.raises(SimulatedCrash):
+        await sync.run_cycle()
+
+    stored = await harness.store.get_cursor("main", "mdr")
+    assert stored is None or int(stored) < harness.mdr_sim.incident(MDR_CLIENT_ID, first)["update_time"]
+    harness.advance(31)
+    await harness.cycles(2)
+    assert len(harness.issues_for(first)) == 1
+    assert len(harness.issues_for(second)) == 1
+
+
+async def test_crash_in_comment_sync_resyncs(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while a comment is being posted leaves the incident to be reconciled again, once."""
+    incident_id = harness.seed()["incident_id"]
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>after the crash</p>", author="Analyst")
+    sync = await harness.engine()
+
+    class SimulatedCrash(BaseException):
+        pass
+
+    async def crash(ref, draft):
+        raise SimulatedCrash
+
+    monkeypatch.setattr(sync.tickets, "add_comment", crash)
+    with pytest.raises(SimulatedCrash):
+        await sync.run_cycle()
+    assert (await harness.store.get_link("main", incident_id)).mdr_update_time is None
+
+    await harness.cycles(1)
+    assert sum("after the crash" in c.body for c in harness.issue_for(incident_id).comments) == 1
+
+
+async def test_crash_in_ticket_change_keeps_ticket_cursor(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while a Jira comment is copied to MDR leaves the ticket cursor before that change."""
+    incident_id = harness.seed()["incident_id"]
+    await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    harness.jira.sim.add_comment(issue.key, "engineer note before crash")
+    harness.advance(31)
+    sync = await harness.engine()
+
+    class SimulatedCrash(BaseException):
+        pass
+
+    async def crash(*args, **kwargs):
+        raise SimulatedCrash
+
+    monkeypatch.setattr(sync.mdr, "create_comment", crash)
+    with pytest.raises(SimulatedCrash):
+        await sync.run_cycle()
+
+    harness.advance(600)
+    await harness.cycles(1)
+    assert sum("engineer note before crash" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+
+
+async def test_lost_mdr_comment_reply_is_not_reposted(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MDR comment whose reply was lost is found by its footer on the next cycle, not posted twice."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    harness.jira.sim.add_comment(harness.issue_for(incident_id).key, "note whose reply is lost")
+
+    from mdr_connector.connector.errors import OutcomeUnknownError
+
+    real_create = sync.mdr.create_comment
+
+    async def create_then_lose_reply(*args, **kwargs):
+        await real_create(*args, **kwargs)
+        raise OutcomeUnknownError("connection dropped after the request was sent")
+
+    monkeypatch.setattr(sync.mdr, "create_comment", create_then_lose_reply)
+    await harness.cycles(1, sync)
+    monkeypatch.undo()
+    harness.advance(5)
+    await harness.cycles(2, sync)
+
+    assert sum("note whose reply is lost" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+    assert await harness.store.get_parked("main", INCIDENT, incident_id) is None
+
+
+async def test_no_lookup_inside_consistency_window(harness: SyncHarness) -> None:
+    """Before the search delay has passed, a lost create is neither searched for nor sent again."""
+    incident_id = harness.seed()["incident_id"]
+    harness.jira.sim.drop_reply_after_commit("POST", "/rest/api/2/issue")
+    sync = await harness.cycles(1)
+    searches = harness.jira.sim.calls["POST /rest/api/2/search/jql"]
+
+    for step in (5, 15):
+        harness.advance(step)
+        await sync.retry_parked()
+    assert harness.jira.sim.calls[CREATE_ISSUE] == 1
+    assert harness.jira.sim.calls["POST /rest/api/2/search/jql"] == searches
+
+    harness.advance(11)
+    await sync.retry_parked()
+    assert (await harness.store.get_link("main", incident_id)).state == LINKED
+    assert harness.jira.sim.calls[CREATE_ISSUE] == 1
+
+
+async def test_ticket_change_behind_search_delay(harness: SyncHarness) -> None:
+    """A Jira change that search shows only after its delay is still copied, thanks to the ticket overlap."""
+    first = harness.seed()["incident_id"]
+    second = harness.seed()["incident_id"]
+    await harness.cycles(1)
+    sync = await harness.engine()
+
+    harness.jira.sim.add_comment(harness.issue_for(second).key, "late indexed note")
+    harness.advance(5)
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, first, "<p>moves the other ticket</p>", author="Analyst")
+    await harness.cycles(1, sync)
+    harness.advance(31)
+    await harness.cycles(1, sync)
+
+    assert sum("late indexed note" in c["text"] for c in harness.mdr_comments(second)) == 1
+
+
+async def test_echo_layer_author(harness: SyncHarness) -> None:
+    """Comments written by the connector's own accounts are not copied back, even without marker or ledger row."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+
+    harness.jira.sim.add_comment(issue.key, "written by the service account", author=harness.jira.sim.service)
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>written by the API token</p>", author=MDR_CONNECTION_NAME)
+    await harness.cycles(2, sync)
+
+    assert not any("written by the service account" in c["text"] for c in harness.mdr_comments(incident_id))
+    assert not any("written by the API token" in c.body for c in issue.comments)
+
+
+async def test_echo_layer_ledger(harness: SyncHarness) -> None:
+    """A mirrored comment that lost its marker and changed author is still known as a copy by the ledger."""
+    incident_id = harness.seed()["incident_id"]
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>SOC original</p>", author="Analyst")
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    [copy] = [c for c in issue.comments if "SOC original" in c.body]
+    copy.properties.clear()
+    copy.author = harness.jira.sim.human
+
+    harness.jira.sim.add_comment(issue.key, "Jira original")
+    harness.advance(31)
+    await harness.cycles(1, sync)
+    stored = harness.mdr_sim._incidents[incident_id]
+    [mdr_copy] = [c for c in stored.comments if "Jira original" in c["text"]]
+    mdr_copy.update(author_name="Renamed connection", text="<p>Jira original</p>")
+
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>touch</p>", author="Analyst")
+    harness.advance(31)
+    await harness.cycles(2, sync)
+
+    assert sum("SOC original" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+    assert sum("Jira original" in c.body for c in issue.comments) == 1
+
+
+async def test_echo_layer_marker(harness: SyncHarness) -> None:
+    """Comments carrying the connector's marker are not copied, even from another author and with an empty ledger."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+
+    harness.jira.sim.add_comment(
+        issue.key,
+        "marked by an earlier service account",
+        properties=[{"key": "mdr-connector", "value": {"origin": "mdr", "source_id": "gone-comment"}}],
+    )
+    harness.mdr_sim.add_soc_comment(
+        MDR_CLIENT_ID, incident_id, "<p>copied earlier</p><p><em>mdr-connector: jira comment 99999</em></p>", author="Old name"
+    )
+    await harness.cycles(2, sync)
+
+    assert not any("marked by an earlier service account" in c["text"] for c in harness.mdr_comments(incident_id))
+    assert not any("copied earlier" in c.body for c in issue.comments)
+
+
+async def test_restricted_comment_stays_internal(harness: SyncHarness) -> None:
+    """A Jira comment visible only to a role is not sent to MDR unless the mapping allows it."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+
+    harness.jira.sim.add_comment(issue.key, "internal only", visibility={"type": "role", "value": "Developers"})
+    harness.jira.sim.add_comment(issue.key, "for the SOC")
+    harness.advance(31)
+    await harness.cycles(2, sync)
+
+    texts = [c["text"] for c in harness.mdr_comments(incident_id)]
+    assert not any("internal only" in text for text in texts)
+    assert sum("for the SOC" in text for text in texts) == 1
+    assert len(sync.stats.restricted_skipped) == 1
+
+
+async def test_removed_label_keeps_sync(harness: SyncHarness) -> None:
+    """A person removing the connector's labels does not cut the ticket off from MDR."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+
+    harness.jira.sim.edit_as_human(issue.key, labels=[])
+    harness.jira.sim.add_comment(issue.key, "after the labels were removed")
+    harness.advance(31)
+    await harness.cycles(1, sync)
+
+    assert sum("after the labels were removed" in c["text"] for c in harness.mdr_comments(incident_id)) == 1

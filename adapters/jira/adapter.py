@@ -246,7 +246,7 @@ class JiraTicketAdapter:
         log.info("jira.ticket.updated", extra={"ticket_key": ref.key})
 
     async def changed_tickets(self, since: datetime) -> list[TicketChange]:
-        """Return the connector's tickets updated at or after `since`, oldest first."""
+        """Return the project's tickets updated at or after `since`, oldest first."""
         if since.tzinfo is None:
             raise ValueError("since must be timezone-aware")
         since = since.astimezone(timezone.utc)
@@ -402,10 +402,10 @@ class JiraTicketAdapter:
         # would otherwise shift every later query by the difference.
         zone_name = _myself(client).get("timeZone")
         literal = jql_minute(since, _zone_or_none(zone_name))
-        query = (
-            f"project = {quote(self.project)} AND labels = {quote(CONNECTOR_LABEL)} "
-            f'AND updated >= "{literal}" ORDER BY updated ASC'
-        )
+        # No label condition: a person who removes the `mdr-connector` label
+        # must not silently cut the ticket off from MDR. The engine keeps only
+        # the tickets it has links for.
+        query = f'project = {quote(self.project)} AND updated >= "{literal}" ORDER BY updated ASC'
         return self._search(client, query, ["updated"], [], reconcile), zone_name
 
     def _search(

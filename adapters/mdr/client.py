@@ -84,6 +84,14 @@ class IncidentPage:
 
 
 @dataclass(frozen=True)
+class CommentPage:
+    """The comments of one incident: the valid ones, and the records that failed validation."""
+
+    items: list[Comment] = field(default_factory=list)
+    malformed: list[MalformedRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class IncidentFilter:
     """The `incidents/list` and `incidents/count` filters the connector uses; times in epoch ms."""
 
@@ -222,14 +230,12 @@ class MdrClient:
 
     # --- comments ---
 
-    async def list_comments(self, incident_id: str) -> list[Comment]:
-        """Read the comments of an incident; raises InvalidPayloadError when one is malformed."""
+    async def list_comments(self, incident_id: str) -> CommentPage:
+        """Read the comments of an incident; a malformed comment goes to `malformed` instead of failing the rest."""
         raw = await self._call("comments/list", {"incident_id": incident_id})
         if not isinstance(raw, list):
-            raise RemoteUnavailableError(
-                f"MDR comments/list returned {type(raw).__name__}, expected an array"
-            )
-        return [parse_comment(item, incident_id) for item in raw]
+            raise RemoteUnavailableError(f"MDR comments/list returned {type(raw).__name__}, expected an array")
+        return parse_comment_page(raw, incident_id)
 
     async def create_comment(self, incident_id: str, text: str, markdown_to_html: bool = True) -> Comment:
         """Add a comment to an incident.
@@ -323,6 +329,18 @@ class MdrClient:
                 data = await response.read()
                 log.debug("mdr.request", extra={"path": path, "status": response.status, "bytes": len(data)})
                 return _Reply(response.status, response.headers, data)
+
+
+def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
+    items: list[Comment] = []
+    malformed: list[MalformedRecord] = []
+    for record in raw:
+        try:
+            items.append(parse_comment(record, incident_id))
+        except InvalidPayloadError as err:
+            record_id, _ = describe_record(record, "comment_id")
+            malformed.append(MalformedRecord(record_id, None, str(err)))
+    return CommentPage(items, malformed)
 
 
 def parse_incident_page(raw: list[Any]) -> IncidentPage:

@@ -8,7 +8,7 @@ fails here with its id rather than deep inside a sync step.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
@@ -16,6 +16,10 @@ from mdr_connector.connector.errors import InvalidPayloadError
 
 PRIORITIES = ("HIGH", "NORMAL", "LOW")
 STATUSES = ("Open", "On hold", "Resolved", "Closed")
+# Epoch milliseconds of 9999-12-31T23:59:59.999Z, the last moment Python's
+# datetime can hold; a larger time cannot be a real MDR timestamp.
+MAX_EPOCH_MS = 253_402_300_799_999
+EpochMs = Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH_MS)]
 
 
 class MdrRecord(BaseModel):
@@ -23,10 +27,10 @@ class MdrRecord(BaseModel):
 
 
 class Comment(MdrRecord):
-    comment_id: StrictStr
+    comment_id: StrictStr = Field(min_length=1)
     author_name: StrictStr
     text: StrictStr
-    creation_time: StrictInt
+    creation_time: EpochMs
     origin: str = ""
 
 
@@ -59,8 +63,8 @@ class Incident(MdrRecord):
     summary: StrictStr
     priority: StrictStr
     status: StrictStr
-    creation_time: StrictInt
-    update_time: StrictInt
+    creation_time: EpochMs
+    update_time: EpochMs
     description: str = ""
     resolution: str = ""
     status_description: str = ""
@@ -73,9 +77,12 @@ class Incident(MdrRecord):
     mitre_techniques: list[str] = Field(default_factory=list)
     client_description: str = ""
     recommendations: str = ""
-    comments: list[Comment] = Field(default_factory=list)
-    attachments: list[Attachment] = Field(default_factory=list)
-    responses: list[Response] = Field(default_factory=list)
+    # The embedded comments, attachments and responses are left unparsed:
+    # the engine reads each kind through its own list method, so one
+    # malformed embedded comment cannot make the whole incident malformed.
+    comments: list[Any] = Field(default_factory=list)
+    attachments: list[Any] = Field(default_factory=list)
+    responses: list[Any] = Field(default_factory=list)
 
     def host_names(self) -> list[str]:
         """Host names from `affected_hosts`, whose items are `HOSTNAME:asset_id`."""

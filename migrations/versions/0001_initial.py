@@ -50,7 +50,7 @@ def upgrade() -> None:
         sa.Column("attempt_started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("done_at", sa.DateTime(timezone=True)),
         sa.UniqueConstraint(
-            "connection", "kind", "direction", "source_id", name="uq_synced_items_source"
+            "connection", "incident_id", "kind", "direction", "source_id", name="uq_synced_items_source"
         ),
     )
     op.create_index("ix_synced_items_incident", "synced_items", ["connection", "incident_id"])
