@@ -457,19 +457,7 @@ class ConnectionSync:
         found = await self._read(lambda: self.tickets.find_ticket(incident.incident_id))
         if found is not None:
             self.stats.tickets_linked += 1
-            log.info(
-                "sync.ticket.found",
-                extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": found.key},
-            )
-            return await self.store.record_link(
-                self.name,
-                incident.incident_id,
-                incident.incident_number,
-                ticket_key=found.key,
-                ticket_id=found.id,
-                ticket_url=found.url,
-                fields_hash=None,
-            )
+            return await self._record_link("sync.ticket.found", incident, found, written_hash=None)
 
         return await self._create_ticket(incident)
 
@@ -486,10 +474,11 @@ class ConnectionSync:
             raise
 
         self.stats.tickets_created += 1
-        log.info(
-            "sync.ticket.created",
-            extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key},
-        )
+        return await self._record_link("sync.ticket.created", incident, ref, written_hash=fields_hash(draft.fields))
+
+    async def _record_link(self, event: str, incident: Incident, ref: TicketRef, *, written_hash: str | None) -> Link:
+        """Pair the incident with its ticket; `written_hash` is the digest of the fields just written, if any."""
+        log.info(event, extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key})
         return await self.store.record_link(
             self.name,
             incident.incident_id,
@@ -497,7 +486,7 @@ class ConnectionSync:
             ticket_key=ref.key,
             ticket_id=ref.id,
             ticket_url=ref.url,
-            fields_hash=fields_hash(draft.fields),
+            fields_hash=written_hash,
         )
 
     async def update_ticket_fields(self, incident: Incident, link: Link, ref: TicketRef) -> None:
@@ -562,22 +551,9 @@ class ConnectionSync:
                 continue
 
             try:
-                posted = await self._post_to_ticket(incident, ref, comment)
+                await self._post_to_ticket(incident, ref, comment)
             except ItemError as err:
                 failed.append(f"comment {comment.comment_id}: {err}")
-                continue
-            self.stats.comments_to_ticket += 1
-            log.info(
-                "sync.comment.mirrored",
-                extra={
-                    "connection": self.name,
-                    "direction": MDR_TO_TICKET,
-                    "incident_id": incident.incident_id,
-                    "ticket_key": ref.key,
-                    "comment_id": comment.comment_id,
-                    "target_comment_id": posted.id,
-                },
-            )
         return failed
 
     def _landed_on_ticket(self, ref: TicketRef, ticket_comments: list[TicketComment]) -> dict[str, TicketComment]:
@@ -607,6 +583,8 @@ class ConnectionSync:
         await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
         posted = await self.tickets.add_comment(ref, draft)
         await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+        self.stats.comments_to_ticket += 1
+        self._log_mirrored(MDR_TO_TICKET, incident, ref, comment.comment_id, posted.id)
         return posted
 
     def _is_mdr_echo(self, comment: Comment, written_by_us: set[str]) -> bool:
@@ -656,22 +634,9 @@ class ConnectionSync:
                 continue
 
             try:
-                posted = await self._post_to_mdr(incident, ref, comment)
+                await self._post_to_mdr(incident, ref, comment)
             except ItemError as err:
                 failed.append(f"{self.tickets.system} comment {comment.id}: {err}")
-                continue
-            self.stats.comments_to_mdr += 1
-            log.info(
-                "sync.comment.mirrored",
-                extra={
-                    "connection": self.name,
-                    "direction": TICKET_TO_MDR,
-                    "incident_id": incident.incident_id,
-                    "ticket_key": ref.key,
-                    "comment_id": comment.id,
-                    "target_comment_id": posted.comment_id,
-                },
-            )
         return failed
 
     async def _post_to_mdr(self, incident: Incident, ref: TicketRef, comment: TicketComment) -> Comment:
@@ -687,7 +652,22 @@ class ConnectionSync:
         await self.store.start_item(self.name, incident.incident_id, COMMENT, TICKET_TO_MDR, comment.id)
         posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
         await self._finish_item(incident, TICKET_TO_MDR, comment.id, posted.comment_id)
+        self.stats.comments_to_mdr += 1
+        self._log_mirrored(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id)
         return posted
+
+    def _log_mirrored(self, direction: str, incident: Incident, ref: TicketRef, source_id: str, target_id: str) -> None:
+        log.info(
+            "sync.comment.mirrored",
+            extra={
+                "connection": self.name,
+                "direction": direction,
+                "incident_id": incident.incident_id,
+                "ticket_key": ref.key,
+                "comment_id": source_id,
+                "target_comment_id": target_id,
+            },
+        )
 
     def _note_restricted(self, ref: TicketRef, comment: TicketComment) -> None:
         key = f"restricted:{comment.id}"

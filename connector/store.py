@@ -35,7 +35,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -378,16 +378,7 @@ class Store:
         """Record the intent to copy one item, before the write is sent."""
         now = utc_now()
         async with self.sessions() as session, session.begin():
-            item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
-            if item is None:
-                item = SyncedItem(
-                    connection=connection,
-                    incident_id=incident_id,
-                    kind=kind,
-                    direction=direction,
-                    source_id=source_id,
-                )
-                session.add(item)
+            item = await self._item_row(session, connection, incident_id, kind, direction, source_id, now)
             item.state = PENDING
             item.attempt_started_at = now
 
@@ -403,20 +394,34 @@ class Store:
         """Record that an item exists on the other side as `target_id`."""
         now = utc_now()
         async with self.sessions() as session, session.begin():
-            item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
-            if item is None:
-                item = SyncedItem(
-                    connection=connection,
-                    incident_id=incident_id,
-                    kind=kind,
-                    direction=direction,
-                    source_id=source_id,
-                    attempt_started_at=now,
-                )
-                session.add(item)
+            item = await self._item_row(session, connection, incident_id, kind, direction, source_id, now)
             item.state = DONE
             item.target_id = target_id
             item.done_at = now
+
+    async def _item_row(
+        self,
+        session: AsyncSession,
+        connection: str,
+        incident_id: str,
+        kind: str,
+        direction: str,
+        source_id: str,
+        now: datetime,
+    ) -> SyncedItem:
+        """Return the ledger row of one item, adding it to the session when there is none yet."""
+        item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
+        if item is None:
+            item = SyncedItem(
+                connection=connection,
+                incident_id=incident_id,
+                kind=kind,
+                direction=direction,
+                source_id=source_id,
+                attempt_started_at=now,
+            )
+            session.add(item)
+        return item
 
     @staticmethod
     def _item_query(connection: str, incident_id: str, kind: str, direction: str, source_id: str):  # noqa: ANN205
