@@ -141,7 +141,7 @@ def port_number(text: str) -> int:
 
 
 def common_options() -> argparse.ArgumentParser:
-    """The options every command takes, before or after the command name."""
+    """Build the options every command takes, before or after the command name."""
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS keeps a value given before the command from being reset by the
     # subcommand's default; main() fills in the real defaults afterwards.

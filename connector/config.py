@@ -90,7 +90,7 @@ class StrictModel(BaseModel):
 
 
 class SecretRef(StrictModel):
-    """Where to read a secret: an environment variable or a file, never the YAML itself."""
+    """A reference to a secret in an environment variable or a file, never in the YAML itself."""
 
     env: str | None = None
     file: Path | None = None
@@ -171,7 +171,7 @@ class TransportSettings(StrictModel):
         return reject_inline_password(value) if isinstance(value, str) else value
 
     def proxy_url(self) -> str | None:
-        """The proxy URL, read from its environment variable or file when it is a secret."""
+        """Return the proxy URL, read from its environment variable or file when it is a secret."""
         return secret_or_plain(self.proxy)
 
 
@@ -255,7 +255,7 @@ TicketSettings = Annotated[JiraSettings, Field(discriminator="system")]
 
 
 class StartSettings(StrictModel):
-    """Where the first sync of a connection starts."""
+    """The starting point of a connection's first sync."""
 
     lookback_days: float = Field(default=7, gt=0)
     since: datetime | None = None
@@ -269,7 +269,7 @@ class StartSettings(StrictModel):
 
 
 class FilterSettings(StrictModel):
-    """Which incidents sync; passed to `incidents/list` as the API's own filters."""
+    """The incident filters, passed to `incidents/list` as the API's own filters."""
 
     statuses: list[Literal["Open", "On hold", "Resolved", "Closed"]] = Field(default_factory=list)
     priorities: list[Literal["HIGH", "NORMAL", "LOW"]] = Field(default_factory=list)
@@ -330,7 +330,7 @@ class Settings(StrictModel):
         return reject_inline_password(value) if isinstance(value, str) else value
 
     def resolved_database_url(self) -> str:
-        """The SQLAlchemy URL: the configured one (read from its secret if need be), else SQLite in data_dir."""
+        """Return the SQLAlchemy URL: the configured one (read from its secret if need be), else SQLite in data_dir."""
         url = secret_or_plain(self.database_url)
         if url:
             return url
@@ -351,7 +351,7 @@ class Settings(StrictModel):
 
 
 class CommentFormat(StrictModel):
-    """How comments are mirrored: header lines naming the original author, and which comments go."""
+    """The comment mirroring rules: header lines naming the original author, and which comments go."""
 
     mdr_to_ticket_header: str = "**{author}** (Kaspersky MDR, {created})"
     ticket_to_mdr_header: str = "**{author}** ({system} {ticket_key}, {created})"
@@ -367,7 +367,7 @@ class CommentFormat(StrictModel):
 
 
 class Mapping(StrictModel):
-    """How an MDR incident becomes a ticket."""
+    """The mapping of an MDR incident to a ticket."""
 
     project: str = Field(min_length=1)
     issue_type: str = Field(min_length=1)

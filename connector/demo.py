@@ -2,7 +2,7 @@
 
 The demo builds the same objects the service builds from config.yaml, so
 what it shows is the production code path: the token chain is activated
-with a console-issued token, SQLite holds the ledger in a temporary folder,
+with a console-issued token, SQLite keeps the ledger in a temporary folder,
 and the engine runs real cycles over HTTP.
 """
 

@@ -3,7 +3,7 @@
 A cycle finds what changed on either side since its cursors (MDR by
 `update_time`, the ticket system by `updated`), then reconciles each
 changed incident. Change detection only decides *which* incidents to look
-at; the reconciliation reads the full state of both sides, compares it
+at. The reconciliation reads the full state of both sides, compares it
 with the ledger, and writes only what is missing. That makes a
 reconciliation safe to repeat after a crash, a lost reply or a replayed
 page, which is how the engine avoids both loss and duplicates.
@@ -124,7 +124,7 @@ async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
 
 @dataclass
 class SyncStats:
-    """What the engine did, counted across cycles; sets keep each item once."""
+    """Counters of the engine's work across cycles; the sets count each item once."""
 
     cycles: int = 0
     incidents_seen: set[str] = field(default_factory=set)
@@ -204,8 +204,8 @@ class ConnectionSync:
 
         The window moves forward by `min_update_time` instead of by deep page
         numbers, because the API caps a result window at about 10,000 items.
-        Page numbers are used only inside one millisecond that holds more than
-        a page of incidents, with `max_update_time` pinning the window to it.
+        Page numbers are used only inside one millisecond that contains more
+        than a page of incidents, with `max_update_time` pinning the window to it.
         """
         # NOTE: sorting incidents/list by `update_time` is INFERRED from the
         # documented `"<field>:asc"` form; public sources show only
@@ -280,7 +280,7 @@ class ConnectionSync:
 
     def _first_run_start(self) -> datetime:
         # NOTE: the first run has no server time to start from, so it uses the
-        # local clock; the default 7-day lookback dwarfs any sane clock skew.
+        # local clock. The default 7-day lookback dwarfs any sane clock skew.
         start = self.settings.sync.start
         if start.since is not None:
             return start.since

@@ -59,7 +59,7 @@ class RetriableError(ConnectorError):
 
 
 class RateLimitedError(RetriableError):
-    """The remote system answered 429 (or 503 with Retry-After)."""
+    """The remote system replied 429 (or 503 with Retry-After)."""
 
     def __init__(self, message: str, retry_after: float | None) -> None:
         super().__init__(message)

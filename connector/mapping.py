@@ -32,7 +32,7 @@ MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()!|<>&~])")
 
 
 def correlation_label(incident_id: str) -> str:
-    """The label that ties a ticket to its MDR incident."""
+    """Return the label that ties a ticket to its MDR incident."""
     return f"mdr-{incident_id}"
 
 
@@ -49,7 +49,7 @@ def console_link(console_url: str, incident_id: str) -> str:
 
 
 def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
-    """The values a mapping template can use, all rendered as text."""
+    """Return the values a mapping template can use, all rendered as text."""
     hosts = [entry.split(":", 1) for entry in incident.affected_hosts]
     host_lines = [
         f"- {code_span(parts[0])} (asset {code_span(parts[1])})" if len(parts) == 2 else f"- {code_span(parts[0])}"
@@ -110,13 +110,13 @@ def render_draft(mapping: Mapping, incident: Incident, console_url: str, client_
 
 
 def fields_hash(fields: TicketFields) -> str:
-    """A digest of the mapped fields, to tell whether a ticket needs an update."""
+    """Return a digest of the mapped fields, to tell whether a ticket needs an update."""
     encoded = json.dumps(asdict(fields), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
 def render_comment_for_ticket(mapping: Mapping, author: str, created: datetime, body: str) -> str:
-    """A Markdown comment for the ticket, headed by the MDR author and time."""
+    """Render a Markdown comment for the ticket, headed by the MDR author and time."""
     header = mapping.comments.mdr_to_ticket_header.format_map(
         {"author": escape_markdown(author), "created": format_time(created), "ticket_key": "", "system": "Kaspersky MDR"}
     )
@@ -133,7 +133,7 @@ def render_comment_for_mdr(
     ticket_key: str,
     comment_id: str,
 ) -> str:
-    """A Markdown comment for MDR, headed by the ticket author and ending in the connector's footer."""
+    """Render a Markdown comment for MDR, headed by the ticket author and ending in the connector's footer."""
     header = mapping.comments.ticket_to_mdr_header.format_map(
         {
             "author": escape_markdown(author),
@@ -161,7 +161,7 @@ def escape_markdown(text: str) -> str:
 
 
 def code_span(text: str) -> str:
-    """A Markdown code span that shows any text literally, backticks included."""
+    """Wrap text in a Markdown code span that shows it literally, backticks included."""
     text = " ".join(text.split())
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * (longest + 1)

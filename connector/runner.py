@@ -38,7 +38,7 @@ ConnectionFactory = Callable[[Settings, ConnectionSettings, Store], AbstractAsyn
 
 @dataclass
 class ConnectionOutcome:
-    """How one connection ended: its stats, or the error that stopped it."""
+    """The end of one connection's run: its stats, or the error that stopped it."""
 
     name: str
     stats: SyncStats | None

@@ -80,7 +80,7 @@ class Link(Base):
     """One MDR incident paired with one ticket, per connection.
 
     `state` is `pending` from the moment a create is about to be sent until
-    the ticket's id is recorded; a pending link whose create outcome is
+    the ticket's id is recorded. A pending link whose create outcome is
     unknown is resolved by looking the correlation marker up on the ticket
     system, never by creating again.
     """
@@ -223,7 +223,7 @@ class Store:
             )
 
     async def check_schema(self, *, upgrade: bool) -> None:
-        """Refuse a schema newer than this version knows; apply missing migrations when allowed."""
+        """Reject a schema newer than this version supports; apply missing migrations when allowed."""
         script = ScriptDirectory.from_config(alembic_config(self.url))
         head = script.get_current_head()
         current = await self.current_revision()
