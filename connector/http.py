@@ -28,6 +28,9 @@ from mdr_connector.connector.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 10.0
+# OpenSSL verify codes X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
+# (openssl/x509_vfy.h): the certificate names hosts other than the one connected to.
+HOST_MISMATCH_CODES = frozenset({62, 64})
 
 
 def build_ssl_context(settings: TransportSettings) -> ssl.SSLContext | bool:
@@ -118,6 +121,21 @@ def requests_proxies(settings: TransportSettings, url: str) -> dict[str, str] | 
     if is_loopback_host(urlsplit(url).hostname or ""):
         return None
     return requests.utils.get_environ_proxies(url) or None
+
+
+def certificate_problem(host: str | None, err: BaseException) -> str:
+    """Describe a failed TLS certificate check in one line, with the fix for the operator.
+
+    `err` is the `ssl.SSLCertVerificationError` raised during the TLS
+    handshake, before any request was sent.
+    """
+    reason = getattr(err, "verify_message", None) or getattr(err, "reason", None) or "certificate verify failed"
+    reason = " ".join(str(reason).split()).rstrip(".")
+    if getattr(err, "verify_code", None) in HOST_MISMATCH_CODES:
+        fix = "use a url with a host name that the certificate lists, or have the certificate reissued for that host"
+    else:
+        fix = "set ca_bundle to the PEM file of the CA that issued it, or add that CA to the system store"
+    return f"the TLS certificate of {host or 'the server'} could not be verified ({reason}): {fix}"
 
 
 def post_options() -> dict[str, Any]:

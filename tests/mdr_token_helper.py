@@ -3,6 +3,11 @@
     mdr_token_helper.py call ...              list incidents once and print the count
     mdr_token_helper.py crash-after-save ...  list incidents; die with exit code 17 right
                                               after the first token file write
+    mdr_token_helper.py kill-mid-save ...     list incidents; write half of the first temp
+                                              token file, then SIGKILL itself before the rename
+
+With --activate FILE, the helper activates the console token in FILE
+instead of listing incidents.
 
 With --ready and --go, the helper loads its token pair, creates the --ready
 file, and waits for the --go file before calling, so that tests can start
@@ -15,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +42,34 @@ def crash_after_save() -> None:
     TokenFileStore.save = save_then_die  # type: ignore[method-assign]
 
 
+def kill_mid_save() -> None:
+    """Make the first write to a temp token file stop halfway, then kill this process with SIGKILL.
+
+    SIGKILL runs no cleanup, as after a power cut or an OOM kill, so the
+    partial temp file stays in the token folder.
+    """
+    original_open, original_write = os.open, os.write
+    temp_descriptors: set[int] = set()
+
+    def open_and_record(
+        path: str | os.PathLike[str], flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
+        descriptor = original_open(path, flags, mode, dir_fd=dir_fd)
+        if os.fspath(path).endswith(".tmp"):
+            temp_descriptors.add(descriptor)
+        return descriptor
+
+    def write_half_then_die(descriptor: int, data: bytes) -> int:
+        if descriptor not in temp_descriptors:
+            return original_write(descriptor, data)
+        original_write(descriptor, bytes(data[: len(data) // 2]))
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("SIGKILL did not stop the process")
+
+    os.open = open_and_record  # type: ignore[assignment]
+    os.write = write_half_then_die  # type: ignore[assignment]
+
+
 async def wait_for_go(ready: Path, go: Path) -> None:
     ready.touch()
     while not go.exists():
@@ -51,6 +85,10 @@ async def run(args: argparse.Namespace) -> int:
         timeout_seconds=10,
     )
     async with MdrClient(settings) as client:
+        if args.activate:
+            status = await client.tokens.activate(Path(args.activate).read_text(encoding="utf-8"))
+            print(json.dumps({"state": status.state}))
+            return 0
         await client.tokens.access_token()
         if args.ready and args.go:
             await wait_for_go(Path(args.ready), Path(args.go))
@@ -65,17 +103,20 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("call", "crash-after-save"))
+    parser.add_argument("mode", choices=("call", "crash-after-save", "kill-mid-save"))
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--client-id", required=True)
     parser.add_argument("--connection-name", required=True)
     parser.add_argument("--token-dir", required=True)
     parser.add_argument("--ready")
     parser.add_argument("--go")
+    parser.add_argument("--activate", metavar="FILE")
     args = parser.parse_args()
 
     if args.mode == "crash-after-save":
         crash_after_save()
+    elif args.mode == "kill-mid-save":
+        kill_mid_save()
     return asyncio.run(run(args))
 
 

@@ -9,6 +9,7 @@ import math
 import os
 import secrets
 import signal
+import socket
 import stat
 import sys
 import threading
@@ -25,8 +26,10 @@ from mdr_connector.adapters.jira.simulator import SERVICE_EMAIL, SERVICE_TOKEN
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
 from mdr_connector.adapters.mdr.tokens import TokenFileStore
 from mdr_connector.connector.cli import main, read_console_token
+from mdr_connector.connector.config import load_settings
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.locks import ConnectionLock
+from mdr_connector.connector.runner import SHUTDOWN_GRACE_SECONDS
 
 JIRA_TOKEN_VARIABLE = "MDR_CLI_TEST_JIRA_TOKEN"
 
@@ -206,6 +209,71 @@ async def test_run_stops_on_sigterm(activated_config: Path, mdr_sim: MdrSimulato
 
     assert process.returncode == 0, stderr.decode()
     assert b"sync.connection.stopped" in stderr
+
+
+def correlation_labels(jira: RunningJira) -> list[str]:
+    """Return the sorted `mdr-<incident id>` labels of every Jira issue, so a duplicate issue shows twice."""
+    labels = [label for issue in jira.sim.issues.values() for label in issue.fields["labels"]]
+    return sorted(label for label in labels if label.startswith("mdr-") and label != "mdr-connector")
+
+
+async def test_sigterm_mid_cycle_then_resume(
+    activated_config: Path, mdr_sim: MdrSimulator, jira: RunningJira, tmp_path: Path
+) -> None:
+    """SIGTERM during a cycle exits 0, and `sync --once` then syncs the rest with no duplicate issue or comment."""
+    document = yaml.safe_load(activated_config.read_text())
+    # Two pages of four incidents per cycle leave work for the restart. With
+    # no overlap, the restart continues where the stopped cycle ended.
+    document["connections"][0]["sync"].update({"page_size": 4, "max_pages_per_cycle": 2, "mdr_overlap_seconds": 0})
+    activated_config.write_text(yaml.safe_dump(document))
+    incidents = []
+    for number in range(10):
+        incident = mdr_sim.seed_incident(MDR_CLIENT_ID)
+        mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident["incident_id"], f"<p>SOC note {number}</p>")
+        incidents.append(incident["incident_id"])
+        mdr_sim.advance(1)
+    mdr_sim.settings.latency_seconds = 0.05
+    jira.sim.settings.latency_seconds = 0.05
+
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mdr_connector.connector.cli", "--config", str(activated_config), "run",
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+            env={**os.environ, JIRA_TOKEN_VARIABLE: SERVICE_TOKEN},
+        )
+    try:
+        for _ in range(3000):
+            if jira.sim.issues or process.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        created_at_signal = len(jira.sim.issues)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), SHUTDOWN_GRACE_SECONDS + 10)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = log_path.read_text(encoding="utf-8")
+    created_at_stop = len(jira.sim.issues)
+
+    assert process.returncode == 0, log
+    assert 0 < created_at_signal < len(incidents)
+    assert '"sync.cycle.finishing"' in log
+    assert '"sync.connection.stopped"' in log
+    assert created_at_stop < len(incidents), "the page budget left no incident for the restart"
+
+    code, out, err = await run_cli("--config", str(activated_config), "sync", "--once")
+
+    assert code == 0, out + err
+    assert f"{len(incidents) - created_at_stop} tickets created" in out
+    assert correlation_labels(jira) == sorted(f"mdr-{incident_id}" for incident_id in incidents)
+    for issue in jira.sim.issues.values():
+        sources = [comment.properties.get("mdr-connector", {}).get("source_id") for comment in issue.comments]
+        assert len(sources) == 1, issue.key
+        assert None not in sources, issue.key
+    for incident_id in incidents:
+        assert len(mdr_sim.comments(MDR_CLIENT_ID, incident_id)) == 1, incident_id
 
 
 async def test_check_reports_both_sides(activated_config: Path) -> None:
@@ -553,3 +621,82 @@ async def test_commands_print_no_alembic_lines(command: list[str], activated_con
 
         assert code == 0, out + err
         assert "alembic" not in (out + err).replace("alembic_version", "")
+
+
+# Plain http:// for MDR, checked by config validation alone. No test here resolves a host name.
+
+
+@pytest.fixture
+def no_name_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to resolve a host name."""
+
+    def reject(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"config validation resolved the host name {args[0]!r}")
+
+    for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex"):
+        monkeypatch.setattr(socket, name, reject)
+
+
+def write_mdr_config(tmp_path: Path, base_url: str) -> Path:
+    """Write a config file whose only connection reaches MDR at `base_url`."""
+    document = {
+        "connections": [
+            {
+                "name": "main",
+                "mdr": {
+                    "base_url": base_url,
+                    "client_id": MDR_CLIENT_ID,
+                    "connection_name": MDR_CONNECTION_NAME,
+                    "token_dir": "tokens",
+                },
+                "ticket": {
+                    "system": "jira",
+                    "url": "https://jira.example.test",
+                    "auth": {"type": "api_token", "email": SERVICE_EMAIL, "token": {"env": JIRA_TOKEN_VARIABLE}},
+                },
+            }
+        ],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://mdr.kaspersky.com/api/v1",
+        "http://127.0.0.1.nip.io:8480/api/v1",
+        "http://localhost.example.test/api/v1",
+        "http://localhost@mdr.example.test/api/v1",
+    ],
+    ids=["remote", "nip-io", "localhost-subdomain", "localhost-userinfo"],
+)
+def test_mdr_plain_http_rejected(base_url: str, tmp_path: Path, no_name_lookups: None) -> None:
+    """Plain http:// for MDR is rejected for any host that is not a loopback address or name, however local it looks."""
+    config = write_mdr_config(tmp_path, base_url)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+
+    message = str(caught.value)
+    assert message.startswith(f"{config}: connections[0].mdr.base_url: ")
+    assert f"{base_url!r} must be an https:// URL" in message
+    assert "plain http:// is accepted only for loopback addresses" in message
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:8480/api/v1",
+        "http://localhost:8480/api/v1",
+        "http://[::1]:8480/api/v1",
+        "https://127.0.0.1.nip.io/api/v1",
+    ],
+    ids=["ipv4-loopback", "localhost", "ipv6-loopback", "https-any-host"],
+)
+def test_mdr_url_accepted(base_url: str, tmp_path: Path, no_name_lookups: None) -> None:
+    """Plain http:// is accepted for loopback hosts, and https:// for any host."""
+    settings = load_settings(write_mdr_config(tmp_path, base_url))
+
+    assert settings.connections[0].mdr.base_url == base_url

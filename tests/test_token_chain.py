@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import os
+import signal
 import stat
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from fixtures_mdr import MDR_CLIENT_ID, run_token_helper
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import DAY, HOUR, MdrSimulator
+from mdr_connector.adapters.mdr import tokens
 from mdr_connector.adapters.mdr.tokens import TokenFileStore, TokenPair, decode_jwt_claims, jwt_expiry
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
@@ -185,6 +187,119 @@ async def test_crash_after_confirm_keeps_new_pair(
     async with MdrClient(mdr_settings) as fresh:
         await fresh.list_incidents()
     assert mdr_sim.confirm_calls == 2
+
+
+async def test_kill_mid_activation_keeps_old_pair(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings, tmp_path: Path
+) -> None:
+    """A process killed halfway through writing a new token file leaves the old pair whole and working."""
+    before = stored_pair(mdr_settings)
+    console_token = tmp_path / "console-token"
+    console_token.write_text(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+
+    helper = await run_token_helper(mdr_settings, "kill-mid-save", "--activate", str(console_token))
+    stdout, stderr = await helper.communicate()
+
+    assert helper.returncode == -signal.SIGKILL, stdout.decode() + stderr.decode()
+    assert mdr_sim.confirm_calls == 2
+    [stale] = mdr_settings.token_dir.glob("*.tmp")
+    with pytest.raises(ValueError):
+        json.loads(stale.read_bytes())
+    assert stored_pair(mdr_settings) == before
+
+    # The old access token still works, and so does its refresh token, whose
+    # rotated pair is saved beside the stale temp file.
+    async with MdrClient(mdr_settings) as fresh:
+        await fresh.list_incidents()
+    assert mdr_sim.confirm_calls == 2
+    mdr_sim.advance(2 * HOUR)
+    async with MdrClient(mdr_settings) as fresh:
+        await fresh.list_incidents()
+    assert mdr_sim.confirm_calls == 3
+    assert stored_pair(mdr_settings).refresh_token != before.refresh_token
+
+
+async def test_kill_mid_refresh_keeps_old_file(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A process killed halfway through saving a rotated pair leaves the old file whole for the next start."""
+    before = stored_pair(mdr_settings)
+    mdr_sim.advance(2 * HOUR)
+
+    helper = await run_token_helper(mdr_settings, "kill-mid-save")
+    stdout, stderr = await helper.communicate()
+
+    assert helper.returncode == -signal.SIGKILL, stdout.decode() + stderr.decode()
+    assert len(list(mdr_settings.token_dir.glob("*.tmp"))) == 1
+    assert stored_pair(mdr_settings) == before
+
+    # MDR rotated the refresh token before the crash, so the chain is lost.
+    # The next start reports the spent token rather than a malformed file.
+    async with MdrClient(mdr_settings) as fresh:
+        with pytest.raises(TokenExpiredError) as caught:
+            await fresh.list_incidents()
+        status = await fresh.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+    assert str(caught.value) == EXPIRED_MESSAGE
+    assert status.state == "Active"
+    assert stored_pair(mdr_settings).refresh_token != before.refresh_token
+
+
+def test_save_order_and_flags(token_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`save` writes a new 0400 temp file, fsyncs it, renames it over the token file, then fsyncs the folder."""
+    real_open, real_write, real_fsync, real_replace = os.open, os.write, os.fsync, os.replace
+    names: dict[int, Path] = {}
+    opened: dict[Path, tuple[int, int]] = {}
+    events: list[tuple[str, Path | None] | tuple[str, Path, Path]] = []
+
+    def spy_open(path: str | os.PathLike[str], flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        descriptor = real_open(path, flags, mode, dir_fd=dir_fd)
+        names[descriptor] = Path(path)
+        opened[Path(path)] = (flags, mode)
+        events.append(("open", Path(path)))
+        return descriptor
+
+    def spy_write(descriptor: int, data: bytes) -> int:
+        if not events or events[-1] != ("write", names.get(descriptor)):
+            events.append(("write", names.get(descriptor)))
+        return real_write(descriptor, data)
+
+    def spy_fsync(descriptor: int) -> None:
+        events.append(("fsync", names.get(descriptor)))
+        real_fsync(descriptor)
+
+    def spy_replace(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+        events.append(("replace", Path(source), Path(target)))
+        real_replace(source, target)
+
+    store = TokenFileStore(token_dir, MDR_CLIENT_ID)
+    pair = TokenPair("spy-access-token", "spy-refresh-token", 1_900_000_000, 1_900_000_000, 1_800_000_000)
+    monkeypatch.setattr(tokens.os, "open", spy_open)
+    monkeypatch.setattr(tokens.os, "write", spy_write)
+    monkeypatch.setattr(tokens.os, "fsync", spy_fsync)
+    monkeypatch.setattr(tokens.os, "replace", spy_replace)
+    store.save(pair)
+    monkeypatch.undo()
+
+    temp = events[0][1]
+    assert temp is not None
+    assert events == [
+        ("open", temp),
+        ("write", temp),
+        ("fsync", temp),
+        ("replace", temp, store.path),
+        ("open", token_dir),
+        ("fsync", token_dir),
+    ]
+    assert temp.parent == token_dir
+    temp_flags, temp_mode = opened[temp]
+    assert temp_flags & os.O_CREAT
+    assert temp_flags & os.O_EXCL
+    assert temp_flags & os.O_NOFOLLOW
+    assert temp_mode == 0o400
+    assert opened[token_dir][0] & os.O_DIRECTORY
+    assert not temp.exists()
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o400
+    assert store.load() == pair
 
 
 @pytest.mark.parametrize("mode", [0o440, 0o404, 0o600 | 0o040])

@@ -4,8 +4,8 @@ The split that matters is whether a request may have reached Jira. A
 create or a comment whose reply never came (read timeout, connection
 dropped, 5xx from a gateway) may have been applied, so it becomes
 OutcomeUnknownError and the engine looks the write up by its marker instead
-of sending it again. Only a refused or timed-out connection proves that
-nothing was sent.
+of sending it again. Only a refused or timed-out connection, or a failed
+TLS certificate check, proves that nothing was sent.
 
 Messages carry the HTTP status and Jira's own error text, which names the
 field at fault, but never request headers or bodies: `str(JIRAError)`
@@ -15,8 +15,10 @@ includes both, so it is never used here.
 from __future__ import annotations
 
 import json
+import ssl
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import requests
 from jira.exceptions import JIRAError
@@ -31,6 +33,7 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
+from mdr_connector.connector.http import certificate_problem
 
 MAX_DETAIL_LENGTH = 1000
 
@@ -88,6 +91,11 @@ def _from_reply(err: JIRAError, operation: str, *, write: bool, opening: bool) -
 
 def _from_transport(err: requests.RequestException, operation: str, *, write: bool) -> ConnectorError:
     reason = type(err).__name__
+    certificate_error = _certificate_error(err)
+    if certificate_error is not None:
+        # The TLS handshake failed, so the request was not sent, write or not.
+        host = urlsplit(err.request.url).hostname if err.request is not None and err.request.url else None
+        return RemoteUnavailableError(f"Jira {operation} failed: {certificate_problem(host, certificate_error)}")
     if _never_sent(err):
         return RemoteUnavailableError(f"cannot connect to Jira for {operation} ({reason})")
     if write:
@@ -110,6 +118,23 @@ def _never_sent(err: requests.RequestException) -> bool:
     # urllib3 2 raises NewConnectionError (and its NameResolutionError) only
     # when the TCP connection itself failed.
     return isinstance(cause, NewConnectionError)
+
+
+def _certificate_error(err: requests.RequestException) -> ssl.SSLCertVerificationError | None:
+    """Find the certificate check failure that requests wraps as SSLError(MaxRetryError(SSLError(...)))."""
+    if not isinstance(err, requests.exceptions.SSLError):
+        return None
+    pending: list[object] = [err]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return item
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        pending.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return None
 
 
 def error_detail(response: requests.Response | None) -> str:

@@ -12,6 +12,8 @@ so callers never see aiohttp exceptions:
     3xx, other 4xx      RejectedError with the status (redirects are never followed)
     timeout, dropped    RemoteUnavailableError before the request was sent,
     connection          OutcomeUnknownError for a write that may have been sent
+    TLS certificate     RemoteUnavailableError naming the reason and the fix (`ca_bundle`)
+    not verified
     non-JSON reply      RemoteUnavailableError; OutcomeUnknownError for a write
     malformed record    InvalidPayloadError; in a list, one bad record is returned
                         in IncidentPage.malformed and the rest of the page is kept
@@ -51,7 +53,7 @@ from mdr_connector.connector.errors import (
     RemoteUnavailableError,
     TokenExpiredError,
 )
-from mdr_connector.connector.http import create_session, post_options
+from mdr_connector.connector.http import certificate_problem, create_session, post_options
 from multidict import CIMultiDictProxy
 
 log = logging.getLogger(__name__)
@@ -323,12 +325,18 @@ class MdrClient:
             headers["Authorization"] = f"Bearer {access_token}"
 
         async with self._limit:
-            async with self._session.post(
-                f"{self._base}/{path}", json=body, headers=headers, **post_options()
-            ) as response:
-                data = await response.read()
-                log.debug("mdr.request", extra={"path": path, "status": response.status, "bytes": len(data)})
-                return _Reply(response.status, response.headers, data)
+            try:
+                async with self._session.post(
+                    f"{self._base}/{path}", json=body, headers=headers, **post_options()
+                ) as response:
+                    data = await response.read()
+                    log.debug("mdr.request", extra={"path": path, "status": response.status, "bytes": len(data)})
+                    return _Reply(response.status, response.headers, data)
+            except aiohttp.ClientConnectorCertificateError as err:
+                # The handshake failed, so the request was not sent, write or not.
+                raise RemoteUnavailableError(
+                    f"MDR {path} failed: {certificate_problem(err.host, err.certificate_error)}"
+                ) from err
 
 
 def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
