@@ -211,13 +211,14 @@ class ConnectionSync:
         # documented `"<field>:asc"` form; public sources show only
         # `creation_time` as a sort field.
         sync = self.settings.sync
-        cursor = await self._mdr_cursor()
+        cursor = start_cursor = await self._mdr_cursor()
         window_start = max(cursor - int(sync.mdr_overlap_seconds * 1000), 0)
         window_end: int | None = None
         page_number = 1
+        pages_left = sync.max_pages_per_cycle
         min_creation_time = await self._creation_floor()
 
-        for _ in range(sync.max_pages_per_cycle):
+        while pages_left > 0:
             page = await self._read(
                 lambda: self.mdr.list_incidents(
                     min_update_time=window_start,
@@ -231,10 +232,15 @@ class ConnectionSync:
                     sort="update_time:asc",
                 )
             )
-            newest = await self._reconcile_page(page)
-            if newest is not None and newest > cursor:
-                cursor = newest
+            newest_plausible, newest = await self._reconcile_page(page)
+            if newest_plausible is not None and newest_plausible > cursor:
+                cursor = newest_plausible
                 await self.store.set_cursor(self.name, MDR_CURSOR, str(cursor))
+            # Pages that only re-read the overlap before this cycle's starting
+            # cursor are free: were they counted, an overlap holding more than
+            # the page budget would be re-read every cycle and never passed.
+            if newest is None or newest > start_cursor:
+                pages_left -= 1
 
             page_full = page.raw_count >= sync.page_size
             if window_end is not None:
@@ -286,16 +292,17 @@ class ConnectionSync:
             return start.since
         return self.clock() - timedelta(days=start.lookback_days)
 
-    async def _reconcile_page(self, page: IncidentPageLike) -> int | None:
-        """Reconcile the changed incidents of one page; return its newest plausible `update_time`.
+    async def _reconcile_page(self, page: IncidentPageLike) -> tuple[int | None, int | None]:
+        """Reconcile the changed incidents of one page.
 
-        Times beyond the future horizon never move the cursor, and their
-        incidents are parked by `reconcile` as invalid.
+        Return the newest `update_time` that may move the cursor, and the
+        newest of all, which moves the paging window. A time beyond the future
+        horizon never moves the cursor; its incident is parked by `reconcile`.
         """
         horizon = self._future_horizon_ms()
         times = [incident.update_time for incident in page.items]
         times += [record.update_time for record in page.malformed if record.update_time is not None]
-        times = [moment for moment in times if moment <= horizon]
+        plausible = [moment for moment in times if moment <= horizon]
 
         for record in page.malformed:
             await self._park_malformed(record)
@@ -310,7 +317,7 @@ class ConnectionSync:
             changed.append(incident)
 
         await gather_or_cancel(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
-        return max(times) if times else None
+        return (max(plausible) if plausible else None), (max(times) if times else None)
 
     def _future_horizon_ms(self) -> int:
         return int((self.clock() + FUTURE_TOLERANCE).timestamp() * 1000)

@@ -580,3 +580,21 @@ async def test_removed_label_keeps_sync(harness: SyncHarness) -> None:
     await harness.cycles(1, sync)
 
     assert sum("after the labels were removed" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+
+
+async def test_burst_larger_than_overlap_budget_drains(harness: SyncHarness) -> None:
+    """A burst that fills more pages than one cycle may read still drains over cycles, though it sits in the overlap."""
+    sync_settings = harness.connection.sync.model_copy(update={"page_size": 3, "max_pages_per_cycle": 2})
+    harness.settings = harness.settings.model_copy(
+        update={"connections": [harness.connection.model_copy(update={"sync": sync_settings})]}
+    )
+    burst = []
+    for _ in range(20):
+        burst.append(harness.seed()["incident_id"])
+        harness.advance(0.01)
+    sync = await harness.engine()
+
+    for _cycle in range(6):
+        await sync.run_cycle()
+
+    assert all(len(harness.issues_for(incident_id)) == 1 for incident_id in burst)
