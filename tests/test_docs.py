@@ -1,4 +1,4 @@
-"""The files users copy from: config.example.yaml loads, and the READMEs match the CLI and CI."""
+"""The files users copy from: config.example.yaml loads, and the READMEs and docs match the CLI, CI and code."""
 
 from __future__ import annotations
 
@@ -7,9 +7,21 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mdr_connector.connector.cli import build_parser
-from mdr_connector.connector.config import load_mapping, load_settings
+from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
+from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
+from mdr_connector.connector.config import (
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENT_NODES,
+    MAX_FIELDS_CHARACTERS,
+    MAX_SECRET_BYTES,
+    TEMPLATE_FIELDS,
+    Mapping,
+    load_mapping,
+    load_settings,
+)
+from mdr_connector.connector.markup import MAX_PANDOC_INPUT_BYTES, PANDOC_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")
@@ -147,3 +159,71 @@ def test_doc_links_resolve(name: str) -> None:
             broken.append(target)
 
     assert broken == []
+
+
+# Each English user doc with its Russian twin.
+DOC_TWINS = [
+    ("README.md", "README.ru.md"),
+    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md")),
+]
+
+
+@pytest.mark.parametrize(("english", "russian"), DOC_TWINS)
+def test_doc_twins_show_same_commands(english: str, russian: str) -> None:
+    """An English doc and its Russian twin show the same `mdr-connector` command lines."""
+    def calls(name: str) -> list[list[str]]:
+        return [arguments for line in fenced_lines(ROOT / name) if (arguments := cli_arguments(line))]
+
+    assert calls(english) == calls(russian)
+
+
+@pytest.mark.parametrize("name", ["docs/configuration.md", "docs/ru/configuration.md"])
+def test_placeholder_table_matches_code(name: str) -> None:
+    """The placeholder table of the configuration docs lists exactly the names that templates accept."""
+    documented = set(re.findall(r"^\| `\{([a-z_]+)\}` \| [^|]+\|$", (ROOT / name).read_text(encoding="utf-8"), re.MULTILINE))
+
+    assert documented == set(TEMPLATE_FIELDS)
+
+
+# Each limit stated in the docs, with the value the code enforces and its
+# spelling in the English and the Russian docs.
+DOCUMENTED_LIMITS = [
+    (MAX_DOCUMENT_NODES, 10_000, "10,000", "10 000", ("configuration.md", "security.md")),
+    (MAX_DOCUMENT_BYTES, 1024 * 1024, "1,048,576", "1 048 576", ("configuration.md",)),
+    (MAX_SECRET_BYTES, 64 * 1024, "64 KiB", "64 КиБ", ("configuration.md", "security.md")),
+    (MAX_FIELDS_CHARACTERS, 65_536, "65,536", "65 536", ("configuration.md", "security.md")),
+    (MAX_TEXT_LENGTH, 32_767, "32,767", "32 767", ("configuration.md", "jira.md", "security.md")),
+    (MAX_PANDOC_INPUT_BYTES, 256 * 1024, "256 KiB", "256 КиБ", ("security.md",)),
+    (PANDOC_TIMEOUT_SECONDS, 5, "get 5 s", "получают 5 с", ("security.md",)),
+]
+
+
+@pytest.mark.parametrize(("actual", "expected", "english", "russian", "names"), DOCUMENTED_LIMITS)
+def test_documented_limit_matches_code(
+    actual: float, expected: float, english: str, russian: str, names: tuple[str, ...]
+) -> None:
+    """A limit the docs state is the one the code enforces, and both languages state it."""
+    assert actual == expected
+    for name in names:
+        assert english in (ROOT / "docs" / name).read_text(encoding="utf-8"), f"docs/{name}"
+        assert russian in (ROOT / "docs" / "ru" / name).read_text(encoding="utf-8"), f"docs/ru/{name}"
+
+
+@pytest.mark.parametrize("name", READMES)
+def test_readme_exit_codes_match_cli(name: str) -> None:
+    """The exit code table of each README lists the codes the CLI returns."""
+    rows = re.findall(r"^\| (\d+) \|", (ROOT / name).read_text(encoding="utf-8"), re.MULTILINE)
+
+    assert [int(code) for code in rows] == [EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, 130]
+
+
+def test_mapping_shows_mirror_restricted() -> None:
+    """mappings/jira.yaml shows `mirror_restricted` commented out, with the value that applies when it is unset."""
+    text = (ROOT / "mappings" / "jira.yaml").read_text(encoding="utf-8")
+    commented = "  # mirror_restricted: false\n"
+    assert commented in text
+
+    uncommented = Mapping.model_validate(yaml.safe_load(text.replace(commented, "  mirror_restricted: false\n")))
+
+    assert uncommented.comments.mirror_restricted is False
+    assert load_mapping("builtin:jira").comments.mirror_restricted is False
