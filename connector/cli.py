@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=command_sync)
 
-    token = commands.add_parser("token", help=_("manage the MDR API token chain"))
+    token = commands.add_parser("token", parents=[common], help=_("manage the MDR API token chain"))
     token.set_defaults(help_parser=token)
     token_commands = token.add_subparsers(title=_("commands"), metavar="COMMAND")
     activate = token_commands.add_parser(
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--port", type=port_number, default=0, help=_("port to listen on (default: a free port)"))
     simulate.set_defaults(handler=command_simulate)
 
-    db = commands.add_parser("db", help=_("manage the database schema"))
+    db = commands.add_parser("db", parents=[common], help=_("manage the database schema"))
     db.set_defaults(help_parser=db)
     db_commands = db.add_subparsers(title=_("commands"), metavar="COMMAND")
     upgrade = db_commands.add_parser("upgrade", parents=[common], help=_("apply the database migrations"))
@@ -304,11 +304,9 @@ def command_sync(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-        exit_code = EXIT_OK
         for outcome in outcomes:
             if outcome.failure is not None:
                 print_error(f"{outcome.name}: {outcome.failure.localized(_)}")
-                exit_code = max(exit_code, EXIT_BUSY if outcome.busy else EXIT_FAILED)
             elif outcome.stats is not None:
                 print(
                     _("{name}: {seen} incidents seen, {created} tickets created, "
@@ -322,9 +320,21 @@ def command_sync(args: argparse.Namespace) -> int:
                         failed=outcome.stats.failures,
                     )
                 )
-        return exit_code
+        return sync_exit_code(outcomes)
 
     return run_async(go)
+
+
+def sync_exit_code(outcomes: Sequence[Any]) -> int:
+    """Return 1 if any connection failed, else 75 if any was busy, else 0.
+
+    A failure outranks busy, because "try again later" would hide it from cron.
+    """
+    if any(outcome.failure is not None and not outcome.busy for outcome in outcomes):
+        return EXIT_FAILED
+    if any(outcome.busy for outcome in outcomes):
+        return EXIT_BUSY
+    return EXIT_OK
 
 
 def read_console_token(token_file: Path | None) -> str:

@@ -612,6 +612,20 @@ def check_document_size(source: str, document: Any) -> None:
     )
 
 
+def check_ca_bundles(settings: Settings) -> None:
+    """Reject a `ca_bundle` that is missing or unreadable at start-up, naming the key and the path."""
+    for index, connection in enumerate(settings.connections):
+        for side in ("mdr", "ticket"):
+            bundle = getattr(connection, side).ca_bundle
+            if bundle is None:
+                continue
+            if not bundle.is_file() or not os.access(bundle, os.R_OK):
+                raise ConfigError(
+                    f"connections[{index}].{side}.ca_bundle: {bundle} is not a readable file; "
+                    "point it at the PEM file of your CA"
+                )
+
+
 def load_settings(path: Path) -> Settings:
     """Load and validate the configuration file; relative paths are resolved against its folder."""
     raw = read_yaml(path)
@@ -621,7 +635,9 @@ def load_settings(path: Path) -> Settings:
         settings = Settings.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(str(path), err, raw)) from err
-    return resolve_paths(settings, path.parent.resolve())
+    settings = resolve_paths(settings, path.parent.resolve())
+    check_ca_bundles(settings)
+    return settings
 
 
 def resolve_paths(settings: Settings, base: Path) -> Settings:

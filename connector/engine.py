@@ -262,10 +262,13 @@ class ConnectionSync:
         )
 
     async def _mdr_cursor(self) -> int:
+        """Return the MDR cursor, storing the first run's start as the cursor when there is none."""
         stored = await self.store.get_cursor(self.name, MDR_CURSOR)
         if stored is not None:
             return int(stored)
-        return int(self._first_run_start().timestamp() * 1000)
+        start = int(self._first_run_start().timestamp() * 1000)
+        await self.store.set_cursor(self.name, MDR_CURSOR, str(start))
+        return start
 
     async def _creation_floor(self) -> int | None:
         """In `new_only` mode, the creation time before which incidents are ignored.
@@ -338,7 +341,13 @@ class ConnectionSync:
     async def sync_ticket_changes(self) -> None:
         """Reconcile every linked incident whose ticket changed since the ticket cursor."""
         stored = await self.store.get_cursor(self.name, TICKET_CURSOR)
-        cursor = datetime.fromisoformat(stored) if stored else self._first_run_start()
+        if stored is None:
+            # Before the first cycle no ticket is linked yet, so the ticket
+            # side starts now. It is stored at once: a start recomputed from
+            # the clock each cycle would slide past changes not yet visible.
+            stored = self.clock().isoformat()
+            await self.store.set_cursor(self.name, TICKET_CURSOR, stored)
+        cursor = datetime.fromisoformat(stored)
         since = cursor - timedelta(seconds=self.settings.sync.ticket_overlap_seconds)
 
         changes = await self._read(lambda: self.tickets.changed_tickets(since))
@@ -358,7 +367,8 @@ class ConnectionSync:
         ]
         await gather_or_cancel(*(self._reconcile_ticket_change(link, change) for link, change in due))
 
-        newest = max([cursor, *(change.updated for change in changes)])
+        horizon = self.clock() + FUTURE_TOLERANCE
+        newest = max([cursor, *(change.updated for change in changes if change.updated <= horizon)])
         if newest > cursor:
             await self.store.set_cursor(self.name, TICKET_CURSOR, newest.isoformat())
 

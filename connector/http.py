@@ -61,10 +61,13 @@ async def create_session(
     settings: TransportSettings,
     base_url: str,
     *,
-    connection: str,
+    service: str,
     max_connections: int = 100,
 ) -> aiohttp.ClientSession:
-    """Open a ClientSession for `base_url` with the TLS, proxy and timeout settings applied."""
+    """Open a ClientSession for `base_url` with the TLS, proxy and timeout settings applied.
+
+    `service` names the remote system in log events, for example `mdr`.
+    """
     host = urlsplit(base_url).hostname or ""
     loopback = is_loopback_host(host)
     uses_tls = urlsplit(base_url).scheme == "https"
@@ -72,7 +75,7 @@ async def create_session(
     ssl_setting: ssl.SSLContext | bool = True
     if uses_tls:
         ssl_setting = await asyncio.to_thread(build_ssl_context, settings)
-        warn_if_unverified(settings, base_url, connection)
+        warn_if_unverified(settings, base_url, service)
 
     connector = aiohttp.TCPConnector(ssl=ssl_setting, limit=max_connections)
     proxy = settings.proxy_url()
@@ -88,13 +91,13 @@ async def create_session(
     )
 
 
-def warn_if_unverified(settings: TransportSettings, url: str, connection: str) -> None:
+def warn_if_unverified(settings: TransportSettings, url: str, service: str) -> None:
     """Log a WARNING at every start of a client whose TLS verification is turned off."""
     if settings.tls_verify or urlsplit(url).scheme != "https":
         return
     log.warning(
         "http.tls_verification_disabled",
-        extra={"connection": connection, "host": urlsplit(url).hostname or ""},
+        extra={"service": service, "host": urlsplit(url).hostname or ""},
     )
 
 

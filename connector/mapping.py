@@ -65,7 +65,7 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
         "resolution": incident.resolution,
         "tenant_name": incident.tenant_name,
         "affected_hosts": "\n".join(host_lines) or "-",
-        "host_names": ", ".join(incident.host_names()),
+        "host_names": ", ".join(escape_markdown(name) for name in incident.host_names()),
         "console_link": console_link(console_url, incident.incident_id),
         "creation_time": format_ms(incident.creation_time),
         "update_time": format_ms(incident.update_time),

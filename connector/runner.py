@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync, SyncStats
 from mdr_connector.connector.errors import (
+    ConfigError,
     ConnectionBusyError,
     ConnectionFatalError,
     ConnectorError,
@@ -154,7 +155,7 @@ async def work_connection(
                             await wait_unless_stopped(stop, delay)
                         log.info("sync.connection.stopped", extra={"connection": connection.name})
                         return ConnectionOutcome(connection.name, sync.stats)
-                except ConnectionFatalError:
+                except (ConnectionFatalError, ConfigError):
                     raise
                 except ConnectorError as err:
                     # Opening failed (MDR or the ticket system unreachable, a
@@ -163,7 +164,9 @@ async def work_connection(
                     await wait_unless_stopped(stop, interval)
             log.info("sync.connection.stopped", extra={"connection": connection.name})
             return ConnectionOutcome(connection.name, None)
-    except ConnectionFatalError as err:
+    except (ConnectionFatalError, ConfigError) as err:
+        # A config problem (a missing secret, an unreadable file) does not go
+        # away by waiting, so it stops the connection like a fatal error.
         log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
         return ConnectionOutcome(connection.name, None, err)
 

@@ -700,3 +700,13 @@ def test_mdr_url_accepted(base_url: str, tmp_path: Path, no_name_lookups: None) 
     settings = load_settings(write_mdr_config(tmp_path, base_url))
 
     assert settings.connections[0].mdr.base_url == base_url
+
+
+async def test_options_after_token_word(tmp_path: Path, mdr_url: str, jira: RunningJira) -> None:
+    """Global options also work between `token` and its subcommand."""
+    config = write_config(tmp_path, mdr_url, jira)
+
+    code, out, err = await run_cli("token", "--config", str(config), "status")
+
+    assert code == 0, err
+    assert "main: Pending activation" in out

@@ -386,3 +386,11 @@ def test_yaml_errors_are_one_line(tmp_path: Path, text: str, expected: str) -> N
     message = str(caught.value)
     assert message.startswith(f"{path}: {expected}")
     assert "\n" not in message
+
+
+def test_missing_ca_bundle_rejected_at_load(tmp_path: Path) -> None:
+    """A ca_bundle that does not exist is reported when the config loads, with its key."""
+    config = VALID_CONFIG.replace("token_dir: tokens", "token_dir: tokens\n      ca_bundle: corp-ca.pem")
+
+    with pytest.raises(ConfigError, match=r"connections\[0\]\.mdr\.ca_bundle: .*corp-ca.pem is not a readable file"):
+        load_settings(write(tmp_path / "config.yaml", config))

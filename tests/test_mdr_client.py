@@ -315,7 +315,7 @@ async def test_tls_verify_off_warns(caplog: pytest.LogCaptureFixture, tmp_path: 
     caplog.set_level(logging.WARNING)
 
     for _ in range(2):
-        session = await create_session(settings, settings.base_url, connection="sec")
+        session = await create_session(settings, settings.base_url, service="mdr")
         await session.close()
 
     warnings = [r for r in caplog.records if r.getMessage() == "http.tls_verification_disabled"]
@@ -334,7 +334,7 @@ async def test_missing_ca_bundle_is_config_error(tmp_path: Path) -> None:
     )
 
     with pytest.raises(ConfigError, match=str(bundle)):
-        await create_session(settings, settings.base_url, connection="sec")
+        await create_session(settings, settings.base_url, service="mdr")
 
 
 async def test_session_verifies_tls_by_default(tmp_path: Path) -> None:
@@ -346,7 +346,7 @@ async def test_session_verifies_tls_by_default(tmp_path: Path) -> None:
         token_dir=tmp_path,
     )
 
-    session = await create_session(settings, settings.base_url, connection="sec")
+    session = await create_session(settings, settings.base_url, service="mdr")
     context: Any = session.connector._ssl  # type: ignore[union-attr]
     await session.close()
 
@@ -375,7 +375,7 @@ async def test_session_proxy_from_environment(
         proxy=proxy,
     )
 
-    session = await create_session(settings, settings.base_url, connection="sec")
+    session = await create_session(settings, settings.base_url, service="mdr")
     await session.close()
 
     assert session.trust_env is trust_env

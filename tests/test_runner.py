@@ -122,3 +122,35 @@ async def test_sync_once_reports_busy(tmp_path: Path) -> None:
 
     assert outcome.busy
     assert "another mdr-connector process" in outcome.error
+
+
+async def test_config_error_stops_connection(tmp_path: Path) -> None:
+    """A config problem found while opening (a missing secret) stops that connection instead of retrying forever."""
+    from mdr_connector.connector.errors import ConfigError
+
+    stop = asyncio.Event()
+    failures = {"broken": [ConfigError("environment variable JIRA_API_TOKEN is not set or empty")]}
+
+    outcomes = await asyncio.wait_for(
+        run_forever(settings_for(tmp_path, "broken", "healthy"), None, scripted_factory(failures, {}, stop), stop), 10
+    )
+
+    by_name = {outcome.name: outcome for outcome in outcomes}
+    assert "JIRA_API_TOKEN" in by_name["broken"].error
+    assert by_name["healthy"].stats.cycles == 1
+
+
+def test_failure_outranks_busy() -> None:
+    """With one connection busy and one failed, cron hears failure, not 'try later'."""
+    from mdr_connector.connector.cli import sync_exit_code
+    from mdr_connector.connector.errors import ConnectionBusyError, RemoteUnavailableError
+    from mdr_connector.connector.runner import ConnectionOutcome
+
+    busy = ConnectionOutcome("a", None, ConnectionBusyError("busy"))
+    failed = ConnectionOutcome("b", None, RemoteUnavailableError("down"))
+    fine = ConnectionOutcome("c", SyncStats())
+
+    assert sync_exit_code([busy, failed]) == 1
+    assert sync_exit_code([failed, busy]) == 1
+    assert sync_exit_code([busy, fine]) == 75
+    assert sync_exit_code([fine]) == 0

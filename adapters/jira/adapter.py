@@ -365,7 +365,7 @@ class JiraTicketAdapter:
         else:
             credentials = {"basic_auth": (auth.username, auth.password.read())}
 
-        warn_if_unverified(settings, settings.url, self.project)
+        warn_if_unverified(settings, settings.url, "jira")
         verify = requests_verify(settings)
         proxies = requests_proxies(settings, settings.url)
         return {

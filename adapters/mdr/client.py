@@ -146,7 +146,7 @@ class MdrClient:
         self._session = await create_session(
             self.settings,
             self.settings.base_url,
-            connection=self.settings.connection_name,
+            service="mdr",
             max_connections=self.settings.max_concurrency,
         )
         return self
