@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.connector.config import ConnectionSettings, load_mapping
+from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.errors import ConnectorError
 from mdr_connector.connector.i18n import _
+from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.service import build_ticket_adapter
 
 CheckLine = tuple[str, bool]

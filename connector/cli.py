@@ -26,9 +26,7 @@ from mdr_connector.connector import i18n
 from mdr_connector.connector.config import (
     Settings,
     is_loopback_host,
-    load_mapping,
     load_settings,
-    read_text_file,
 )
 from mdr_connector.connector.errors import (
     ConfigError,
@@ -37,6 +35,8 @@ from mdr_connector.connector.errors import (
 )
 from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.logs import configure_logging, escape_controls, redact_text, register_secret
+from mdr_connector.connector.mappingfile import load_mapping
+from mdr_connector.connector.yamlfiles import read_text_file
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,11 @@ from mdr_connector.connector.config import (
     Settings,
     SyncSettings,
 )
-from mdr_connector.connector.engine import ConnectionSync, SyncStats
+from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.i18n import _
 from mdr_connector.connector.service import open_connection
 from mdr_connector.connector.store import Store
+from mdr_connector.connector.sync_common import SyncStats
 
 CLIENT_ID = "demo0client0f1f1f1f1fc144a4b9a3af"
 CONNECTION_NAME = "mdr-connector demo"

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from mdr_connector.adapters.mdr.models import Incident
-from mdr_connector.connector.config import Mapping
+from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.tickets import SyncMarker, TicketDraft, TicketFields, TICKET_ORIGIN
 
 CONNECTOR_LABEL = "mdr-connector"

@@ -17,7 +17,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from mdr_connector.connector.config import ConnectionSettings, Settings
-from mdr_connector.connector.engine import ConnectionSync, SyncStats
+from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.errors import (
     ConfigError,
     ConnectionBusyError,
@@ -27,6 +27,7 @@ from mdr_connector.connector.errors import (
 )
 from mdr_connector.connector.locks import ConnectionLock
 from mdr_connector.connector.store import Store
+from mdr_connector.connector.sync_common import SyncStats
 
 log = logging.getLogger(__name__)
 

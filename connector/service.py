@@ -6,8 +6,9 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.connector.config import ConnectionSettings, Mapping, Settings, load_mapping
+from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync
+from mdr_connector.connector.mappingfile import Mapping, load_mapping
 from mdr_connector.connector.store import Store
 from mdr_connector.connector.tickets import TicketAdapter
 

@@ -20,9 +20,9 @@ from mdr_connector.connector.config import (
     MdrSettings,
     Settings,
     SyncSettings,
-    load_mapping,
 )
 from mdr_connector.connector.engine import ConnectionSync
+from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.retry import RetryPolicy
 from mdr_connector.connector.service import open_connection
 from mdr_connector.connector.store import Store

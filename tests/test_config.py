@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mdr_connector.connector.config import SecretRef, load_mapping, load_settings
+from mdr_connector.connector.config import SecretRef, load_settings
 from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.mappingfile import load_mapping
 
 VALID_CONFIG = """
 data_dir: state

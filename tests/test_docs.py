@@ -11,17 +11,10 @@ import yaml
 
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
 from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
-from mdr_connector.connector.config import (
-    MAX_DOCUMENT_BYTES,
-    MAX_DOCUMENT_NODES,
-    MAX_FIELDS_CHARACTERS,
-    MAX_SECRET_BYTES,
-    TEMPLATE_FIELDS,
-    Mapping,
-    load_mapping,
-    load_settings,
-)
+from mdr_connector.connector.config import MAX_SECRET_BYTES, load_settings
+from mdr_connector.connector.mappingfile import MAX_FIELDS_CHARACTERS, TEMPLATE_FIELDS, Mapping, load_mapping
 from mdr_connector.connector.markup import MAX_PANDOC_INPUT_BYTES, PANDOC_TIMEOUT_SECONDS
+from mdr_connector.connector.yamlfiles import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")

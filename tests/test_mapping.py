@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from mdr_connector.adapters.mdr.models import Incident
-from mdr_connector.connector.config import load_mapping
+from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.mapping import (
     fields_hash,
     parse_mdr_footer,

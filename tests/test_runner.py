@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from mdr_connector.connector.config import Settings
-from mdr_connector.connector.engine import SyncStats
 from mdr_connector.connector.errors import RemoteUnavailableError, TokenExpiredError
 from mdr_connector.connector.runner import run_forever, sync_once
 from mdr_connector.connector.locks import ConnectionLock
+from mdr_connector.connector.sync_common import SyncStats
 
 
 def settings_for(tmp_path: Path, *names: str) -> Settings:
