@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 from mdr_connector.adapters.mdr.models import Comment, Incident
 from mdr_connector.connector import markup
 from mdr_connector.connector.config import ConnectionSettings
-from mdr_connector.connector.errors import ItemError
+from mdr_connector.connector.errors import ItemError, MisconfiguredError
 from mdr_connector.connector.mapping import (
     parse_mdr_footer,
     render_comment_for_mdr,
@@ -186,8 +186,16 @@ class CommentSync:
         in_mdr: dict[str, Comment] = {}
         for comment in mdr_comments:
             marker = parse_mdr_footer(comment.text)
-            if marker is not None and comment.author_name == self.settings.mdr.connection_name:
-                in_mdr.setdefault(marker.source_id, comment)
+            if marker is None:
+                continue
+            if comment.author_name != self.settings.mdr.connection_name:
+                # The footer ends the comment, so the connector wrote it, under
+                # another Connection Name: an old token, or a wrong setting.
+                log.warning(
+                    "sync.comment.footer_from_other_author",
+                    extra={"connection": self.name, "incident_id": incident.incident_id, "comment_id": comment.comment_id},
+                )
+            in_mdr.setdefault(marker.source_id, comment)
 
         failed: list[str] = []
 
@@ -226,7 +234,22 @@ class CommentSync:
         await self._finish_item(incident, TICKET_TO_MDR, comment.id, posted.comment_id)
         self.stats.comments_to_mdr += 1
         self._log_mirrored(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id)
+        self._check_connection_name(posted)
         return posted
+
+    def _check_connection_name(self, posted: Comment) -> None:
+        """Stop the connection when MDR names the token's own comments differently from `connection_name`.
+
+        Echo suppression on the MDR side compares authors with that setting,
+        so a mismatch would mirror the connector's own comments back.
+        """
+        expected = self.settings.mdr.connection_name
+        if posted.author_name == expected:
+            return
+        raise MisconfiguredError(
+            f"MDR shows comments written with this token as author {posted.author_name!r}, but "
+            f"mdr.connection_name is {expected!r}; set mdr.connection_name: {posted.author_name!r}"
+        )
 
     def _log_mirrored(self, direction: str, incident: Incident, ref: TicketRef, source_id: str, target_id: str) -> None:
         log.info(

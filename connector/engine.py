@@ -25,9 +25,11 @@ from mdr_connector.adapters.mdr.models import Incident
 from mdr_connector.connector.comments import CommentSync
 from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.errors import (
+    ConfigError,
     ConnectionFatalError,
     ConnectorError,
     InvalidPayloadError,
+    ItemError,
     OutcomeUnknownError,
 )
 from mdr_connector.connector.mapping import (
@@ -116,11 +118,22 @@ class ConnectionSync:
     async def open(self) -> None:
         """Connect to the ticket system and learn the connector's own account there."""
         account = await self.tickets.open()
+        await self.check_mapping()
         self.own_account = account
         log.info(
             "sync.connection.opened",
             extra={"connection": self.name, "ticket_account": account.id},
         )
+
+    async def check_mapping(self) -> None:
+        """Stop the connection when the ticket system lacks the mapping's project, issue type or a priority.
+
+        Without this, every new incident would fail on its own and be parked,
+        which looks like a transient fault instead of a setting to fix.
+        """
+        problems = await self.tickets.check(self.mapping.issue_type, self.mapping.priority.values())
+        if problems:
+            raise ConfigError(f"mapping {self.settings.mapping}: {'; '.join(problems)}")
 
     async def run_cycle(self) -> SyncStats:
         """Run one sync cycle; return the cumulative stats."""
@@ -305,6 +318,12 @@ class ConnectionSync:
                 newest_by_ticket[change.ref.id] = change
 
         links = await self.store.get_links_by_ticket_ids(self.name, newest_by_ticket)
+        # A parked incident is reconciled whole when its retry is due, ticket
+        # changes included, so it is not tried again here before its backoff.
+        waiting = await self.store.parked_item_ids(
+            self.name, INCIDENT, [link.incident_id for link in links.values()], not_before=self.clock()
+        )
+        links = {ticket_id: link for ticket_id, link in links.items() if link.incident_id not in waiting}
         due = [
             (links[ticket_id], change)
             for ticket_id, change in newest_by_ticket.items()
@@ -393,8 +412,21 @@ class ConnectionSync:
                 return False
 
             ref = TicketRef(key=link.ticket_key or "", id=link.ticket_id or "", url=link.ticket_url or "")
-            await self.update_ticket_fields(incident, link, ref)
-            await self.comments.sync_comments(incident, ref)
+            failed: list[str] = []
+            # A field the ticket system rejects must not stop the comments,
+            # nor a bad comment the fields: both run, then one error parks
+            # the incident so the failed part is tried again.
+            try:
+                await self.update_ticket_fields(incident, link, ref)
+            except ItemError as err:
+                failed.append(f"fields: {err}")
+            try:
+                await self.comments.sync_comments(incident, ref)
+            except ItemError as err:
+                failed.append(str(err))
+            if failed:
+                raise ItemError("; ".join(failed))
+
             await self.store.record_mdr_reconciled(self.name, incident.incident_id, incident.update_time)
             return True
 

@@ -13,6 +13,7 @@
     └── ConnectionFatalError        stop this connection, alert, keep the others running
         ├── TokenExpiredError       the MDR refresh token is expired, used or rejected
         ├── CredentialsRejectedError the ticket system refused the credentials
+        ├── MisconfiguredError      a setting contradicts what the remote system reports
         └── ConnectionBusyError     another process already works this connection
 
 Clients map library and HTTP errors onto this tree at their boundary and
@@ -100,6 +101,10 @@ class TokenExpiredError(ConnectionFatalError):
 
 class CredentialsRejectedError(ConnectionFatalError):
     """The ticket system or MDR refused the configured credentials."""
+
+
+class MisconfiguredError(ConnectionFatalError):
+    """A setting contradicts what the remote system reports, such as the MDR Connection Name."""
 
 
 class ConnectionBusyError(ConnectionFatalError):

@@ -513,6 +513,24 @@ class Store:
             )
             return list(rows)
 
+    async def parked_item_ids(
+        self, connection: str, kind: str, item_ids: Iterable[str], *, not_before: datetime
+    ) -> set[str]:
+        """Return which of `item_ids` are parked with their next try after `not_before`."""
+        ids = list(item_ids)
+        if not ids:
+            return set()
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(ParkedItem.item_id).where(
+                    ParkedItem.connection == connection,
+                    ParkedItem.kind == kind,
+                    ParkedItem.item_id.in_(ids),
+                    ParkedItem.next_try_at > not_before,
+                )
+            )
+            return set(rows)
+
     async def list_parked(self, connection: str | None = None) -> list[ParkedItem]:
         async with self.sessions() as session:
             query = select(ParkedItem).order_by(ParkedItem.connection, ParkedItem.next_try_at)

@@ -12,6 +12,7 @@ can be found again before it is repeated.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -130,6 +131,9 @@ class TicketAdapter(Protocol):
         The result must include every ticket the connector created, even one
         whose markers a person removed; other tickets may be included too.
         """
+
+    async def check(self, issue_type: str, priorities: Iterable[str]) -> list[str]:
+        """Return what would stop ticket creation: a missing project, issue type or priority."""
 
     def search_delay_seconds(self) -> float:
         """Seconds after a write before `find_ticket` is sure to see it."""

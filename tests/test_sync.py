@@ -598,3 +598,76 @@ async def test_burst_larger_than_overlap_budget_drains(harness: SyncHarness) -> 
         await sync.run_cycle()
 
     assert all(len(harness.issues_for(incident_id)) == 1 for incident_id in burst)
+
+
+async def test_wrong_project_stops_connection(harness: SyncHarness) -> None:
+    """A mapping whose project Jira does not have stops the connection at once, naming the project."""
+    from mdr_connector.connector.errors import ConfigError
+
+    harness.seed()
+    sync = await harness.engine()
+    sync.mapping = sync.mapping.model_copy(update={"project": "SECOPS"})
+    sync.tickets.project = "SECOPS"
+    sync.own_account = None
+
+    with pytest.raises(ConfigError, match="project 'SECOPS' does not exist"):
+        await sync.run_cycle()
+    assert harness.jira.sim.calls[CREATE_ISSUE] == 0
+
+
+async def test_rejected_field_does_not_block_comments(harness: SyncHarness) -> None:
+    """A mapped field Jira rejects parks the incident once, while its comments still go both ways."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    bad_mapping = sync.mapping.model_copy(update={"fields": {"customfield_99999": "SOC"}})
+    sync.mapping = bad_mapping
+    sync.comments.mapping = bad_mapping
+
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>analyst after the change</p>", author="Analyst")
+    harness.jira.sim.add_comment(issue.key, "engineer after the change")
+    harness.advance(31)
+    failures_before = sync.stats.failures
+    await harness.cycles(1, sync)
+
+    assert sum("analyst after the change" in c.body for c in issue.comments) == 1
+    assert sum("engineer after the change" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+    parked = await harness.store.get_parked("main", INCIDENT, incident_id)
+    assert parked is not None and parked.reason.count("customfield_99999") >= 1
+    assert sync.stats.failures == failures_before + 1
+
+
+async def test_wrong_connection_name_stops_connection(harness: SyncHarness) -> None:
+    """When MDR names the token's comments differently from connection_name, the connection stops after one comment."""
+    from mdr_connector.connector.errors import MisconfiguredError
+
+    mdr = harness.connection.mdr.model_copy(update={"connection_name": "Not the real name"})
+    harness.settings = harness.settings.model_copy(
+        update={"connections": [harness.connection.model_copy(update={"mdr": mdr})]}
+    )
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    harness.jira.sim.add_comment(harness.issue_for(incident_id).key, "first engineer note")
+    harness.advance(31)
+
+    with pytest.raises(MisconfiguredError, match="set mdr.connection_name: 'SOC Jira sync'"):
+        await sync.run_cycle()
+    assert sum("first engineer note" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+
+
+async def test_footer_from_old_name_counts_as_landed(harness: SyncHarness) -> None:
+    """With a rebuilt ledger, a connector comment under an old Connection Name is not posted again."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    note = harness.jira.sim.add_comment(issue.key, "note copied under the old name")
+    harness.mdr_sim.add_soc_comment(
+        MDR_CLIENT_ID,
+        incident_id,
+        f"<p>note copied under the old name</p><p><em>mdr-connector: jira comment {note.id}</em></p>",
+        author="Old connection name",
+    )
+    harness.advance(31)
+    await harness.cycles(1, sync)
+
+    assert sum("note copied under the old name" in c["text"] for c in harness.mdr_comments(incident_id)) == 1

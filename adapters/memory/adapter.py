@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -231,6 +231,10 @@ class MemoryTicketAdapter:
             if ticket.project == self.project and seen and seen[-1] >= since:
                 changes.append(TicketChange(ticket.ref, seen[-1]))
         return sorted(changes, key=lambda change: (change.updated, int(change.ref.id)))
+
+    async def check(self, issue_type: str, priorities: Iterable[str]) -> list[str]:
+        """Accept any issue type and priority; in memory, only the project is fixed."""
+        return []
 
     def search_delay_seconds(self) -> float:
         return self.search_delay
