@@ -2,16 +2,62 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
 
 from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.connector.config import ConnectionSettings
+from mdr_connector.connector.config import ConnectionSettings, SecretRef, Settings
 from mdr_connector.connector.errors import ConnectorError
 from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.service import build_ticket_adapter
 
 CheckLine = tuple[str, bool]
+# Permission bits that let group or others read or write a file.
+SHARED_BITS = 0o077
+
+
+def secret_file_warnings(settings: Settings, connections: list[ConnectionSettings]) -> list[str]:
+    """Return one warning per secret file that group or others can read or write, each file once.
+
+    The secrets checked are `database_url` and those of the given connections.
+    """
+    references = list(secret_files(settings.database_url, ("database_url",)))
+    for connection in connections:
+        references += [(f"{connection.name}: {key}", path) for key, path in secret_files(connection, ())]
+    warnings: list[str] = []
+    seen: set[Path] = set()
+    for key, path in references:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            # A missing or unreadable secret file fails when the secret is read, with its own message.
+            continue
+        if mode & SHARED_BITS:
+            warnings.append(
+                _("{key}: secret file {path} can be read or written by group or others: "
+                  "run `chmod 600 {path}`").format(key=key, path=path)
+            )
+    return warnings
+
+
+def secret_files(value: object, keys: tuple[str, ...]) -> Iterator[tuple[str, Path]]:
+    """Yield (key path, file) for each SecretRef with a `file` inside `value`, a settings model or a SecretRef."""
+    if isinstance(value, SecretRef):
+        if value.file is not None:
+            yield ".".join(keys), value.file
+        return
+    if not isinstance(value, BaseModel):
+        return
+    for name in type(value).model_fields:
+        yield from secret_files(getattr(value, name), (*keys, name))
 
 
 async def check_connection(connection: ConnectionSettings) -> list[CheckLine]:

@@ -14,6 +14,7 @@ import getpass
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -24,6 +25,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mdr_connector.connector import i18n
 from mdr_connector.connector.config import (
+    MAX_MDR_CLIENT_ID_LENGTH,
+    MDR_CLIENT_ID_PATTERN,
     Settings,
     is_loopback_host,
     load_settings,
@@ -48,10 +51,14 @@ EXIT_USAGE = 2
 EXIT_BUSY = 75
 DEFAULT_CONFIG = "config.yaml"
 MAX_TOKEN_FILE_BYTES = 64 * 1024
+# Permission bits that let group or others read a file.
+SHARED_READ_BITS = 0o044
 
 # The token states as the MDR console names them, marked so the
 # translation scan finds them; they are shown with `_(status.state)`.
 TOKEN_STATES = (N_("Pending activation"), N_("Active"), N_("Idle"), N_("Expired"))
+# The states after which `token status` exits 0; any other state needs `token activate`.
+USABLE_TOKEN_STATES = ("Active", "Idle")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +104,21 @@ def print_error(message: str) -> None:
         print(f"  {line}", file=sys.stderr)
 
 
+def print_warning(message: str) -> None:
+    """Print a one-line warning on stderr, secrets redacted."""
+    print(f"mdr-connector: {_('warning')}: {safe_text(message)}", file=sys.stderr)
+
+
+def print_connection_failure(name: str, failure: ConnectorError) -> None:
+    """Print why a connection failed, prefixed with its name unless the message already names it."""
+    message = failure.localized(_)
+    if isinstance(failure, ConnectionBusyError):
+        # The busy message starts "connection NAME is being synced ...".
+        print_error(message)
+    else:
+        print_error(f"{name}: {message}")
+
+
 def safe_text(line: str) -> str:
     """Redact secrets in `line` and escape its control characters, so it can be printed on a terminal."""
     return escape_controls(redact_text(line))
@@ -125,6 +147,24 @@ def wait_seconds(text: str) -> float:
             _("expected a finite number of seconds, 0 or more, got {value}").format(value=text)
         )
     return value
+
+
+def mdr_client_id(text: str) -> str:
+    """argparse type of --client-id: the characters and length that mdr.client_id accepts."""
+    if len(text) > MAX_MDR_CLIENT_ID_LENGTH or not re.fullmatch(MDR_CLIENT_ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            _("expected at most {limit} letters, digits, - and _, got {value!r}").format(
+                limit=MAX_MDR_CLIENT_ID_LENGTH, value=text
+            )
+        )
+    return text
+
+
+def non_empty_text(text: str) -> str:
+    """argparse type of --connection-name: any text that is not blank."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(_("expected a non-empty name"))
+    return text
 
 
 def port_number(text: str) -> int:
@@ -207,7 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=_("file holding the console-issued token (default: read it from standard input)"),
     )
     activate.set_defaults(handler=command_token_activate)
-    status = token_commands.add_parser("status", parents=[common], help=_("show the state and expiry of the token chain"))
+    status = token_commands.add_parser(
+        "status",
+        parents=[common],
+        help=_("show the state and expiry of the token chain"),
+        description=_("Show the state and expiry of the MDR token chain of each connection. "
+                      "Exit status: 0 when every connection shown is Active or Idle, "
+                      "1 when any is Pending activation or Expired."),
+    )
     status.add_argument("--connection", help=_("name of the connection (default: all)"))
     status.set_defaults(handler=command_token_status)
 
@@ -227,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("system", choices=("mdr", "jira"), help=_("which simulator to run"))
     simulate.add_argument("--host", default="127.0.0.1", help=_("address to listen on (default: 127.0.0.1)"))
     simulate.add_argument("--port", type=port_number, default=0, help=_("port to listen on (default: a free port)"))
+    simulate.add_argument(
+        "--client-id",
+        type=mdr_client_id,
+        help=_("MDR simulator only: client id of the simulated customer (default: sim-client)"),
+    )
+    simulate.add_argument(
+        "--connection-name",
+        type=non_empty_text,
+        help=_("MDR simulator only: MDR API connection name that its tokens carry (default: mdr-connector)"),
+    )
     simulate.set_defaults(handler=command_simulate)
 
     db = commands.add_parser("db", parents=[common], help=_("manage the database schema"))
@@ -246,7 +303,9 @@ def load_config(args: argparse.Namespace) -> Settings:
     path = Path(args.config)
     if not path.exists():
         raise ConfigError(
-            _("configuration file {path} not found; pass --config PATH or set MDR_CONNECTOR_CONFIG").format(path=path)
+            _("configuration file {path} not found; pass --config PATH or set MDR_CONNECTOR_CONFIG").format(
+                path=path.absolute()
+            )
         )
     settings = load_settings(path)
     if args.lang is None and settings.language:
@@ -283,7 +342,7 @@ def command_run(args: argparse.Namespace) -> int:
             await store.close()
         failed = [outcome for outcome in outcomes if outcome.failure is not None]
         for outcome in failed:
-            print_error(f"{outcome.name}: {outcome.failure.localized(_)}")
+            print_connection_failure(outcome.name, outcome.failure)
         return EXIT_FAILED if failed else EXIT_OK
 
     return run_async(go)
@@ -306,7 +365,7 @@ def command_sync(args: argparse.Namespace) -> int:
 
         for outcome in outcomes:
             if outcome.failure is not None:
-                print_error(f"{outcome.name}: {outcome.failure.localized(_)}")
+                print_connection_failure(outcome.name, outcome.failure)
             elif outcome.stats is not None:
                 print(
                     _("{name}: {seen} incidents seen, {created} tickets created, "
@@ -341,6 +400,7 @@ def read_console_token(token_file: Path | None) -> str:
     """Read the console-issued token from a file or standard input; never from the command line."""
     if token_file is not None:
         token = read_text_file(token_file, MAX_TOKEN_FILE_BYTES).strip()
+        warn_if_readable_by_others(token_file)
     elif sys.stdin.isatty():
         token = getpass.getpass(_("Paste the token issued in the MDR console (Settings, API): ")).strip()
     else:
@@ -350,6 +410,18 @@ def read_console_token(token_file: Path | None) -> str:
         raise ConfigError(_("no token given; pass --token-file PATH or pipe the token to standard input"))
     register_secret(token)
     return token
+
+
+def warn_if_readable_by_others(token_file: Path) -> None:
+    """Warn on stderr when group or others can read the file that contains the console token."""
+    try:
+        mode = token_file.stat().st_mode
+    except OSError:
+        return
+    if mode & SHARED_READ_BITS:
+        print_warning(
+            _("other users can read {path}; delete it as soon as the activation is done").format(path=token_file)
+        )
 
 
 def read_standard_input(limit: int) -> str:
@@ -378,6 +450,9 @@ def command_token_activate(args: argparse.Namespace) -> int:
     status = run_async(go)
     print(_("{name}: token activated; state {state}").format(name=connection.name, state=_(status.state)))
     print_token_expiry(status)
+    if args.token_file is not None:
+        print(_("delete {path}: its token is used up, and the connector keeps its own tokens in {token_dir}").format(
+            path=args.token_file, token_dir=connection.mdr.token_dir))
     return EXIT_OK
 
 
@@ -385,13 +460,20 @@ def command_token_status(args: argparse.Namespace) -> int:
     from mdr_connector.adapters.mdr.tokens import TokenFileStore
 
     settings = load_config(args)
+    exit_code = EXIT_OK
     for connection in selected(settings, args.connection):
         status = TokenFileStore(connection.mdr.token_dir, connection.mdr.client_id).status(
             datetime.now(timezone.utc).timestamp()
         )
         print(_("{name}: {state}").format(name=connection.name, state=_(status.state)))
+        if status.rejected_at is not None:
+            print("  " + _("MDR rejected the refresh token at {time}: issue a new token in the MDR console "
+                           "(Settings, API) and run `mdr-connector token activate`").format(
+                time=format_local(status.rejected_at)))
         print_token_expiry(status)
-    return EXIT_OK
+        if status.state not in USABLE_TOKEN_STATES:
+            exit_code = EXIT_FAILED
+    return exit_code
 
 
 def print_token_expiry(status: Any) -> None:
@@ -406,15 +488,17 @@ def format_local(moment: datetime) -> str:
 
 
 def command_check(args: argparse.Namespace) -> int:
+    from mdr_connector.connector.checks import check_connection, secret_file_warnings
+
     settings = load_config(args)
     connections = selected(settings, args.connection)
     for connection in connections:
         load_mapping(connection.mapping)
         print(_("{name}: configuration and mapping are valid").format(name=connection.name))
+    for warning in secret_file_warnings(settings, connections):
+        print(f"  [warn] {safe_text(warning)}")
     if args.offline:
         return EXIT_OK
-
-    from mdr_connector.connector.checks import check_connection
 
     failures = 0
     for connection in connections:
@@ -440,12 +524,22 @@ def command_simulate(args: argparse.Namespace) -> int:
             _("the simulator serves only loopback addresses, not {host}: its control API has no "
               "authentication; pass --host 127.0.0.1 or --host ::1").format(host=args.host)
         )
+    mdr_options = {
+        name: value
+        for name, value in (("client_id", args.client_id), ("connection_name", args.connection_name))
+        if value is not None
+    }
+    if args.system != "mdr" and mdr_options:
+        raise ConfigError(_("--client-id and --connection-name apply only to `mdr-connector simulate mdr`"))
     configure_logging(args.log_level or "INFO", "auto")
     if args.system == "mdr":
-        from mdr_connector.adapters.mdr.simulator import serve
+        from mdr_connector.adapters.mdr.simulator import serve as serve_mdr
+
+        run_async(lambda: serve_mdr(args.host, args.port, **mdr_options))
     else:
-        from mdr_connector.adapters.jira.simulator import serve
-    run_async(lambda: serve(args.host, args.port))
+        from mdr_connector.adapters.jira.simulator import serve as serve_jira
+
+        run_async(lambda: serve_jira(args.host, args.port))
     return EXIT_OK
 
 

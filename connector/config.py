@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_SECRET_BYTES = 64 * 1024
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 CONNECTION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+MDR_CLIENT_ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+MAX_MDR_CLIENT_ID_LENGTH = 200
 
 
 class SecretRef(StrictModel):
@@ -149,7 +151,7 @@ class MdrSettings(TransportSettings):
     """How to reach one MDR client (one API token)."""
 
     base_url: str = "https://mdr.kaspersky.com/api/v1"
-    client_id: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")
+    client_id: str = Field(min_length=1, max_length=MAX_MDR_CLIENT_ID_LENGTH, pattern=MDR_CLIENT_ID_PATTERN)
     connection_name: str = Field(min_length=1)
     token_dir: Path
     refresh_margin_seconds: int = Field(default=600, ge=0)
@@ -321,7 +323,7 @@ def load_settings(path: Path) -> Settings:
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(str(path), err, raw)) from err
+        raise ConfigError(format_validation_error(str(path), err, raw, Settings)) from err
     settings = resolve_paths(settings, path.parent.resolve())
     check_ca_bundles(settings)
     return settings

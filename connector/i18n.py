@@ -1,8 +1,9 @@
 """Translations of user-facing CLI messages (English by default, Russian on request).
 
-Catalogs are standard gettext `.po` files under `locale/<lang>/LC_MESSAGES/`,
-read at start-up, so translators can use their usual tools and no compile
-step is needed. Logs stay in English: they are for machines and for search.
+Catalogs are standard gettext `.po` files, one per language at
+`locale/<lang>.po`, read at start-up, so translators can use their usual
+tools and no compile step is needed. Logs stay in English: they are for
+machines and for search.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 from importlib import resources
 
 SUPPORTED = ("en", "ru")
-DOMAIN = "mdr_connector"
 
 _catalog: dict[str, str] = {}
 _language = "en"
@@ -41,9 +41,7 @@ def current_language() -> str:
 
 
 def load_catalog(language: str) -> dict[str, str]:
-    resource = resources.files("mdr_connector.connector.locale").joinpath(
-        f"{language}/LC_MESSAGES/{DOMAIN}.po"
-    )
+    resource = resources.files("mdr_connector.connector.locale").joinpath(f"{language}.po")
     if not resource.is_file():
         return {}
     return parse_po(resource.read_text(encoding="utf-8"))

@@ -182,4 +182,4 @@ def load_mapping(reference: str) -> Mapping:
     try:
         return Mapping.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(source, err, raw)) from err
+        raise ConfigError(format_validation_error(source, err, raw, Mapping)) from err

@@ -6,10 +6,13 @@ renders YAML and validation errors as one-line messages.
 
 from __future__ import annotations
 
+import difflib
 import os
 import stat
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +25,8 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 # measured as serialising would expand them, an alias counting each time it is used.
 MAX_DOCUMENT_NODES = 10_000
 MAX_YAML_PROBLEM_LENGTH = 200
+# Minimum difflib similarity ratio (0 to 1) of a valid key to an unknown one for it to be suggested.
+KEY_SUGGESTION_CUTOFF = 0.75
 CANNOT_READ = N_("cannot read {path}: {reason}")
 NOT_REGULAR_FILE = N_("cannot read {path}: not a regular file")
 FILE_TOO_LARGE = N_("cannot read {path}: larger than {limit} bytes; is it the right file?")
@@ -60,20 +65,104 @@ def within_budget(value: Any, max_nodes: int, max_characters: int) -> bool:
     return True
 
 
-def format_validation_error(source: str, err: ValidationError, raw: Any = None) -> str:
-    """Render pydantic errors as `file: key.path: message` lines, without echoing secret values."""
+def format_validation_error(
+    source: str, err: ValidationError, raw: Any = None, model: type[BaseModel] | None = None
+) -> str:
+    """Render pydantic errors as `file: key.path: message` lines, without echoing secret values.
+
+    With `model`, the class that validated `raw`, an unknown key gets the
+    nearest valid key at its place as a suggestion.
+    """
     lines = []
     for error in err.errors():
         location = format_location(raw, error["loc"])
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = "unknown key; check its spelling against the documentation"
+            message = unknown_key_message(model, error["loc"])
         elif error["type"] == "missing":
             message = "required key is missing"
         elif "SecretRef" in message:
             message = "expected a secret reference such as {env: VARIABLE_NAME} or {file: /path/to/file}"
+        elif error["type"] == "value_error":
+            # pydantic puts "Value error, " before the text of a ValueError raised by a validator.
+            message = message.removeprefix("Value error, ")
         lines.append(f"{source}: {location or '<top level>'}: {message}")
     return "\n".join(lines)
+
+
+def unknown_key_message(model: type[BaseModel] | None, location: tuple[int | str, ...]) -> str:
+    """Describe an unknown key, suggesting the closest valid key at the same place when one is close."""
+    key = location[-1] if location else None
+    valid_keys = allowed_keys(model, location[:-1]) if model is not None and isinstance(key, str) else []
+    matches = difflib.get_close_matches(str(key), valid_keys, n=1, cutoff=KEY_SUGGESTION_CUTOFF)
+    if matches:
+        return f"unknown key; did you mean {matches[0]}?"
+    return "unknown key; check its spelling against the documentation"
+
+
+def allowed_keys(model: type[BaseModel], location: tuple[int | str, ...]) -> list[str]:
+    """Return the keys that the model at `location` inside `model` accepts.
+
+    The walk follows fields, list items, dict values and the tags pydantic
+    puts in a location for union members. It returns [] when the location
+    does not lead to exactly one model, so no suggestion can come from the
+    wrong model.
+    """
+    candidates: list[Any] = [model]
+    for part in location:
+        candidates = [child for annotation in candidates for child in _location_children(annotation, part)]
+    models = {candidate for candidate in candidates if _is_model(candidate)}
+    if len(models) != 1:
+        return []
+    return list(models.pop().model_fields)
+
+
+def _location_children(annotation: Any, part: int | str) -> list[Any]:
+    """Return the annotations that location `part` can lead to from `annotation`."""
+    children: list[Any] = []
+    for member in _union_members(annotation):
+        origin = typing.get_origin(member)
+        arguments = typing.get_args(member)
+        if isinstance(part, int) and origin in (list, tuple, set, frozenset) and arguments:
+            children.append(arguments[0])
+        elif origin is dict and len(arguments) == 2:
+            children.append(arguments[1])
+        elif _is_model(member) and isinstance(part, str):
+            if part in member.model_fields:
+                children.append(member.model_fields[part].annotation)
+            elif _tagged_class_name(part) == member.__name__ or _has_tag(member, part):
+                # A union member's tag: the model stays where it is.
+                children.append(member)
+    return children
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    """Flatten Annotated and unions (`X | Y`, Optional) into their member types."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _union_members(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [member for argument in typing.get_args(annotation) for member in _union_members(argument)]
+    return [annotation]
+
+
+def _tagged_class_name(part: str) -> str:
+    """Return the class name in a union tag: `SecretRef`, or the last name in `function-after[check(), SecretRef]`."""
+    if not part.endswith("]"):
+        return part
+    return part[:-1].rpartition(", ")[2].rpartition("[")[2]
+
+
+def _has_tag(model: type[BaseModel], tag: str) -> bool:
+    """Return whether a Literal field of `model` allows `tag`, as a discriminator field does."""
+    for field in model.model_fields.values():
+        annotation = field.annotation
+        if typing.get_origin(annotation) is Literal and tag in typing.get_args(annotation):
+            return True
+    return False
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def format_location(raw: Any, location: tuple[int | str, ...]) -> str:

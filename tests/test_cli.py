@@ -22,7 +22,7 @@ from aiohttp import web
 from fixtures_jira import RunningJira, StartJira
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
 
-from mdr_connector.adapters.jira.simulator import SERVICE_EMAIL, SERVICE_TOKEN
+from mdr_connector.adapters.jira.simulator import SERVICE_EMAIL, SERVICE_PAT, SERVICE_TOKEN
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
 from mdr_connector.adapters.mdr.tokens import TokenFileStore
 from mdr_connector.connector.cli import main, read_console_token
@@ -122,6 +122,20 @@ def test_missing_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
                      "pass --config PATH or set MDR_CONNECTOR_CONFIG"]
 
 
+def test_missing_config_names_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A relative --config that does not exist is reported with its absolute path."""
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["--config", "absent.yaml", "check", "--offline"])
+
+    assert code == 1
+    assert capsys.readouterr().err.startswith(
+        f"mdr-connector: error: configuration file {tmp_path / 'absent.yaml'} not found; "
+    )
+
+
 def test_russian_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With --lang ru the error line is in Russian."""
     code = main(["--lang", "ru", "--config", str(tmp_path / "absent.yaml"), "sync"])
@@ -148,13 +162,44 @@ async def test_activate_from_stdin_then_status(tmp_path: Path, mdr_sim: MdrSimul
 
 
 async def test_token_status_before_activation(tmp_path: Path, mdr_url: str, jira: RunningJira) -> None:
-    """Before activation the state is Pending activation."""
+    """Before activation the state is Pending activation, and the exit status is 1."""
     config = write_config(tmp_path, mdr_url, jira)
 
     code, out, _ = await run_cli("--config", str(config), "token", "status")
 
-    assert code == 0
+    assert code == 1
     assert "main: Pending activation" in out
+
+
+async def test_token_status_after_rejection(activated_config: Path, mdr_sim: MdrSimulator, tmp_path: Path) -> None:
+    """After MDR rejected the refresh token, status reports Expired with the reason and exits 1."""
+    pair = TokenFileStore(tmp_path / "tokens", MDR_CLIENT_ID).load()
+    assert pair is not None
+    mdr_sim.confirm_session(MDR_CLIENT_ID, pair.refresh_token)
+    mdr_sim.advance(2 * 3600)
+
+    code, _, err = await run_cli("--config", str(activated_config), "sync", "--once")
+    assert code == 1
+    assert "is expired or was already used" in err
+
+    code, out, err = await run_cli("--config", str(activated_config), "token", "status")
+
+    assert code == 1, err
+    lines = out.splitlines()
+    assert lines[0] == "main: Expired"
+    assert lines[1].startswith("  MDR rejected the refresh token at ")
+    assert lines[1].endswith(
+        ": issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+    )
+
+
+def test_token_status_help_names_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """`token status --help` documents which states exit 0 and which exit 1."""
+    with pytest.raises(SystemExit):
+        main(["token", "status", "--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 when every connection shown is Active or Idle, 1 when any is Pending activation or Expired." in help_text
 
 
 async def test_sync_once_syncs(activated_config: Path, mdr_sim: MdrSimulator, jira: RunningJira) -> None:
@@ -179,7 +224,8 @@ async def test_sync_once_exits_when_busy(activated_config: Path, tmp_path: Path)
         lock.release()
 
     assert code == 75
-    assert "being synced by another mdr-connector process" in err
+    assert "mdr-connector: error: connection main is being synced by another mdr-connector process (pid " in err
+    assert "main: connection main" not in err
 
 
 async def test_run_stops_on_sigterm(activated_config: Path, mdr_sim: MdrSimulator, jira: RunningJira) -> None:
@@ -336,6 +382,85 @@ async def test_busy_message_in_russian(activated_config: Path, tmp_path: Path) -
 
     assert code == 75
     assert "уже синхронизирует другой процесс mdr-connector" in err
+    assert "main: подключение main" not in err
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+async def test_activate_token_file_reminders(
+    tmp_path: Path, mdr_sim: MdrSimulator, mdr_url: str, jira: RunningJira, mode: int, warned: bool
+) -> None:
+    """A token file others can read gets a warning first; every activation from a file ends with a reminder."""
+    config = write_config(tmp_path, mdr_url, jira)
+    token_file = tmp_path / "console-token"
+    token_file.write_text(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+    token_file.chmod(mode)
+
+    code, out, err = await run_cli("--config", str(config), "token", "activate", "--token-file", str(token_file))
+
+    assert code == 0, err
+    warning = f"mdr-connector: warning: other users can read {token_file}; delete it as soon as the activation is done"
+    assert (warning in err.splitlines()) is warned
+    assert out.splitlines()[-1] == (
+        f"delete {token_file}: its token is used up, and the connector keeps its own tokens in {tmp_path / 'tokens'}"
+    )
+
+
+async def test_activate_from_stdin_no_reminder(
+    tmp_path: Path, mdr_sim: MdrSimulator, mdr_url: str, jira: RunningJira
+) -> None:
+    """A token piped to standard input leaves no file, so no reminder to delete one."""
+    config = write_config(tmp_path, mdr_url, jira)
+
+    code, out, err = await run_cli(
+        "--config", str(config), "token", "activate", stdin=mdr_sim.issue_console_token(MDR_CLIENT_ID).encode()
+    )
+
+    assert code == 0, err
+    assert "delete" not in out
+    assert "warning" not in err
+
+
+async def test_activate_json_token_file(tmp_path: Path, mdr_sim: MdrSimulator, mdr_url: str, jira: RunningJira) -> None:
+    """The JSON reply of the simulator's console-token route, saved as is, fails with the fix and no token."""
+    config = write_config(tmp_path, mdr_url, jira)
+    token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+    token_file = tmp_path / "console-token"
+    token_file.write_text(json.dumps({"refresh_token": token}))
+    token_file.chmod(0o600)
+
+    code, out, err = await run_cli("--config", str(config), "token", "activate", "--token-file", str(token_file))
+
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "mdr-connector: error: the console token given is JSON, not the token itself: "
+        "copy only the token value (the long string starting with eyJ)"
+    )
+    assert token not in out + err
+    assert mdr_sim.confirm_calls == 0
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o620, True), (0o600, False), (0o400, False)])
+async def test_check_warns_on_shared_secret_file(
+    tmp_path: Path, mdr_url: str, jira: RunningJira, mode: int, warned: bool
+) -> None:
+    """`check` shows a secret file that group or others can read or write as a [warn] line with the chmod fix."""
+    secret = tmp_path / "jira-token"
+    secret.write_text(SERVICE_TOKEN)
+    secret.chmod(mode)
+    config = write_config(tmp_path, mdr_url, jira)
+    document = yaml.safe_load(config.read_text())
+    document["connections"][0]["ticket"]["auth"]["token"] = {"file": str(secret)}
+    config.write_text(yaml.safe_dump(document))
+
+    code, out, err = await run_cli("--config", str(config), "check", "--offline")
+
+    assert code == 0, err
+    warning = (
+        f"  [warn] main: ticket.auth.token: secret file {secret} can be read or written by group or others: "
+        f"run `chmod 600 {secret}`"
+    )
+    assert (warning in out.splitlines()) is warned
+    assert ("[warn]" in out) is warned
 
 
 # Hostile input: secrets echoed by the remote side, bad arguments, files that are not files.
@@ -489,6 +614,85 @@ def test_simulate_rejects_non_loopback_host(system: str, capsys: pytest.CaptureF
         "mdr-connector: error: the simulator serves only loopback addresses, not 192.0.2.1: its control API has no "
         "authentication; pass --host 127.0.0.1 or --host ::1"
     ]
+
+
+async def simulator_banner(*args: str) -> list[str]:
+    """Start `mdr-connector simulate ARGS` on a free loopback port and return what it prints before serving."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mdr_connector.connector.cli", "simulate", *args, "--port", "0",
+        "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "LANG": "C.UTF-8"},
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    try:
+        while not lines or lines[-1] != "Stop with Ctrl-C.":
+            line = await asyncio.wait_for(process.stdout.readline(), 30)
+            assert line, f"the simulator exited before serving; printed {lines}"
+            lines.append(line.decode().rstrip("\n"))
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    return lines
+
+
+async def test_simulate_mdr_prints_settings() -> None:
+    """`simulate mdr` takes --client-id and --connection-name and prints the settings and the token command."""
+    lines = await simulator_banner("mdr", "--client-id", "cli-client", "--connection-name", "SOC test sync")
+
+    base_url = lines[0].removeprefix("MDR simulator running at ")
+    origin = base_url.removesuffix("/api/v1")
+    assert base_url.startswith("http://127.0.0.1:")
+    assert base_url.endswith("/api/v1")
+    assert f"  base_url: {base_url}" in lines
+    assert "  client_id: cli-client" in lines
+    assert "  connection_name: SOC test sync" in lines
+    curl = [line for line in lines if line.startswith("  curl ")]
+    assert len(curl) == 1
+    assert f"-X POST {origin}/_sim/clients/cli-client/console-token | python3 -c " in curl[0]
+    assert '["refresh_token"]' in curl[0]
+    assert "  mdr-connector token activate --token-file console-token.txt && rm console-token.txt" in lines
+    assert any("docs/simulators.md" in line for line in lines)
+
+
+async def test_simulate_jira_prints_settings() -> None:
+    """`simulate jira` prints the URL, the service account's credentials, the project and the human user."""
+    lines = await simulator_banner("jira")
+
+    url = lines[0].removeprefix("Jira simulator (Cloud) running at ")
+    assert url.startswith("http://127.0.0.1:")
+    assert f"  url: {url}" in lines
+    assert f"  auth: {{type: api_token, email: {SERVICE_EMAIL}, token: {{env: JIRA_API_TOKEN}}}}" in lines
+    assert f"  and set JIRA_API_TOKEN={SERVICE_TOKEN}" in lines
+    assert f"  auth: {{type: pat, token: {{env: JIRA_PAT}}}} and set JIRA_PAT={SERVICE_PAT}" in lines
+    assert any(line.startswith("Project key SEC ") for line in lines)
+    assert any("human user analyst" in line for line in lines)
+    assert any("docs/simulators.md" in line for line in lines)
+
+
+def test_simulate_jira_rejects_mdr_options(capsys: pytest.CaptureFixture[str]) -> None:
+    """--client-id belongs to the MDR simulator; with `simulate jira` it is an error, not ignored."""
+    code = main(["simulate", "jira", "--client-id", "abc"])
+
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "mdr-connector: error: --client-id and --connection-name apply only to `mdr-connector simulate mdr`"
+    )
+
+
+@pytest.mark.parametrize("value", ["with space", "a/b", "x" * 201])
+def test_simulate_client_id_checked(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--client-id takes what mdr.client_id accepts, so the printed settings load."""
+    with pytest.raises(SystemExit) as caught:
+        main(["simulate", "mdr", "--client-id", value])
+
+    assert caught.value.code == 2
+    assert "argument --client-id: expected at most 200 letters, digits, - and _" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("command", "subcommands"), [("token", ["activate", "status"]), ("db", ["upgrade"])])
@@ -708,5 +912,5 @@ async def test_options_after_token_word(tmp_path: Path, mdr_url: str, jira: Runn
 
     code, out, err = await run_cli("token", "--config", str(config), "status")
 
-    assert code == 0, err
+    assert code == 1, err
     assert "main: Pending activation" in out

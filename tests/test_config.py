@@ -61,6 +61,69 @@ def test_unknown_key_names_file_and_path(tmp_path: Path) -> None:
     assert "connections[0].mdr.token_dir: required key is missing" in message
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("token_dir: tokens", "token_dri: tokens", "connections[0].mdr.token_dri: unknown key; did you mean token_dir?"),
+        ("email: soc-bot", "emial: soc-bot", "connections[0].ticket.auth.emial: unknown key; did you mean email?"),
+        ("data_dir: state", "data_dirr: state", "data_dirr: unknown key; did you mean data_dir?"),
+        ("    mapping: mapping.yaml", "    mappin: mapping.yaml", "connections[0].mappin: unknown key; did you mean mapping?"),
+        (
+            "token_dir: tokens",
+            "token_dir: tokens\n      proxy: {fiel: proxy-url}",
+            "connections[0].mdr.proxy.fiel: unknown key; did you mean file?",
+        ),
+    ],
+    ids=["mdr", "auth-union", "top-level", "connection", "secret-reference"],
+)
+def test_unknown_key_suggests_nearest(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    """A misspelled key names the valid key at the same place, inside unions too."""
+    path = write(tmp_path / "config.yaml", VALID_CONFIG.replace(old, new))
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert f"{path}: {expected}" in str(caught.value).splitlines()
+
+
+def test_unknown_key_far_from_any(tmp_path: Path) -> None:
+    """A key like no valid one gets no guess, only the advice to check the spelling."""
+    path = write(tmp_path / "config.yaml", VALID_CONFIG.replace("data_dir: state", "colour: blue"))
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(caught.value) == f"{path}: colour: unknown key; check its spelling against the documentation"
+
+
+def test_unknown_mapping_key_suggests_nearest(tmp_path: Path) -> None:
+    """The mapping file gets the same suggestion, in nested sections too."""
+    path = write(
+        tmp_path / "mapping.yaml",
+        MAPPING_HEAD + "label: [mdr]\ncomments: {mirror_restrictd: true}\n",
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(str(path))
+
+    lines = str(caught.value).splitlines()
+    assert f"{path}: label: unknown key; did you mean labels?" in lines
+    assert f"{path}: comments.mirror_restrictd: unknown key; did you mean mirror_restricted?" in lines
+
+
+def test_messages_drop_pydantic_prefix(tmp_path: Path) -> None:
+    """A validator's message is shown without pydantic's "Value error, " in front."""
+    config = VALID_CONFIG.replace("name: main", "name: main\n    sync: {start: {since: 2026-11-01T00:00:00}}")
+    path = write(tmp_path / "config.yaml", config)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert str(caught.value) == (
+        f"{path}: connections[0].sync.start.since: give a time zone, for example 2026-11-01T00:00:00Z"
+    )
+
+
 def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
     """http:// is refused for a remote host and accepted for 127.0.0.1."""
     remote = VALID_CONFIG.replace("https://example.atlassian.net", "http://jira.example.com")
@@ -163,7 +226,7 @@ def test_url_with_password_is_rejected(tmp_path: Path) -> None:
     with_database = "database_url: postgresql+asyncpg://mdr:hunter2@db/mdr\n" + VALID_CONFIG
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path / "db.yaml", with_database))
-    assert "database_url: Value error, this URL contains a password" in str(caught.value)
+    assert "database_url: this URL contains a password" in str(caught.value)
     assert "hunter2" not in str(caught.value)
 
     with_proxy = VALID_CONFIG.replace("token_dir: tokens", "token_dir: tokens\n      proxy: http://u:p4ss@proxy:3128")
@@ -267,7 +330,7 @@ def test_mapping_template_format_spec_rejected(tmp_path: Path, template: str) ->
     with pytest.raises(ConfigError) as caught:
         load_mapping(str(path))
 
-    assert f"{path}: summary: Value error, placeholder {{summary}} has a format spec, " \
+    assert f"{path}: summary: placeholder {{summary}} has a format spec, " \
            "and format specs are not supported; write {summary}" in str(caught.value)
 
 
@@ -293,7 +356,7 @@ def test_mapping_fields_repeated_long_text_rejected(tmp_path: Path) -> None:
         MAPPING_HEAD + f"fields:\n  customfield_1: &long {text}\n  customfield_2: *long\n",
     )
 
-    with pytest.raises(ConfigError, match="fields: Value error, the custom fields are too large"):
+    with pytest.raises(ConfigError, match="fields: the custom fields are too large"):
         load_mapping(str(path))
 
 

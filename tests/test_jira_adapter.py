@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import ssl
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -90,7 +91,12 @@ async def test_open_wrong_secret(jira_cloud: RunningJira, monkeypatch: pytest.Mo
         await adapter.open()
     await adapter.close()
 
-    assert "not-the-token" not in str(caught.value)
+    message = str(caught.value)
+    assert "not-the-token" not in message
+    assert message.startswith(f"Jira at {jira_cloud.url} rejected the credentials while connecting (HTTP 401): ")
+    assert ".." not in message
+    assert ".;" not in message
+    assert message.endswith("; check the account and the API token or password in ticket.auth")
 
 
 async def test_open_unreachable(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,9 +107,14 @@ async def test_open_unreachable(jira_cloud: RunningJira, monkeypatch: pytest.Mon
     settings = jira_settings(jira_cloud, monkeypatch, url=f"http://127.0.0.1:{closed_port}")
     adapter = JiraTicketAdapter(settings, "SEC")
 
-    with pytest.raises(RemoteUnavailableError):
+    with pytest.raises(RemoteUnavailableError) as caught:
         await adapter.open()
     await adapter.close()
+
+    assert str(caught.value) == (
+        f"cannot connect to Jira at http://127.0.0.1:{closed_port} while connecting: ConnectionError; "
+        "check ticket.url and the network"
+    )
 
 
 async def test_call_before_open(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -622,6 +633,74 @@ def test_error_mapping(
     assert "<html>" not in str(mapped)
     if isinstance(mapped, RateLimitedError):
         assert mapped.retry_after == retry_after
+
+
+@pytest.mark.parametrize(
+    ("operation", "words"),
+    [
+        ("open", "while connecting"),
+        ("check", "while checking the project, issue type and priorities"),
+        ("find_ticket", "while searching for the ticket of an incident"),
+        ("changed_tickets", "while searching for changed tickets"),
+        ("update_ticket", "while updating a ticket"),
+        ("list_comments", "while reading the comments of a ticket"),
+        ("add_comment", "while adding a comment to a ticket"),
+    ],
+)
+def test_error_names_operation_plainly(operation: str, words: str) -> None:
+    """Messages describe the operation in plain words, not by the adapter's method name."""
+    mapped = map_error(reply_error(400, {"errorMessages": ["Bad request."]}), operation)
+
+    assert str(mapped) == f"Jira rejected the request {words} (HTTP 400): Bad request."
+
+
+def test_connect_error_names_url() -> None:
+    """A connection failure names the configured Jira URL, without user name or password, and the fix."""
+    mapped = map_error(connection_refused(), "list_comments", url="https://bot:hunter2@jira.example.com/jira")
+
+    assert str(mapped) == (
+        "cannot connect to Jira at https://jira.example.com/jira while reading the comments of a ticket: "
+        "ConnectionError; check ticket.url and the network"
+    )
+
+
+def test_connect_error_url_from_request() -> None:
+    """Without a configured URL, the message names the host that requests tried."""
+    error = connection_refused()
+    error.request = requests.Request("GET", "https://jira.example.com:8443/rest/api/2/myself").prepare()
+
+    mapped = map_error(error, "open")
+
+    assert str(mapped).startswith("cannot connect to Jira at https://jira.example.com:8443 while connecting: ")
+
+
+def test_certificate_error_names_url() -> None:
+    """A failed certificate check names the Jira URL, the host, the reason and the fix."""
+    reason = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    reason.verify_message = "unable to get local issuer certificate"
+    error = requests.exceptions.SSLError(MaxRetryError(None, "/rest/api/2/myself", reason))
+
+    mapped = map_error(error, "open", url="https://jira.example.com")
+
+    assert isinstance(mapped, RemoteUnavailableError)
+    assert str(mapped) == (
+        "Jira connection to https://jira.example.com failed: the TLS certificate of jira.example.com could not "
+        "be verified (unable to get local issuer certificate): set ca_bundle to the PEM file of the CA that "
+        "issued it, or add that CA to the system store"
+    )
+
+
+def test_credentials_error_single_period() -> None:
+    """Jira's sentence-ending period does not run into the advice that follows it."""
+    body = {"errorMessages": ["You are not authenticated: the credentials are missing or wrong."]}
+
+    mapped = map_error(reply_error(401, body), "open", opening=True, url="https://jira.example.com")
+
+    assert str(mapped) == (
+        "Jira at https://jira.example.com rejected the credentials while connecting (HTTP 401): "
+        "You are not authenticated: the credentials are missing or wrong; "
+        "check the account and the API token or password in ticket.auth"
+    )
 
 
 def test_retry_after_http_date() -> None:

@@ -379,3 +379,51 @@ async def test_session_proxy_from_environment(
     await session.close()
 
     assert session.trust_env is trust_env
+
+
+@pytest.mark.parametrize("path", ["incidents/list", "incidents/details", "comments/create", "session/confirm"])
+async def test_404_names_settings_to_check(mocked_client: MdrClient, path: str) -> None:
+    """HTTP 404 on any path points at mdr.base_url and mdr.client_id, which are part of every URL."""
+    with aioresponses() as mock:
+        mock.post(f"{MOCK_PREFIX}/{path}", status=404, body="Not Found")
+        with pytest.raises(RejectedError) as caught:
+            if path == "incidents/list":
+                await mocked_client.list_incidents()
+            elif path == "incidents/details":
+                await mocked_client.get_incident("inc-1")
+            elif path == "comments/create":
+                await mocked_client.create_comment("inc-1", "text")
+            else:
+                await mocked_client.confirm_session("refresh")
+
+    message = str(caught.value)
+    assert caught.value.status == 404
+    assert message.startswith(f"MDR {path} returned HTTP 404 (not found)")
+    assert message.endswith("a wrong mdr.base_url or mdr.client_id also gives 404, so check both")
+    assert "\n" not in message
+
+
+async def test_404_keeps_mdr_message(active_mdr_client: MdrClient) -> None:
+    """A 404 from MDR keeps MDR's own text before the hint."""
+    with pytest.raises(RejectedError) as caught:
+        await active_mdr_client.get_incident("no-such-incident-id0")
+
+    assert "incident no-such-incident-id0 not found; a wrong mdr.base_url" in str(caught.value)
+
+
+async def test_rejected_token_log_fields(mocked_client: MdrClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Token log records carry the MDR connection name as mdr_connection_name, never as `connection`."""
+    caplog.set_level(logging.INFO)
+    new_pair = {"access_token": make_jwt(3600, "access"), "refresh_token": make_jwt(86400, "refresh")}
+    with aioresponses() as mock:
+        mock.post(f"{MOCK_PREFIX}/incidents/count", status=403, payload={"code": 403, "message": "expired"})
+        mock.post(f"{MOCK_PREFIX}/session/confirm", payload=new_pair)
+        mock.post(f"{MOCK_PREFIX}/incidents/count", payload={"count": 4})
+
+        await mocked_client.count_incidents()
+
+    records = {record.getMessage(): record for record in caplog.records}
+    for event in ("mdr.request.token_rejected", "mdr.token.refreshed"):
+        assert records[event].mdr_connection_name == MDR_CONNECTION_NAME
+        assert records[event].client_id == MDR_CLIENT_ID
+        assert not hasattr(records[event], "connection")

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from fixtures_mdr import MDR_CLIENT_ID, run_token_helper
+from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME, run_token_helper
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import DAY, HOUR, MdrSimulator
 from mdr_connector.adapters.mdr import tokens
@@ -82,6 +82,136 @@ async def test_activation_malformed_console_token(mdr_client: MdrClient, mdr_sim
 
     assert "not-a-token-canary" not in str(caught.value)
     assert mdr_sim.confirm_calls == 0
+
+
+async def test_activation_json_console_token(mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """The simulator's JSON reply pasted as the token gets its own message, and MDR is not called."""
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+
+    with pytest.raises(ConfigError) as caught:
+        await mdr_client.tokens.activate(json.dumps({"refresh_token": console_token}) + "\n")
+
+    assert str(caught.value) == (
+        "the console token given is JSON, not the token itself: "
+        "copy only the token value (the long string starting with eyJ)"
+    )
+    assert console_token not in str(caught.value)
+    assert mdr_sim.confirm_calls == 0
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["eyJhbGciOiJIUzI1NiJ9.e30", "eyJhbGciOiJIUzI1NiJ9..c2ln", "a.b.c.d", "eyJh bGci.e30.c2ln", "eyJh.e30=.c2ln",
+     "eyJh.e30.c2ln+", "\"eyJh.e30.c2ln\""],
+    ids=["two-parts", "empty-part", "four-parts", "inner-space", "padding", "plus-sign", "quoted"],
+)
+async def test_activation_console_token_format(mdr_client: MdrClient, mdr_sim: MdrSimulator, token: str) -> None:
+    """A token that is not three base64url parts is rejected before MDR is called, without echoing it."""
+    with pytest.raises(ConfigError) as caught:
+        await mdr_client.tokens.activate(token)
+
+    assert str(caught.value) == (
+        "the console token is not a valid MDR token: expected three parts of letters, digits, - and _ "
+        "separated by dots; copy the whole token from the MDR console (Settings, API)"
+    )
+    assert mdr_sim.confirm_calls == 0
+
+
+async def test_rejected_chain_reported_expired(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A refresh token that MDR rejects is recorded in the token file, so status reports Expired until reactivation."""
+    spent = stored_pair(mdr_settings)
+    mdr_sim.confirm_session(MDR_CLIENT_ID, spent.refresh_token)
+    mdr_sim.advance(2 * HOUR)
+
+    with pytest.raises(TokenExpiredError):
+        await active_mdr_client.list_incidents()
+    status = active_mdr_client.tokens.status()
+    on_disk = json.loads((mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json").read_text())
+
+    assert status.state == "Expired"
+    assert status.rejected_at is not None
+    assert status.refresh_expires_at is not None and status.refresh_expires_at > status.rejected_at
+    assert isinstance(on_disk["rejected_at"], int)
+    assert on_disk["refresh_token"] == spent.refresh_token
+    assert stat.S_IMODE((mdr_settings.token_dir / f"{MDR_CLIENT_ID}.json").stat().st_mode) == 0o400
+    assert not list(mdr_settings.token_dir.glob("*.tmp"))
+
+
+async def test_rejected_chain_not_retried(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """Once MDR rejected the refresh token, later calls fail without sending it again."""
+    mdr_sim.confirm_session(MDR_CLIENT_ID, stored_pair(mdr_settings).refresh_token)
+    mdr_sim.advance(2 * HOUR)
+    with pytest.raises(TokenExpiredError):
+        await active_mdr_client.list_incidents()
+    confirms_after_rejection = mdr_sim.confirm_calls
+
+    async with MdrClient(mdr_settings) as other_process:
+        with pytest.raises(TokenExpiredError) as caught:
+            await other_process.list_incidents()
+
+    assert str(caught.value) == EXPIRED_MESSAGE
+    assert mdr_sim.confirm_calls == confirms_after_rejection
+
+
+async def test_activation_clears_rejection(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A new `token activate` replaces the rejected chain, and status is Active again."""
+    mdr_sim.confirm_session(MDR_CLIENT_ID, stored_pair(mdr_settings).refresh_token)
+    mdr_sim.advance(2 * HOUR)
+    with pytest.raises(TokenExpiredError):
+        await active_mdr_client.list_incidents()
+
+    status = await active_mdr_client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+
+    assert status.state == "Active"
+    assert status.rejected_at is None
+    assert stored_pair(mdr_settings).rejected_at is None
+
+
+async def test_rejected_console_token_keeps_chain(
+    active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
+) -> None:
+    """A used console token rejected during activation leaves the stored chain usable and unmarked."""
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+    mdr_sim.confirm_session(MDR_CLIENT_ID, console_token)
+
+    with pytest.raises(TokenExpiredError):
+        await active_mdr_client.tokens.activate(console_token)
+
+    assert active_mdr_client.tokens.status().state == "Active"
+    assert stored_pair(mdr_settings).rejected_at is None
+
+
+async def test_expired_by_time_has_no_rejection(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
+    """A chain past its expiry is Expired without a rejection time, since MDR was not asked."""
+    async with MdrClient(mdr_settings, clock=mdr_sim.now) as client:
+        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+        mdr_sim.advance(8 * DAY)
+        status = client.tokens.status()
+
+    assert status.state == "Expired"
+    assert status.rejected_at is None
+
+
+async def test_token_log_fields(
+    mdr_client: MdrClient, mdr_sim: MdrSimulator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Token events name the MDR connection as mdr_connection_name; `connection` is the config's name."""
+    caplog.set_level(logging.INFO)
+
+    await mdr_client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+
+    records = [record for record in caplog.records if record.getMessage().startswith("mdr.token.")]
+    assert [record.getMessage() for record in records] == ["mdr.token.refreshed", "mdr.token.activated"]
+    for record in records:
+        assert record.mdr_connection_name == MDR_CONNECTION_NAME
+        assert record.client_id == MDR_CLIENT_ID
+        assert not hasattr(record, "connection")
 
 
 async def test_status_states(mdr_settings: MdrSettings, mdr_sim: MdrSimulator) -> None:
@@ -511,8 +641,9 @@ def test_fractional_exp_is_read() -> None:
         ("obtained_at", -5),
         ("access_issued_at", 253402300800),
         ("refresh_expires_at", 1.9e9),
+        ("rejected_at", "yesterday"),
     ],
-    ids=["huge", "boolean", "negative", "year-10000", "float"],
+    ids=["huge", "boolean", "negative", "year-10000", "float", "rejected-text"],
 )
 def test_token_file_absurd_times_are_malformed(token_dir: Path, field: str, value: object) -> None:
     """A token file with times no clock can show is rejected as malformed, naming the fix, instead of crashing status."""

@@ -324,7 +324,7 @@ class JiraTicketAdapter:
         try:
             return await loop.run_in_executor(self._executor, work)
         except (JIRAError, requests.RequestException) as err:
-            raise map_error(err, operation, write=write, opening=opening) from err
+            raise map_error(err, operation, write=write, opening=opening, url=self.settings.url) from err
 
     def _in_worker(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return function(self._client(), *args, **kwargs)

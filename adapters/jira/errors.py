@@ -37,6 +37,18 @@ from mdr_connector.connector.http import certificate_problem
 
 MAX_DETAIL_LENGTH = 1000
 
+# The adapter's operation names in the words a message uses after "while".
+OPERATION_WORDS = {
+    "open": "connecting",
+    "check": "checking the project, issue type and priorities",
+    "find_ticket": "searching for the ticket of an incident",
+    "create_ticket": "creating a ticket",
+    "update_ticket": "updating a ticket",
+    "changed_tickets": "searching for changed tickets",
+    "list_comments": "reading the comments of a ticket",
+    "add_comment": "adding a comment to a ticket",
+}
+
 
 def map_error(
     err: JIRAError | requests.RequestException,
@@ -44,23 +56,26 @@ def map_error(
     *,
     write: bool = False,
     opening: bool = False,
+    url: str | None = None,
 ) -> ConnectorError:
     """Return the connector error for a failed Jira call.
 
     `write` marks a non-idempotent request (create issue, add comment);
-    `opening` marks the calls `open` makes, where 401 and 403 mean the
-    configured credentials are wrong.
+    `opening` marks the calls made while connecting, where 401 and 403 mean
+    the configured credentials are wrong. `url` is the configured Jira URL,
+    which connection errors name.
     """
+    words = OPERATION_WORDS.get(operation, operation.replace("_", " "))
     if isinstance(err, JIRAError):
-        return _from_reply(err, operation, write=write, opening=opening)
-    return _from_transport(err, operation, write=write)
+        return _from_reply(err, words, write=write, opening=opening, url=url)
+    return _from_transport(err, words, write=write, url=url)
 
 
-def _from_reply(err: JIRAError, operation: str, *, write: bool, opening: bool) -> ConnectorError:
+def _from_reply(err: JIRAError, words: str, *, write: bool, opening: bool, url: str | None) -> ConnectorError:
     status = err.status_code
     response = err.response if isinstance(err.response, requests.Response) else None
     if status is None:
-        message = f"Jira {operation} failed without an HTTP status"
+        message = f"Jira replied without an HTTP status while {words}"
         return OutcomeUnknownError(message) if write else RemoteUnavailableError(message)
 
     # Without a response, err.text is the library's own message; with one,
@@ -71,39 +86,71 @@ def _from_reply(err: JIRAError, operation: str, *, write: bool, opening: bool) -
     retry_after = retry_after_seconds(headers.get("Retry-After"))
 
     if status == 401 or (status == 403 and (opening or "X-Authentication-Denied-Reason" in headers)):
+        # Jira's sentence ends with a period, which would clash with the advice after it.
+        clause = f": {detail.rstrip('. ')}" if detail else ""
         return CredentialsRejectedError(
-            f"Jira rejected the credentials during {operation} (HTTP {status}){suffix}. "
-            "Check the account and its API token or password."
+            f"Jira{_at(url)} rejected the credentials while {words} (HTTP {status}){clause}; "
+            "check the account and the API token or password in ticket.auth"
         )
     if status == 429 or (status == 503 and retry_after is not None):
-        return RateLimitedError(f"Jira rate-limited {operation} (HTTP {status})", retry_after)
+        return RateLimitedError(f"Jira rate-limited the request while {words} (HTTP {status})", retry_after)
     if status == 408:
-        return RemoteUnavailableError(f"Jira timed out reading the {operation} request (HTTP 408)")
+        return RemoteUnavailableError(f"Jira timed out reading the request while {words} (HTTP 408)")
     if status >= 500:
-        message = f"Jira failed {operation} (HTTP {status}){suffix}"
+        message = f"Jira failed while {words} (HTTP {status}){suffix}"
         return OutcomeUnknownError(message) if write else RemoteUnavailableError(message)
     if opening and status == 404:
         return ConnectionFatalError(
-            f"no Jira REST API found during {operation} (HTTP 404): check the configured url"
+            f"no Jira REST API found{_at(url)} while {words} (HTTP 404): check ticket.url"
         )
-    return RejectedError(f"Jira rejected {operation} (HTTP {status}){suffix}", status=status)
+    return RejectedError(f"Jira rejected the request while {words} (HTTP {status}){suffix}", status=status)
 
 
-def _from_transport(err: requests.RequestException, operation: str, *, write: bool) -> ConnectorError:
+def _from_transport(err: requests.RequestException, words: str, *, write: bool, url: str | None) -> ConnectorError:
     reason = type(err).__name__
+    url = url or _request_origin(err)
     certificate_error = _certificate_error(err)
     if certificate_error is not None:
         # The TLS handshake failed, so the request was not sent, write or not.
-        host = urlsplit(err.request.url).hostname if err.request is not None and err.request.url else None
-        return RemoteUnavailableError(f"Jira {operation} failed: {certificate_problem(host, certificate_error)}")
+        host = urlsplit(url).hostname if url else None
+        target = f" to {_without_credentials(url)}" if url else ""
+        return RemoteUnavailableError(
+            f"Jira connection{target} failed: {certificate_problem(host, certificate_error)}"
+        )
     if _never_sent(err):
-        return RemoteUnavailableError(f"cannot connect to Jira for {operation} ({reason})")
+        return RemoteUnavailableError(
+            f"cannot connect to Jira{_at(url)} while {words}: {reason}; check ticket.url and the network"
+        )
     if write:
         return OutcomeUnknownError(
-            f"Jira {operation} was sent but no reply arrived ({reason}). "
-            "Look the write up by its marker before sending it again."
+            f"Jira{_at(url)} did not reply while {words} ({reason}), so the write may have been applied; "
+            "look it up by its marker before sending it again"
         )
-    return RemoteUnavailableError(f"Jira {operation} failed ({reason})")
+    return RemoteUnavailableError(f"Jira{_at(url)} did not reply while {words} ({reason})")
+
+
+def _at(url: str | None) -> str:
+    """Return " at URL" for a message, or "" without a URL."""
+    return f" at {_without_credentials(url)}" if url else ""
+
+
+def _without_credentials(url: str) -> str:
+    """Return `url` without a user name or password, which must not reach a message."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+def _request_origin(err: requests.RequestException) -> str | None:
+    """Return the scheme, host and port of the failed request, or None when requests did not attach it."""
+    request_url = err.request.url if err.request is not None else None
+    if not request_url:
+        return None
+    parts = urlsplit(request_url)
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
 
 
 def _never_sent(err: requests.RequestException) -> bool:

@@ -742,6 +742,39 @@ async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | 
     """Run a simulator until cancelled; used by `mdr-connector simulate jira`."""
     sim = sim or JiraSimulator()
     async with run_simulator(sim, host, port) as url:
+        if sim.settings.deployment == "cloud":
+            auth = [
+                "  auth: {type: api_token, email: " + SERVICE_EMAIL + ", token: {env: JIRA_API_TOKEN}}",
+                f"  and set JIRA_API_TOKEN={SERVICE_TOKEN}",
+                "  After a switch to Data Center (PUT /_sim/settings with {\"deployment\": \"datacenter\"}):",
+                f"  auth: {{type: pat, token: {{env: JIRA_PAT}}}} and set JIRA_PAT={SERVICE_PAT}",
+            ]
+        else:
+            auth = [
+                "  auth: {type: pat, token: {env: JIRA_PAT}}",
+                f"  and set JIRA_PAT={SERVICE_PAT}",
+                f"  (or basic auth: user name {SERVICE_NAME}, password {SERVICE_PASSWORD})",
+            ]
+        projects = [
+            f"Project key {key} ({name}), issue types {', '.join(issue_types)}"
+            for key, (name, issue_types) in sim.projects.items()
+        ]
+        example_key = next(iter(sim.projects), "SEC")
+        lines = [
+            f"Jira simulator ({'Cloud' if sim.settings.deployment == 'cloud' else 'Data Center'}) running at {url}",
+            "Settings for the ticket section of a connection in config.yaml:",
+            "  system: jira",
+            f"  url: {url}",
+            *auth,
+            *projects,
+            f"Priorities: {', '.join(sim.priorities)}",
+            f"The human user {HUMAN_NAME} writes the comments that the connector copies to MDR, for example:",
+            f"  curl -s -X POST {url}/_sim/issues/{example_key}-1/comments -H 'Content-Type: application/json' "
+            f"""-d '{{"body": "Checked the host.", "author": "{HUMAN_NAME}"}}'""",
+            f"Control API under {url}/_sim/: see docs/simulators.md",
+            "Stop with Ctrl-C.",
+        ]
+        print("\n".join(lines), flush=True)
         log.info(
             "jira_sim.started",
             extra={"url": url, "deployment": sim.settings.deployment, "service_login": SERVICE_EMAIL},

@@ -9,6 +9,7 @@ so callers never see aiohttp exceptions:
     429                 RateLimitedError with Retry-After in seconds
     503 + Retry-After   RateLimitedError
     other 5xx           RemoteUnavailableError; OutcomeUnknownError for a write
+    404                 RejectedError that names mdr.base_url and mdr.client_id to check
     3xx, other 4xx      RejectedError with the status (redirects are never followed)
     timeout, dropped    RemoteUnavailableError before the request was sent,
     connection          OutcomeUnknownError for a write that may have been sent
@@ -287,7 +288,12 @@ class MdrClient:
         if reply.status in AUTH_STATUSES:
             log.info(
                 "mdr.request.token_rejected",
-                extra={"connection": self.settings.connection_name, "path": path, "status": reply.status},
+                extra={
+                    "mdr_connection_name": self.settings.connection_name,
+                    "client_id": self.settings.client_id,
+                    "path": path,
+                    "status": reply.status,
+                },
             )
             access_token = await self.tokens.refresh_after_rejection(access_token)
             reply = await self._send(path, body, access_token, write=write)
@@ -379,6 +385,13 @@ def raise_for_status(path: str, reply: _Reply, *, write: bool, include_message: 
         )
     if status >= 500:
         raise RemoteUnavailableError(f"MDR {path} failed with HTTP {status}{suffix}")
+    if status == 404:
+        # The client id is part of every request path, so a wrong one gives 404 too.
+        raise RejectedError(
+            f"MDR {path} returned HTTP 404 (not found){suffix}; "
+            "a wrong mdr.base_url or mdr.client_id also gives 404, so check both",
+            status,
+        )
     if 300 <= status < 400:
         raise RejectedError(
             f"MDR {path} returned a redirect (HTTP {status}), which is not followed: check mdr.base_url",

@@ -23,11 +23,13 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
 import logging
 import os
+import re
 import secrets
 import stat
 import time
@@ -56,6 +58,9 @@ TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
 # Exchanges a refresh token for (access token, refresh token) via session/confirm.
 ConfirmFunction = Callable[[str], Awaitable[tuple[str, str]]]
 
+# A JWT in compact form: three non-empty base64url parts joined by dots.
+JWT_FORMAT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+
 
 EXPIRED_REFRESH = N_(
     "the MDR refresh token for client {client_id} is expired or was already used: "
@@ -65,6 +70,14 @@ NOT_ACTIVATED = N_(
     "no MDR token for client {client_id} in {token_dir}: "
     "issue a token in the MDR console (Settings, API) and run `mdr-connector token activate`"
 )
+CONSOLE_TOKEN_IS_JSON = N_(
+    "the console token given is JSON, not the token itself: "
+    "copy only the token value (the long string starting with eyJ)"
+)
+CONSOLE_TOKEN_MALFORMED = N_(
+    "the console token is not a valid MDR token: expected three parts of letters, digits, - and _ "
+    "separated by dots; copy the whole token from the MDR console (Settings, API)"
+)
 CONSOLE_TOKEN_EXPIRED = N_(
     "the console token for client {client_id} expired at {expired_at}: "
     "issue a new token in the MDR console (Settings, API)"
@@ -73,6 +86,14 @@ CONSOLE_TOKEN_EXPIRED = N_(
 
 def expired_refresh_error(client_id: str) -> TokenExpiredError:
     return TokenExpiredError.from_template(EXPIRED_REFRESH, client_id=client_id)
+
+
+def check_console_token_format(token: str) -> None:
+    """Raise ConfigError unless `token` has the shape of a JWT; the message never contains the token."""
+    if token.startswith("{"):
+        raise ConfigError.from_template(CONSOLE_TOKEN_IS_JSON)
+    if JWT_FORMAT.fullmatch(token) is None:
+        raise ConfigError.from_template(CONSOLE_TOKEN_MALFORMED)
 
 
 def decode_jwt_claims(token: str) -> dict[str, Any]:
@@ -146,6 +167,9 @@ class TokenPair:
     # Local time when the pair arrived; the access token's `iat`, if it has one.
     obtained_at: int
     access_issued_at: int | None = None
+    # When MDR rejected `refresh_token` in session/confirm, in Unix seconds;
+    # None while the chain is usable.
+    rejected_at: int | None = None
 
     @classmethod
     def from_tokens(cls, access_token: str, refresh_token: str, obtained_at: float) -> TokenPair:
@@ -190,6 +214,8 @@ class TokenStatus:
     path: Path
     access_expires_at: datetime | None = None
     refresh_expires_at: datetime | None = None
+    # Set when the state is Expired because MDR rejected the refresh token.
+    rejected_at: datetime | None = None
 
 
 def _utc(seconds: int) -> datetime:
@@ -285,6 +311,7 @@ class TokenFileStore:
                 refresh_expires_at=raw["refresh_expires_at"],
                 obtained_at=raw["obtained_at"],
                 access_issued_at=raw.get("access_issued_at"),
+                rejected_at=raw.get("rejected_at"),
             )
         except (KeyError, TypeError) as err:
             raise invalid from err
@@ -294,7 +321,9 @@ class TokenFileStore:
             is_unix_time(value)
             for value in (pair.access_expires_at, pair.refresh_expires_at, pair.obtained_at)
         )
-        times_ok = times_ok and (pair.access_issued_at is None or is_unix_time(pair.access_issued_at))
+        times_ok = times_ok and all(
+            value is None or is_unix_time(value) for value in (pair.access_issued_at, pair.rejected_at)
+        )
         if not (strings_ok and times_ok):
             raise invalid
         return pair
@@ -313,6 +342,7 @@ class TokenFileStore:
                 "refresh_expires_at": pair.refresh_expires_at,
                 "obtained_at": pair.obtained_at,
                 "access_issued_at": pair.access_issued_at,
+                "rejected_at": pair.rejected_at,
             },
             indent=2,
         ).encode("utf-8")
@@ -330,6 +360,10 @@ class TokenFileStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp_path)
             raise
+
+    def mark_rejected(self, pair: TokenPair, rejected_at: int) -> None:
+        """Record that MDR rejected the refresh token of `pair`, replacing the file as `save` does."""
+        self.save(dataclasses.replace(pair, rejected_at=rejected_at))
 
     def _ensure_folder(self) -> None:
         try:
@@ -390,13 +424,19 @@ class TokenFileStore:
         if pair is None:
             return TokenStatus("Pending activation", self.path)
 
+        access_expires_at, refresh_expires_at = _utc(pair.access_expires_at), _utc(pair.refresh_expires_at)
+        if pair.rejected_at is not None:
+            # A rejected chain stays Expired until `token activate` replaces the file.
+            return TokenStatus(
+                "Expired", self.path, access_expires_at, refresh_expires_at, _utc(pair.rejected_at)
+            )
         if now >= pair.refresh_expires_at:
             state: TokenState = "Expired"
         elif now < pair.access_expires_at:
             state = "Active"
         else:
             state = "Idle"
-        return TokenStatus(state, self.path, _utc(pair.access_expires_at), _utc(pair.refresh_expires_at))
+        return TokenStatus(state, self.path, access_expires_at, refresh_expires_at)
 
 
 class TokenManager:
@@ -414,7 +454,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client_id = settings.client_id
-        self.connection = settings.connection_name
+        self.mdr_connection_name = settings.connection_name
         self.store = TokenFileStore(settings.token_dir, settings.client_id)
         self._confirm = confirm
         self._clock = clock
@@ -438,10 +478,16 @@ class TokenManager:
         return await self._refresh(rejected_access=rejected_access)
 
     async def activate(self, console_token: str) -> TokenStatus:
-        """Exchange a refresh token issued in the MDR console and store the new pair."""
-        register_tokens(console_token.strip())
+        """Exchange a refresh token issued in the MDR console and store the new pair.
+
+        The token's format and expiry are checked before MDR is called, so a
+        pasted JSON reply or a cut-off token gets its own message.
+        """
+        console_token = console_token.strip()
+        register_tokens(console_token)
+        check_console_token_format(console_token)
         try:
-            expires_at = jwt_expiry(console_token.strip())
+            expires_at = jwt_expiry(console_token)
         except ValueError as err:
             raise ConfigError(
                 f"the console token is not a valid MDR token: {err}; copy the whole token "
@@ -453,10 +499,15 @@ class TokenManager:
             )
 
         async with self._lock:
-            await self._run_shielded(self._exchange_and_save(console_token.strip(), locked=False))
+            await self._run_shielded(self._exchange_and_save(console_token, locked=False))
 
-        log.info("mdr.token.activated", extra={"connection": self.connection, "client_id": self.client_id})
+        log.info("mdr.token.activated", extra=self._log_ids())
         return self.status()
+
+    def _log_ids(self) -> dict[str, str]:
+        # `connection` in log records is the config's connection name, so the
+        # MDR API connection name has a key of its own.
+        return {"mdr_connection_name": self.mdr_connection_name, "client_id": self.client_id}
 
     def _load_required(self) -> TokenPair:
         pair = self.store.load()
@@ -496,17 +547,30 @@ class TokenManager:
             self._pair = pair
             changed = loaded_before is not None and pair.refresh_token != loaded_before.refresh_token
             if changed and self._already_fresh(pair, rejected_access):
-                log.info(
-                    "mdr.token.reloaded",
-                    extra={"connection": self.connection, "client_id": self.client_id},
-                )
+                log.info("mdr.token.reloaded", extra=self._log_ids())
                 return pair.access_token
 
-            if self._clock() >= pair.refresh_expires_at:
+            if pair.rejected_at is not None or self._clock() >= pair.refresh_expires_at:
                 raise expired_refresh_error(self.client_id)
 
-            new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
+            try:
+                new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
+            except TokenExpiredError:
+                await self._record_rejection(pair)
+                raise
             return new_pair.access_token
+
+    async def _record_rejection(self, pair: TokenPair) -> None:
+        """Mark the token file rejected so `token status` shows Expired; the caller holds the file lock."""
+        rejected_at = int(self._clock())
+        try:
+            await asyncio.to_thread(self.store.mark_rejected, pair, rejected_at)
+        except ConfigError as err:
+            # The rejection is still raised to the caller; only `token status` misses it.
+            log.error("mdr.token.rejection_not_saved", extra={**self._log_ids(), "error": str(err)})
+            return
+        self._pair = dataclasses.replace(pair, rejected_at=rejected_at)
+        log.warning("mdr.token.rejected", extra={**self._log_ids(), "rejected_at": rejected_at})
 
     async def _exchange_and_save(self, refresh_token: str, *, locked: bool) -> TokenPair:
         if not locked:
@@ -523,8 +587,7 @@ class TokenManager:
         log.info(
             "mdr.token.refreshed",
             extra={
-                "connection": self.connection,
-                "client_id": self.client_id,
+                **self._log_ids(),
                 "access_expires_at": new_pair.access_expires_at,
                 "refresh_expires_at": new_pair.refresh_expires_at,
             },

@@ -268,13 +268,24 @@ async def serve(
 
     async with run_simulator(sim, host, port) as base_url:
         origin = base_url.removesuffix(API_PREFIX)
-        print(f"MDR simulator: API base URL {base_url}, client_id {client_id}", flush=True)
-        print(
-            "Issue a console token (valid 24 h, single-use):\n"
-            f"  curl -s -X POST {origin}{CONTROL_PREFIX}/clients/{client_id}/console-token",
-            flush=True,
-        )
-        print("Stop with Ctrl-C.", flush=True)
+        token_url = f"{origin}{CONTROL_PREFIX}/clients/{client_id}/console-token"
+        # The control route replies {"refresh_token": "eyJ..."}, and `token activate` takes only the token.
+        extract = """python3 -c 'import json, sys; print(json.load(sys.stdin)["refresh_token"])'"""
+        lines = [
+            f"MDR simulator running at {base_url}",
+            "Settings for the mdr section of a connection in config.yaml:",
+            f"  base_url: {base_url}",
+            f"  client_id: {client_id}",
+            f"  connection_name: {connection_name}",
+            "Get a console token (valid 24 hours, works once) and activate it. The reply is JSON,",
+            "so keep only the value of refresh_token:",
+            f"  curl -s -X POST {token_url} | {extract} > console-token.txt",
+            "  mdr-connector token activate --token-file console-token.txt && rm console-token.txt",
+            f"Control API under {origin}{CONTROL_PREFIX}/: see docs/simulators.md",
+            "Stop with Ctrl-C.",
+        ]
+        print("\n".join(lines), flush=True)
+        log.info("mdr_sim.started", extra={"url": base_url, "client_id": client_id})
         await stop.wait()
 
 
