@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
+from aiohttp import web
 
+from mdr_connector.adapters.jira import simulator as jira_simulator
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
+from mdr_connector.adapters.mdr import simulator as mdr_simulator
 from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
 from mdr_connector.connector.config import MAX_SECRET_BYTES, load_settings
 from mdr_connector.connector.mappingfile import MAX_FIELDS_CHARACTERS, TEMPLATE_FIELDS, Mapping, load_mapping
@@ -20,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")
 USER_DOCS = (
     *READMES,
-    *(f"docs/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md")),
-    *(f"docs/ru/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md")),
+    *(f"docs/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
+    *(f"docs/ru/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
 )
 # An `mdr-connector` call in a shell line: at the start, after a pipe, or as a path ending in /bin/.
 CLI_CALL = re.compile(r"(?:^|\|\s*|/bin/)mdr-connector\s+(\S.*)$")
@@ -157,7 +161,7 @@ def test_doc_links_resolve(name: str) -> None:
 # Each English user doc with its Russian twin.
 DOC_TWINS = [
     ("README.md", "README.ru.md"),
-    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md")),
+    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
 ]
 
 
@@ -220,3 +224,181 @@ def test_mapping_shows_mirror_restricted() -> None:
 
     assert uncommented.comments.mirror_restricted is False
     assert load_mapping("builtin:jira").comments.mirror_restricted is False
+
+
+# The simulator page and the simulators it documents.
+SIMULATOR_DOCS = ("docs/simulators.md", "docs/ru/simulators.md")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# A control route in a Markdown table row: | `METHOD` | `/_sim/...` |
+ROUTE_ROW = re.compile(r"^\| `(" + "|".join(HTTP_METHODS) + r")` \| `(/_sim/[^`]*)` \|")
+CURL_URL = re.compile(r"http://127\.0\.0\.1:(\d+)(/_sim/[^\s'\"]*)")
+# A curl command at the start of a shell line or inside `NAME=$(...)`, up to the first pipe.
+CURL_COMMAND = re.compile(r"(?:^|\$\()(curl [^|]*)")
+SIM_PATH = re.compile(r"/_sim/[A-Za-z0-9_{}$/.-]*[A-Za-z0-9_}$]")
+
+
+def control_routes(app: web.Application) -> set[tuple[str, str]]:
+    """Return the (method, path pattern) pairs of an app's `/_sim/` routes, without aiohttp's implicit HEAD."""
+    routes = set()
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        if path.startswith("/_sim/") and route.method != "HEAD":
+            routes.add((route.method, path))
+    return routes
+
+
+SIMULATOR_ROUTES = {
+    "mdr": control_routes(mdr_simulator.make_app(mdr_simulator.MdrSimulator())),
+    "jira": control_routes(jira_simulator.make_app(jira_simulator.JiraSimulator())),
+}
+
+
+def route_pattern(path: str) -> re.Pattern[str]:
+    """Turn a route path such as `/_sim/issues/{issue}` into a regex that matches concrete paths."""
+    return re.compile(re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(path)) + "$")
+
+
+def matching_route(path: str, routes: set[tuple[str, str]]) -> set[str]:
+    """Return the methods of the routes whose pattern matches a concrete or templated path."""
+    concrete = re.sub(r"\$\{?[A-Za-z_]+\}?", "value", path)
+    return {method for method, pattern in routes if route_pattern(pattern).match(concrete)}
+
+
+def table_routes(text: str) -> dict[str, set[tuple[str, str]]]:
+    """Return the control routes listed in the tables of each `## ... MDR ...` and `## ... Jira ...` section."""
+    listed: dict[str, set[tuple[str, str]]] = {"mdr": set(), "jira": set()}
+    section = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            names = [name for name in ("mdr", "jira") if name in line.lower()]
+            section = names[0] if len(names) == 1 else None
+        row = ROUTE_ROW.match(line)
+        if row:
+            assert section is not None, f"route row outside an MDR or Jira section: {line}"
+            listed[section].add((row.group(1), row.group(2)))
+    return listed
+
+
+def simulator_ports(path: Path) -> dict[str, str]:
+    """Map each port in a doc's `mdr-connector simulate SYSTEM --port N` lines to its simulator."""
+    ports = {}
+    for line in fenced_lines(path):
+        arguments = cli_arguments(line)
+        if arguments and arguments[:1] == ["simulate"] and "--port" in arguments:
+            ports[arguments[arguments.index("--port") + 1]] = arguments[1]
+    return ports
+
+
+def curl_requests(path: Path) -> list[tuple[str, str, str]]:
+    """Return (port, method, path) of every curl call to a `/_sim/` URL in the code blocks of a doc."""
+    requests = []
+    for line in fenced_lines(path):
+        command = CURL_COMMAND.search(line)
+        url = CURL_URL.search(command.group(1)) if command else None
+        if command is None or url is None:
+            continue
+        words = shlex.split(command.group(1).rstrip(") "))  # `)` closes a `$(curl ...)` without a pipe
+        if "-X" in words:
+            method = words[words.index("-X") + 1]
+        else:
+            method = "POST" if "-d" in words else "GET"
+        requests.append((url.group(1), method, url.group(2)))
+    return requests
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    """Return the text of the ```yaml blocks of a Markdown file, in order."""
+    return re.findall(r"^```yaml\n(.*?)^```", path.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL)
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_tables_match_routers(name: str) -> None:
+    """The control route tables list exactly the `/_sim/` routes that each simulator app serves."""
+    listed = table_routes((ROOT / name).read_text(encoding="utf-8"))
+
+    assert listed["mdr"] == SIMULATOR_ROUTES["mdr"]
+    assert listed["jira"] == SIMULATOR_ROUTES["jira"]
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_curls_hit_routes(name: str) -> None:
+    """Every curl example calls a `/_sim/` route that the simulator on that port serves with that method."""
+    path = ROOT / name
+    ports = simulator_ports(path)
+    requests = curl_requests(path)
+    assert sorted(ports.values()) == ["jira", "mdr"]
+    assert len(requests) > 20, "the curl scan found too few examples"
+
+    unknown = [
+        f"{method} {url_path} (port {port})"
+        for port, method, url_path in requests
+        if method not in matching_route(url_path, SIMULATOR_ROUTES[ports[port]])
+    ]
+
+    assert unknown == []
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_paths_exist(name: str) -> None:
+    """Every `/_sim/` path named anywhere in the page, prose included, is a route of one of the simulators."""
+    every_route = SIMULATOR_ROUTES["mdr"] | SIMULATOR_ROUTES["jira"]
+    paths = set(SIM_PATH.findall((ROOT / name).read_text(encoding="utf-8")))
+    assert len(paths) > 10, "the path scan found too few paths"
+
+    unknown = sorted(path for path in paths if not matching_route(path, every_route))
+
+    assert unknown == []
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_config_loads(name: str, tmp_path: Path) -> None:
+    """The page's config loads, and its values are the simulators' defaults and credentials."""
+    blocks = yaml_blocks(ROOT / name)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(blocks[0], encoding="utf-8")
+
+    connection = load_settings(config_path).connection(None)
+
+    serve_defaults = inspect.signature(mdr_simulator.serve).parameters
+    assert connection.mdr.base_url == "http://127.0.0.1:8480" + mdr_simulator.API_PREFIX
+    assert connection.mdr.client_id == serve_defaults["client_id"].default
+    assert connection.mdr.connection_name == serve_defaults["connection_name"].default
+    assert connection.mdr.token_dir == tmp_path / "tokens"
+    assert connection.ticket.url == "http://127.0.0.1:8089"
+    assert connection.ticket.auth.type == "api_token"
+    assert connection.ticket.auth.email == jira_simulator.SERVICE_EMAIL
+    assert connection.ticket.auth.token.file == tmp_path / "jira-api-token"
+    assert load_mapping(connection.mapping).project in jira_simulator.JiraSimulator().projects
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_datacenter_auth_loads(name: str, tmp_path: Path) -> None:
+    """The page's Data Center `auth` block, put in place of the Cloud one, loads as a personal access token."""
+    blocks = yaml_blocks(ROOT / name)
+    config, datacenter_auth = blocks[0], blocks[1]
+    cloud_auth = re.search(r"^      auth:\n(?:        .*\n)+", config, re.MULTILINE)
+    assert cloud_auth is not None
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config.replace(cloud_auth.group(0), datacenter_auth), encoding="utf-8")
+
+    connection = load_settings(config_path).connection(None)
+
+    assert connection.ticket.auth.type == "pat"
+    assert connection.ticket.auth.token.file == tmp_path / "jira-pat"
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_names_credentials(name: str) -> None:
+    """The page names the credentials that the simulators accept."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+
+    for credential in (
+        jira_simulator.SERVICE_EMAIL,
+        jira_simulator.SERVICE_TOKEN,
+        jira_simulator.SERVICE_PAT,
+        jira_simulator.SERVICE_PASSWORD,
+        jira_simulator.SERVICE_NAME,
+        jira_simulator.HUMAN_NAME,
+        inspect.signature(mdr_simulator.serve).parameters["client_id"].default,
+    ):
+        assert f"`{credential}`" in text, credential

@@ -93,3 +93,10 @@ def test_po_parser_skips_fuzzy_and_joins_lines() -> None:
     )
 
     assert catalog == {"one line": "одна строка"}
+
+
+def test_catalog_file_per_language() -> None:
+    """The Russian catalog is read from locale/ru.po, and a language without a file has an empty catalog."""
+    assert (ROOT / "connector" / "locale" / "ru.po").is_file()
+    assert i18n.load_catalog("ru")
+    assert i18n.load_catalog("xx") == {}
