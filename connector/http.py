@@ -102,7 +102,7 @@ def warn_if_unverified(settings: TransportSettings, url: str, service: str) -> N
 
 
 def requests_verify(settings: TransportSettings) -> bool | str:
-    """The `verify` value for a requests session, chosen as for aiohttp.
+    """Return the `verify` value for a requests session, chosen as for aiohttp.
 
     That is `ca_bundle` when set, else the operating system's store (requests
     would otherwise use certifi's bundle and miss a corporate CA installed
@@ -117,7 +117,7 @@ def requests_verify(settings: TransportSettings) -> bool | str:
 
 
 def requests_proxies(settings: TransportSettings, url: str) -> dict[str, str] | None:
-    """The proxies for a requests session: the configured one, else the environment's, never for loopback."""
+    """Return the proxies for a requests session: the configured one, else the environment's, never for loopback."""
     proxy = settings.proxy_url()
     if proxy:
         return {"http": proxy, "https": proxy}

@@ -1,6 +1,6 @@
 """The contract between the sync engine and a ticket system adapter.
 
-The engine never knows which ticket system it talks to. An adapter turns
+The engine does not depend on which ticket system it talks to. An adapter turns
 these system-neutral records into its own API calls and markup: bodies
 cross this boundary as Markdown (CommonMark with GitHub extensions), and
 the adapter converts them to and from its native markup.
@@ -100,7 +100,7 @@ class TicketChange:
 
 @runtime_checkable
 class TicketAdapter(Protocol):
-    """What the engine needs from a ticket system."""
+    """The operations the engine needs from a ticket system."""
 
     system: str
 

@@ -126,7 +126,7 @@ def claim_seconds(value: object) -> int | None:
     """Read a JWT time claim as whole Unix seconds, or None when it is not a plausible time.
 
     A JWT NumericDate may have a fraction (RFC 7519, section 2), so a finite
-    float is accepted and rounded down; a boolean is not a number here.
+    float is accepted and rounded down. A boolean is not a number here.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
