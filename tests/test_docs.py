@@ -6,6 +6,7 @@ import inspect
 import re
 import shlex
 from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 import yaml
@@ -402,3 +403,48 @@ def test_simulator_doc_names_credentials(name: str) -> None:
         inspect.signature(mdr_simulator.serve).parameters["client_id"].default,
     ):
         assert f"`{credential}`" in text, credential
+
+
+# The word for the JSON type of an MDR setting, per simulator page.
+MDR_SETTING_TYPE_WORDS = {
+    "docs/simulators.md": {int: "integer", float: "number", bool: "boolean", str: "string"},
+    "docs/ru/simulators.md": {int: "целое", float: "число", bool: "логическое", str: "строка"},
+}
+# The heading of each settings section: (MDR, Jira) per page.
+SETTINGS_HEADINGS = {
+    "docs/simulators.md": ("### MDR settings", "### Jira settings"),
+    "docs/ru/simulators.md": ("### Настройки MDR", "### Настройки Jira"),
+}
+
+
+def section_rows(text: str, heading: str) -> dict[str, list[str]]:
+    """Return the table rows under `heading`, up to the next heading, keyed by the `name` in their first cell."""
+    section = text.split(heading + "\n", 1)[1]
+    section = re.split(r"^#{2,3} ", section, maxsplit=1, flags=re.MULTILINE)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        name = re.fullmatch(r"`([a-z_]+)`", cells[0])
+        if line.startswith("| `") and name:
+            rows[name.group(1)] = cells[1:]
+    return rows
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_mdr_setting_types(name: str) -> None:
+    """The MDR settings table lists every setting with the JSON type that `PATCH /_sim/settings` accepts."""
+    rows = section_rows((ROOT / name).read_text(encoding="utf-8"), SETTINGS_HEADINGS[name][0])
+    words = MDR_SETTING_TYPE_WORDS[name]
+
+    documented = {setting: cells[0] for setting, cells in rows.items()}
+    expected = {setting: words[kind] for setting, kind in get_type_hints(mdr_simulator.SimulatorSettings).items()}
+
+    assert documented == expected
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_jira_settings_listed(name: str) -> None:
+    """The Jira settings table lists exactly the settings that `PUT /_sim/settings` accepts."""
+    rows = section_rows((ROOT / name).read_text(encoding="utf-8"), SETTINGS_HEADINGS[name][1])
+
+    assert set(rows) == set(vars(jira_simulator.JiraSimulator().settings))

@@ -17,6 +17,8 @@ from jira.exceptions import JIRAError
 from fixtures_jira import RunningJira, StartJira
 from mdr_connector.adapters.jira.simulator import (
     SERVICE_EMAIL,
+    SERVICE_NAME,
+    SERVICE_PASSWORD,
     SERVICE_PAT,
     SERVICE_TOKEN,
     UNBOUNDED_JQL_MESSAGE,
@@ -474,3 +476,137 @@ async def test_loopback_only() -> None:
     with pytest.raises(ValueError):
         async with run_simulator(JiraSimulator(), host="0.0.0.0"):
             pass
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("latency_seconds", "slow", "a finite number of seconds"),
+        ("search_delay_seconds", True, "a finite number of seconds"),
+        ("latency_seconds", float("nan"), "a finite number of seconds"),
+        ("comment_page_cap", 1.5, "an integer of at least 1"),
+        ("search_page_cap", 0, "an integer of at least 1"),
+        ("deployment", "server", '"cloud" or "datacenter"'),
+        ("deployment", ["cloud"], '"cloud" or "datacenter"'),
+    ],
+)
+async def test_settings_wrong_type_400(jira_cloud: RunningJira, name: str, value: Any, expected: str) -> None:
+    """A setting of the wrong type gets 400 naming the key and the type, and the simulator keeps serving."""
+    before = dict(vars(jira_cloud.sim.settings))
+    async with aiohttp.ClientSession() as session:
+        reply = await session.put(f"{jira_cloud.url}/_sim/settings", json={name: value})
+        body = await reply.json()
+
+    assert reply.status == 400
+    assert list(body["errors"]) == [name]
+    assert expected in body["errors"][name]
+    assert vars(jira_cloud.sim.settings) == before
+    client = await jira(jira_cloud)
+    assert (await asyncio.to_thread(client.myself))["accountId"] == jira_cloud.sim.service.account_id
+
+
+async def test_settings_bad_value_changes_nothing(jira_cloud: RunningJira) -> None:
+    """A request with one valid and one invalid setting applies neither."""
+    async with aiohttp.ClientSession() as session:
+        reply = await session.put(
+            f"{jira_cloud.url}/_sim/settings", json={"search_delay_seconds": 5, "comment_page_cap": "10"}
+        )
+        body = await reply.json()
+
+    assert reply.status == 400
+    assert body["errorMessages"] == ["Invalid settings, nothing was changed."]
+    assert jira_cloud.sim.settings.search_delay_seconds == 0
+    assert jira_cloud.sim.settings.comment_page_cap == 100
+
+
+async def test_settings_unknown_name_400(jira_cloud: RunningJira) -> None:
+    """An unknown setting name gets 400 that lists the known ones."""
+    async with aiohttp.ClientSession() as session:
+        reply = await session.put(f"{jira_cloud.url}/_sim/settings", json={"latency": 1})
+        body = await reply.json()
+
+    assert reply.status == 400
+    assert body["errorMessages"][0].startswith("Unknown settings: latency. Known settings: deployment,")
+
+
+@pytest.mark.parametrize("seconds", [-5, "60", None, float("inf")], ids=["negative", "string", "null", "infinite"])
+async def test_clock_rejects_bad_advance(jira_cloud: RunningJira, seconds: Any) -> None:
+    """`/_sim/clock` rejects an advance that is negative or not a finite number, and the clock stays."""
+    before = jira_cloud.sim.clock_offset
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(f"{jira_cloud.url}/_sim/clock", json={"advance_seconds": seconds})
+        body = await reply.json()
+
+    assert reply.status == 400
+    assert "the clock only moves forward" in body["errors"]["advance_seconds"]
+    assert jira_cloud.sim.clock_offset == before
+
+
+def test_advance_rejects_negative() -> None:
+    """The Python control API rejects a negative advance as well."""
+    sim = JiraSimulator()
+
+    with pytest.raises(ValueError, match="only moves forward"):
+        sim.advance(-1)
+
+    assert sim.clock_offset == timedelta()
+
+
+async def test_switch_to_datacenter_takes_password(jira_cloud: RunningJira) -> None:
+    """After a switch to Data Center the service account signs in with its Data Center password."""
+    async with aiohttp.ClientSession() as session:
+        reply = await session.put(f"{jira_cloud.url}/_sim/settings", json={"deployment": "datacenter"})
+    assert reply.status == 200
+
+    client = await jira(jira_cloud, basic_auth=(SERVICE_NAME, SERVICE_PASSWORD), token_auth=None)
+    myself = await asyncio.to_thread(client.myself)
+
+    assert myself["name"] == SERVICE_NAME
+
+
+async def test_switch_to_datacenter_rejects_api_token(jira_cloud: RunningJira) -> None:
+    """On Data Center the Cloud API token is not a password, as on a real Data Center site."""
+    jira_cloud.sim.settings.deployment = "datacenter"
+
+    with pytest.raises(JIRAError) as caught:
+        await jira(jira_cloud, basic_auth=(SERVICE_NAME, SERVICE_TOKEN), token_auth=None)
+
+    assert caught.value.status_code == 401
+
+
+@pytest.mark.parametrize("start", ["cloud", "datacenter"])
+async def test_cloud_takes_api_token(start_jira: StartJira, start: str) -> None:
+    """On Cloud the service account signs in with the API token, whichever deployment the simulator started as."""
+    running = await start_jira(deployment=start)
+    running.sim.settings.deployment = "datacenter"
+    running.sim.settings.deployment = "cloud"
+
+    client = await jira(running, basic_auth=(SERVICE_EMAIL, SERVICE_TOKEN))
+    myself = await asyncio.to_thread(client.myself)
+
+    assert myself["accountId"] == running.sim.service.account_id
+    with pytest.raises(JIRAError) as caught:
+        await jira(running, basic_auth=(SERVICE_EMAIL, SERVICE_PASSWORD))
+    assert caught.value.status_code == 401
+
+
+async def test_added_user_api_token(jira_cloud: RunningJira) -> None:
+    """A user added with `api_token` signs in with it on Cloud and with `password` on Data Center."""
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(
+            f"{jira_cloud.url}/_sim/users",
+            json={
+                "account_id": "557058:engineer",
+                "name": "engineer",
+                "email": "engineer@example.test",
+                "password": "engineer-password",
+                "api_token": "engineer-api-token",
+            },
+        )
+    assert reply.status == 201
+
+    cloud = await jira(jira_cloud, basic_auth=("engineer@example.test", "engineer-api-token"))
+    assert (await asyncio.to_thread(cloud.myself))["accountId"] == "557058:engineer"
+    jira_cloud.sim.settings.deployment = "datacenter"
+    datacenter = await jira(jira_cloud, basic_auth=("engineer", "engineer-password"), token_auth=None)
+    assert (await asyncio.to_thread(datacenter.myself))["name"] == "engineer"

@@ -608,3 +608,93 @@ async def test_lone_surrogate_answers_ascii_json(mdr_sim: MdrSimulator, mdr_url:
 
     assert status == 200
     assert body[0]["summary"] == "broken \ud800 title"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("latency_seconds", "slow", "latency_seconds must be a finite number, got \"slow\""),
+        ("visibility_delay_seconds", float("nan"), "visibility_delay_seconds must be a finite number, got NaN"),
+        ("access_token_seconds", 3600.5, "access_token_seconds must be an integer, got 3600.5"),
+        ("result_window", True, "result_window must be an integer, got true"),
+        ("single_use_refresh_tokens", 0, "single_use_refresh_tokens must be true or false, got 0"),
+        ("response_initial_status", None, "response_initial_status must be a string, got null"),
+    ],
+)
+async def test_settings_wrong_type_400(
+    mdr_sim: MdrSimulator, name: str, value: object, expected: str
+) -> None:
+    """PATCH /_sim/settings rejects a value of the wrong type with 400 naming the key and type, and keeps serving."""
+    before = dict(vars(mdr_sim.settings))
+    async with run_simulator(mdr_sim) as url:
+        origin = url.removesuffix("/api/v1")
+        async with aiohttp.ClientSession() as session:
+            reply = await session.patch(f"{origin}/_sim/settings", json={name: value})
+            body = await reply.json()
+        console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+        confirm_status, _ = await wire_call(url, "session/confirm", {"refresh_token": console_token}, None)
+
+    assert reply.status == 400
+    assert body == {"code": 400, "message": f"invalid settings, nothing was changed: {expected}"}
+    assert vars(mdr_sim.settings) == before
+    assert confirm_status == 200
+
+
+async def test_settings_bad_value_changes_nothing(mdr_sim: MdrSimulator) -> None:
+    """A PATCH with one valid and one invalid setting applies neither."""
+    async with run_simulator(mdr_sim) as url:
+        origin = url.removesuffix("/api/v1")
+        async with aiohttp.ClientSession() as session:
+            reply = await session.patch(
+                f"{origin}/_sim/settings", json={"latency_seconds": 0.5, "default_page_size": "50"}
+            )
+
+    assert reply.status == 400
+    assert mdr_sim.settings.latency_seconds == 0
+    assert mdr_sim.settings.default_page_size == 100
+
+
+async def test_settings_unknown_name_400(mdr_sim: MdrSimulator) -> None:
+    """An unknown setting name gets 400, not 404, and the message lists the known names."""
+    async with run_simulator(mdr_sim) as url:
+        origin = url.removesuffix("/api/v1")
+        async with aiohttp.ClientSession() as session:
+            reply = await session.patch(f"{origin}/_sim/settings", json={"latency": 1})
+            body = await reply.json()
+
+    assert reply.status == 400
+    assert body["message"].startswith("unknown simulator settings: latency; known: access_token_seconds,")
+
+
+async def test_settings_accept_valid_values(mdr_sim: MdrSimulator) -> None:
+    """Valid values of each type are applied, and an integer is accepted for a float setting."""
+    changes = {
+        "latency_seconds": 0,
+        "visibility_delay_seconds": 1.5,
+        "result_window": 500,
+        "revoke_access_on_refresh": True,
+        "response_initial_status": "Pending",
+    }
+    async with run_simulator(mdr_sim) as url:
+        origin = url.removesuffix("/api/v1")
+        async with aiohttp.ClientSession() as session:
+            reply = await session.patch(f"{origin}/_sim/settings", json=changes)
+            body = await reply.json()
+
+    assert reply.status == 200
+    for name, value in changes.items():
+        assert body[name] == value
+        assert getattr(mdr_sim.settings, name) == value
+
+
+@pytest.mark.parametrize("seconds", [-1, "60", True, float("inf")], ids=["negative", "string", "boolean", "infinite"])
+async def test_clock_rejects_bad_advance(mdr_sim: MdrSimulator, seconds: object) -> None:
+    """`/_sim/clock/advance` rejects a negative or non-numeric advance with 400, and the clock stays."""
+    async with run_simulator(mdr_sim) as url:
+        origin = url.removesuffix("/api/v1")
+        before = mdr_sim.now_ms()
+        async with aiohttp.ClientSession() as session:
+            reply = await session.post(f"{origin}/_sim/clock/advance", json={"seconds": seconds})
+
+    assert reply.status == 400
+    assert mdr_sim.now_ms() - before < 60_000

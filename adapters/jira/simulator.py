@@ -29,6 +29,7 @@ import binascii
 import copy
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -55,6 +56,7 @@ from mdr_connector.adapters.jira.simulator_state import (
     check_property,
     issue_type_id,
     format_jira_time,
+    settings_errors,
 )
 from mdr_connector.connector.config import is_loopback_host
 
@@ -594,9 +596,11 @@ def _user_for(sim: JiraSimulator, header: str | None) -> SimUser | None:
         login, _, secret = base64.b64decode(credentials).decode("utf-8").partition(":")
     except (binascii.Error, UnicodeDecodeError):
         return None
+    deployment = sim.settings.deployment
     for user in sim.users:
-        identity = user.email if sim.settings.deployment == "cloud" else user.name
-        if identity and login == identity and user.password and secret == user.password:
+        identity = user.email if deployment == "cloud" else user.name
+        expected = user.basic_auth_secret(deployment)
+        if identity and login == identity and expected and secret == expected:
             return user
     return None
 
@@ -627,6 +631,7 @@ class _Control:
                 email=str(body.get("email", "")),
                 password=str(body.get("password", "")),
                 token=str(body.get("token", "")),
+                api_token=str(body.get("api_token", "")),
             )
         except KeyError as err:
             raise SimError(400, [f"Missing key {err.args[0]!r}."]) from None
@@ -654,7 +659,13 @@ class _Control:
 
     async def clock(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
-        self.sim.advance(float(body.get("advance_seconds", 0)))
+        seconds = body.get("advance_seconds", 0)
+        is_number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+        if not is_number or not math.isfinite(seconds) or seconds < 0:
+            got = json.dumps(seconds)[:80]
+            problem = f"Expected a number of seconds, 0 or more, got {got}: the clock only moves forward."
+            raise SimError(400, [], {"advance_seconds": problem})
+        self.sim.advance(seconds)
         return _json_response({"now": self.sim.now().isoformat()})
 
     async def get_settings(self, request: web.Request) -> web.Response:
@@ -662,11 +673,14 @@ class _Control:
 
     async def put_settings(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
-        unknown = sorted(set(body) - set(vars(self.sim.settings)))
+        known = vars(self.sim.settings)
+        unknown = sorted(set(body) - set(known))
         if unknown:
-            raise SimError(400, [f"Unknown settings: {', '.join(unknown)}."])
-        if body.get("deployment", "cloud") not in ("cloud", "datacenter"):
-            raise SimError(400, ["deployment must be cloud or datacenter."])
+            raise SimError(400, [f"Unknown settings: {', '.join(unknown)}. Known settings: {', '.join(known)}."])
+        errors = settings_errors(body)
+        if errors:
+            # Nothing is changed, so a request with one bad value has no effect at all.
+            raise SimError(400, ["Invalid settings, nothing was changed."], errors)
         for name, value in body.items():
             setattr(self.sim.settings, name, value)
         return _json_response(vars(self.sim.settings))
@@ -748,6 +762,7 @@ async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | 
                 f"  and set JIRA_API_TOKEN={SERVICE_TOKEN}",
                 "  After a switch to Data Center (PUT /_sim/settings with {\"deployment\": \"datacenter\"}):",
                 f"  auth: {{type: pat, token: {{env: JIRA_PAT}}}} and set JIRA_PAT={SERVICE_PAT}",
+                f"  (or basic auth: user name {SERVICE_NAME}, password {SERVICE_PASSWORD})",
             ]
         else:
             auth = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -81,8 +82,18 @@ class SimUser:
     display_name: str
     time_zone: str = "UTC"
     email: str = ""
+    # The Data Center password, and the Cloud API token unless `api_token` is set.
     password: str = ""
+    # A Data Center personal access token, sent as a Bearer token.
     token: str = ""
+    # The Cloud API token, for an account whose Cloud and Data Center secrets differ.
+    api_token: str = ""
+
+    def basic_auth_secret(self, deployment: Deployment) -> str:
+        """Return the secret that Basic authentication takes for this account on `deployment`."""
+        if deployment == "cloud":
+            return self.api_token or self.password
+        return self.password
 
 
 @dataclass
@@ -133,6 +144,28 @@ class SimSettings:
     search_page_cap: int = 100
 
 
+def settings_errors(changes: dict[str, Any]) -> dict[str, str]:
+    """Return, per setting name in `changes`, why its value is invalid; empty when every value fits.
+
+    `changes` must name known settings only. A page cap of 0 would make
+    search return empty pages that never end, so caps start at 1.
+    """
+    errors: dict[str, str] = {}
+    for name, value in changes.items():
+        if name == "deployment":
+            fits = value in ("cloud", "datacenter")
+            expected = 'the string "cloud" or "datacenter"'
+        elif name in ("comment_page_cap", "search_page_cap"):
+            fits = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            expected = "an integer of at least 1"
+        else:
+            fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            expected = "a finite number of seconds"
+        if not fits:
+            errors[name] = f"Expected {expected}, got {json.dumps(value)[:80]}."
+    return errors
+
+
 @dataclass
 class DropRule:
     """Apply a matching write, then close the connection before the reply is sent."""
@@ -179,8 +212,11 @@ class JiraSimulator:
             display_name="MDR connector",
             time_zone=service_time_zone,
             email=SERVICE_EMAIL,
-            password=SERVICE_TOKEN if deployment == "cloud" else SERVICE_PASSWORD,
+            # Both secrets are stored, so a switch of `settings.deployment`
+            # later on leaves the account usable on either deployment.
+            password=SERVICE_PASSWORD,
             token=SERVICE_PAT,
+            api_token=SERVICE_TOKEN,
         )
         self.human = self.add_user(
             account_id="557058:analyst",
@@ -203,10 +239,14 @@ class JiraSimulator:
         email: str = "",
         password: str = "",
         token: str = "",
+        api_token: str = "",
     ) -> SimUser:
-        """Add an account; `password` is the Cloud API token or the Data Center password."""
+        """Add an account.
+
+        `password` is the Data Center password, and also the Cloud API token unless `api_token` is given.
+        """
         _check_time_zone(time_zone)
-        user = SimUser(account_id, name, display_name, time_zone, email, password, token)
+        user = SimUser(account_id, name, display_name, time_zone, email, password, token, api_token)
         self.users.append(user)
         return user
 
@@ -223,7 +263,9 @@ class JiraSimulator:
         return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
     def advance(self, seconds: float) -> None:
-        """Move simulator time forward."""
+        """Move simulator time forward; raise ValueError for a negative or non-finite `seconds`."""
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"the simulator clock only moves forward: expected 0 or more seconds, got {seconds}")
         self.clock_offset += timedelta(seconds=seconds)
 
     def drop_reply_after_commit(self, method: str, path: str, times: int = 1) -> None:

@@ -159,7 +159,10 @@ def control_settings(sim: MdrSimulator, request: web.Request, body: dict[str, An
 
 @control_handler
 def control_advance(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
-    return {"now_ms": sim.advance(float(body.get("seconds", 0)))}
+    seconds = body.get("seconds", 0)
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise ValueError(f"seconds must be a number, got {json.dumps(seconds)[:80]}")
+    return {"now_ms": sim.advance(seconds)}
 
 
 @control_handler

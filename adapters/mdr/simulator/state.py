@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+import math
 import random
 import secrets
 import string
@@ -11,8 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from dataclasses import fields as dataclass_fields
-from typing import Any
+from typing import Any, get_type_hints
 
 from aiohttp import web
 
@@ -59,6 +60,30 @@ class SimulatorSettings:
     # An incident changed at T shows in incidents/list and incidents/count only
     # from T + this delay on, still with update_time T (late indexing).
     visibility_delay_seconds: float = 0.0
+
+
+# The name of the JSON value that each setting type takes, for error messages.
+SETTING_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+
+
+def setting_type_error(name: str, expected: type, value: Any) -> str | None:
+    """Return why `value` does not fit a setting of type `expected`, or None when it fits.
+
+    JSON has one number type, so an integer fits a float setting, but true
+    and false fit only a bool setting, and 2.0 does not fit an int one.
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is bool:
+        fits = isinstance(value, bool)
+    elif expected is int:
+        fits = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        fits = is_number and math.isfinite(value)
+    else:
+        fits = isinstance(value, expected)
+    if fits:
+        return None
+    return f"{name} must be {SETTING_TYPE_NAMES[expected]}, got {json.dumps(value)[:80]}"
 
 
 @dataclass(frozen=True)
@@ -170,8 +195,8 @@ class MdrSimulator:
 
     def advance(self, seconds: float) -> int:
         """Move the simulator clock forward and return the new time in milliseconds."""
-        if seconds < 0:
-            raise ValueError("the simulator clock only moves forward")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"the simulator clock only moves forward: expected 0 or more seconds, got {seconds}")
         self._offset += seconds
         return self.now_ms()
 
@@ -461,10 +486,16 @@ class MdrSimulator:
         }
 
     def update_settings(self, **changes: Any) -> SimulatorSettings:
-        known = {f.name for f in dataclass_fields(SimulatorSettings)}
-        unknown = sorted(set(changes) - known)
+        """Change settings; raise ValueError for an unknown name or a value of the wrong type, changing nothing."""
+        types = get_type_hints(SimulatorSettings)
+        unknown = sorted(set(changes) - set(types))
         if unknown:
-            raise KeyError(f"unknown simulator settings: {', '.join(unknown)}")
+            raise ValueError(f"unknown simulator settings: {', '.join(unknown)}; known: {', '.join(types)}")
+        problems = [
+            problem for name, value in changes.items() if (problem := setting_type_error(name, types[name], value))
+        ]
+        if problems:
+            raise ValueError(f"invalid settings, nothing was changed: {'; '.join(problems)}")
         for name, value in changes.items():
             setattr(self.settings, name, value)
         return self.settings
