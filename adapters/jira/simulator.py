@@ -58,7 +58,7 @@ from mdr_connector.adapters.jira.simulator_state import (
     format_jira_time,
     settings_errors,
 )
-from mdr_connector.connector.config import is_loopback_host
+from mdr_connector.adapters.loopback import serve_on_loopback
 
 __all__ = [
     "HUMAN_NAME",
@@ -737,19 +737,8 @@ def make_app(sim: JiraSimulator) -> web.Application:
 @asynccontextmanager
 async def run_simulator(sim: JiraSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve `sim` on a loopback address and yield its base URL; port 0 picks a free port."""
-    if not is_loopback_host(host):
-        raise ValueError(f"the simulator serves only loopback addresses, not {host!r}: its control API has no authentication")
-
-    runner = web.AppRunner(make_app(sim), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{url_host}:{bound_port}"
-    finally:
-        await runner.cleanup()
+    async with serve_on_loopback(make_app(sim), host, port) as url:
+        yield url
 
 
 async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None) -> None:

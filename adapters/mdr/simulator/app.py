@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from mdr_connector.adapters.loopback import serve_on_loopback
+
 from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
 from mdr_connector.adapters.mdr.simulator.protocol import API_PREFIX, CONTROL_PREFIX, Params, SimError
 from mdr_connector.adapters.mdr.simulator.state import MdrSimulator
@@ -235,20 +237,8 @@ def make_app(sim: MdrSimulator) -> web.Application:
 @contextlib.asynccontextmanager
 async def run_simulator(sim: MdrSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
     """Serve `sim` on a loopback host:port (0 picks a free port) and yield the API base URL."""
-    if not is_loopback_host(host):
-        raise ValueError(
-            f"the simulator serves only loopback addresses, not {host!r}: its control API has no authentication"
-        )
-    runner = web.AppRunner(make_app(sim), access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{url_host}:{bound_port}{API_PREFIX}"
-    finally:
-        await runner.cleanup()
+    async with serve_on_loopback(make_app(sim), host, port) as url:
+        yield f"{url}{API_PREFIX}"
 
 
 async def serve(
