@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import TypeVar
@@ -101,7 +102,9 @@ class ConnectionSync:
         # mapping, store and both clients, so replacing one of these attributes
         # here after construction does not reach it.
         self.comments = CommentSync(settings, mapping, store, mdr, tickets, self.stats, self._read)
-        self._incident_locks: dict[str, asyncio.Lock] = {}
+        # Weak values: a lock lives only while a reconciliation holds or waits
+        # for it, so the map does not grow with every incident ever seen.
+        self._incident_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._concurrency = asyncio.Semaphore(
             min(settings.mdr.max_concurrency, settings.ticket.max_concurrency)
         )
@@ -397,7 +400,9 @@ class ConnectionSync:
 
     async def reconcile(self, incident_id: str, incident: Incident | None = None) -> bool:
         """Bring one incident and its ticket in line; return False when it must wait for a later cycle."""
-        lock = self._incident_locks.setdefault(incident_id, asyncio.Lock())
+        lock = self._incident_locks.get(incident_id)
+        if lock is None:
+            lock = self._incident_locks[incident_id] = asyncio.Lock()
         async with lock:
             if incident is None:
                 incident = await self._read(lambda: self.mdr.get_incident(incident_id))

@@ -671,3 +671,15 @@ async def test_footer_from_old_name_counts_as_landed(harness: SyncHarness) -> No
     await harness.cycles(1, sync)
 
     assert sum("note copied under the old name" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+
+
+async def test_incident_locks_do_not_accumulate(harness: SyncHarness) -> None:
+    """Per-incident locks are dropped once no reconciliation uses them."""
+    import gc
+
+    for _ in range(5):
+        harness.seed()
+    sync = await harness.cycles(1)
+    gc.collect()
+
+    assert len(sync._incident_locks) == 0
