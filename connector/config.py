@@ -236,7 +236,10 @@ class SyncSettings(StrictModel):
     filters: FilterSettings = Field(default_factory=FilterSettings)
     mdr_overlap_seconds: float = Field(default=300, ge=0)
     ticket_overlap_seconds: float = Field(default=300, ge=0)
-    page_size: int = Field(default=100, ge=1, le=1000)
+    # NOTE: 100 is the largest incidents/list page size seen working in public
+    # clients. A server that returns fewer items than asked would make a page
+    # look like the last one, so larger values are not accepted.
+    page_size: int = Field(default=100, ge=1, le=100)
     max_pages_per_cycle: int = Field(default=20, ge=1)
     retry_base_seconds: float = Field(default=60, gt=0)
     retry_max_seconds: float = Field(default=3600, gt=0)

@@ -31,7 +31,6 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     InvalidPayloadError,
     ItemError,
-    OutcomeUnknownError,
 )
 from mdr_connector.connector.mapping import (
     fields_hash,
@@ -342,8 +341,16 @@ class ConnectionSync:
             await self.store.set_cursor(self.name, TICKET_CURSOR, newest.isoformat())
 
     async def _reconcile_ticket_change(self, link: Link, change: TicketChange) -> None:
-        if await self._reconcile_guarded(link.incident_id, None):
-            await self.store.record_ticket_reconciled(self.name, link.incident_id, change.updated)
+        if not await self._reconcile_guarded(link.incident_id, None):
+            return
+        if change.updated > self.clock() + FUTURE_TOLERANCE:
+            # Recording a time far ahead would hide every later change of this ticket.
+            log.warning(
+                "sync.ticket.updated_in_future",
+                extra={"connection": self.name, "ticket_key": change.ref.key, "updated": change.updated.isoformat()},
+            )
+            return
+        await self.store.record_ticket_reconciled(self.name, link.incident_id, change.updated)
 
     # Parked incidents
 
@@ -467,10 +474,11 @@ class ConnectionSync:
         await self.store.start_create(self.name, incident.incident_id, incident.incident_number)
         try:
             ref = await self.tickets.create_ticket(draft)
-        except OutcomeUnknownError:
-            raise
-        except ConnectorError:
-            # The create was refused or never sent, so nothing exists to look up.
+        except (ItemError, ConfigError):
+            # The ticket system refused the create itself, so nothing exists
+            # to look up. Any other failure (a 503 or 429 that the server may
+            # have answered after applying it, a timeout) keeps the intent, so
+            # the next try looks the ticket up after the search delay first.
             await self.store.drop_pending_create(self.name, incident.incident_id)
             raise
 

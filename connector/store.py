@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -165,6 +165,23 @@ class StoreCounts:
     parked_items: int
 
 
+# Ids per `IN (...)` query: asyncpg accepts at most 32,767 parameters per
+# statement and SQLite before 3.32 only 999, so long id lists go in chunks.
+IN_CHUNK_SIZE = 500
+
+
+def chunked(values: Iterable[str], size: int = IN_CHUNK_SIZE) -> Iterator[list[str]]:
+    """Split ids into lists of at most `size`, skipping nothing."""
+    batch: list[str] = []
+    for value in values:
+        batch.append(value)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -258,24 +275,24 @@ class Store:
             )
 
     async def get_links(self, connection: str, incident_ids: Iterable[str]) -> dict[str, Link]:
-        ids = list(incident_ids)
-        if not ids:
-            return {}
+        links: dict[str, Link] = {}
         async with self.sessions() as session:
-            rows = await session.scalars(
-                select(Link).where(Link.connection == connection, Link.incident_id.in_(ids))
-            )
-            return {row.incident_id: row for row in rows}
+            for chunk in chunked(incident_ids):
+                rows = await session.scalars(
+                    select(Link).where(Link.connection == connection, Link.incident_id.in_(chunk))
+                )
+                links.update((row.incident_id, row) for row in rows)
+        return links
 
     async def get_links_by_ticket_ids(self, connection: str, ticket_ids: Iterable[str]) -> dict[str, Link]:
-        ids = list(ticket_ids)
-        if not ids:
-            return {}
+        links: dict[str, Link] = {}
         async with self.sessions() as session:
-            rows = await session.scalars(
-                select(Link).where(Link.connection == connection, Link.ticket_id.in_(ids))
-            )
-            return {row.ticket_id: row for row in rows if row.ticket_id is not None}
+            for chunk in chunked(ticket_ids):
+                rows = await session.scalars(
+                    select(Link).where(Link.connection == connection, Link.ticket_id.in_(chunk))
+                )
+                links.update((row.ticket_id, row) for row in rows if row.ticket_id is not None)
+        return links
 
     async def start_create(self, connection: str, incident_id: str, incident_number: int) -> Link:
         """Record the intent to create a ticket, before the create is sent."""
@@ -517,19 +534,19 @@ class Store:
         self, connection: str, kind: str, item_ids: Iterable[str], *, not_before: datetime
     ) -> set[str]:
         """Return which of `item_ids` are parked with their next try after `not_before`."""
-        ids = list(item_ids)
-        if not ids:
-            return set()
+        found: set[str] = set()
         async with self.sessions() as session:
-            rows = await session.scalars(
-                select(ParkedItem.item_id).where(
-                    ParkedItem.connection == connection,
-                    ParkedItem.kind == kind,
-                    ParkedItem.item_id.in_(ids),
-                    ParkedItem.next_try_at > not_before,
+            for chunk in chunked(item_ids):
+                rows = await session.scalars(
+                    select(ParkedItem.item_id).where(
+                        ParkedItem.connection == connection,
+                        ParkedItem.kind == kind,
+                        ParkedItem.item_id.in_(chunk),
+                        ParkedItem.next_try_at > not_before,
+                    )
                 )
-            )
-            return set(rows)
+                found.update(rows)
+        return found
 
     async def list_parked(self, connection: str | None = None) -> list[ParkedItem]:
         async with self.sessions() as session:

@@ -149,3 +149,15 @@ async def test_naive_datetime_is_rejected(store: Store) -> None:
     """Times must be timezone-aware, so no local time slips into the ledger."""
     with pytest.raises(Exception, match="naive datetime"):
         await store.park("main", "incident", "inc-1", "x", datetime(2026, 1, 1))
+
+
+async def test_lookups_take_many_ids(store: Store) -> None:
+    """Link and parked lookups accept more ids than one statement may carry on PostgreSQL."""
+    await store.record_link("main", "inc-1", 1, ticket_key="SEC-1", ticket_id="39999", ticket_url="u", fields_hash=None)
+    ids = [str(number) for number in range(40_000)]
+
+    found = await store.get_links_by_ticket_ids("main", ids)
+    parked = await store.parked_item_ids("main", "incident", ids, not_before=datetime.now(timezone.utc))
+
+    assert list(found) == ["39999"]
+    assert parked == set()

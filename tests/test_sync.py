@@ -683,3 +683,99 @@ async def test_incident_locks_do_not_accumulate(harness: SyncHarness) -> None:
     gc.collect()
 
     assert len(sync._incident_locks) == 0
+
+
+@pytest.fixture
+async def datacenter_harness(tmp_path, mdr_sim, mdr_url, start_jira, monkeypatch):
+    """The harness on a Jira Data Center simulator, whose search pages by offset."""
+    from contextlib import AsyncExitStack
+
+    from fixtures_sync import harness_settings
+
+    from mdr_connector.adapters.mdr.client import MdrClient
+    from mdr_connector.connector.store import Store
+
+    jira = await start_jira(deployment="datacenter")
+    settings = harness_settings(tmp_path, mdr_url, jira, monkeypatch)
+    async with MdrClient(settings.connections[0].mdr) as client:
+        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+    store = await Store.open(settings.resolved_database_url())
+    async with AsyncExitStack() as stack:
+        yield SyncHarness(mdr_sim, jira, settings, store, stack)
+    await store.close()
+
+
+async def test_edit_while_search_pages_loses_nothing(datacenter_harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An issue edited between two pages of the change search does not push another changed issue out of it."""
+    from mdr_connector.adapters.jira import adapter as jira_adapter
+
+    harness = datacenter_harness
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    linked = harness.issue_for(incident_id)
+    others = [
+        harness.jira.sim.create_issue(
+            {"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": f"unrelated {number}"}
+        )
+        for number in range(100)
+    ]
+    harness.advance(1)
+    harness.jira.sim.add_comment(linked.key, "engineer note that must reach MDR")
+    harness.advance(400)
+
+    real_request_dated = jira_adapter._request_dated
+    edited = []
+
+    def edit_after_first_page(client, method, path, **kwargs):
+        reply = real_request_dated(client, method, path, **kwargs)
+        params = kwargs.get("params") or {}
+        if path == "search" and params.get("startAt") == 0 and "updated >=" in params.get("jql", "") and not edited:
+            harness.jira.sim.edit_as_human(others[0].key, summary="edited meanwhile")
+            edited.append(True)
+        return reply
+
+    monkeypatch.setattr(jira_adapter, "_request_dated", edit_after_first_page)
+    await sync.run_cycle()
+    monkeypatch.undo()
+    for _cycle in range(2):
+        harness.advance(60)
+        await sync.run_cycle()
+
+    assert edited
+    assert sum("engineer note that must reach MDR" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
+
+
+async def test_overlong_incident_id_is_skipped(harness: SyncHarness, caplog: pytest.LogCaptureFixture) -> None:
+    """An incident id longer than the ledger's columns is logged and skipped; the page still syncs."""
+    good = harness.seed()["incident_id"]
+    harness.seed(incident_id="x" * 300)
+
+    with caplog.at_level(logging.ERROR):
+        await harness.cycles(1)
+
+    assert harness.issues_for(good)
+    assert any(record.getMessage() == "sync.incident.malformed" for record in caplog.records)
+    assert await harness.store.list_parked("main") == []
+
+
+async def test_rate_limited_create_keeps_intent(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create answered with 503 and Retry-After after Jira applied it is looked up, not sent again."""
+    from mdr_connector.connector.errors import RateLimitedError
+
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.engine()
+    real_create = sync.tickets.create_ticket
+
+    async def create_then_throttle(draft):
+        await real_create(draft)
+        raise RateLimitedError("Jira answered 503 with Retry-After", retry_after=1)
+
+    monkeypatch.setattr(sync.tickets, "create_ticket", create_then_throttle)
+    await sync.run_cycle()
+    monkeypatch.undo()
+    assert (await harness.store.get_link("main", incident_id)).state == PENDING
+
+    harness.advance(31)
+    await harness.cycles(1, sync)
+    assert len(harness.issues_for(incident_id)) == 1
+    assert (await harness.store.get_link("main", incident_id)).state == LINKED

@@ -26,7 +26,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -49,6 +51,7 @@ from mdr_connector.connector.errors import (
     ConnectionFatalError,
     InvalidPayloadError,
     OutcomeUnknownError,
+    RemoteUnavailableError,
 )
 from mdr_connector.connector.tickets import (
     CommentDraft,
@@ -85,6 +88,10 @@ PAGE_SIZE = 100
 # NOTE: 60 s is an estimate of that window, not a documented bound.
 CLOUD_SEARCH_DELAY_SECONDS = 60.0
 MAX_RECONCILE_ISSUES = 50
+# A change search that keeps being reordered by edits while it is paged is
+# tried this many times before the cycle gives up on the ticket side.
+STABLE_SEARCH_ATTEMPTS = 4
+REORDER_PAUSE_SECONDS = 1.1
 RECENT_WRITE_SECONDS = 600.0
 # Any zone is within 14 hours of UTC, so a UTC literal this much earlier is
 # a safe lower bound when the account's zone is unknown.
@@ -388,7 +395,7 @@ class JiraTicketAdapter:
     def _search_with_properties(
         self, client: JIRA, query: str, fields: list[str], reconcile: list[int]
     ) -> list[dict[str, Any]]:
-        issues = self._search(client, query, fields, [PROPERTY_KEY], reconcile)
+        issues = self._search(client, query, fields, [PROPERTY_KEY], reconcile).issues
         for issue in issues:
             if "properties" not in issue:
                 # Older Data Center versions ignore `properties` in search.
@@ -406,7 +413,19 @@ class JiraTicketAdapter:
         # must not silently cut the ticket off from MDR. The engine keeps only
         # the tickets it has links for.
         query = f'project = {quote(self.project)} AND updated >= "{literal}" ORDER BY updated ASC'
-        return self._search(client, query, ["updated"], [], reconcile), zone_name
+
+        for attempt in range(1, STABLE_SEARCH_ATTEMPTS + 1):
+            result = self._search(client, query, ["updated"], [], reconcile)
+            if not _moved_while_paged(result):
+                return result.issues, zone_name
+            log.info("jira.search.reordered", extra={"project": self.project, "attempt": attempt, "pages": result.pages})
+            # The Date header counts whole seconds, so an issue changed in the
+            # second before the search looks moved until a later pass.
+            time.sleep(REORDER_PAUSE_SECONDS)
+        raise RemoteUnavailableError(
+            f"Jira issues of project {self.project} kept changing while the change search was paged "
+            f"({STABLE_SEARCH_ATTEMPTS} attempts), so a complete result could not be read; it is tried again next cycle"
+        )
 
     def _search(
         self,
@@ -415,7 +434,7 @@ class JiraTicketAdapter:
         fields: list[str],
         properties: list[str],
         reconcile: list[int],
-    ) -> list[dict[str, Any]]:
+    ) -> SearchResult:
         if self.deployment == "cloud":
             return _search_cloud(client, query, fields, properties, reconcile)
         return _search_datacenter(client, query, fields, properties)
@@ -481,11 +500,27 @@ def _request(
     body: Any = None,
 ) -> Any:
     """Send one REST v2 request through the client's session and return the JSON reply."""
+    return _request_dated(client, method, path, params=params, body=body)[0]
+
+
+def _request_dated(
+    client: JIRA,
+    method: str,
+    path: str,
+    *,
+    params: dict[str, Any] | None = None,
+    body: Any = None,
+) -> tuple[Any, datetime | None]:
+    """Send one REST v2 request and return the JSON reply with the server's `Date` header, if readable."""
     data = json.dumps(body) if body is not None else None
     response = client._session.request(method, client._get_url(path), params=params, data=data)
+    try:
+        replied_at = parsedate_to_datetime(response.headers.get("Date", ""))
+    except (TypeError, ValueError):
+        replied_at = None
     if response.status_code == 204 or not response.content:
-        return None
-    return response.json()
+        return None, replied_at
+    return response.json(), replied_at
 
 
 def _myself(client: JIRA) -> dict[str, Any]:
@@ -513,9 +548,18 @@ def _issue_property(client: JIRA, issue_id: str) -> Any:
     return reply.get("value") if isinstance(reply, dict) else None
 
 
+@dataclass(frozen=True)
+class SearchResult:
+    """The issues of a paged search, with the server time of its first reply and the page count."""
+
+    issues: list[dict[str, Any]]
+    started: datetime | None
+    pages: int
+
+
 def _search_cloud(
     client: JIRA, query: str, fields: list[str], properties: list[str], reconcile: list[int]
-) -> list[dict[str, Any]]:
+) -> SearchResult:
     """Page through `search/jql` with nextPageToken; the reply has no total to stop at."""
     issues: list[dict[str, Any]] = []
     body: dict[str, Any] = {"jql": query, "maxResults": PAGE_SIZE, "fields": fields}
@@ -525,12 +569,16 @@ def _search_cloud(
         body["reconcileIssues"] = reconcile[:MAX_RECONCILE_ISSUES]
 
     seen_tokens: set[str] = set()
+    started: datetime | None = None
+    pages = 0
     while True:
-        page = _request(client, "POST", "search/jql", body=body)
+        page, replied_at = _request_dated(client, "POST", "search/jql", body=body)
+        started = started or replied_at
+        pages += 1
         issues.extend(page.get("issues", []))
         token = page.get("nextPageToken")
         if not token:
-            return issues
+            return SearchResult(issues, started, pages)
         if token in seen_tokens:
             raise InvalidPayloadError("Jira search/jql returned the same nextPageToken twice, so paging stopped")
         seen_tokens.add(token)
@@ -539,20 +587,40 @@ def _search_cloud(
 
 def _search_datacenter(
     client: JIRA, query: str, fields: list[str], properties: list[str]
-) -> list[dict[str, Any]]:
+) -> SearchResult:
     """Page through the classic `search` with startAt until `total` is reached."""
     issues: list[dict[str, Any]] = []
     params: dict[str, Any] = {"jql": query, "maxResults": PAGE_SIZE, "fields": ",".join(fields)}
     if properties:
         params["properties"] = ",".join(properties)
 
+    started: datetime | None = None
+    pages = 0
     while True:
         params["startAt"] = len(issues)
-        page = _request(client, "GET", "search", params=params)
+        page, replied_at = _request_dated(client, "GET", "search", params=params)
+        started = started or replied_at
+        pages += 1
         batch = page.get("issues", [])
         issues.extend(batch)
         if not batch or _reached_total(len(issues), page):
-            return issues
+            return SearchResult(issues, started, pages)
+
+
+def _moved_while_paged(result: SearchResult) -> bool:
+    """Tell whether an issue changed while a search ordered by `updated` was being paged.
+
+    Such an issue moves to the end of the order, so every later issue moves
+    one place back and the first one of the next page is never returned. A
+    one-page search is a single reply and cannot be affected. Without a
+    readable Date header the search is taken as affected when it had pages.
+    """
+    if result.pages <= 1:
+        return False
+    if result.started is None:
+        return True
+    threshold = result.started - timedelta(seconds=1)
+    return any(_parse_time(issue["fields"]["updated"]) >= threshold for issue in result.issues)
 
 
 def _all_comments(client: JIRA, issue_id: str) -> list[dict[str, Any]]:

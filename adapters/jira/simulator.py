@@ -33,6 +33,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
+from email.utils import format_datetime
 from typing import Any
 
 from aiohttp import web
@@ -512,7 +513,11 @@ def _count_calls(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamRespon
         route = request.match_info.route.resource
         path = route.canonical if route is not None else "<unmatched>"
         sim.calls[f"{request.method} {path}"] += 1
-        return await handler(request)
+        response = await handler(request)
+        # The Date header follows the simulator's clock, as a real server's
+        # Date and its `updated` times come from one clock.
+        response.headers.setdefault("Date", format_datetime(sim.now(), usegmt=True))
+        return response
 
     return middleware
 

@@ -20,6 +20,9 @@ STATUSES = ("Open", "On hold", "Resolved", "Closed")
 # datetime can hold; a larger time cannot be a real MDR timestamp.
 MAX_EPOCH_MS = 253_402_300_799_999
 EpochMs = Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH_MS)]
+# The ledger keeps ids in 200-character columns. Real MDR ids have about 20
+# characters, so a longer one is taken for bad data.
+MAX_ID_LENGTH = 200
 
 
 class MdrRecord(BaseModel):
@@ -27,7 +30,7 @@ class MdrRecord(BaseModel):
 
 
 class Comment(MdrRecord):
-    comment_id: StrictStr = Field(min_length=1)
+    comment_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
     author_name: StrictStr
     text: StrictStr
     creation_time: EpochMs
@@ -58,7 +61,7 @@ class Response(MdrRecord):
 
 
 class Incident(MdrRecord):
-    incident_id: StrictStr = Field(min_length=1)
+    incident_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
     incident_number: StrictInt
     summary: StrictStr
     priority: StrictStr
@@ -95,8 +98,9 @@ def describe_record(raw: Any, id_key: str) -> tuple[str | None, int | None]:
         return None, None
     record_id = raw.get(id_key)
     update_time = raw.get("update_time")
+    readable_id = isinstance(record_id, str) and 0 < len(record_id) <= MAX_ID_LENGTH
     return (
-        record_id if isinstance(record_id, str) and record_id else None,
+        record_id if readable_id else None,
         update_time if isinstance(update_time, int) and not isinstance(update_time, bool) else None,
     )
 
