@@ -487,6 +487,21 @@ async def test_concurrent_refresh_tasks_one_confirm(
     assert mdr_sim.confirm_calls == 2
 
 
+async def test_cancelled_refresh_spends_token_once(active_mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """A refresh cancelled mid-flight finishes in the background, and the next caller uses its pair."""
+    mdr_sim.settings.latency_seconds = 0.3
+    rejected = await active_mdr_client.tokens.access_token()
+    first = asyncio.create_task(active_mdr_client.tokens.refresh_after_rejection(rejected))
+    await asyncio.sleep(0.05)
+    first.cancel()
+
+    fresh = await active_mdr_client.tokens.refresh_after_rejection(rejected)
+
+    assert fresh != rejected
+    assert mdr_sim.confirm_calls == 2
+    assert active_mdr_client.tokens.status().state == "Active"
+
+
 async def test_concurrent_refresh_clients_one_confirm(
     active_mdr_client: MdrClient, mdr_sim: MdrSimulator, mdr_settings: MdrSettings
 ) -> None:

@@ -543,10 +543,12 @@ class TokenManager:
                     f"the token file {self.store.path} disappeared: run `mdr-connector token activate`"
                 )
 
-            loaded_before = self._pair
+            # Another task or process may have refreshed while this one
+            # waited for the file lock (a cancelled refresh finishes shielded),
+            # so a pair that is fresh now is used instead of spending its
+            # refresh token again.
             self._pair = pair
-            changed = loaded_before is not None and pair.refresh_token != loaded_before.refresh_token
-            if changed and self._already_fresh(pair, rejected_access):
+            if self._already_fresh(pair, rejected_access):
                 log.info("mdr.token.reloaded", extra=self._log_ids())
                 return pair.access_token
 
