@@ -427,3 +427,20 @@ async def test_rejected_token_log_fields(mocked_client: MdrClient, caplog: pytes
         assert records[event].mdr_connection_name == MDR_CONNECTION_NAME
         assert records[event].client_id == MDR_CLIENT_ID
         assert not hasattr(records[event], "connection")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('{"code": 401, "message": "invalid refresh token"}', TokenExpiredError),
+        ("", TokenExpiredError),
+        ("<html><body>Access denied by the corporate proxy</body></html>", RemoteUnavailableError),
+    ],
+    ids=["json", "empty", "proxy-html"],
+)
+async def test_confirm_refusal_needs_mdr_reply(mocked_client: MdrClient, body: str, error: type[Exception]) -> None:
+    """A 403 to session/confirm counts as a rejected token only when MDR itself sent it, not a proxy page."""
+    with aioresponses() as mocked:
+        mocked.post(f"{MOCK_PREFIX}/session/confirm", status=403, body=body)
+        with pytest.raises(error):
+            await mocked_client.confirm_session("eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjF9.c2ln")

@@ -265,6 +265,13 @@ class MdrClient:
             raise RemoteUnavailableError(f"MDR {CONFIRM_PATH} failed: {describe_error(err)}") from err
 
         if reply.status in (400, 401, 403):
+            if not is_json_or_empty(reply.body):
+                # MDR answers errors in JSON, so an HTML page comes from a
+                # proxy or firewall in between; the token itself may be fine.
+                raise RemoteUnavailableError(
+                    f"MDR {CONFIRM_PATH} answered {reply.status} with a page that is not JSON, so a proxy or "
+                    "firewall in between refused the request; check the proxy settings (mdr.proxy, HTTPS_PROXY)"
+                )
             raise expired_refresh_error(self.settings.client_id)
         if reply.status != 200:
             raise_for_status(CONFIRM_PATH, reply, write=False, include_message=False)
@@ -355,6 +362,16 @@ def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
             record_id, _ = describe_record(record, "comment_id")
             malformed.append(MalformedRecord(record_id, None, str(err)))
     return CommentPage(items, malformed)
+
+
+def is_json_or_empty(body: bytes) -> bool:
+    if not body.strip():
+        return True
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_incident_page(raw: list[Any]) -> IncidentPage:
