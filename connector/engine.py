@@ -477,7 +477,7 @@ class ConnectionSync:
         except (ItemError, ConfigError):
             # The ticket system refused the create itself, so nothing exists
             # to look up. Any other failure (a 503 or 429 that the server may
-            # have answered after applying it, a timeout) keeps the intent, so
+            # have sent after applying it, a timeout) keeps the intent, so
             # the next try looks the ticket up after the search delay first.
             await self.store.drop_pending_create(self.name, incident.incident_id)
             raise

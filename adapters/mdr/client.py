@@ -266,8 +266,8 @@ class MdrClient:
 
         if reply.status in (400, 401, 403):
             if not is_json_or_empty(reply.body):
-                # MDR answers errors in JSON, so an HTML page comes from a
-                # proxy or firewall in between; the token itself may be fine.
+                # MDR sends its errors as JSON, so an HTML page comes from a proxy
+                # or firewall in between, and the token itself may be fine.
                 raise RemoteUnavailableError(
                     f"MDR {CONFIRM_PATH} answered {reply.status} with a page that is not JSON, so a proxy or "
                     "firewall in between refused the request; check the proxy settings (mdr.proxy, HTTPS_PROXY)"
