@@ -229,7 +229,7 @@ async def test_sync_once_exits_when_busy(activated_config: Path, tmp_path: Path)
 
 
 async def test_run_stops_on_sigterm(activated_config: Path, mdr_sim: MdrSimulator, jira: RunningJira) -> None:
-    """`run` holds the connection while it syncs, so `sync --once` exits busy; SIGTERM then ends it with 0."""
+    """`run` keeps the connection locked while it syncs, so `sync --once` exits busy; SIGTERM then ends it with 0."""
     mdr_sim.seed_incident(MDR_CLIENT_ID)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "mdr_connector.connector.cli", "--config", str(activated_config), "run",

@@ -33,7 +33,7 @@ def settings_for(tmp_path: Path, *names: str) -> Settings:
 
 
 class FakeSync:
-    """Stands in for ConnectionSync: runs scripted cycle outcomes, then asks the runner to stop."""
+    """A stand-in for ConnectionSync that runs scripted cycle outcomes, then sets the runner's stop event."""
 
     def __init__(self, settings: Any, outcomes: list[BaseException | None], stop: asyncio.Event) -> None:
         self.settings = settings

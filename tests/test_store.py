@@ -21,7 +21,7 @@ POSTGRES_ADMIN_URL = os.environ.get("MDR_TEST_POSTGRES_URL", "postgresql://postg
 
 
 async def postgres_database() -> str | None:
-    """Create a scratch database and return its async URL, or None when no server answers."""
+    """Create a scratch database and return its async URL, or None when no server is reachable."""
     try:
         import asyncpg
     except ImportError:

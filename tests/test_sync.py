@@ -759,7 +759,7 @@ async def test_overlong_incident_id_is_skipped(harness: SyncHarness, caplog: pyt
 
 
 async def test_rate_limited_create_keeps_intent(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A create answered with 503 and Retry-After after Jira applied it is looked up, not sent again."""
+    """A create that Jira applied but rejected with 503 and Retry-After is looked up, not sent again."""
     from mdr_connector.connector.errors import RateLimitedError
 
     incident_id = harness.seed()["incident_id"]

@@ -192,12 +192,7 @@ class MdrClient:
             tuple(tenants),
         )
         body = {**filters.to_body(), "page": page, "page_size": page_size, "sort": sort}
-        raw = await self._call("incidents/list", body)
-        if not isinstance(raw, list):
-            raise RemoteUnavailableError(
-                f"MDR incidents/list returned {type(raw).__name__}, expected an array"
-            )
-        return parse_incident_page(raw)
+        return parse_incident_page(await self._call_array("incidents/list", body))
 
     async def count_incidents(
         self,
@@ -235,9 +230,7 @@ class MdrClient:
 
     async def list_comments(self, incident_id: str) -> CommentPage:
         """Read the comments of an incident; a malformed comment goes to `malformed` instead of failing the rest."""
-        raw = await self._call("comments/list", {"incident_id": incident_id})
-        if not isinstance(raw, list):
-            raise RemoteUnavailableError(f"MDR comments/list returned {type(raw).__name__}, expected an array")
+        raw = await self._call_array("comments/list", {"incident_id": incident_id})
         return parse_comment_page(raw, incident_id)
 
     async def create_comment(self, incident_id: str, text: str, markdown_to_html: bool = True) -> Comment:
@@ -269,7 +262,7 @@ class MdrClient:
                 # MDR sends its errors as JSON, so an HTML page comes from a proxy
                 # or firewall in between, and the token itself may be fine.
                 raise RemoteUnavailableError(
-                    f"MDR {CONFIRM_PATH} answered {reply.status} with a page that is not JSON, so a proxy or "
+                    f"MDR {CONFIRM_PATH} returned {reply.status} with a page that is not JSON, so a proxy or "
                     "firewall in between refused the request; check the proxy settings (mdr.proxy, HTTPS_PROXY)"
                 )
             raise expired_refresh_error(self.settings.client_id)
@@ -286,6 +279,13 @@ class MdrClient:
         return access, refresh
 
     # --- transport ---
+
+    async def _call_array(self, path: str, body: dict[str, Any]) -> list[Any]:
+        """POST like `_call` to a list method, whose reply must be a bare JSON array."""
+        raw = await self._call(path, body)
+        if not isinstance(raw, list):
+            raise RemoteUnavailableError(f"MDR {path} returned {type(raw).__name__}, expected an array")
+        return raw
 
     async def _call(self, path: str, body: dict[str, Any], *, write: bool = False) -> Any:
         """POST `body` with a Bearer token, refreshing once after 401/403, and decode the JSON reply."""
