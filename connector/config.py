@@ -232,6 +232,9 @@ class SyncSettings(StrictModel):
 
     interval_seconds: float = Field(default=60, gt=0)
     mode: Literal["updated", "new_only"] = "updated"
+    # How changed incidents are found: `incidents/history` records (each
+    # object's change), or `incidents/list` sorted by `update_time`.
+    change_source: Literal["history", "list"] = "history"
     start: StartSettings = Field(default_factory=StartSettings)
     filters: FilterSettings = Field(default_factory=FilterSettings)
     mdr_overlap_seconds: float = Field(default=300, ge=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.yamlfiles import (
@@ -52,6 +52,7 @@ TEMPLATE_FIELDS = {
     "mitre_techniques": "comma-separated MITRE ATT&CK techniques",
     "client_description": "text the customer gave when creating the incident",
     "recommendations": "SOC recommendations",
+    "assets": "Markdown table of the affected assets from MDR: host name, IPs, OS, product, status, isolation, last seen",
 }
 
 COMMENT_TEMPLATE_FIELDS = {
@@ -62,20 +63,171 @@ COMMENT_TEMPLATE_FIELDS = {
 }
 
 
+class Visibility(StrictModel):
+    """A Jira role or group that may read a comment."""
+
+    type: Literal["role", "group"]
+    value: str = Field(min_length=1)
+
+
 class CommentFormat(StrictModel):
     """The comment mirroring rules: header lines naming the original author, and which comments go."""
 
     mdr_to_ticket_header: str = "**{author}** (Kaspersky MDR, {created})"
     ticket_to_mdr_header: str = "**{author}** ({system} {ticket_key}, {created})"
-    # A ticket comment restricted to a role or group is internal to the SOC
-    # team; it goes to MDR only when this is true.
+    # Which ticket comments go to MDR: all, only public ones (not restricted
+    # to a role or group, not internal in Jira Service Management), or only
+    # those whose text starts with `marker`.
+    to_mdr: Literal["all", "public", "marked"] = "public"
+    marker: str = Field(default="#mdr", min_length=1, max_length=64)
+    # Deprecated spelling of `to_mdr: all`, kept for mappings written for 0.1.
     mirror_restricted: bool = False
+    # Who may read the comments the connector posts on the ticket; everyone when unset.
+    visibility: Visibility | None = None
+    # What happens on the other side when a comment already copied is edited
+    # or deleted. MDR has no comment edit, so an edit of a ticket comment can
+    # only be sent as a note; a delete can remove the copy (`mirror`) because
+    # the connector wrote it. On the ticket, `mirror` replaces the text of the
+    # copy of an MDR comment deleted in MDR, because the connector may edit
+    # its own comments there.
+    on_ticket_edit: Literal["note", "ignore"] = "note"
+    on_ticket_delete: Literal["mirror", "note", "ignore"] = "note"
+    on_mdr_delete: Literal["mirror", "note", "ignore"] = "mirror"
 
     @field_validator("mdr_to_ticket_header", "ticket_to_mdr_header")
     @classmethod
     def _known_placeholders(cls, value: str) -> str:
         check_template(value, COMMENT_TEMPLATE_FIELDS)
         return value
+
+    def mirrors_to_mdr(self) -> str:
+        """The effective `to_mdr` rule, reading the deprecated `mirror_restricted` too."""
+        if self.mirror_restricted and self.to_mdr == "public":
+            return "all"
+        return self.to_mdr
+
+
+class FileFilter(StrictModel):
+    """Which attachments go in one direction: a size cap and extension lists (without the dot, any case)."""
+
+    max_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
+    allow_extensions: list[str] = Field(default_factory=list)
+    deny_extensions: list[str] = Field(
+        default_factory=lambda: ["exe", "dll", "scr", "com", "bat", "cmd", "ps1", "vbs", "js", "jar", "msi"]
+    )
+
+    @field_validator("allow_extensions", "deny_extensions")
+    @classmethod
+    def _plain_extensions(cls, value: list[str]) -> list[str]:
+        cleaned = []
+        for extension in value:
+            bare = extension.strip().lstrip(".").lower()
+            if not bare or not re.fullmatch(r"[a-z0-9_+-]{1,16}", bare):
+                raise ValueError(f"{extension!r} is not a file extension; write it like pdf or tar.gz's gz")
+            cleaned.append(bare)
+        return cleaned
+
+
+class AttachmentRules(StrictModel):
+    """The attachment sync, per direction."""
+
+    enabled: bool = True
+    to_ticket: FileFilter = Field(default_factory=FileFilter)
+    to_mdr: FileFilter = Field(default_factory=FileFilter)
+
+
+class ResponseRules(StrictModel):
+    """Who may confirm or decline MDR responses from the ticket, by stable account id or group name.
+
+    Both lists are empty by default, so nobody may decide from the ticket.
+    Jira Cloud accounts are named by accountId, Jira Data Center ones by user name.
+    """
+
+    enabled: bool = True
+    command: str = Field(default="/mdr", pattern=r"^/[a-z][a-z0-9-]{0,31}$")
+    approvers: list[str] = Field(default_factory=list)
+    approver_groups: list[str] = Field(default_factory=list)
+
+
+class CloseRules(StrictModel):
+    """Closing the MDR incident when its ticket reaches a done status; off by default."""
+
+    enabled: bool = False
+    done_statuses: list[str] = Field(default_factory=list)
+    # The ticket field whose value picks the resolution, by field id (Jira: `resolution`).
+    resolution_field: str = "resolution"
+    resolutions: dict[str, Literal["TRUE_POSITIVE", "FALSE_POSITIVE"]] = Field(default_factory=dict)
+    default_resolution: Literal["TRUE_POSITIVE", "FALSE_POSITIVE"] | None = None
+    summary: str = "Closed in {system} {ticket_key}"
+
+    @field_validator("summary")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        check_template(value, {"system": "ticket system name", "ticket_key": "ticket key", "status": "ticket status"})
+        return value
+
+
+class StatusRules(StrictModel):
+    """Status sync: MDR status to ticket status name, and the opt-in close of MDR incidents."""
+
+    to_ticket: dict[Literal["Open", "On hold", "Resolved", "Closed"], str] = Field(default_factory=dict)
+    close_mdr: CloseRules = Field(default_factory=CloseRules)
+
+
+class AssetRules(StrictModel):
+    """Enrichment of tickets with the affected assets from `assets/details`."""
+
+    enabled: bool = True
+    cache_seconds: int = Field(default=3600, ge=0)
+    # At most this many assets are read per incident; the rest are listed by name only.
+    max_assets: int = Field(default=20, ge=0, le=200)
+
+
+class Route(StrictModel):
+    """A rule that sends the incidents of a tenant to a project. The first matching route wins.
+
+    `tenant` is matched exactly against the incident's `tenant_name`, and
+    "" is the root tenant. Without `priorities` the route takes every priority.
+    """
+
+    tenant: str
+    priorities: list[Literal["HIGH", "NORMAL", "LOW"]] = Field(default_factory=list)
+    project: str = Field(min_length=1)
+    issue_type: str | None = Field(default=None, min_length=1)
+    labels: list[str] = Field(default_factory=list)
+    components: list[str] = Field(default_factory=list)
+
+    @field_validator("labels")
+    @classmethod
+    def _label_templates(cls, value: list[str]) -> list[str]:
+        for label in value:
+            check_template(label, TEMPLATE_FIELDS)
+        return value
+
+    @field_validator("components")
+    @classmethod
+    def _named_components(cls, value: list[str]) -> list[str]:
+        check_component_names(value)
+        return value
+
+    def shadows(self, later: Route) -> bool:
+        """Tell whether this route matches every incident that `later` matches, so `later` is never used."""
+        if self.tenant != later.tenant:
+            return False
+        if not self.priorities:
+            return True
+        return bool(later.priorities) and set(later.priorities) <= set(self.priorities)
+
+
+class IncidentCreation(StrictModel):
+    """Opt-in: tickets with the label or issue type create MDR incidents (`incidents/create`)."""
+
+    enabled: bool = False
+    label: str | None = "mdr-create"
+    issue_type: str | None = None
+    # The ticket field holding the affected hosts, one `HOSTNAME:asset_id` per line or comma.
+    hosts_field: str | None = None
+    tenant_id: str = ""
 
 
 class Mapping(StrictModel):
@@ -87,8 +239,22 @@ class Mapping(StrictModel):
     description: str
     priority: dict[Literal["HIGH", "NORMAL", "LOW"], str]
     labels: list[str] = Field(default_factory=list)
+    components: list[str] = Field(default_factory=list)
     fields: dict[str, Any] = Field(default_factory=dict)
+    # Who owns each field after creation: `mdr` overwrites it on every MDR
+    # update, `ticket` sets it only at creation so an analyst's edit stays.
+    # Keys: summary, description, priority, labels, components, or a key of `fields`.
+    field_owner: dict[str, Literal["mdr", "ticket"]] = Field(default_factory=dict)
     comments: CommentFormat = Field(default_factory=CommentFormat)
+    attachments: AttachmentRules = Field(default_factory=AttachmentRules)
+    responses: ResponseRules = Field(default_factory=ResponseRules)
+    status: StatusRules = Field(default_factory=StatusRules)
+    assets: AssetRules = Field(default_factory=AssetRules)
+    routes: list[Route] = Field(default_factory=list)
+    # What happens to an incident no route matches: the top-level project and
+    # issue type take it (`default`), or it is parked with an error (`report`).
+    unrouted: Literal["default", "report"] = "default"
+    create_incidents: IncidentCreation = Field(default_factory=IncidentCreation)
 
     @field_validator("summary", "description")
     @classmethod
@@ -128,6 +294,49 @@ class Mapping(StrictModel):
             raise too_large
         return value
 
+    @field_validator("components")
+    @classmethod
+    def _named_components(cls, value: list[str]) -> list[str]:
+        check_component_names(value)
+        return value
+
+    @model_validator(mode="after")
+    def _routes_for_report(self) -> Mapping:
+        if self.unrouted == "report" and not self.routes:
+            raise ValueError(
+                "unrouted is report but there are no routes, so every incident would be parked; "
+                "add routes or set unrouted: default"
+            )
+        return self
+
+    @field_validator("routes")
+    @classmethod
+    def _reachable_routes(cls, value: list[Route]) -> list[Route]:
+        for later_index, later in enumerate(value):
+            for index, earlier in enumerate(value[:later_index]):
+                if earlier.shadows(later):
+                    raise ValueError(
+                        f"route {later_index + 1} (tenant {later.tenant!r}) is never used, because route "
+                        f"{index + 1} before it matches the same incidents; move it up or remove it"
+                    )
+        return value
+
+    @field_validator("field_owner")
+    @classmethod
+    def _known_owned_fields(cls, value: dict[str, str], info: Any) -> dict[str, str]:
+        known = {"summary", "description", "priority", "labels", "components", *info.data.get("fields", {})}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"field_owner names {', '.join(unknown)}, which this mapping does not set; "
+                f"use one of: {', '.join(sorted(known))}"
+            )
+        return value
+
+    def owned_by_ticket(self) -> frozenset[str]:
+        """The fields an MDR update must not overwrite."""
+        return frozenset(name for name, owner in self.field_owner.items() if owner == "ticket")
+
     @field_validator("priority")
     @classmethod
     def _every_priority(cls, value: dict[str, str]) -> dict[str, str]:
@@ -161,6 +370,11 @@ def check_template(template: str, allowed: dict[str, str]) -> None:
         if spec:
             raise ValueError(f"placeholder {{{name}}} has a format spec, and format specs are not supported; "
                              f"write {{{name}}}")
+
+
+def check_component_names(names: list[str]) -> None:
+    if any(not name.strip() for name in names):
+        raise ValueError("a component name is empty; write the name of a Jira component of the project")
 
 
 def load_mapping(reference: str) -> Mapping:

@@ -103,12 +103,15 @@ class Link(Base):
     mdr_update_time: Mapped[int | None] = mapped_column(BigInteger)
     ticket_updated: Mapped[datetime | None] = mapped_column(UtcDateTime)
     fields_hash: Mapped[str | None] = mapped_column(String(64))
+    # The status each side was last seen in or moved to by the connector.
+    ticket_status: Mapped[str | None] = mapped_column(String(200))
+    mdr_status: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 class SyncedItem(Base):
-    """A comment (later: attachment, response decision) copied from one side to the other."""
+    """A comment, attachment, response view or handled command, copied or acted on once."""
 
     __tablename__ = "synced_items"
     __table_args__ = (
@@ -127,6 +130,8 @@ class SyncedItem(Base):
     state: Mapped[str] = mapped_column(String(16))
     attempt_started_at: Mapped[datetime] = mapped_column(UtcDateTime)
     done_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # The version of the source when it was copied: an edit time, a status.
+    source_version: Mapped[str | None] = mapped_column(String(64))
 
 
 class Cursor(Base):
@@ -155,6 +160,44 @@ class ParkedItem(Base):
     first_failed_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_failed_at: Mapped[datetime] = mapped_column(UtcDateTime)
     next_try_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ResponseDecision(Base):
+    """The audit record of one confirm or decline of an MDR response: who, when, what, and the outcome."""
+
+    __tablename__ = "response_decisions"
+    __table_args__ = (
+        Index("ix_response_decisions_response", "connection", "response_id"),
+        Index("ix_response_decisions_incident", "connection", "incident_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    connection: Mapped[str] = mapped_column(String(64))
+    incident_id: Mapped[str] = mapped_column(String(200))
+    response_id: Mapped[str] = mapped_column(String(200))
+    decision: Mapped[str] = mapped_column(String(16))
+    actor_id: Mapped[str] = mapped_column(String(200))
+    actor_name: Mapped[str] = mapped_column(String(200))
+    # `ticket` (a comment command; source_id is the comment id) or `cli`.
+    source: Mapped[str] = mapped_column(String(32))
+    source_id: Mapped[str | None] = mapped_column(String(200))
+    reason: Mapped[str] = mapped_column(Text)
+    # pending until MDR answered; then sent, refused (not allowed) or failed.
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class CachedAsset(Base):
+    """Asset details as read from `assets/details`, kept for the configured time."""
+
+    __tablename__ = "asset_cache"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    asset_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    data: Mapped[str] = mapped_column(Text)
+    fetched_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 @dataclass(frozen=True)
@@ -294,6 +337,12 @@ class Store:
                 links.update((row.ticket_id, row) for row in rows if row.ticket_id is not None)
         return links
 
+    async def list_links(self, connection: str) -> list[Link]:
+        """Return every link of a connection, pending ones included, oldest first."""
+        async with self.sessions() as session:
+            rows = await session.scalars(select(Link).where(Link.connection == connection).order_by(Link.id))
+            return list(rows)
+
     async def start_create(self, connection: str, incident_id: str, incident_number: int) -> Link:
         """Record the intent to create a ticket, before the create is sent."""
         now = utc_now()
@@ -407,14 +456,27 @@ class Store:
         direction: str,
         source_id: str,
         target_id: str,
+        source_version: str | None = None,
     ) -> None:
-        """Record that an item exists on the other side as `target_id`."""
+        """Record that an item exists on the other side as `target_id`, copied from `source_version`."""
         now = utc_now()
         async with self.sessions() as session, session.begin():
             item = await self._item_row(session, connection, incident_id, kind, direction, source_id, now)
             item.state = DONE
             item.target_id = target_id
             item.done_at = now
+            item.source_version = source_version
+
+    async def find_item_by_target(self, connection: str, kind: str, target_id: str) -> SyncedItem | None:
+        """Return the ledger row whose copy is `target_id`, if any."""
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(SyncedItem).where(
+                    SyncedItem.connection == connection,
+                    SyncedItem.kind == kind,
+                    SyncedItem.target_id == target_id,
+                )
+            )
 
     async def _item_row(
         self,
@@ -554,6 +616,105 @@ class Store:
             if connection is not None:
                 query = query.where(ParkedItem.connection == connection)
             return list(await session.scalars(query))
+
+    # Response decisions
+
+    async def record_decision(
+        self,
+        connection: str,
+        incident_id: str,
+        response_id: str,
+        decision: str,
+        *,
+        actor_id: str,
+        actor_name: str,
+        source: str,
+        source_id: str | None,
+        reason: str,
+        outcome: str,
+        error: str | None = None,
+    ) -> ResponseDecision:
+        """Record a decision before it is sent (outcome `pending`) or a refused one."""
+        async with self.sessions() as session, session.begin():
+            row = ResponseDecision(
+                connection=connection,
+                incident_id=incident_id,
+                response_id=response_id,
+                decision=decision,
+                actor_id=actor_id,
+                actor_name=actor_name,
+                source=source,
+                source_id=source_id,
+                reason=reason,
+                outcome=outcome,
+                error=error,
+                decided_at=utc_now(),
+            )
+            session.add(row)
+        return row
+
+    async def finish_decision(self, decision_id: int, outcome: str, error: str | None = None) -> None:
+        """Record what MDR answered to a decision."""
+        async with self.sessions() as session, session.begin():
+            row = await session.get(ResponseDecision, decision_id)
+            if row is None:
+                return
+            row.outcome = outcome
+            row.error = error
+            row.sent_at = utc_now()
+
+    async def list_decisions(
+        self, connection: str, *, incident_id: str | None = None, response_id: str | None = None
+    ) -> list[ResponseDecision]:
+        async with self.sessions() as session:
+            query = select(ResponseDecision).where(ResponseDecision.connection == connection)
+            if incident_id is not None:
+                query = query.where(ResponseDecision.incident_id == incident_id)
+            if response_id is not None:
+                query = query.where(ResponseDecision.response_id == response_id)
+            return list(await session.scalars(query.order_by(ResponseDecision.id)))
+
+    # Asset cache
+
+    async def get_cached_assets(
+        self, connection: str, asset_ids: Iterable[str], *, fresh_after: datetime
+    ) -> dict[str, str]:
+        """Return the cached JSON of the assets read after `fresh_after`, by asset id."""
+        found: dict[str, str] = {}
+        async with self.sessions() as session:
+            for chunk in chunked(asset_ids):
+                rows = await session.scalars(
+                    select(CachedAsset).where(
+                        CachedAsset.connection == connection,
+                        CachedAsset.asset_id.in_(chunk),
+                        CachedAsset.fetched_at > fresh_after,
+                    )
+                )
+                found.update((row.asset_id, row.data) for row in rows)
+        return found
+
+    async def put_cached_asset(self, connection: str, asset_id: str, data: str) -> None:
+        async with self.sessions() as session, session.begin():
+            row = await session.get(CachedAsset, (connection, asset_id))
+            if row is None:
+                row = CachedAsset(connection=connection, asset_id=asset_id)
+                session.add(row)
+            row.data = data
+            row.fetched_at = utc_now()
+
+    # Status
+
+    async def record_statuses(
+        self, connection: str, incident_id: str, *, ticket_status: str | None = None, mdr_status: str | None = None
+    ) -> None:
+        """Record the status a side is now in, as seen or as set by the connector."""
+        values: dict[str, object] = {}
+        if ticket_status is not None:
+            values["ticket_status"] = ticket_status
+        if mdr_status is not None:
+            values["mdr_status"] = mdr_status
+        if values:
+            await self._update_link(connection, incident_id, **values)
 
     # Reports
 

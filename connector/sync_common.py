@@ -1,17 +1,23 @@
-"""Shared parts of the connection cycle (engine.py) and the comment sync (comments.py).
+"""Shared parts of the connection cycle (engine.py) and the parts it runs per incident.
 
-These are the MDR calls both make, the counters of their work, and a gather
-that cancels the remaining tasks when one of them fails.
+These are the MDR calls they make, the counters of their work, the context
+they share, and a gather that cancels the remaining tasks when one fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Protocol, TypeVar
 
-from mdr_connector.adapters.mdr.models import Comment, Incident
+from mdr_connector.adapters.mdr.models import Asset, Attachment, Comment, HistoryEntry, Incident, Response
+from mdr_connector.connector.config import ConnectionSettings
+from mdr_connector.connector.mappingfile import Mapping
+from mdr_connector.connector.store import Link, Store
+from mdr_connector.connector.tickets import TicketAccount, TicketAdapter, TicketRef
 
 T = TypeVar("T")
 
@@ -24,6 +30,16 @@ class MalformedLike(Protocol):
 
 class CommentPageLike(Protocol):
     items: list[Comment]
+    malformed: list[MalformedLike]
+
+
+class AttachmentPageLike(Protocol):
+    items: list[Attachment]
+    malformed: list[MalformedLike]
+
+
+class ResponsePageLike(Protocol):
+    items: list[Response]
     malformed: list[MalformedLike]
 
 
@@ -43,6 +59,44 @@ class MdrApi(Protocol):
     async def list_comments(self, incident_id: str) -> CommentPageLike: ...
 
     async def create_comment(self, incident_id: str, text: str, markdown_to_html: bool = True) -> Comment: ...
+
+    async def delete_comment(self, comment_id: str) -> None: ...
+
+    async def list_attachments(self, incident_id: str) -> AttachmentPageLike: ...
+
+    async def download_attachment(self, attachment: Attachment, destination: Path, *, max_bytes: int | None = None) -> int: ...
+
+    async def upload_attachment(self, incident_id: str, path: Path, filename: str, caption: str = "") -> Attachment: ...
+
+    async def list_responses(self, incident_id: str) -> ResponsePageLike: ...
+
+    async def update_response(self, response_id: str, status: str, comment: str) -> None: ...
+
+    async def update_responses(self, response_ids: Iterable[str], status: str, comment: str) -> None: ...
+
+    async def get_asset(self, asset_id: str) -> Asset: ...
+
+    async def list_history(
+        self,
+        *,
+        min_record_time: int,
+        max_record_time: int | None = None,
+        incident_id: str | None = None,
+        page: int = 1,
+        entity_type_page_size: int = 100,
+    ) -> list[HistoryEntry]: ...
+
+    async def close_incident(self, incident_id: str, resolution_status: str, summary: str) -> None: ...
+
+    async def create_incident(
+        self,
+        *,
+        summary: str,
+        client_description: str,
+        affected_hosts: Iterable[str],
+        priority: str,
+        tenant_id: str = "",
+    ) -> Incident: ...
 
 
 async def gather_or_cancel(*awaitables: Awaitable[T]) -> list[T]:
@@ -72,6 +126,67 @@ class SyncStats:
     tickets_updated: int = 0
     comments_to_ticket: int = 0
     comments_to_mdr: int = 0
+    comment_notes: int = 0
+    attachments_to_ticket: int = 0
+    attachments_to_mdr: int = 0
+    attachments_filtered: int = 0
+    responses_shown: int = 0
+    response_decisions: int = 0
+    commands_refused: int = 0
+    statuses_to_ticket: int = 0
+    incidents_closed: int = 0
+    incidents_created: int = 0
     echoes_suppressed: set[str] = field(default_factory=set)
     restricted_skipped: set[str] = field(default_factory=set)
     failures: int = 0
+
+
+class ReadWithRetry(Protocol):
+    """A read call run under the engine's read retry policy."""
+
+    async def __call__(self, call: Callable[[], Awaitable[T]]) -> T: ...
+
+
+@dataclass
+class SyncContext:
+    """What every part of a reconciliation shares: settings, ledger, both sides, counters, clock.
+
+    ConnectionSync (engine.py) builds one per connection and sets
+    `own_account` when it opens.
+    """
+
+    settings: ConnectionSettings
+    mapping: Mapping
+    store: Store
+    mdr: MdrApi
+    tickets: TicketAdapter
+    stats: SyncStats
+    read: ReadWithRetry
+    clock: Callable[[], datetime]
+    # Large files are spooled here (inside the data folder) and removed afterwards.
+    spool_dir: Path
+    own_account: TicketAccount | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+
+class IncidentPart(Protocol):
+    """One kind of object reconciled for a linked incident: attachments, responses, status.
+
+    `sync` raises ItemError when some of its items failed, after doing the
+    rest; the engine runs every part, then parks the incident once.
+    """
+
+    label: str
+
+    async def sync(self, incident: Incident, link: Link, ref: TicketRef) -> None: ...
+
+
+class CycleStep(Protocol):
+    """Work of a cycle that is not about one known incident, such as tickets that ask for a new incident."""
+
+    label: str
+
+    async def run(self) -> None: ...

@@ -15,10 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 MDR_ORIGIN = "mdr"
 TICKET_ORIGIN = "ticket"
+# The marker origin of the one ticket comment that shows an MDR response.
+RESPONSE_ORIGIN = "mdr-response"
+# The marker origin of a ticket comment the connector wrote about its own
+# work: a filtered attachment, a response decision, a refused command.
+NOTICE_ORIGIN = "mdr-notice"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class TicketFields:
     priority: str | None
     labels: tuple[str, ...]
     extra: dict[str, Any] = field(default_factory=dict)
+    components: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,16 @@ class TicketComment:
     # True when the ticket system limits who may read the comment (a Jira
     # comment visible to one role or group); such comments stay internal.
     restricted: bool = False
+    # The time of the last edit; None when the ticket system reports none.
+    updated: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CommentVisibility:
+    """Who may read a comment the connector posts: a Jira role or group, by name."""
+
+    type: Literal["role", "group"]
+    value: str
 
 
 @dataclass(frozen=True)
@@ -88,6 +105,50 @@ class CommentDraft:
 
     body: str
     marker: SyncMarker
+    visibility: CommentVisibility | None = None
+
+
+@dataclass(frozen=True)
+class TicketAttachment:
+    """A file attached to a ticket, as listed; the bytes are read with `download_attachment`."""
+
+    id: str
+    filename: str
+    size: int
+    author: TicketAccount
+    created: datetime
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class AttachmentUpload:
+    """A file to attach to a ticket, spooled on disk; `filename` is already sanitised."""
+
+    filename: str
+    path: Path
+    size: int
+    content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True)
+class TicketState:
+    """The workflow state of a ticket and the field values the status mapping reads."""
+
+    status: str
+    # new, indeterminate or done, as the ticket system classifies the status.
+    status_category: str
+    updated: datetime
+    # Field values by field id, for the fields named in the request.
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TicketQuery:
+    """Tickets that ask for a new MDR incident: by label, by issue type, or both."""
+
+    project: str
+    label: str | None = None
+    issue_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,8 +177,12 @@ class TicketAdapter(Protocol):
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         """Create a ticket carrying the correlation marker of `draft.incident_id`."""
 
-    async def update_ticket(self, ref: TicketRef, fields: TicketFields) -> None:
-        """Write the mapped fields of an existing ticket."""
+    async def update_ticket(self, ref: TicketRef, fields: TicketFields, skip: frozenset[str] = frozenset()) -> None:
+        """Write the mapped fields of an existing ticket, except those named in `skip`.
+
+        `skip` holds core names (summary, description, priority, labels,
+        components) and keys of `fields.extra` that the ticket owns after creation.
+        """
 
     async def list_comments(self, ref: TicketRef) -> list[TicketComment]:
         """Return every comment of a ticket, oldest first, across all pages."""
@@ -132,8 +197,45 @@ class TicketAdapter(Protocol):
         whose markers a person removed; other tickets may be included too.
         """
 
-    async def check(self, issue_type: str, priorities: Iterable[str]) -> list[str]:
-        """Return what would stop ticket creation: a missing project, issue type or priority."""
+    async def check(self, issue_type: str, priorities: Iterable[str], project: str | None = None) -> list[str]:
+        """Return what would stop ticket creation: a missing project, issue type or priority.
+
+        `project` defaults to the adapter's own project; routes name others.
+        """
 
     def search_delay_seconds(self) -> float:
         """Seconds after a write before `find_ticket` is sure to see it."""
+
+    async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
+        """Replace the body of a comment the connector wrote, keeping its marker."""
+
+    async def list_attachments(self, ref: TicketRef) -> list[TicketAttachment]:
+        """Return every attachment of a ticket."""
+
+    async def download_attachment(self, attachment: TicketAttachment, destination: Path) -> int:
+        """Stream an attachment into `destination` without holding it in memory; return the bytes written."""
+
+    async def upload_attachment(self, ref: TicketRef, upload: AttachmentUpload) -> TicketAttachment:
+        """Stream a spooled file to the ticket as an attachment."""
+
+    async def attachment_limit(self) -> int | None:
+        """The largest attachment the ticket system accepts, in bytes; None when attachments are off."""
+
+    async def get_state(self, ref: TicketRef, field_ids: Iterable[str] = ()) -> TicketState:
+        """Read the status of a ticket and the named field values."""
+
+    async def transition_to(self, ref: TicketRef, status: str) -> None:
+        """Move the ticket to the status named `status` by one available transition.
+
+        Raises RejectedError naming the statuses that can be reached when no
+        transition leads there; the engine never guesses a path.
+        """
+
+    async def find_tickets(self, query: TicketQuery, since: datetime) -> list[TicketRef]:
+        """Return tickets matching `query` created at or after `since`, oldest first."""
+
+    async def set_correlation(self, ref: TicketRef, incident_id: str) -> None:
+        """Stamp an existing ticket with the correlation marker of an MDR incident."""
+
+    async def account_groups(self, account_id: str) -> set[str]:
+        """Return the names of the groups an account belongs to, for the response allow-list."""

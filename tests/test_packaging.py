@@ -37,6 +37,7 @@ def test_wheel_ships_data_files(wheel: Path) -> None:
         "mdr_connector/migrations/env.py",
         "mdr_connector/migrations/script.py.mako",
         "mdr_connector/migrations/versions/0001_initial.py",
+        "mdr_connector/migrations/versions/0002_items_audit_assets.py",
         "mdr_connector/connector/locale/ru.po",
         "mdr_connector/adapters/mdr/simulator/state.py",
         "mdr_connector/adapters/jira/simulator.py",
