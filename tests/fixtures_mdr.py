@@ -5,27 +5,41 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.adapters.mdr.simulator import MdrSimulator, run_simulator
+from mdr_connector.adapters.mdr.simulator import MdrSimulator, encode_jwt, run_simulator
+from mdr_connector.adapters.mdr.tokens import TokenFileStore, TokenPair
 from mdr_connector.connector.config import MdrSettings
 
 MDR_CLIENT_ID = "f00dfeed0c144a4b9a3af6a6a6a6a6a6a6"
 MDR_CONNECTION_NAME = "SOC Jira sync"
 TOKEN_HELPER = Path(__file__).with_name("mdr_token_helper.py")
+# Nothing listens here: aioresponses returns the reply to every request in the mocked tests.
+MOCK_BASE = "http://127.0.0.1:9/api/v1"
+MOCK_PREFIX = f"{MOCK_BASE}/{MDR_CLIENT_ID}"
+SIGNING_KEY = b"k" * 32
+
+
+def make_jwt(lifetime: int, kind: str) -> str:
+    now = int(time.time())
+    return encode_jwt(
+        {"typ": kind, "iat": now, "exp": now + lifetime, "nonce": time.perf_counter_ns()}, SIGNING_KEY
+    )
 
 
 @pytest.fixture
-def mdr_sim() -> MdrSimulator:
-    """A simulator with one client whose API connection is MDR_CONNECTION_NAME."""
+def mdr_sim() -> Iterator[MdrSimulator]:
+    """A simulator with one client whose API connection is MDR_CONNECTION_NAME; its attachment files go at the end."""
     sim = MdrSimulator(seed=7)
     sim.create_client(MDR_CLIENT_ID, connection_name=MDR_CONNECTION_NAME)
-    return sim
+    yield sim
+    sim.close()
 
 
 @pytest.fixture
@@ -33,6 +47,19 @@ async def mdr_url(mdr_sim: MdrSimulator) -> AsyncIterator[str]:
     """The API base URL of `mdr_sim`, served on a free loopback port."""
     async with run_simulator(mdr_sim) as url:
         yield url
+
+
+@pytest.fixture
+async def mocked_client(tmp_path: Path) -> AsyncIterator[MdrClient]:
+    """A client of MOCK_BASE with a valid stored token pair, for aioresponses tests."""
+    token_dir = tmp_path / "tokens"
+    settings = MdrSettings(
+        base_url=MOCK_BASE, client_id=MDR_CLIENT_ID, connection_name=MDR_CONNECTION_NAME, token_dir=token_dir
+    )
+    pair = TokenPair.from_tokens(make_jwt(3600, "access"), make_jwt(7 * 86400, "refresh"), time.time())
+    TokenFileStore(token_dir, MDR_CLIENT_ID).save(pair)
+    async with MdrClient(settings) as client:
+        yield client
 
 
 @pytest.fixture

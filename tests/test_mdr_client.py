@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aioresponses import aioresponses
-from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME, MOCK_PREFIX, make_jwt
 from mdr_connector.adapters.mdr.client import MdrClient, parse_retry_after
-from mdr_connector.adapters.mdr.simulator import MdrSimulator, encode_jwt
+from mdr_connector.adapters.mdr.simulator import MdrSimulator
 from mdr_connector.adapters.mdr.tokens import TokenFileStore, TokenPair
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import (
@@ -30,32 +30,6 @@ from mdr_connector.connector.errors import (
     TokenExpiredError,
 )
 from mdr_connector.connector.http import create_session
-
-# Nothing listens here: aioresponses returns the reply to every request in the mocked tests.
-MOCK_BASE = "http://127.0.0.1:9/api/v1"
-MOCK_PREFIX = f"{MOCK_BASE}/{MDR_CLIENT_ID}"
-SIGNING_KEY = b"k" * 32
-
-
-def make_jwt(lifetime: int, kind: str) -> str:
-    now = int(time.time())
-    return encode_jwt(
-        {"typ": kind, "iat": now, "exp": now + lifetime, "nonce": time.perf_counter_ns()}, SIGNING_KEY
-    )
-
-
-@pytest.fixture
-async def mocked_client(tmp_path: Path):
-    """A client of MOCK_BASE with a valid stored token pair, for aioresponses tests."""
-    token_dir = tmp_path / "tokens"
-    settings = MdrSettings(
-        base_url=MOCK_BASE, client_id=MDR_CLIENT_ID, connection_name=MDR_CONNECTION_NAME, token_dir=token_dir
-    )
-    pair = TokenPair.from_tokens(make_jwt(3600, "access"), make_jwt(7 * 86400, "refresh"), time.time())
-    TokenFileStore(token_dir, MDR_CLIENT_ID).save(pair)
-    async with MdrClient(settings) as client:
-        yield client
-
 
 @dataclass(frozen=True)
 class Case:

@@ -10,6 +10,7 @@ so callers never see aiohttp exceptions:
     503 + Retry-After   RateLimitedError
     other 5xx           RemoteUnavailableError; OutcomeUnknownError for a write
     404                 RejectedError that names mdr.base_url and mdr.client_id to check
+    413                 RejectedError: the uploaded file is larger than MDR accepts
     3xx, other 4xx      RejectedError with the status (redirects are never followed)
     timeout, dropped    RemoteUnavailableError before the request was sent,
     connection          OutcomeUnknownError for a write that may have been sent
@@ -20,28 +21,46 @@ so callers never see aiohttp exceptions:
                         in IncidentPage.malformed and the rest of the page is kept
 
 The client does not retry anything else: the engine owns retries.
+
+Attachments move as streams in both directions, so a file is never held
+whole in memory: `download_attachment` writes the reply body to disk in
+chunks and `upload_attachment` sends the file from disk as multipart/form-data.
+A transfer has no total time limit, because its duration grows with the
+file. `timeout_seconds` bounds each wait for data instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import timezone
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 from mdr_connector.adapters.mdr.models import (
+    Asset,
+    Attachment,
     Comment,
+    HistoryEntry,
     Incident,
+    Response,
     describe_record,
+    parse_asset,
+    parse_attachment,
     parse_comment,
+    parse_history_entry,
     parse_incident,
+    parse_response,
 )
 from mdr_connector.adapters.mdr.tokens import TokenManager, expired_refresh_error
 from mdr_connector.connector.config import MdrSettings
@@ -54,7 +73,7 @@ from mdr_connector.connector.errors import (
     RemoteUnavailableError,
     TokenExpiredError,
 )
-from mdr_connector.connector.http import certificate_problem, create_session, post_options
+from mdr_connector.connector.http import CONNECT_TIMEOUT_SECONDS, certificate_problem, create_session, post_options
 from multidict import CIMultiDictProxy
 
 log = logging.getLogger(__name__)
@@ -62,6 +81,13 @@ log = logging.getLogger(__name__)
 CONFIRM_PATH = "session/confirm"
 AUTH_STATUSES = (401, 403)
 MAX_ERROR_TEXT = 200
+# An error reply is read only up to this size, because MDR's JSON errors are far smaller.
+MAX_ERROR_BODY_BYTES = 64 * 1024
+TRANSFER_CHUNK_BYTES = 256 * 1024
+RESPONSES_PAGE_SIZE = 100
+# The service caps deep paging at page * page_size <= 10 000 (INFERRED), so
+# more pages than this cannot be read at RESPONSES_PAGE_SIZE anyway.
+MAX_RESPONSE_PAGES = 10_000 // RESPONSES_PAGE_SIZE
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,22 @@ class CommentPage:
     """The comments of one incident: the valid ones, and the records that failed validation."""
 
     items: list[Comment] = field(default_factory=list)
+    malformed: list[MalformedRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttachmentPage:
+    """The attachments of one incident: the valid ones, and the records that failed validation."""
+
+    items: list[Attachment] = field(default_factory=list)
+    malformed: list[MalformedRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResponsePage:
+    """Every remediation response of one incident, all pages read: the valid ones and the malformed records."""
+
+    items: list[Response] = field(default_factory=list)
     malformed: list[MalformedRecord] = field(default_factory=list)
 
 
@@ -248,14 +290,244 @@ class MdrClient:
                 f"MDR comments/create for incident {incident_id} returned a malformed comment: {err}"
             ) from err
 
+    async def delete_comment(self, comment_id: str) -> None:
+        """Delete a comment that this connection wrote.
+
+        Raises OutcomeUnknownError when no usable reply came back: list the
+        comments to learn whether it is gone before sending the delete again.
+        """
+        # NOTE: the reply body of comments/delete is INFERRED, so nothing is read from it.
+        await self._call("comments/delete", {"comment_id": comment_id}, write=True, empty_reply_ok=True)
+
+    # --- attachments ---
+
+    async def list_attachments(self, incident_id: str) -> AttachmentPage:
+        """Read the attachments of an incident, putting a malformed record in `malformed` instead of failing the rest."""
+        raw = await self._call_array("attachments/list", {"incident_id": incident_id})
+        return parse_attachment_page(raw, incident_id)
+
+    async def download_attachment(
+        self, attachment: Attachment, destination: Path, *, max_bytes: int | None = None
+    ) -> int:
+        """Stream an attachment's bytes into `destination` and return how many were written.
+
+        The body is written in chunks to a temporary file in the folder of
+        `destination` and renamed over it only when exactly `file_size` bytes
+        arrived. On any failure, cancellation included, the temporary file is
+        removed and `destination` stays as it was. The listed `file_size`
+        bounds the download even when `max_bytes` is None, because a longer
+        body is rejected as soon as it passes that size.
+
+        Raises InvalidPayloadError when `file_size` is above `max_bytes`
+        (before any request), when MDR announces or sends more bytes than
+        `file_size`, and RemoteUnavailableError, which is retriable, when the
+        body ends before `file_size` or its Content-Length.
+        """
+        path = "attachments/download"
+        attachment_id = attachment.attachment_id
+        expected = attachment.file_size
+        if max_bytes is not None and expected > max_bytes:
+            raise InvalidPayloadError(
+                f"MDR attachment {attachment_id} ({attachment.full_name!r}) has {expected} bytes, "
+                f"more than the limit of {max_bytes} bytes; raise the limit to copy it"
+            )
+
+        # The request goes to the configured base URL by the attachment id; the
+        # record's `link` is never followed, so no other origin is contacted.
+        request = {"json": {"attachment_id": attachment_id}, "headers": {"Accept": "*/*"}}
+        async with self._exchange(path, lambda: request, write=False, timeout=self._transfer_timeout()) as response:
+            if response.status != 200:
+                await raise_for_response(path, response, write=False)
+            announced = response.content_length
+            if announced is not None and announced > expected:
+                raise InvalidPayloadError(
+                    f"MDR {path} announced {announced} bytes for attachment {attachment_id}, "
+                    f"which is listed with file_size {expected}"
+                )
+            written = await write_body_to_file(response, destination, attachment_id, expected)
+
+        log.debug(
+            "mdr.attachment.downloaded",
+            extra={"attachment_id": attachment_id, "bytes": written, "client_id": self.settings.client_id},
+        )
+        return written
+
+    async def upload_attachment(self, incident_id: str, path: Path, filename: str, caption: str = "") -> Attachment:
+        """Upload the file at `path` to an incident as `filename`, streamed from disk.
+
+        The request is multipart/form-data with a `file` part and a `meta`
+        field holding `{"incident_id": ..., "caption": ...}` as a JSON string.
+        Raises RejectedError for HTTP 413 (the file is larger than MDR
+        accepts), and OutcomeUnknownError when the upload may have landed but
+        no usable reply came back: look the attachment up by name and size
+        before sending it again.
+        """
+        meta = json.dumps({"incident_id": incident_id, "caption": caption})
+        with contextlib.ExitStack() as open_files:
+
+            def build_request() -> dict[str, Any]:
+                # A retry after a refused token sends the file again, so each
+                # attempt reads it from the start through a handle of its own.
+                handle = open_files.enter_context(path.open("rb"))
+                return {"data": multipart_upload(handle, filename, meta)}
+
+            reply = await self._request(
+                "attachments/upload", build_request, write=True, timeout=self._transfer_timeout()
+            )
+
+        if reply.status != 200:
+            raise_for_status("attachments/upload", reply, write=True, include_message=True)
+        raw = decode_json("attachments/upload", reply, write=True)
+        # NOTE: that attachments/upload replies with the new attachment is INFERRED.
+        try:
+            return parse_attachment(raw, incident_id)
+        except InvalidPayloadError as err:
+            raise OutcomeUnknownError(
+                f"MDR attachments/upload for incident {incident_id} returned a malformed attachment: {err}"
+            ) from err
+
+    # --- responses ---
+
+    async def list_responses(self, incident_id: str) -> ResponsePage:
+        """Read every remediation response of an incident, page by page until a short page."""
+        items: list[Response] = []
+        malformed: list[MalformedRecord] = []
+        seen: set[str] = set()
+        for page in range(1, MAX_RESPONSE_PAGES + 1):
+            body = {"incident_id": incident_id, "page": page, "page_size": RESPONSES_PAGE_SIZE}
+            raw = await self._call_array("responses/list", body)
+            batch = parse_response_page(raw, incident_id)
+            new_items = [response for response in batch.items if response.response_id not in seen]
+            if batch.items and not new_items:
+                # A page of nothing but known responses means the service
+                # ignores `page`, so further pages would repeat the first.
+                log.warning(
+                    "mdr.responses.paging_ignored",
+                    extra={"incident_id": incident_id, "page": page, "client_id": self.settings.client_id},
+                )
+                break
+            items.extend(new_items)
+            seen.update(response.response_id for response in new_items)
+            malformed.extend(batch.malformed)
+            if len(raw) < RESPONSES_PAGE_SIZE:
+                break
+        else:
+            log.warning(
+                "mdr.responses.truncated",
+                extra={"incident_id": incident_id, "read": len(items), "client_id": self.settings.client_id},
+            )
+        return ResponsePage(items, malformed)
+
+    async def update_response(self, response_id: str, status: str, comment: str) -> None:
+        """Confirm or decline one response through `response/update`, with `status` `Confirmed` or `Declined`.
+
+        Raises OutcomeUnknownError when no usable reply came back: read the
+        response's status before sending the decision again.
+        """
+        body = {"response_id": response_id, "status": status, "comment": comment}
+        # NOTE: the reply body of response/update is INFERRED, so nothing is read from it.
+        await self._call("response/update", body, write=True, empty_reply_ok=True)
+
+    async def update_responses(self, response_ids: Iterable[str], status: str, comment: str) -> None:
+        """Confirm or decline several responses in one `responses/update` call; no ids means no call."""
+        ids = list(response_ids)
+        if not ids:
+            return
+        body = {"responses_ids": ids, "status": status, "comment": comment}
+        # NOTE: the reply body of responses/update is INFERRED, so nothing is read from it.
+        await self._call("responses/update", body, write=True, empty_reply_ok=True)
+
+    # --- assets ---
+
+    async def get_asset(self, asset_id: str) -> Asset:
+        """Read one asset through `assets/details`, raising InvalidPayloadError when the record is malformed."""
+        raw = await self._call("assets/details", {"asset_id": asset_id})
+        return parse_asset(raw, asset_id)
+
+    # --- history ---
+
+    async def list_history(
+        self,
+        *,
+        min_record_time: int,
+        max_record_time: int | None = None,
+        incident_id: str | None = None,
+        page: int = 1,
+        entity_type_page_size: int = 100,
+    ) -> list[HistoryEntry]:
+        """Read one page of `incidents/history`, oldest record first, between inclusive times in epoch ms.
+
+        MDR pages each entity type separately: page N holds up to
+        `entity_type_page_size` records of every type, so a type has more
+        pages only while it fills its share. One malformed record fails the
+        whole page with InvalidPayloadError, because leaving it out would make
+        its type look exhausted and end the paging early.
+        """
+        body: dict[str, Any] = {
+            "min_record_time": min_record_time,
+            "page": page,
+            "entity_type_page_size": entity_type_page_size,
+        }
+        if max_record_time is not None:
+            body["max_record_time"] = max_record_time
+        if incident_id:
+            body["incident_id"] = incident_id
+
+        raw = await self._call_array("incidents/history", body)
+        entries = []
+        for record in raw:
+            try:
+                entries.append(parse_history_entry(record, incident_id))
+            except InvalidPayloadError as err:
+                raise InvalidPayloadError(f"MDR incidents/history page {page}: {err}") from err
+        return entries
+
+    # --- incident writes ---
+
+    async def close_incident(self, incident_id: str, resolution_status: str, summary: str) -> None:
+        """Close an incident with `TRUE_POSITIVE` or `FALSE_POSITIVE` and a closing summary.
+
+        Raises OutcomeUnknownError when no usable reply came back: read the
+        incident's status before closing it again.
+        """
+        body = {"incident_id": incident_id, "resolution_status": resolution_status, "summary": summary}
+        # NOTE: the reply body of incidents/close is INFERRED, so nothing is read from it.
+        await self._call("incidents/close", body, write=True, empty_reply_ok=True)
+
+    async def create_incident(
+        self,
+        *,
+        summary: str,
+        client_description: str,
+        affected_hosts: Iterable[str],
+        priority: str,
+        tenant_id: str = "",
+    ) -> Incident:
+        """Create a customer incident on `affected_hosts`, given as `HOSTNAME:asset_id` items.
+
+        Raises OutcomeUnknownError when the incident may have been created but
+        no usable reply came back: look it up before creating it again.
+        """
+        body: dict[str, Any] = {
+            "summary": summary,
+            "client_description": client_description,
+            "affected_hosts": list(affected_hosts),
+            "priority": priority,
+        }
+        if tenant_id:
+            body["tenant_id"] = tenant_id
+        raw = await self._call("incidents/create", body, write=True)
+        try:
+            return parse_incident(raw)
+        except InvalidPayloadError as err:
+            raise OutcomeUnknownError(f"MDR incidents/create returned a malformed incident: {err}") from err
+
     # --- token exchange ---
 
     async def confirm_session(self, refresh_token: str) -> tuple[str, str]:
         """Call `session/confirm` (no Authorization header) and return (access_token, refresh_token)."""
-        try:
-            reply = await self._post(CONFIRM_PATH, {"refresh_token": refresh_token}, access_token=None)
-        except (aiohttp.ClientError, TimeoutError) as err:
-            raise RemoteUnavailableError(f"MDR {CONFIRM_PATH} failed: {describe_error(err)}") from err
+        async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=False) as response:
+            reply = _Reply(response.status, response.headers, await response.read())
 
         if reply.status in (400, 401, 403):
             if not is_json_or_empty(reply.body):
@@ -287,69 +559,189 @@ class MdrClient:
             raise RemoteUnavailableError(f"MDR {path} returned {type(raw).__name__}, expected an array")
         return raw
 
-    async def _call(self, path: str, body: dict[str, Any], *, write: bool = False) -> Any:
-        """POST `body` with a Bearer token, refreshing once after 401/403, and decode the JSON reply."""
-        access_token = await self.tokens.access_token()
-        reply = await self._send(path, body, access_token, write=write)
-
-        if reply.status in AUTH_STATUSES:
-            log.info(
-                "mdr.request.token_rejected",
-                extra={
-                    "mdr_connection_name": self.settings.connection_name,
-                    "client_id": self.settings.client_id,
-                    "path": path,
-                    "status": reply.status,
-                },
-            )
-            access_token = await self.tokens.refresh_after_rejection(access_token)
-            reply = await self._send(path, body, access_token, write=write)
-            if reply.status in AUTH_STATUSES:
-                raise CredentialsRejectedError(
-                    f"MDR rejected a fresh access token for {path} of client {self.settings.client_id} "
-                    f"with HTTP {reply.status}: check the connection's access rights in the MDR console"
-                )
-
+    async def _call(
+        self, path: str, body: dict[str, Any], *, write: bool = False, empty_reply_ok: bool = False
+    ) -> Any:
+        """POST `body` as JSON and decode the JSON reply, or return None for an empty 200 body when `empty_reply_ok`."""
+        reply = await self._request(path, lambda: {"json": body}, write=write)
         if reply.status != 200:
             raise_for_status(path, reply, write=write, include_message=True)
+        if empty_reply_ok and not reply.body.strip():
+            return None
         return decode_json(path, reply, write=write)
 
-    async def _send(self, path: str, body: dict[str, Any], access_token: str, *, write: bool) -> _Reply:
-        try:
-            return await self._post(path, body, access_token=access_token)
-        except aiohttp.ClientConnectorError as err:
-            raise RemoteUnavailableError(f"MDR {path}: cannot connect: {describe_error(err)}") from err
-        except aiohttp.ConnectionTimeoutError as err:
-            raise RemoteUnavailableError(f"MDR {path}: connecting timed out") from err
-        except (aiohttp.ClientError, TimeoutError) as err:
-            # The request may have reached MDR before the failure.
-            if write:
-                raise OutcomeUnknownError(
-                    f"MDR {path}: no reply, the write may have been applied: {describe_error(err)}"
-                ) from err
-            raise RemoteUnavailableError(f"MDR {path} failed: {describe_error(err)}") from err
+    async def _request(
+        self,
+        path: str,
+        build_request: Callable[[], dict[str, Any]],
+        *,
+        write: bool,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> _Reply:
+        """Send one authorised request and read the whole reply, whatever its status."""
+        async with self._exchange(path, build_request, write=write, timeout=timeout) as response:
+            data = await response.read()
+            log.debug("mdr.request", extra={"path": path, "status": response.status, "bytes": len(data)})
+            return _Reply(response.status, response.headers, data)
 
-    async def _post(self, path: str, body: dict[str, Any], *, access_token: str | None) -> _Reply:
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self,
+        path: str,
+        build_request: Callable[[], dict[str, Any]],
+        *,
+        write: bool,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send a request with a Bearer token and yield the response before its body is read.
+
+        After a 401 or 403 the token is refreshed once, and `build_request`
+        builds the request again for the second attempt. A second refusal
+        raises CredentialsRejectedError. aiohttp errors become connector
+        errors, also those raised while the caller reads the body.
+        """
+        access_token = await self.tokens.access_token()
+        async with self._open(path, build_request(), access_token, write=write, timeout=timeout) as response:
+            if response.status not in AUTH_STATUSES:
+                yield response
+                return
+            rejected_status = response.status
+
+        log.info(
+            "mdr.request.token_rejected",
+            extra={
+                "mdr_connection_name": self.settings.connection_name,
+                "client_id": self.settings.client_id,
+                "path": path,
+                "status": rejected_status,
+            },
+        )
+        access_token = await self.tokens.refresh_after_rejection(access_token)
+        async with self._open(path, build_request(), access_token, write=write, timeout=timeout) as response:
+            if response.status in AUTH_STATUSES:
+                raise CredentialsRejectedError(
+                    f"MDR rejected a fresh access token for {path} of client {self.settings.client_id} "
+                    f"with HTTP {response.status}: check the connection's access rights in the MDR console"
+                )
+            yield response
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self,
+        path: str,
+        request: dict[str, Any],
+        access_token: str | None,
+        *,
+        write: bool,
+        timeout: aiohttp.ClientTimeout | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST to one MDR method and yield the unread response; `request` contains `json` or `data`, and `headers` to add."""
         if self._session is None:
             raise RuntimeError("MdrClient is not open: use `async with MdrClient(settings) as client`")
 
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", **request.get("headers", {})}
         if access_token is not None:
             headers["Authorization"] = f"Bearer {access_token}"
+        options = {key: value for key, value in request.items() if key != "headers"}
+        if timeout is not None:
+            options["timeout"] = timeout
 
         async with self._limit:
-            try:
+            with transport_errors(path, write=write):
                 async with self._session.post(
-                    f"{self._base}/{path}", json=body, headers=headers, **post_options()
+                    f"{self._base}/{path}", headers=headers, **options, **post_options()
                 ) as response:
-                    data = await response.read()
-                    log.debug("mdr.request", extra={"path": path, "status": response.status, "bytes": len(data)})
-                    return _Reply(response.status, response.headers, data)
-            except aiohttp.ClientConnectorCertificateError as err:
-                # The handshake failed, so the request was not sent, write or not.
+                    yield response
+
+    def _transfer_timeout(self) -> aiohttp.ClientTimeout:
+        """Bound a file transfer by each wait for data, not by its total time, which grows with the file."""
+        seconds = self.settings.timeout_seconds
+        return aiohttp.ClientTimeout(
+            total=None, sock_connect=min(CONNECT_TIMEOUT_SECONDS, seconds), sock_read=seconds
+        )
+
+
+@contextlib.contextmanager
+def transport_errors(path: str, *, write: bool) -> Iterator[None]:
+    """Turn aiohttp and timeout errors of one MDR request into the connector's errors."""
+    try:
+        yield
+    except aiohttp.ClientConnectorCertificateError as err:
+        # The handshake failed, so the request was not sent, write or not.
+        raise RemoteUnavailableError(
+            f"MDR {path} failed: {certificate_problem(err.host, err.certificate_error)}"
+        ) from err
+    except aiohttp.ClientConnectorError as err:
+        raise RemoteUnavailableError(f"MDR {path}: cannot connect: {describe_error(err)}") from err
+    except aiohttp.ConnectionTimeoutError as err:
+        raise RemoteUnavailableError(f"MDR {path}: connecting timed out") from err
+    except (aiohttp.ClientError, TimeoutError) as err:
+        # The request may have reached MDR before the failure.
+        if write:
+            raise OutcomeUnknownError(
+                f"MDR {path}: no reply, the write may have been applied: {describe_error(err)}"
+            ) from err
+        raise RemoteUnavailableError(f"MDR {path} failed: {describe_error(err)}") from err
+
+
+def multipart_upload(handle: IO[bytes], filename: str, meta: str) -> aiohttp.MultipartWriter:
+    """Build the attachments/upload body: a `meta` field with the JSON string, then the `file` part read from `handle`.
+
+    The file name is sent as UTF-8 in the quoted `filename` parameter, as
+    browsers and Python's requests do, with `"`, CR and LF percent-encoded
+    so the name cannot end the header early.
+    """
+    writer = aiohttp.MultipartWriter("form-data")
+
+    meta_part = aiohttp.payload.StringPayload(meta)
+    meta_part.headers[aiohttp.hdrs.CONTENT_DISPOSITION] = 'form-data; name="meta"'
+    writer.append_payload(meta_part)
+
+    file_part = aiohttp.payload.get_payload(handle, content_type="application/octet-stream")
+    quoted = filename.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+    file_part.headers[aiohttp.hdrs.CONTENT_DISPOSITION] = f'form-data; name="file"; filename="{quoted}"'
+    writer.append_payload(file_part)
+    return writer
+
+
+async def write_body_to_file(
+    response: aiohttp.ClientResponse, destination: Path, attachment_id: str, expected: int
+) -> int:
+    """Copy a download body to a temporary file beside `destination`, rename it, and return the byte count.
+
+    The temporary file is removed on any failure. A body that passes
+    `expected` bytes stops at once with InvalidPayloadError, and one that
+    ends short raises RemoteUnavailableError.
+    """
+    descriptor, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=".mdr-download-", suffix=".part")
+    temporary = Path(temporary_name)
+    written = 0
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            try:
+                async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > expected:
+                        raise InvalidPayloadError(
+                            f"MDR attachments/download sent more than the {expected} bytes listed as file_size "
+                            f"of attachment {attachment_id}"
+                        )
+                    await asyncio.to_thread(handle.write, chunk)
+            except aiohttp.ClientPayloadError as err:
                 raise RemoteUnavailableError(
-                    f"MDR {path} failed: {certificate_problem(err.host, err.certificate_error)}"
+                    f"MDR attachments/download of attachment {attachment_id} broke off after {written} of "
+                    f"{expected} bytes: {describe_error(err)}"
                 ) from err
+        if written < expected:
+            raise RemoteUnavailableError(
+                f"MDR attachments/download of attachment {attachment_id} ended after {written} of "
+                f"{expected} bytes listed as file_size"
+            )
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return written
 
 
 def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
@@ -362,6 +754,30 @@ def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
             record_id, _ = describe_record(record, "comment_id")
             malformed.append(MalformedRecord(record_id, None, str(err)))
     return CommentPage(items, malformed)
+
+
+def parse_attachment_page(raw: list[Any], incident_id: str) -> AttachmentPage:
+    items: list[Attachment] = []
+    malformed: list[MalformedRecord] = []
+    for record in raw:
+        try:
+            items.append(parse_attachment(record, incident_id))
+        except InvalidPayloadError as err:
+            record_id, _ = describe_record(record, "attachment_id")
+            malformed.append(MalformedRecord(record_id, None, str(err)))
+    return AttachmentPage(items, malformed)
+
+
+def parse_response_page(raw: list[Any], incident_id: str) -> ResponsePage:
+    items: list[Response] = []
+    malformed: list[MalformedRecord] = []
+    for record in raw:
+        try:
+            items.append(parse_response(record, incident_id))
+        except InvalidPayloadError as err:
+            record_id, update_time = describe_record(record, "response_id")
+            malformed.append(MalformedRecord(record_id, update_time, str(err)))
+    return ResponsePage(items, malformed)
 
 
 def is_json_or_empty(body: bytes) -> bool:
@@ -409,12 +825,28 @@ def raise_for_status(path: str, reply: _Reply, *, write: bool, include_message: 
             "a wrong mdr.base_url or mdr.client_id also gives 404, so check both",
             status,
         )
+    if status == 413:
+        raise RejectedError(
+            f"MDR {path} rejected the request as too large (HTTP 413){suffix}; "
+            "a file of this size cannot be attached to an MDR incident",
+            status,
+        )
     if 300 <= status < 400:
         raise RejectedError(
             f"MDR {path} returned a redirect (HTTP {status}), which is not followed: check mdr.base_url",
             status,
         )
     raise RejectedError(f"MDR {path} rejected the request with HTTP {status}{suffix}", status)
+
+
+async def raise_for_response(path: str, response: aiohttp.ClientResponse, *, write: bool) -> None:
+    """Raise the error for a non-200 streamed reply, reading at most MAX_ERROR_BODY_BYTES of its body."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
+        body.extend(chunk[: MAX_ERROR_BODY_BYTES - len(body)])
+        if len(body) >= MAX_ERROR_BODY_BYTES:
+            break
+    raise_for_status(path, _Reply(response.status, response.headers, bytes(body)), write=write, include_message=True)
 
 
 def decode_json(path: str, reply: _Reply, *, write: bool) -> Any:

@@ -38,26 +38,77 @@ class Comment(MdrRecord):
 
 
 class Attachment(MdrRecord):
-    attachment_id: StrictStr
+    attachment_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    full_name: StrictStr
+    # Bytes. The client treats it as the exact size of the download.
+    file_size: Annotated[StrictInt, Field(ge=0)]
     author_name: str = ""
     caption: str = ""
-    creation_time: int = 0
-    file_size: int = 0
-    full_name: str = ""
+    creation_time: EpochMs = 0
     link: str = ""
+    origin: str = ""
 
 
 class Response(MdrRecord):
-    response_id: StrictStr
+    response_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    status: StrictStr
     type: str = ""
-    status: str = ""
     asset_id: str = ""
     description: str = ""
     comment: str = ""
     parameters: dict[str, Any] | None = None
     details: dict[str, Any] | None = None
-    creation_time: int = 0
-    update_time: int = 0
+    creation_time: EpochMs = 0
+    update_time: EpochMs = 0
+
+
+class NetworkInterface(MdrRecord):
+    """One network interface of an asset, whose values are all strings on the wire."""
+
+    ip: str = ""
+    mac: str = ""
+    # Probably the adapter description, default gateway, DNS domain and
+    # address with mask. The meanings of these keys are INFERRED.
+    dsc: str = ""
+    defg: str = ""
+    dnsd: str = ""
+    ipcm: str = ""
+
+
+class Asset(MdrRecord):
+    asset_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    host_name: str = ""
+    domain: str = ""
+    os_version: str = ""
+    installed_product_info: str = ""
+    status: str = ""
+    isolation: bool = False
+    last_seen: EpochMs | None = None
+    first_seen: EpochMs | None = None
+    tenant_name: str = ""
+    network_interfaces: list[NetworkInterface] = Field(default_factory=list)
+
+    def ip_addresses(self) -> list[str]:
+        """Return every IP address of the asset, splitting an interface `ip` that joins several with `|`."""
+        return [ip for interface in self.network_interfaces for ip in interface.ip.split("|") if ip]
+
+
+HISTORY_ENTITY_TYPES = ("incident_details", "incident_comment", "incident_attachment", "incident_response")
+
+
+class HistoryEntry(MdrRecord):
+    """One `incidents/history` record: which object of which incident changed, and when."""
+
+    changed_at: EpochMs
+    changed_by: str = ""
+    operation: str = ""
+    # The key under the wire record's `entity`, so far one of
+    # HISTORY_ENTITY_TYPES. A new type is passed on, not rejected.
+    entity_type: StrictStr = Field(min_length=1)
+    # Empty when neither the request, the record nor the changed object names the incident.
+    incident_id: str
+    # The object after the change, as MDR returned it.
+    entity: dict[str, Any] = Field(default_factory=dict)
 
 
 class Incident(MdrRecord):
@@ -130,3 +181,84 @@ def parse_comment(raw: Any, incident_id: str) -> Comment:
             f"MDR comment {comment_id or '<without comment_id>'} of incident {incident_id} "
             f"is malformed: {err.errors()[0]['msg']} at {err.errors()[0]['loc']}"
         ) from err
+
+
+def describe_problems(err: ValidationError) -> str:
+    """Join the failed fields of a validation error as `field: message; ...`."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}" for error in err.errors()
+    )
+
+
+def parse_attachment(raw: Any, incident_id: str) -> Attachment:
+    """Validate one raw attachment of an incident."""
+    try:
+        return Attachment.model_validate(raw)
+    except ValidationError as err:
+        attachment_id, _ = describe_record(raw, "attachment_id")
+        raise InvalidPayloadError(
+            f"MDR attachment {attachment_id or '<without attachment_id>'} of incident {incident_id} "
+            f"is malformed: {describe_problems(err)}"
+        ) from err
+
+
+def parse_response(raw: Any, incident_id: str) -> Response:
+    """Validate one raw remediation response of an incident."""
+    try:
+        return Response.model_validate(raw)
+    except ValidationError as err:
+        response_id, _ = describe_record(raw, "response_id")
+        raise InvalidPayloadError(
+            f"MDR response {response_id or '<without response_id>'} of incident {incident_id} "
+            f"is malformed: {describe_problems(err)}"
+        ) from err
+
+
+def parse_asset(raw: Any, asset_id: str) -> Asset:
+    """Validate the `assets/details` record of `asset_id`, treating a record of another asset as malformed."""
+    try:
+        asset = Asset.model_validate(raw)
+    except ValidationError as err:
+        raise InvalidPayloadError(f"MDR asset {asset_id} is malformed: {describe_problems(err)}") from err
+    if asset.asset_id != asset_id:
+        raise InvalidPayloadError(f"MDR returned asset {asset.asset_id} when asked for asset {asset_id}")
+    return asset
+
+
+def parse_history_entry(raw: Any, requested_incident_id: str | None = None) -> HistoryEntry:
+    """Validate one `incidents/history` record and flatten its `entity` wrapper.
+
+    The wire record is `{"changed_at", "changed_by", "operation", "entity":
+    {<entity type>: <object>}}`. The incident comes from the request's
+    `incident_id` when there was one, else from the record, else from the
+    changed object.
+    """
+    changed_at = raw.get("changed_at") if isinstance(raw, dict) else None
+    label = f"MDR history record changed at {changed_at}" if changed_at is not None else "MDR history record"
+    wrapper = raw.get("entity") if isinstance(raw, dict) else None
+    if not isinstance(wrapper, dict) or len(wrapper) != 1:
+        raise InvalidPayloadError(f"{label} is malformed: entity must be an object with exactly one key")
+    [(entity_type, entity)] = wrapper.items()
+    if not isinstance(entity, dict):
+        raise InvalidPayloadError(f"{label} is malformed: entity.{entity_type} must be an object")
+
+    # NOTE: a top-level `incident_id` in history records is INFERRED, because
+    # no public sample shows one. incident_details objects always carry it.
+    # The other types may not, which leaves incident_id empty.
+    incident_id = requested_incident_id or raw.get("incident_id") or entity.get("incident_id") or ""
+    if not isinstance(incident_id, str):
+        incident_id = ""
+    try:
+        return HistoryEntry.model_validate(
+            {
+                "changed_at": changed_at,
+                "changed_by": raw.get("changed_by") or "",
+                "operation": raw.get("operation") or "",
+                "entity_type": entity_type,
+                "incident_id": incident_id,
+                "entity": entity,
+            }
+        )
+    except ValidationError as err:
+        subject = f" of incident {incident_id}" if incident_id else ""
+        raise InvalidPayloadError(f"{label}{subject} is malformed: {describe_problems(err)}") from err

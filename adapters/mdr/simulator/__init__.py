@@ -1,4 +1,7 @@
-"""An in-memory Kaspersky MDR API server for tests, the demo and `mdr-connector simulate mdr`.
+"""A Kaspersky MDR API server for tests, the demo and `mdr-connector simulate mdr`.
+
+It keeps its state in memory, except attachment contents, which are files
+in a temporary folder that `MdrSimulator.close()` removes.
 
 It speaks the wire protocol of the real API, quirks included:
 
@@ -19,8 +22,8 @@ plus an offset that `advance()` moves forward; token expiry and every
 timestamp come from it.
 
 Modules: `protocol` (wire constants, JWTs, request parameters), `state`
-(`MdrSimulator`), `handlers` (one function per API method), `app` (the
-HTTP app, control routes and `serve`) and `demo_data`.
+(`MdrSimulator`), `blobs` (attachment files), `handlers` (one function per
+API method), `app` (the HTTP app, control routes and `serve`) and `demo_data`.
 """
 
 from mdr_connector.adapters.mdr.simulator.app import SIM_KEY, main, make_app, run_simulator, serve

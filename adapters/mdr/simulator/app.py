@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
+import hashlib
+import inspect
 import json
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from mdr_connector.adapters.loopback import serve_on_loopback
-
+from mdr_connector.adapters.mdr.simulator.blobs import write_filler
 from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
 from mdr_connector.adapters.mdr.simulator.protocol import API_PREFIX, CONTROL_PREFIX, Params, SimError
 from mdr_connector.adapters.mdr.simulator.state import MdrSimulator
@@ -54,20 +59,31 @@ def dumps_utf8_or_ascii(data: Any) -> str:
 async def wire_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Count API calls and add the configured latency.
+    """Count API calls, add the configured latency, and drop the replies that `drop_reply_after_commit` names.
 
-    Fault injection (429, 5xx, dropped connections) belongs here, before the
-    handler runs or after it has produced its reply.
+    NOTE: only "apply, then drop the connection" exists as a fault so far;
+    429 with Retry-After and 5xx replies belong here too.
     """
     sim = request.app[SIM_KEY]
-    if request.path.startswith(API_PREFIX + "/"):
-        method = request.match_info.get("method", request.path)
-        sim.call_counts[method] += 1
-        if sim.request_hook is not None:
-            sim.request_hook(method, request)
-        if sim.settings.latency_seconds > 0:
-            await asyncio.sleep(sim.settings.latency_seconds)
-    return await handler(request)
+    if not request.path.startswith(API_PREFIX + "/"):
+        return await handler(request)
+
+    method = request.match_info.get("method", request.path)
+    sim.call_counts[method] += 1
+    if sim.request_hook is not None:
+        sim.request_hook(method, request)
+    if sim.settings.latency_seconds > 0:
+        await asyncio.sleep(sim.settings.latency_seconds)
+
+    response = await handler(request)
+    # A streamed reply is already on the wire, so only a whole reply can be dropped.
+    droppable = isinstance(response, web.Response) and response.status < 400 and request.transport is not None
+    if droppable and sim.drop_rules[method] > 0:
+        sim.drop_rules[method] -= 1
+        log.info("mdr_sim.reply.dropped", extra={"method": method})
+        assert request.transport is not None
+        request.transport.close()
+    return response
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
@@ -93,6 +109,8 @@ async def dispatch(
         raise SimError(404, f"unknown method {method}")
 
     connection = sim.authenticate(client_id, request.headers.get("Authorization"))
+    # Responses time out on the simulator clock, so each call first declines those past their timeout.
+    sim.expire_responses()
     body = {} if method == "attachments/upload" else parse_json_object(await request.read())
     result = await api_method(sim, connection, body, request)
     if isinstance(result, web.StreamResponse):
@@ -123,20 +141,40 @@ def control_routes() -> list[web.RouteDef]:
         web.post(
             f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/comments", control_add_comment
         ),
+        web.get(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/attachments", control_attachments
+        ),
+        web.post(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/attachments",
+            control_add_attachment,
+        ),
+        web.get(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/responses", control_responses
+        ),
+        web.post(
+            f"{CONTROL_PREFIX}/clients/{{client_id}}/incidents/{{incident_id}}/responses", control_add_response
+        ),
+        web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/assets", control_add_asset),
+        web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/tenants", control_add_tenant),
+        web.get(f"{CONTROL_PREFIX}/clients/{{client_id}}/history", control_history),
+        web.post(f"{CONTROL_PREFIX}/faults/drop-reply", control_drop_reply),
     ]
 
 
 def control_handler(
     function: Callable[[MdrSimulator, web.Request, dict[str, Any]], Any],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """Wrap a control function: parse the JSON body, turn KeyError and ValueError into 404 and 400."""
+    """Wrap a control function, plain or async: parse the JSON body, turn KeyError and ValueError into 404 and 400."""
 
     @functools.wraps(function)
     async def handler(request: web.Request) -> web.Response:
         sim = request.app[SIM_KEY]
         try:
             body = parse_json_object(await request.read()) if request.can_read_body else {}
-            return web.json_response(function(sim, request, body))
+            result = function(sim, request, body)
+            if inspect.isawaitable(result):
+                result = await result
+            return web.json_response(result, dumps=dumps_utf8_or_ascii)
         except SimError as err:
             return error_response(err.status, err.message)
         except KeyError as err:
@@ -223,6 +261,117 @@ def control_add_comment(sim: MdrSimulator, request: web.Request, body: dict[str,
     )
 
 
+@control_handler
+async def control_attachments(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    attachments = sim.attachments(request.match_info["client_id"], request.match_info["incident_id"])
+    checksum = request.query.get("checksum")
+    if checksum not in (None, "sha256"):
+        raise ValueError(f"checksum must be sha256, got {checksum!r}")
+    if checksum:
+        for attachment in attachments:
+            attachment["sha256"] = await asyncio.to_thread(file_sha256, sim.blobs.path(attachment["attachment_id"]))
+    return attachments
+
+
+@control_handler
+async def control_add_attachment(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    client_id, incident_id = request.match_info["client_id"], request.match_info["incident_id"]
+    full_name = body.get("full_name")
+    if not isinstance(full_name, str) or not full_name:
+        raise ValueError("full_name is required: the attachment's file name")
+    content_keys = [key for key in ("text", "content_base64", "size") if key in body]
+    if len(content_keys) != 1:
+        raise ValueError("give exactly one of text, content_base64 or size (bytes of generated filler)")
+    options = {key: body[key] for key in ("caption", "author", "origin") if key in body}
+    for key, value in options.items():
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string")
+    sim.incident(client_id, incident_id)
+
+    # The bytes are written in a thread, so a large file does not stall the
+    # server. The record is added on the event loop like every other change.
+    path = sim.blobs.new_temporary()
+    try:
+        await asyncio.to_thread(write_attachment_source, path, content_keys[0], body[content_keys[0]])
+        return sim.add_attachment(client_id, incident_id, full_name, source=path, **options)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def write_attachment_source(path: Path, kind: str, value: Any) -> None:
+    """Write the bytes of a control-API attachment: UTF-8 text, base64 content, or a size of filler."""
+    if kind == "size":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"size must be an integer of 0 or more bytes, got {json.dumps(value)[:80]}")
+        write_filler(path, value)
+    elif kind == "text":
+        if not isinstance(value, str):
+            raise ValueError("text must be a string")
+        path.write_bytes(value.encode("utf-8"))
+    else:
+        if not isinstance(value, str):
+            raise ValueError("content_base64 must be a string")
+        try:
+            path.write_bytes(base64.b64decode(value, validate=True))
+        except binascii.Error as err:
+            raise ValueError(f"content_base64 is not valid base64: {err}") from err
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@control_handler
+def control_responses(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.responses(request.match_info["client_id"], request.match_info["incident_id"])
+
+
+@control_handler
+def control_add_response(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.add_response(request.match_info["client_id"], request.match_info["incident_id"], **body)
+
+
+@control_handler
+def control_add_asset(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    fields = dict(body)
+    host_name = fields.pop("host_name", None)
+    if not isinstance(host_name, str) or not host_name:
+        raise ValueError("host_name is required")
+    return sim.add_asset(request.match_info["client_id"], host_name, **fields)
+
+
+@control_handler
+def control_add_tenant(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    tenant_name = body.get("tenant_name")
+    tenant_id = body.get("tenant_id")
+    if not isinstance(tenant_name, str):
+        raise ValueError("tenant_name is required")
+    if tenant_id is not None and not isinstance(tenant_id, str):
+        raise ValueError("tenant_id must be a string")
+    return sim.add_tenant(request.match_info["client_id"], tenant_name, tenant_id)
+
+
+@control_handler
+def control_history(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.history(request.match_info["client_id"])
+
+
+@control_handler
+def control_drop_reply(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    method = body.get("method")
+    times = body.get("times", 1)
+    if not isinstance(method, str) or not method:
+        raise ValueError("method is required: an API method such as attachments/upload")
+    if isinstance(times, bool) or not isinstance(times, int):
+        raise ValueError(f"times must be an integer, got {json.dumps(times)[:80]}")
+    sim.drop_reply_after_commit(method, times)
+    return {"method": method, "remaining": sim.drop_rules[method]}
+
+
 def make_app(sim: MdrSimulator) -> web.Application:
     """Build the aiohttp application serving the MDR API and the `/_sim/` control API."""
     app = web.Application(
@@ -259,7 +408,9 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
 
-    async with run_simulator(sim, host, port) as base_url:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(sim.close)
+        base_url = await stack.enter_async_context(run_simulator(sim, host, port))
         origin = base_url.removesuffix(API_PREFIX)
         token_url = f"{origin}{CONTROL_PREFIX}/clients/{client_id}/console-token"
         # The control route replies {"refresh_token": "eyJ..."}, and `token activate` takes only the token.

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from mdr_connector.adapters.mdr.simulator.protocol import (
     API_PREFIX,
@@ -34,6 +38,11 @@ from mdr_connector.adapters.mdr.simulator.protocol import (
     sort_key,
 )
 from mdr_connector.adapters.mdr.simulator.state import HistoryRecord, MdrSimulator, SimConnection
+
+log = logging.getLogger(__name__)
+
+UPLOAD_CHUNK_BYTES = 256 * 1024
+MAX_META_BYTES = 64 * 1024
 
 
 # --- wire API: one function per method ---------------------------------------
@@ -114,6 +123,49 @@ async def api_incidents_history(
     return [record.to_wire() for record in result]
 
 
+async def api_incidents_create(
+    sim: MdrSimulator, connection: SimConnection, body: dict[str, Any], request: web.Request
+) -> Any:
+    params = Params(
+        body,
+        {"summary", "client_description", "affected_hosts", "priority", "tenant_id", "no_sla_flag", "markdown_to_html"},
+    )
+    summary = params.required_string("summary")
+    description = params.string("client_description")
+    if description is None:
+        raise SimError(400, "client_description is required")
+    affected_hosts = params.strings("affected_hosts")
+    # NOTE: the priority of an incident created without one is INFERRED.
+    priority = params.string("priority") or "NORMAL"
+    # NOTE: what no_sla_flag changes is not known; it is accepted and ignored.
+    params.boolean("no_sla_flag")
+    # NOTE: that markdown_to_html converts client_description once, at
+    # creation, is INFERRED, as for comments.
+    if params.boolean("markdown_to_html"):
+        description = await asyncio.to_thread(markdown_to_html, description)
+    return sim.create_client_incident(
+        connection,
+        summary=summary,
+        client_description=description,
+        affected_hosts=affected_hosts,
+        priority=priority,
+        tenant_id=params.string("tenant_id") or "",
+    )
+
+
+async def api_incidents_close(
+    sim: MdrSimulator, connection: SimConnection, body: dict[str, Any], request: web.Request
+) -> Any:
+    params = Params(body, {"incident_id", "resolution_status", "summary"})
+    # NOTE: that summary is required is INFERRED; the reply (the closed incident) is INFERRED too.
+    return sim.close_incident(
+        connection,
+        params.required_string("incident_id"),
+        params.required_string("resolution_status"),
+        params.required_string("summary"),
+    )
+
+
 async def api_comments_list(
     sim: MdrSimulator, connection: SimConnection, body: dict[str, Any], request: web.Request
 ) -> Any:
@@ -179,37 +231,55 @@ async def api_attachments_download(
     sim: MdrSimulator, connection: SimConnection, body: dict[str, Any], request: web.Request
 ) -> Any:
     params = Params(body, {"attachment_id"})
-    attachment_id = params.required_string("attachment_id")
-    for incident in sim._incidents.values():
-        if incident.client_id != connection.client_id or not connection.sees_tenant(
-            str(incident.record.get("tenant_name", ""))
-        ):
-            continue
-        for attachment in incident.attachments:
-            if attachment["attachment_id"] == attachment_id:
-                return web.Response(
-                    body=sim._blobs[attachment_id],
-                    content_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{attachment["full_name"]}"'},
-                )
-    raise SimError(404, f"attachment {attachment_id} not found")
+    attachment = visible_attachment(sim, connection, params.required_string("attachment_id"))
+    attachment_id = attachment["attachment_id"]
+    if not sim.blobs.path(attachment_id).exists():
+        # Only an attachment seeded inside an incident record has no file.
+        raise SimError(404, f"attachment {attachment_id} has no content")
+    size = sim.blobs.size(attachment_id)
+    fraction = sim.settings.download_cutoff_fraction
+    cut = 0 < fraction < 1
+    sent_bytes = int(size * fraction) if cut else size
+    drop_connection = cut and sim.settings.download_cutoff_drops_connection
+
+    # NOTE: the Content-Type and Content-Disposition of attachments/download are INFERRED.
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": content_disposition(str(attachment.get("full_name", ""))),
+        }
+    )
+    response.content_length = size if drop_connection else sent_bytes
+    await response.prepare(request)
+    chunks = sim.blobs.read_chunks(attachment_id, sent_bytes)
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        await response.write(chunk)
+    if drop_connection and request.transport is not None:
+        log.info("mdr_sim.download.cut_off", extra={"attachment_id": attachment_id, "sent_bytes": sent_bytes})
+        request.transport.close()
+        return response
+    await response.write_eof()
+    return response
 
 
 async def api_attachments_upload(
     sim: MdrSimulator, connection: SimConnection, body: dict[str, Any], request: web.Request
 ) -> Any:
-    meta, file_name, content = await read_upload(request, sim.settings.max_upload_bytes)
-    params = Params(meta, {"incident_id", "caption"})
-    incident = sim._visible_incident(connection, params.required_string("incident_id"))
-    attachment = sim.add_attachment(
-        connection.client_id,
-        incident.incident_id,
-        file_name,
-        content,
-        caption=params.string("caption") or "",
-        author=connection.connection_name,
-        origin="Client",
-    )
+    upload = await read_upload(request, sim)
+    try:
+        params = Params(upload.meta, {"incident_id", "caption"})
+        incident = sim._visible_incident(connection, params.required_string("incident_id"))
+        attachment = sim.add_attachment(
+            connection.client_id,
+            incident.incident_id,
+            upload.file_name,
+            source=upload.path,
+            caption=params.string("caption") or "",
+            author=connection.connection_name,
+            origin="Client",
+        )
+    finally:
+        upload.path.unlink(missing_ok=True)
     # NOTE: the reply shape of attachments/upload is INFERRED: the new attachment.
     return attachment_view(attachment, request, connection.client_id)
 
@@ -289,6 +359,8 @@ API_METHODS: dict[str, ApiMethod] = {
     "incidents/list": api_incidents_list,
     "incidents/details": api_incidents_details,
     "incidents/history": api_incidents_history,
+    "incidents/create": api_incidents_create,
+    "incidents/close": api_incidents_close,
     "comments/list": api_comments_list,
     "comments/create": api_comments_create,
     "comments/delete": api_comments_delete,
@@ -493,34 +565,91 @@ def decide_response(
     raise SimError(404, f"response {response_id} not found")
 
 
-async def read_upload(request: web.Request, max_bytes: int) -> tuple[dict[str, Any], str, bytes]:
-    """Read the `file` and `meta` (a JSON string) parts of an attachments/upload request."""
+@dataclass
+class Upload:
+    """An attachments/upload request read to the end: the meta object, the file name and the file on disk."""
+
+    meta: dict[str, Any]
+    file_name: str
+    path: Path
+
+
+async def read_upload(request: web.Request, sim: MdrSimulator) -> Upload:
+    """Read the `file` part to a temporary file and the `meta` part (a JSON string) of an attachments/upload request.
+
+    The file streams to disk and the request fails with 413 as soon as it
+    passes `max_upload_bytes`, so an upload of any size takes bounded memory.
+    """
     if not request.content_type.startswith("multipart/"):
         raise SimError(400, "attachments/upload takes multipart/form-data with the parts file and meta")
 
     reader = await request.multipart()
+    path = sim.blobs.new_temporary()
     meta: dict[str, Any] | None = None
-    file_name, content = "", b""
-    while (part := await reader.next()) is not None:
-        if part.name == "meta":
-            meta = parse_json_object(await part.read(decode=True))
-        elif part.name == "file":
-            file_name = part.filename or "attachment.bin"
-            content = await read_limited(part, max_bytes)
+    file_name: str | None = None
+    try:
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise SimError(400, "attachments/upload takes a flat multipart/form-data body")
+            if part.name == "meta":
+                meta = parse_json_object(await read_small_part(part, MAX_META_BYTES))
+            elif part.name == "file":
+                # NOTE: the name MDR gives a file part without a file name is not known.
+                file_name = form_file_name(part.filename) or "attachment.bin"
+                await stream_part_to_file(part, path, sim.settings.max_upload_bytes)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
-    if meta is None or not file_name:
+    if meta is None or file_name is None:
+        path.unlink(missing_ok=True)
         raise SimError(400, "attachments/upload needs both a file part and a meta part")
-    return meta, file_name, content
+    return Upload(meta, file_name, path)
 
 
-async def read_limited(part: Any, max_bytes: int) -> bytes:
-    chunks, size = [], 0
-    while chunk := await part.read_chunk():
-        size += len(chunk)
-        if size > max_bytes:
-            raise SimError(413, f"the file is larger than the upload limit of {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+def form_file_name(raw: str | None) -> str:
+    """Undo the escapes that browsers and Python's requests apply to a form file name: %22, %0D and %0A."""
+    if not raw:
+        return ""
+    return raw.replace("%22", '"').replace("%0D", "\r").replace("%0A", "\n")
+
+
+async def stream_part_to_file(part: BodyPartReader, path: Path, max_bytes: int) -> int:
+    size = 0
+    with path.open("wb") as handle:
+        while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
+            size += len(chunk)
+            if size > max_bytes:
+                raise SimError(413, f"the file is larger than the upload limit of {max_bytes} bytes")
+            await asyncio.to_thread(handle.write, chunk)
+    return size
+
+
+async def read_small_part(part: BodyPartReader, max_bytes: int) -> bytes:
+    data = bytearray()
+    while chunk := await part.read_chunk(UPLOAD_CHUNK_BYTES):
+        data.extend(chunk)
+        if len(data) > max_bytes:
+            raise SimError(400, f"the {part.name} part is larger than {max_bytes} bytes")
+    return bytes(data)
+
+
+def content_disposition(file_name: str) -> str:
+    """Build an `attachment` Content-Disposition whose `filename*` carries any name, non-ASCII included."""
+    fallback = "".join(ch if 32 <= ord(ch) < 127 and ch not in '"\\' else "_" for ch in file_name) or "attachment"
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(file_name, safe='')}"
+
+
+def visible_attachment(sim: MdrSimulator, connection: SimConnection, attachment_id: str) -> dict[str, Any]:
+    for incident in sim._incidents.values():
+        if incident.client_id != connection.client_id or not connection.sees_tenant(
+            str(incident.record.get("tenant_name", ""))
+        ):
+            continue
+        for attachment in incident.attachments:
+            if attachment["attachment_id"] == attachment_id:
+                return attachment
+    raise SimError(404, f"attachment {attachment_id} not found")
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:

@@ -13,14 +13,17 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, get_type_hints
 
 from aiohttp import web
 
 from mdr_connector.adapters.mdr.simulator import demo_data
+from mdr_connector.adapters.mdr.simulator.blobs import BlobStore
 from mdr_connector.adapters.mdr.simulator.protocol import (
     DAY,
     HOUR,
+    PRIORITIES,
     SimError,
     encode_jwt,
     sort_key,
@@ -29,6 +32,14 @@ from mdr_connector.adapters.mdr.simulator.protocol import (
 
 PUSH_ID_ALPHABET = "-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 ES_ID_ALPHABET = string.ascii_letters + string.digits + "-_"
+SOC_AUTHOR = "Kaspersky MDR SOC"
+# NOTE: who a timed-out response's decline is attributed to in history is INFERRED.
+TIMEOUT_AUTHOR = "Kaspersky MDR"
+# The comment of an automatically declined response, from a public sample.
+TIMEOUT_COMMENT = "Automatically rejected, because the task timeout has expired"
+# incidents/close takes the constant and the incident shows the display form.
+RESOLUTIONS = {"TRUE_POSITIVE": "True positive", "FALSE_POSITIVE": "False positive"}
+OTHER_RESOLUTION = ("OTHER", "Other")
 
 
 @dataclass
@@ -54,8 +65,24 @@ class SimulatorSettings:
     default_history_page_size: int = 100
     # INFERRED: the status of a new remediation response before a decision.
     response_initial_status: str = "New"
+    # INFERRED: a response still in the initial status this long after its
+    # creation is declined automatically; 0 turns that off. A public sample
+    # shows such a decline 608 seconds after creation, hence 10 minutes.
+    response_timeout_seconds: float = 600.0
     # INFERRED: the upload size limit; larger files get 413.
     max_upload_bytes: int = 100 * 1024 * 1024
+    # For client tests: above 0, a download stops after this share of the
+    # file. By default the connection is then closed short of the announced
+    # Content-Length; with download_cutoff_drops_connection false the reply
+    # announces only the cut length and ends normally.
+    download_cutoff_fraction: float = 0.0
+    download_cutoff_drops_connection: bool = True
+    # INFERRED: closing a closed incident gets 400; false makes it a no-op that succeeds.
+    reclose_rejected: bool = True
+    # INFERRED: whether incidents/close also takes OTHER (shown as "Other").
+    close_accepts_other: bool = False
+    # INFERRED: whether incidents/create rejects an asset id the client does not have.
+    create_requires_known_assets: bool = False
     latency_seconds: float = 0.0
     # An incident changed at T shows in incidents/list and incidents/count only
     # from T + this delay on, still with update_time T (late indexing).
@@ -180,9 +207,16 @@ class MdrSimulator:
         self._incidents: dict[str, _Incident] = {}
         self._assets: dict[str, dict[str, Any]] = {}
         self._asset_clients: dict[str, str] = {}
-        self._blobs: dict[str, bytes] = {}
+        self._tenants: dict[str, dict[str, str]] = {}
+        self.blobs = BlobStore()
         self._history: list[HistoryRecord] = []
         self._next_incident_number = 1_336_650
+        # API method -> how many more successful replies to drop after the change is applied.
+        self.drop_rules: Counter[str] = Counter()
+
+    def close(self) -> None:
+        """Remove the attachment files; the simulator must not serve attachments afterwards."""
+        self.blobs.close()
 
     # --- clock ---
 
@@ -198,7 +232,15 @@ class MdrSimulator:
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"the simulator clock only moves forward: expected 0 or more seconds, got {seconds}")
         self._offset += seconds
+        self.expire_responses()
         return self.now_ms()
+
+    def drop_reply_after_commit(self, method: str, times: int = 1) -> None:
+        """Make the next `times` successful calls of an API method, such as `attachments/upload`,
+        apply their change and then close the connection without a reply."""
+        if times < 1:
+            raise ValueError(f"times must be 1 or more, got {times}")
+        self.drop_rules[method] += times
 
     # --- clients and tokens ---
 
@@ -394,8 +436,8 @@ class MdrSimulator:
         response.update(fields)
         incident.responses.append(response)
         incident.record["update_time"] = now
-        self._changed(incident, "Kaspersky MDR SOC", "create", "incident_response", response)
-        self._changed(incident, "Kaspersky MDR SOC", "update", "incident_details", incident.snapshot())
+        self._changed(incident, SOC_AUTHOR, "create", "incident_response", response)
+        self._changed(incident, SOC_AUTHOR, "update", "incident_details", incident.snapshot())
         return copy.deepcopy(response)
 
     def add_attachment(
@@ -403,31 +445,196 @@ class MdrSimulator:
         client_id: str,
         incident_id: str,
         full_name: str,
-        content: bytes,
+        content: bytes | None = None,
         *,
+        size: int | None = None,
+        source: Path | None = None,
         caption: str = "",
-        author: str = "Kaspersky MDR SOC",
+        author: str = SOC_AUTHOR,
         origin: str = "Service",
+        **fields: Any,
     ) -> dict[str, Any]:
-        """Attach a file to an incident and move the incident's `update_time`."""
+        """Attach a file to an incident and move the incident's `update_time`.
+
+        The content is exactly one of `content` (bytes), `size` (that many
+        bytes of generated filler, written in chunks) or `source` (a file in
+        `self.blobs.folder()`, which is moved). `fields` override the record,
+        so a test can list a wrong `file_size`.
+        """
         incident = self._incident(client_id, incident_id)
-        now = self.now_ms()
-        attachment = {
-            "attachment_id": self._es_id(),
-            "author_name": author,
-            "caption": caption,
-            "creation_time": now,
-            "file_size": len(content),
-            "full_name": full_name,
-            "origin": origin,
-            "was_read": False,
-        }
-        self._blobs[attachment["attachment_id"]] = content
+        if [content is not None, size is not None, source is not None].count(True) != 1:
+            raise ValueError("give exactly one of content, size or source for the attachment's bytes")
+        attachment_id = self._es_id()
+        if content is not None:
+            stored = self.blobs.write_bytes(attachment_id, content)
+        elif size is not None:
+            stored = self.blobs.write_generated(attachment_id, size)
+        else:
+            assert source is not None
+            stored = self.blobs.adopt(attachment_id, source)
+        return self._register_attachment(
+            incident,
+            {
+                "attachment_id": attachment_id,
+                "author_name": author,
+                "caption": caption,
+                "creation_time": self.now_ms(),
+                "file_size": stored,
+                "full_name": full_name,
+                "origin": origin,
+                "was_read": False,
+                **fields,
+            },
+        )
+
+    def _register_attachment(self, incident: _Incident, attachment: dict[str, Any]) -> dict[str, Any]:
         incident.attachments.append(attachment)
-        incident.record["update_time"] = now
+        incident.record["update_time"] = attachment["creation_time"]
+        author = attachment["author_name"]
         self._changed(incident, author, "create", "incident_attachment", attachment)
         self._changed(incident, author, "update", "incident_details", incident.snapshot())
         return copy.deepcopy(attachment)
+
+    def add_tenant(self, client_id: str, tenant_name: str, tenant_id: str | None = None) -> dict[str, str]:
+        """Register a tenant of a client, so incidents/create can name it by `tenant_id`."""
+        self._connection(client_id)
+        if not tenant_name:
+            raise ValueError("tenant_name must not be empty; the root tenant needs no registration")
+        tenant_id = tenant_id or str(uuid.UUID(int=self._random.getrandbits(128), version=4))
+        self._tenants.setdefault(client_id, {})[tenant_id] = tenant_name
+        return {"tenant_id": tenant_id, "tenant_name": tenant_name}
+
+    # --- the response lifecycle ---
+
+    def expire_responses(self) -> int:
+        """Decline every response whose timeout has passed in the initial status; return how many.
+
+        The decline is dated at the moment the timeout ran out, not when this
+        runs, so applying it lazily, before any state is read, looks the same
+        from outside as a service that declines on time.
+        """
+        timeout_ms = int(self.settings.response_timeout_seconds * 1000)
+        if timeout_ms <= 0:
+            return 0
+        now = self.now_ms()
+        expired = 0
+        for incident in self._incidents.values():
+            for response in incident.responses:
+                created = response.get("creation_time")
+                if response.get("status") != self.settings.response_initial_status or not isinstance(created, int):
+                    continue
+                expires_at = created + timeout_ms
+                if expires_at > now:
+                    continue
+                self._decline_on_timeout(incident, response, expires_at)
+                expired += 1
+        return expired
+
+    def _decline_on_timeout(self, incident: _Incident, response: dict[str, Any], expires_at: int) -> None:
+        response.update(status="Declined", comment=TIMEOUT_COMMENT, update_time=expires_at)
+        current = incident.record.get("update_time")
+        # Later changes may already be recorded, and update_time never moves back.
+        incident.record["update_time"] = max(current, expires_at) if isinstance(current, int) else expires_at
+        self._changed(incident, TIMEOUT_AUTHOR, "update", "incident_response", response, changed_at=expires_at)
+        self._changed(
+            incident, TIMEOUT_AUTHOR, "update", "incident_details", incident.snapshot(), changed_at=expires_at
+        )
+
+    # --- customer writes: incidents/create and incidents/close ---
+
+    def create_client_incident(
+        self,
+        connection: SimConnection,
+        *,
+        summary: str,
+        client_description: str,
+        affected_hosts: list[str],
+        priority: str,
+        tenant_id: str,
+    ) -> dict[str, Any]:
+        """Create an incident as a customer does through `incidents/create`; raise SimError 400 for bad input."""
+        if not summary.strip():
+            raise SimError(400, "summary must not be empty")
+        if priority not in PRIORITIES:
+            raise SimError(400, f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        mappings = self._host_mappings(connection.client_id, affected_hosts)
+        tenant_name = self._tenant_name(connection, tenant_id)
+
+        now = self.now_ms()
+        record = self._default_incident(connection.client_id, now)
+        record.update(
+            summary=summary,
+            description="",
+            client_description=client_description,
+            priority=priority,
+            affected_hosts=list(affected_hosts),
+            affected_hosts_mappings=mappings,
+            tenant_name=tenant_name,
+            origin="Client",
+            detection_technology="",
+            attack_stage="",
+            mitre_tactics=[],
+            mitre_techniques=[],
+        )
+        incident = _Incident(connection.client_id, record)
+        self._incidents[incident.incident_id] = incident
+        self._changed(incident, connection.connection_name, "create", "incident_details", incident.snapshot())
+        return incident.snapshot()
+
+    def close_incident(
+        self, connection: SimConnection, incident_id: str, resolution_status: str, summary: str
+    ) -> dict[str, Any]:
+        """Close an incident as `incidents/close` does: status Closed, the resolution's display form, the summary."""
+        incident = self._visible_incident(connection, incident_id)
+        resolutions = dict(RESOLUTIONS)
+        if self.settings.close_accepts_other:
+            resolutions[OTHER_RESOLUTION[0]] = OTHER_RESOLUTION[1]
+        if resolution_status not in resolutions:
+            raise SimError(400, f"resolution_status must be one of {', '.join(resolutions)}, got {resolution_status!r}")
+        if not summary.strip():
+            raise SimError(400, "summary must not be empty")
+
+        if incident.record.get("status") == "Closed":
+            if self.settings.reclose_rejected:
+                raise SimError(400, f"incident {incident_id} is already closed")
+            return incident.snapshot()
+
+        incident.record.update(
+            status="Closed",
+            resolution=resolutions[resolution_status],
+            status_description=summary,
+            update_time=self.now_ms(),
+        )
+        self._changed(incident, connection.connection_name, "update", "incident_details", incident.snapshot())
+        return incident.snapshot()
+
+    def _host_mappings(self, client_id: str, affected_hosts: list[str]) -> list[dict[str, str]]:
+        """Check `HOSTNAME:asset_id` entries and return their `affected_hosts_mappings`."""
+        if not affected_hosts:
+            raise SimError(400, "affected_hosts must list at least one HOSTNAME:asset_id")
+        mappings = []
+        for entry in affected_hosts:
+            host_name, separator, asset_id = entry.partition(":")
+            if not separator or not host_name or not asset_id:
+                raise SimError(400, f"affected_hosts entry {entry!r} is not HOSTNAME:asset_id")
+            known = self._asset_clients.get(asset_id) == client_id
+            if self.settings.create_requires_known_assets and not known:
+                raise SimError(400, f"asset {asset_id} of affected_hosts entry {entry!r} not found")
+            mappings.append({"host_id": asset_id, "host_name": host_name})
+        return mappings
+
+    def _tenant_name(self, connection: SimConnection, tenant_id: str) -> str:
+        if not tenant_id:
+            tenant_name = ""
+        else:
+            tenants = self._tenants.get(connection.client_id, {})
+            if tenant_id not in tenants:
+                raise SimError(400, f"tenant {tenant_id} not found")
+            tenant_name = tenants[tenant_id]
+        # NOTE: the status for a tenant the token may not see is INFERRED.
+        if not connection.sees_tenant(tenant_name):
+            raise SimError(403, f"this connection may not create incidents in tenant {tenant_id or '(root)'}")
+        return tenant_name
 
     def add_asset(self, client_id: str, host_name: str, **fields: Any) -> dict[str, Any]:
         """Register an asset of a client; `fields` override the defaults."""
@@ -462,6 +669,7 @@ class MdrSimulator:
 
     def incidents(self, client_id: str) -> list[dict[str, Any]]:
         """Return every incident of a client in its current state, oldest first."""
+        self.expire_responses()
         found = [i.snapshot() for i in self._incidents.values() if i.client_id == client_id]
         return sorted(found, key=lambda record: sort_key(record, "creation_time", "incident_id"))
 
@@ -472,11 +680,27 @@ class MdrSimulator:
         """Return the comments of an incident, each with `author_name` and `origin`."""
         return copy.deepcopy(self._incident(client_id, incident_id).comments)
 
+    def attachments(self, client_id: str, incident_id: str) -> list[dict[str, Any]]:
+        """Return the attachment records of an incident; `blobs.path(attachment_id)` is each one's file."""
+        return copy.deepcopy(self._incident(client_id, incident_id).attachments)
+
+    def attachment_content(self, attachment_id: str) -> bytes:
+        """Return the bytes of an attachment; meant for small files in tests."""
+        return self.blobs.path(attachment_id).read_bytes()
+
+    def responses(self, client_id: str, incident_id: str) -> list[dict[str, Any]]:
+        """Return the responses of an incident, with timed-out ones already declined."""
+        return copy.deepcopy(self._incident(client_id, incident_id).responses)
+
     def history(self, client_id: str) -> list[dict[str, Any]]:
-        return [r.to_wire() for r in self._history if r.client_id == client_id]
+        """Return the history records of a client in time order, as incidents/history shows them."""
+        self.expire_responses()
+        records = sorted((r for r in self._history if r.client_id == client_id), key=HistoryRecord.order)
+        return [r.to_wire() for r in records]
 
     def state(self) -> dict[str, Any]:
         """Summarize the state as JSON-ready data: clients, incident counts, call counts and the clock."""
+        self.expire_responses()
         return {
             "now_ms": self.now_ms(),
             "clients": [asdict(c) for c in self._connections.values()],
@@ -555,6 +779,7 @@ class MdrSimulator:
         return ""
 
     def _incident(self, client_id: str, incident_id: str) -> _Incident:
+        self.expire_responses()
         incident = self._incidents.get(incident_id)
         if incident is None or incident.client_id != client_id:
             raise KeyError(f"no incident {incident_id!r} for client {client_id!r}")
