@@ -38,10 +38,13 @@ from mdr_connector.connector.errors import (
 from mdr_connector.connector.tickets import (
     MDR_ORIGIN,
     CommentDraft,
+    CommentVisibility,
     SyncMarker,
     TicketAdapter,
     TicketDraft,
     TicketFields,
+    TicketQuery,
+    TicketRef,
 )
 
 INCIDENT_ID = "-MAfspsBq_r24TsN5-jl"
@@ -358,12 +361,104 @@ async def test_rejected_names_field(cloud_adapter: JiraTicketAdapter) -> None:
     assert "priority: Priority name 'Urgent' is not valid." in str(caught.value)
 
 
-async def test_draft_project_mismatch(cloud_adapter: JiraTicketAdapter) -> None:
-    """A draft for another project is rejected, because its ticket could never be found."""
-    other = TicketDraft(INCIDENT_ID, "OPS", "Task", draft().fields)
+async def test_routed_project(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A ticket in another project, with components, is created, found and reported as changed."""
+    since = jira_cloud.sim.now()
+    fields = TicketFields("Routed", "text", "High", ("retail",), components=("Servers", "Servers"))
+    ref = await cloud_adapter.create_ticket(TicketDraft(INCIDENT_ID, "OPS", "Task", fields))
+    issue = jira_cloud.sim.issue(ref.key)
 
-    with pytest.raises(ConfigError):
-        await cloud_adapter.create_ticket(other)
+    assert ref.key == "OPS-1"
+    assert issue.fields["components"] == ["Servers"]
+    assert await cloud_adapter.find_ticket(INCIDENT_ID) == ref
+    assert [change.ref for change in await cloud_adapter.changed_tickets(since)] == [ref]
+
+
+async def test_checked_project_searched(jira_cloud: RunningJira, make_adapter: MakeAdapter) -> None:
+    """A project named in check is searched from then on, as after a restart with routes."""
+    sim = jira_cloud.sim
+    sim.create_issue(
+        {"project": {"key": "OPS"}, "issuetype": {"name": "Task"}, "summary": "x", "labels": ["mdr-connector", "mdr-routed"]},
+        properties=[{"key": "mdr-connector", "value": {"incident_id": "routed"}}],
+    )
+    adapter = await make_adapter(jira_cloud)
+
+    before = await adapter.find_ticket("routed")
+    problems = await adapter.check("Task", ["High"], project="OPS")
+    after = await adapter.find_ticket("routed")
+
+    assert before is None
+    assert problems == []
+    assert after is not None
+    assert after.key == "OPS-1"
+
+
+async def test_other_projects_setting(jira_cloud: RunningJira, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Projects given to the constructor are searched from the start."""
+    adapter = JiraTicketAdapter(jira_settings(jira_cloud, monkeypatch), "SEC", other_projects=["OPS"])
+    await adapter.open()
+    try:
+        since = jira_cloud.sim.now()
+        issue = jira_cloud.sim.create_issue({"project": {"key": "OPS"}, "issuetype": {"name": "Task"}, "summary": "x"})
+        changes = await adapter.changed_tickets(since)
+    finally:
+        await adapter.close()
+
+    assert [change.ref.key for change in changes] == [issue.key]
+
+
+async def test_unknown_component_rejected(cloud_adapter: JiraTicketAdapter) -> None:
+    """A component the project lacks is RejectedError 400 naming it, in Jira's error form."""
+    with pytest.raises(RejectedError) as caught:
+        await cloud_adapter.create_ticket(draft(components=("Mainframe",)))
+
+    assert caught.value.status == 400
+    assert "components: Component name 'Mainframe' is not valid" in str(caught.value)
+
+
+async def test_invalid_project_key(cloud_adapter: JiraTicketAdapter) -> None:
+    """A project key that could not be one is a ConfigError before any request."""
+    with pytest.raises(ConfigError, match="project key"):
+        await cloud_adapter.create_ticket(TicketDraft(INCIDENT_ID, 'SEC" OR x', "Task", draft().fields))
+
+
+async def test_update_skips_owned_fields(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """Fields in `skip` keep a person's values, the others are written, and components are only added."""
+    ref = await cloud_adapter.create_ticket(draft(components=("Endpoint",), extra={"customfield_10010": "a"}))
+    jira_cloud.sim.edit_as_human(ref.key, priority="Lowest", summary="Analyst title", components=["Endpoint", "Identity"])
+
+    fields = TicketFields(
+        "MDR title", "new text", "Highest", ("later",), extra={"customfield_10010": "b"}, components=("Network",)
+    )
+    await cloud_adapter.update_ticket(ref, fields, skip=frozenset({"priority", "summary", "customfield_10010"}))
+    issue = jira_cloud.sim.issue(ref.key)
+
+    assert issue.fields["priority"] == "Lowest"
+    assert issue.fields["summary"] == "Analyst title"
+    assert issue.fields["customfield_10010"] == "a"
+    assert issue.fields["description"] == "new text"
+    assert issue.fields["components"] == ["Endpoint", "Identity", "Network"]
+    assert issue.fields["labels"][-1] == "later"
+
+
+async def test_update_all_skipped(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """With every field skipped, no request is sent."""
+    ref = await cloud_adapter.create_ticket(draft())
+    skip = frozenset({"summary", "description", "priority", "labels", "components"})
+
+    await cloud_adapter.update_ticket(ref, TicketFields("x", "y", "Low", ("z",), components=("Network",)), skip=skip)
+
+    assert jira_cloud.sim.calls["PUT /rest/api/2/issue/{issue}"] == 0
+
+
+async def test_check_other_project(cloud_adapter: JiraTicketAdapter) -> None:
+    """check looks at the named project and reports its own issue types."""
+    problems = await cloud_adapter.check("Incident", ["High"], project="OPS")
+    missing = await cloud_adapter.check("Task", [], project="NOPE")
+
+    assert problems == ["issue type 'Incident' is not available in project OPS; available: Task"]
+    assert missing == ["project 'NOPE' does not exist or the connector's account cannot see it"]
+    assert list(cloud_adapter.searched_projects) == ["SEC", "OPS"]
 
 
 async def test_invalid_incident_id(cloud_adapter: JiraTicketAdapter) -> None:
@@ -443,6 +538,179 @@ async def test_restricted_datacenter(jira_dc: RunningJira, make_adapter: MakeAda
     (listed,) = await adapter.list_comments(ref)
 
     assert listed.restricted is True
+
+
+async def test_comment_visibility_sent(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A draft's visibility reaches Jira, and the comment is reported as restricted."""
+    ref = await cloud_adapter.create_ticket(draft())
+    visibility = CommentVisibility("group", "soc-analysts")
+
+    added = await cloud_adapter.add_comment(ref, CommentDraft("internal", SyncMarker(MDR_ORIGIN, "c-5"), visibility))
+
+    assert jira_cloud.sim.issue(ref.key).comments[0].visibility == {"type": "group", "value": "soc-analysts"}
+    assert added.restricted is True
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_service_desk_internal(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """A Jira Service Management internal note is restricted, but an explicit public one is not."""
+    running = await start_jira(deployment=deployment)
+    adapter = await make_adapter(running)
+    ref = await adapter.create_ticket(draft())
+    running.sim.add_comment(ref.key, "agents only", internal=True)
+    public = {"key": "sd.public.comment", "value": {"internal": False}}
+    running.sim.add_comment(ref.key, "for the customer", properties=[public])
+
+    internal, shared = await adapter.list_comments(ref)
+
+    assert internal.restricted is True
+    assert shared.restricted is False
+
+
+async def test_comment_updated_time(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """Comments carry their `updated` time, which moves when a person edits one."""
+    ref = await cloud_adapter.create_ticket(draft())
+    added = jira_cloud.sim.add_comment(ref.key, "first")
+    jira_cloud.sim.advance(90)
+    jira_cloud.sim.edit_comment(added.id, "second")
+
+    (listed,) = await cloud_adapter.list_comments(ref)
+
+    assert listed.body == "second"
+    assert listed.updated == added.updated
+    assert listed.updated is not None
+    assert listed.updated - listed.created >= timedelta(seconds=90)
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_edit_comment(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """edit_comment replaces the body, keeps the marker and moves `updated`."""
+    running = await start_jira(deployment=deployment)
+    adapter = await make_adapter(running)
+    ref = await adapter.create_ticket(draft())
+    added = await adapter.add_comment(ref, comment("resp-1", "Status: **New**"))
+    running.sim.advance(30)
+
+    edited = await adapter.edit_comment(ref, added.id, comment("resp-1", "Status: **Confirmed**"))
+    (listed,) = await adapter.list_comments(ref)
+
+    assert edited.id == added.id
+    assert edited.body == "Status: **Confirmed**"
+    assert listed.body == "Status: **Confirmed**"
+    assert listed.marker == SyncMarker(MDR_ORIGIN, "resp-1")
+    assert listed.updated is not None
+    assert added.updated is not None
+    assert listed.updated > added.updated
+    assert running.sim.issue(ref.key).comments[0].body == "Status: *Confirmed*"
+
+
+async def test_edit_restores_marker(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """An edit writes the marker property again when someone removed it."""
+    ref = await cloud_adapter.create_ticket(draft())
+    added = await cloud_adapter.add_comment(ref, comment("resp-2"))
+    jira_cloud.sim.issue(ref.key).comments[0].properties.clear()
+
+    await cloud_adapter.edit_comment(ref, added.id, comment("resp-2", "again"))
+    (listed,) = await cloud_adapter.list_comments(ref)
+
+    assert listed.marker == SyncMarker(MDR_ORIGIN, "resp-2")
+
+
+async def test_edit_others_comment_rejected(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """Jira lets only the author edit a comment, so a person's comment is RejectedError 403."""
+    ref = await cloud_adapter.create_ticket(draft())
+    human = jira_cloud.sim.add_comment(ref.key, "mine")
+
+    with pytest.raises(RejectedError) as caught:
+        await cloud_adapter.edit_comment(ref, str(human.id), comment("x"))
+
+    assert caught.value.status == 403
+    assert human.body == "mine"
+
+
+# Tickets that ask for an MDR incident, correlation, groups
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_find_tickets(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """find_tickets returns labelled tickets of the issue type created since the bound, oldest first, across pages."""
+    running = await start_jira(deployment=deployment, service_time_zone="America/Los_Angeles")
+    running.sim.settings.search_page_cap = 2
+    sim = running.sim
+    adapter = await make_adapter(running)
+
+    def person_creates(summary: str, issue_type: str = "Incident", labels: tuple[str, ...] = ("mdr-create",)) -> str:
+        fields = {"project": {"key": "SEC"}, "issuetype": {"name": issue_type}, "summary": summary, "labels": list(labels)}
+        return sim.create_issue(fields, reporter=sim.human).key
+
+    old = person_creates("before the bound")
+    sim.advance(600)
+    since = sim.now()
+    wanted = [person_creates(f"request {number}") for number in range(4)]
+    sim.advance(1)
+    other_type = person_creates("task", issue_type="Task")
+    unlabelled = person_creates("no label", labels=())
+
+    by_label = await adapter.find_tickets(TicketQuery("SEC", label="mdr-create"), since)
+    by_both = await adapter.find_tickets(TicketQuery("SEC", label="mdr-create", issue_type="Incident"), since)
+    by_type = await adapter.find_tickets(TicketQuery("SEC", issue_type="Task"), since)
+
+    assert [ref.key for ref in by_label] == [*wanted, other_type]
+    assert [ref.key for ref in by_both] == wanted
+    assert [ref.key for ref in by_type] == [other_type]
+    assert old not in [ref.key for ref in by_label]
+    assert unlabelled not in [ref.key for ref in by_label]
+
+
+async def test_find_tickets_needs_filter(cloud_adapter: JiraTicketAdapter) -> None:
+    """A query without label or issue type would match every ticket, so it is a ConfigError."""
+    with pytest.raises(ConfigError):
+        await cloud_adapter.find_tickets(TicketQuery("SEC"), datetime.now(timezone.utc))
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_set_correlation(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """set_correlation stamps a person's ticket like a created one, so find_ticket finds it, and a repeat changes nothing."""
+    running = await start_jira(deployment=deployment)
+    adapter = await make_adapter(running)
+    issue = running.sim.create_issue(
+        {"project": {"key": "SEC"}, "issuetype": {"name": "Incident"}, "summary": "x", "labels": ["mdr-create"]},
+        reporter=running.sim.human,
+    )
+    ref = TicketRef(issue.key, str(issue.id), f"{running.url}/browse/{issue.key}")
+
+    await adapter.set_correlation(ref, INCIDENT_ID)
+    await adapter.set_correlation(ref, INCIDENT_ID)
+
+    assert issue.fields["labels"] == ["mdr-create", "mdr-connector", f"mdr-{INCIDENT_ID}"]
+    assert issue.properties["mdr-connector"] == {"incident_id": INCIDENT_ID}
+    assert await adapter.find_ticket(INCIDENT_ID) == ref
+
+
+async def test_set_correlation_conflict(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """A ticket of another incident keeps its marker, and the call is RejectedError naming both ids."""
+    ref = await cloud_adapter.create_ticket(draft())
+
+    with pytest.raises(RejectedError, match=f"already linked to MDR incident {INCIDENT_ID}"):
+        await cloud_adapter.set_correlation(ref, "another-incident")
+
+    assert jira_cloud.sim.issue(ref.key).properties["mdr-connector"]["incident_id"] == INCIDENT_ID
+    assert "mdr-another-incident" not in jira_cloud.sim.issue(ref.key).fields["labels"]
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_account_groups(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """Groups come by accountId on Cloud and by user name on Data Center, and an unknown account has none."""
+    running = await start_jira(deployment=deployment)
+    adapter = await make_adapter(running)
+    human = running.sim.human
+    account_id = human.account_id if deployment == "cloud" else human.name
+
+    assert await adapter.account_groups(account_id) == {"jira-software-users", "soc-analysts"}
+    assert await adapter.account_groups("nobody") == set()
+    assert await adapter.account_groups("") == set()
+    path = "GET /rest/api/2/user/groups" if deployment == "cloud" else "GET /rest/api/2/user"
+    assert running.sim.calls[path] == 2
 
 
 async def test_cleans_outgoing_text(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
@@ -606,6 +874,7 @@ FIELD_ERRORS = {"errorMessages": [], "errors": {"priority": "Priority name 'Urge
         (reply_error(404), {"opening": True}, ConnectionFatalError, None, "url"),
         (reply_error(404, {"errorMessages": ["Issue does not exist"]}), {}, RejectedError, None, "Issue does not exist"),
         (reply_error(408), {"write": True}, RemoteUnavailableError, None, "HTTP 408"),
+        (reply_error(413), {"write": True}, RejectedError, None, "too large"),
         (requests.ReadTimeout("read timed out"), {"write": True}, OutcomeUnknownError, None, "ReadTimeout"),
         (requests.ReadTimeout("read timed out"), {}, RemoteUnavailableError, None, "ReadTimeout"),
         (aborted(), {"write": True}, OutcomeUnknownError, None, "marker"),
@@ -617,7 +886,7 @@ FIELD_ERRORS = {"errorMessages": [], "errors": {"priority": "Priority name 'Urge
     ids=[
         "401-open", "401-later", "403-open", "403-denied-reason", "403-permission", "429-retry-after",
         "429-no-header", "503-retry-after", "503-plain", "502-html", "500-write", "400-field",
-        "404-open", "404-read", "408-write", "read-timeout-write", "read-timeout-read",
+        "404-open", "404-read", "408-write", "413-write", "read-timeout-write", "read-timeout-read",
         "aborted-write", "aborted-read", "refused-write", "connect-timeout-write", "no-status-write",
     ],
 )
@@ -645,6 +914,10 @@ def test_error_mapping(
         ("update_ticket", "while updating a ticket"),
         ("list_comments", "while reading the comments of a ticket"),
         ("add_comment", "while adding a comment to a ticket"),
+        ("edit_comment", "while editing a comment of a ticket"),
+        ("upload_attachment", "while uploading an attachment"),
+        ("transition_to", "while changing the status of a ticket"),
+        ("account_groups", "while reading the groups of an account"),
     ],
 )
 def test_error_names_operation_plainly(operation: str, words: str) -> None:

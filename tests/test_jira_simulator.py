@@ -488,6 +488,11 @@ async def test_loopback_only() -> None:
         ("search_page_cap", 0, "an integer of at least 1"),
         ("deployment", "server", '"cloud" or "datacenter"'),
         ("deployment", ["cloud"], '"cloud" or "datacenter"'),
+        ("upload_limit_bytes", -1, "an integer of at least 0"),
+        ("download_cut_bytes", 2.5, "an integer of at least 0"),
+        ("attachments_enabled", "yes", "true or false"),
+        ("media_base_url", "ftp://localhost", "loopback host"),
+        ("content_base_url", "http://jira.example.com", "loopback host"),
     ],
 )
 async def test_settings_wrong_type_400(jira_cloud: RunningJira, name: str, value: Any, expected: str) -> None:
@@ -610,3 +615,170 @@ async def test_added_user_api_token(jira_cloud: RunningJira) -> None:
     jira_cloud.sim.settings.deployment = "datacenter"
     datacenter = await jira(jira_cloud, basic_auth=("engineer", "engineer-password"), token_auth=None)
     assert (await asyncio.to_thread(datacenter.myself))["name"] == "engineer"
+
+
+# Components, comment edits, service desk notes, groups
+
+
+def test_components_validated() -> None:
+    """Components are checked against the project's list by name or id, and unknown names get Jira's 400."""
+    sim = JiraSimulator()
+    base = {"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"}
+    issue = sim.create_issue({**base, "components": [{"name": "Network"}]})
+
+    with pytest.raises(SimError) as caught:
+        sim.create_issue({**base, "components": [{"name": "Mainframe"}]})
+    sim.edit_issue(issue.key, update={"components": [{"add": {"name": "Identity"}}, {"remove": {"name": "Network"}}]})
+
+    assert caught.value.status == 400
+    assert caught.value.errors == {"components": "Component name 'Mainframe' is not valid"}
+    assert issue.fields["components"] == ["Identity"]
+
+
+def test_components_per_project() -> None:
+    """A component of one project is unknown in another."""
+    sim = JiraSimulator()
+
+    with pytest.raises(SimError) as caught:
+        sim.create_issue(
+            {"project": {"key": "OPS"}, "issuetype": {"name": "Task"}, "summary": "x", "components": [{"name": "Network"}]}
+        )
+
+    assert "components" in caught.value.errors
+
+
+async def test_project_lists_components(jira_cloud: RunningJira) -> None:
+    """GET project/{key} lists the project's components, and an added project is served."""
+    jira_cloud.sim.add_project("SOC", "SOC desk", ["Task"], ["Triage"])
+    client = await jira(jira_cloud)
+
+    project = await asyncio.to_thread(client._get_json, "project/SOC")
+
+    assert [item["name"] for item in project["components"]] == ["Triage"]
+    assert [item["name"] for item in project["issueTypes"]] == ["Task"]
+
+
+def test_add_project_rejects_bad_key() -> None:
+    """A project key Jira would not accept is a ValueError."""
+    with pytest.raises(ValueError, match="project key"):
+        JiraSimulator().add_project("sec ops", "x", ["Task"])
+
+
+async def test_edit_comment_rest(jira_cloud: RunningJira) -> None:
+    """PUT comment replaces the body, keeps properties and visibility, and moves `updated`."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    url = client._get_url(f"issue/{created['id']}/comment")
+    body = {
+        "body": "first",
+        "properties": [{"key": "mdr-connector", "value": {"origin": "mdr"}}],
+        "visibility": {"type": "role", "value": "Administrators"},
+    }
+    added = (await asyncio.to_thread(client._session.post, url, data=json.dumps(body))).json()
+    jira_cloud.sim.advance(10)
+
+    reply = await asyncio.to_thread(client._session.put, f"{url}/{added['id']}", data=json.dumps({"body": "second"}))
+    _, stored = jira_cloud.sim.comment(added["id"])
+
+    assert reply.json()["body"] == "second"
+    assert reply.json()["updated"] != added["updated"]
+    assert stored.properties == {"mdr-connector": {"origin": "mdr"}}
+    assert stored.visibility == {"type": "role", "value": "Administrators"}
+
+
+async def test_edit_comment_author_only(jira_cloud: RunningJira) -> None:
+    """Only a comment's author may edit it, as in Jira without admin rights."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    comment = jira_cloud.sim.add_comment(created["key"], "a person's note")
+    url = client._get_url(f"issue/{created['id']}/comment/{comment.id}")
+
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client._session.put, url, data=json.dumps({"body": "changed"}))
+
+    assert caught.value.status_code == 403
+    assert comment.body == "a person's note"
+
+
+async def test_internal_comment(jira_cloud: RunningJira) -> None:
+    """An internal service desk note carries `sd.public.comment` and `jsdPublic: false`."""
+    client = await jira(jira_cloud)
+    created = await asyncio.to_thread(post_issue, client, issue_body())
+    jira_cloud.sim.add_comment(created["key"], "agents only", internal=True)
+    jira_cloud.sim.add_comment(created["key"], "everyone")
+
+    listed = await asyncio.to_thread(
+        client._get_json, f"issue/{created['key']}/comment", {"expand": "properties"}
+    )
+
+    internal, public = listed["comments"]
+    assert internal["jsdPublic"] is False
+    assert internal["properties"] == [{"key": "sd.public.comment", "value": {"internal": True}}]
+    assert public["jsdPublic"] is True
+
+
+async def test_control_comment_edit_delete(jira_cloud: RunningJira) -> None:
+    """The control API adds an internal note, edits a comment as its author and deletes one."""
+    issue = jira_cloud.sim.create_issue({"project": {"key": "SEC"}, "issuetype": {"name": "Task"}, "summary": "x"})
+    base = jira_cloud.url
+    async with aiohttp.ClientSession() as session:
+        added = await session.post(f"{base}/_sim/issues/{issue.key}/comments", json={"body": "one", "internal": True})
+        comment_id = (await added.json())["id"]
+        edited = await session.put(f"{base}/_sim/comments/{comment_id}", json={"body": "one, edited"})
+        second = await session.post(f"{base}/_sim/issues/{issue.key}/comments", json={"body": "two"})
+        deleted = await session.delete(f"{base}/_sim/comments/{(await second.json())['id']}")
+
+    assert edited.status == 200
+    assert deleted.status == 204
+    assert [(comment.body, comment.internal) for comment in issue.comments] == [("one, edited", True)]
+
+
+async def test_groups_cloud(jira_cloud: RunningJira) -> None:
+    """Cloud serves user/groups by accountId, and an unknown account is 404."""
+    client = await jira(jira_cloud)
+
+    groups = await asyncio.to_thread(client._get_json, "user/groups", {"accountId": jira_cloud.sim.human.account_id})
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client._get_json, "user/groups", {"accountId": "557058:nobody"})
+
+    assert [group["name"] for group in groups] == ["jira-software-users", "soc-analysts"]
+    assert caught.value.status_code == 404
+
+
+async def test_groups_datacenter(jira_dc: RunningJira) -> None:
+    """Data Center lists groups with user?username=...&expand=groups and has no user/groups."""
+    client = await jira(jira_dc)
+
+    user = await asyncio.to_thread(client._get_json, "user", {"username": "analyst", "expand": "groups"})
+    with pytest.raises(JIRAError) as caught:
+        await asyncio.to_thread(client._get_json, "user/groups", {"accountId": "x"})
+
+    assert user["groups"]["size"] == 2
+    assert [group["name"] for group in user["groups"]["items"]] == ["jira-software-users", "soc-analysts"]
+    assert caught.value.status_code == 404
+
+
+async def test_control_user_groups(jira_cloud: RunningJira) -> None:
+    """A user added through the control API gets its groups."""
+    async with aiohttp.ClientSession() as session:
+        reply = await session.post(
+            f"{jira_cloud.url}/_sim/users", json={"account_id": "557058:lead", "name": "lead", "groups": ["soc-leads"]}
+        )
+
+    assert reply.status == 201
+    assert jira_cloud.sim.user("lead").groups == ["soc-leads"]
+
+
+async def test_issue_fields_status(jira_cloud: RunningJira) -> None:
+    """An issue shows its workflow status with category, its resolution and components."""
+    client = await jira(jira_cloud)
+    body = issue_body()
+    body["fields"]["components"] = [{"name": "Endpoint"}]
+    created = await asyncio.to_thread(post_issue, client, body)
+
+    issue = await asyncio.to_thread(client._get_json, f"issue/{created['key']}", {"fields": "status,resolution,components"})
+
+    assert issue["fields"]["status"]["name"] == "To Do"
+    assert issue["fields"]["status"]["statusCategory"]["key"] == "new"
+    assert issue["fields"]["resolution"] is None
+    assert [item["name"] for item in issue["fields"]["components"]] == ["Endpoint"]

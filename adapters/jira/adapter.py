@@ -7,6 +7,10 @@ comment property `mdr-connector` with its origin and source id. Both
 properties travel in the create request itself, so no issue or comment
 exists without its marker.
 
+Searches cover the mapping's project and every project a ticket went to:
+a project named in `check` (routes are checked when a connection opens),
+in a created ticket or in a ticket query joins the searched projects.
+
 The `jira` package is synchronous, so each call runs in this adapter's own
 thread pool. Each worker thread keeps its own `JIRA` client: a
 `requests.Session` is not safe to share between threads, and serialising
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -38,6 +43,7 @@ from jira import JIRA
 from jira.exceptions import JIRAError
 
 from mdr_connector.adapters.jira.errors import map_error
+from mdr_connector.adapters.jira.files import MultipartFileBody, jira_stream, open_content, write_stream
 from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
 from mdr_connector.connector import markup
 from mdr_connector.connector.http import requests_proxies, requests_verify, warn_if_unverified
@@ -50,18 +56,24 @@ from mdr_connector.connector.errors import (
     ConfigError,
     ConnectionFatalError,
     InvalidPayloadError,
+    ItemError,
     OutcomeUnknownError,
+    RejectedError,
     RemoteUnavailableError,
 )
 from mdr_connector.connector.tickets import (
+    AttachmentUpload,
     CommentDraft,
     SyncMarker,
     TicketAccount,
+    TicketAttachment,
     TicketChange,
     TicketComment,
     TicketDraft,
     TicketFields,
+    TicketQuery,
     TicketRef,
+    TicketState,
 )
 
 log = logging.getLogger(__name__)
@@ -96,7 +108,10 @@ RECENT_WRITE_SECONDS = 600.0
 # Any zone is within 14 hours of UTC, so a UTC literal this much earlier is
 # a safe lower bound when the account's zone is unknown.
 MAX_ZONE_OFFSET = timedelta(hours=14)
-CORE_FIELDS = frozenset({"project", "issuetype", "summary", "description", "priority", "labels"})
+CORE_FIELDS = frozenset({"project", "issuetype", "summary", "description", "priority", "labels", "components"})
+# Jira Service Management marks a comment internal to its agents with this comment property.
+JSM_PUBLIC_PROPERTY = "sd.public.comment"
+PROJECT_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def correlation_label(incident_id: str) -> str:
@@ -113,9 +128,12 @@ class JiraTicketAdapter:
 
     system = "jira"
 
-    def __init__(self, settings: JiraSettings, project: str) -> None:
+    def __init__(self, settings: JiraSettings, project: str, other_projects: Iterable[str] = ()) -> None:
+        """`other_projects` are further projects that tickets go to, such as the projects of the mapping's routes."""
         self.settings = settings
         self.project = project
+        # Every project searched for the connector's tickets, the mapping's own first.
+        self.searched_projects: dict[str, None] = dict.fromkeys([project, *other_projects])
         self.deployment: Deployment | None = None if settings.deployment == "auto" else settings.deployment
         self.account: TicketAccount | None = None
         self.time_zone: ZoneInfo | None = None
@@ -156,17 +174,23 @@ class JiraTicketAdapter:
         for client in clients:
             client.close()
 
-    async def check(self, issue_type: str, priorities: Iterable[str]) -> list[str]:
-        """Return the problems that would stop ticket creation: project, issue type, priorities."""
-        project, known_priorities = await self._call("check", _project_and_priorities, self.project)
-        problems: list[str] = []
-        if project is None:
-            return [f"project {self.project!r} does not exist or the connector's account cannot see it"]
+    async def check(self, issue_type: str, priorities: Iterable[str], project: str | None = None) -> list[str]:
+        """Return the problems that would stop ticket creation: project, issue type, priorities.
 
-        type_names = [item.get("name") for item in project.get("issueTypes", [])]
+        `project` defaults to the mapping's project; a project checked here
+        joins the projects that searches cover.
+        """
+        key = project or self.project
+        found, known_priorities = await self._call("check", _project_and_priorities, key)
+        problems: list[str] = []
+        if found is None:
+            return [f"project {key!r} does not exist or the connector's account cannot see it"]
+        self._add_project(str(found.get("key") or key))
+
+        type_names = [item.get("name") for item in found.get("issueTypes", [])]
         if issue_type not in type_names:
             problems.append(
-                f"issue type {issue_type!r} is not available in project {self.project}; "
+                f"issue type {issue_type!r} is not available in project {key}; "
                 f"available: {', '.join(map(str, type_names)) or 'none'}"
             )
         for name in dict.fromkeys(priorities):
@@ -192,7 +216,7 @@ class JiraTicketAdapter:
         """Find the ticket of an MDR incident by its label, confirmed by the issue property."""
         label = correlation_label(incident_id)
         query = (
-            f"project = {quote(self.project)} AND labels = {quote(CONNECTOR_LABEL)} "
+            f"{self._project_clause()} AND labels = {quote(CONNECTOR_LABEL)} "
             f"AND labels = {quote(label)} ORDER BY created ASC"
         )
         issues = await self._call(
@@ -212,19 +236,21 @@ class JiraTicketAdapter:
         return self._ref(matches[0])
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
-        """Create an issue with the correlation labels and property in one request."""
-        if draft.project != self.project:
-            raise ConfigError(
-                f"draft project {draft.project!r} differs from the connection's project {self.project!r}, "
-                "so the ticket could never be found again: use one project for both"
-            )
+        """Create an issue with the correlation labels and property in one request.
+
+        The draft's project joins the searched projects before the request,
+        so a create whose reply is lost is still found by `find_ticket`.
+        """
         label = correlation_label(draft.incident_id)
+        self._add_project(_checked_project(draft.project))
         description = await _jira_text(draft.fields.description, "description", incident_id=draft.incident_id)
 
         fields = self._field_values(draft.fields, description)
         fields["project"] = {"key": draft.project}
         fields["issuetype"] = {"name": draft.issue_type}
         fields["labels"] = _labels([CONNECTOR_LABEL, label, *draft.fields.labels])
+        if draft.fields.components:
+            fields["components"] = [{"name": name} for name in dict.fromkeys(draft.fields.components)]
         value = {**draft.metadata, "incident_id": draft.incident_id}
         # NOTE: `properties` in the create body is documented for Jira Cloud;
         # Data Center support was checked only against the simulator.
@@ -240,26 +266,39 @@ class JiraTicketAdapter:
         log.info("jira.ticket.created", extra={"ticket_key": ref.key, "incident_id": draft.incident_id})
         return ref
 
-    async def update_ticket(self, ref: TicketRef, fields: TicketFields) -> None:
-        """Write the mapped fields; labels are only added, so the connector's and people's labels stay."""
-        description = await _jira_text(fields.description, "description", ticket_key=ref.key)
-        body = {
-            "fields": self._field_values(fields, description),
-            "update": {"labels": [{"add": label} for label in _labels(fields.labels)]},
-        }
+    async def update_ticket(self, ref: TicketRef, fields: TicketFields, skip: frozenset[str] = frozenset()) -> None:
+        """Write the mapped fields except those in `skip`.
+
+        Labels and components are only added, so the ones that people or the
+        connector set stay. Nothing is sent when every field is skipped.
+        """
+        description = None
+        if "description" not in skip:
+            description = await _jira_text(fields.description, "description", ticket_key=ref.key)
+        values = self._field_values(fields, description, skip)
+        update: dict[str, list[dict[str, Any]]] = {}
+        if "labels" not in skip:
+            update["labels"] = [{"add": label} for label in _labels(fields.labels)]
+        if "components" not in skip and fields.components:
+            update["components"] = [{"add": {"name": name}} for name in dict.fromkeys(fields.components)]
+        if not values and not any(update.values()):
+            log.debug("jira.ticket.update_skipped", extra={"ticket_key": ref.key})
+            return
+
+        body = {"fields": values, "update": update}
         # An edit sets values, so repeating it is harmless: it is retried like a read.
         await self._call("update_ticket", _request, "PUT", f"issue/{ref.id}", body=body)
         self._remember_write(ref.id)
-        log.info("jira.ticket.updated", extra={"ticket_key": ref.key})
+        log.info("jira.ticket.updated", extra={"ticket_key": ref.key, "skipped": sorted(skip)})
 
     async def changed_tickets(self, since: datetime) -> list[TicketChange]:
-        """Return the project's tickets updated at or after `since`, oldest first."""
+        """Return the tickets of the searched projects updated at or after `since`, oldest first."""
         if since.tzinfo is None:
             raise ValueError("since must be timezone-aware")
         since = since.astimezone(timezone.utc)
 
         issues, zone_name = await self._call(
-            "changed_tickets", self._changed_since, since, self._reconcile_ids()
+            "changed_tickets", self._changed_since, self._project_clause(), since, self._reconcile_ids()
         )
         self.time_zone = _zone_or_none(zone_name) or self.time_zone
 
@@ -286,7 +325,9 @@ class JiraTicketAdapter:
         """
         wiki = await _jira_text(draft.body, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
         marker = {"origin": draft.marker.origin, "source_id": draft.marker.source_id}
-        body = {"body": wiki, "properties": [{"key": PROPERTY_KEY, "value": marker}]}
+        body: dict[str, Any] = {"body": wiki, "properties": [{"key": PROPERTY_KEY, "value": marker}]}
+        if draft.visibility is not None:
+            body["visibility"] = {"type": draft.visibility.type, "value": draft.visibility.value}
 
         reply = await self._call(
             "add_comment", _request, "POST", f"issue/{ref.id}/comment", body=body, write=True
@@ -299,6 +340,7 @@ class JiraTicketAdapter:
                 body=draft.body,
                 marker=draft.marker,
                 restricted=_restricted(reply),
+                updated=_optional_time(reply.get("updated")),
             )
         except (KeyError, TypeError, InvalidPayloadError) as err:
             raise OutcomeUnknownError(
@@ -311,6 +353,250 @@ class JiraTicketAdapter:
             extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
         )
         return comment
+
+    async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
+        """Replace a comment's body, then write its marker property again.
+
+        Writing the property again marks anew a comment whose property
+        someone removed. The visibility changes only when the draft names
+        one. Both requests set values, so a repeated edit is harmless.
+        """
+        if not comment_id.isdigit():
+            raise InvalidPayloadError(f"Jira comment id {comment_id!r} is not a number")
+        wiki = await _jira_text(draft.body, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
+        body: dict[str, Any] = {"body": wiki}
+        if draft.visibility is not None:
+            body["visibility"] = {"type": draft.visibility.type, "value": draft.visibility.value}
+        marker = {"origin": draft.marker.origin, "source_id": draft.marker.source_id}
+
+        reply = await self._call("edit_comment", _edit_comment, ref.id, comment_id, body, marker)
+        try:
+            comment = TicketComment(
+                id=str(reply["id"]),
+                author=self._account_of(reply.get("author") or {}),
+                created=_parse_time(reply["created"]),
+                body=draft.body,
+                marker=draft.marker,
+                restricted=_restricted(reply),
+                updated=_optional_time(reply.get("updated")),
+            )
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(f"Jira's reply to the edit of comment {comment_id} of {ref.key} has no id or created time") from err
+
+        self._remember_write(ref.id)
+        log.info(
+            "jira.comment.edited",
+            extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
+        )
+        return comment
+
+    # Attachments
+
+    async def list_attachments(self, ref: TicketRef) -> list[TicketAttachment]:
+        """Return the issue's attachments from its `attachment` field, oldest first."""
+        issue = await self._call(
+            "list_attachments", _request, "GET", f"issue/{ref.id}", params={"fields": "attachment"}
+        )
+        items = ((issue or {}).get("fields") or {}).get("attachment") or []
+        attachments = [self._attachment_of(item, ref) for item in items]
+        return sorted(attachments, key=lambda item: (item.created, _numeric(item.id)))
+
+    async def download_attachment(self, attachment: TicketAttachment, destination: Path) -> int:
+        """Stream an attachment's content to `destination` in chunks and return the bytes written.
+
+        The content URL is read from Jira and must be on the configured Jira
+        origin. The file is written under a temporary name and renamed when
+        complete; a partial file is removed.
+        """
+        if not attachment.id.isdigit():
+            raise InvalidPayloadError(f"Jira attachment id {attachment.id!r} is not a number")
+        try:
+            written = await self._call("download_attachment", self._download, attachment, destination)
+        except OSError as err:
+            raise ItemError(
+                f"cannot write Jira attachment {attachment.id} to {destination}: {err.strerror or err}; "
+                "check the free space and permissions of the connector's data folder"
+            ) from err
+        log.info("jira.attachment.downloaded", extra={"attachment_id": attachment.id, "bytes": written})
+        return written
+
+    async def upload_attachment(self, ref: TicketRef, upload: AttachmentUpload) -> TicketAttachment:
+        """Stream a spooled file to the issue as a multipart `file` part and return the new attachment.
+
+        A file above Jira's limit is RejectedError 413 when Jira reads the
+        body before it replies.
+        """
+        # NOTE: a server that replies 413 and closes the connection before
+        # the body is sent makes this OutcomeUnknownError instead; callers
+        # check `attachment_limit()` first.
+        try:
+            reply = await self._call(
+                "upload_attachment", _upload, ref.id, upload.path, upload.filename, upload.content_type, write=True
+            )
+        except OSError as err:
+            raise ItemError(f"cannot read the spooled file {upload.path}: {err.strerror or err}") from err
+        try:
+            attachment = self._attachment_of(reply[0], ref)
+        except (KeyError, TypeError, IndexError, InvalidPayloadError) as err:
+            raise OutcomeUnknownError(
+                f"Jira accepted the upload of {upload.filename!r} to {ref.key} but its reply names no attachment"
+            ) from err
+
+        self._remember_write(ref.id)
+        log.info(
+            "jira.attachment.uploaded",
+            extra={"ticket_key": ref.key, "attachment_id": attachment.id, "bytes": attachment.size},
+        )
+        return attachment
+
+    async def attachment_limit(self) -> int | None:
+        """Return Jira's upload limit in bytes from attachment/meta, or None when attachments are disabled."""
+        meta = await self._call("attachment_limit", _request, "GET", "attachment/meta")
+        if not isinstance(meta, dict) or not meta.get("enabled"):
+            return None
+        limit = meta.get("uploadLimit")
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise InvalidPayloadError(f"Jira attachment/meta has no readable uploadLimit: {limit!r}")
+        return limit
+
+    # Workflow
+
+    async def get_state(self, ref: TicketRef, field_ids: Iterable[str] = ()) -> TicketState:
+        """Read the status, its category, `updated` and the named fields.
+
+        Values are simplified: a priority, resolution, issue type or option
+        becomes its name or value, a user its account id, components a list
+        of names, and the description Markdown. A field the issue lacks is None.
+        """
+        wanted = list(dict.fromkeys(field_ids))
+        fields = ",".join(dict.fromkeys(["status", "updated", *wanted]))
+        issue = await self._call("get_state", _request, "GET", f"issue/{ref.id}", params={"fields": fields})
+        values = (issue or {}).get("fields") or {}
+        try:
+            status = values["status"]
+            state = TicketState(
+                status=str(status["name"]),
+                status_category=str((status.get("statusCategory") or {}).get("key") or ""),
+                updated=_parse_time(values["updated"]),
+                values={},
+            )
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(f"Jira returned issue {ref.key} without status or updated: {err!r}") from err
+
+        for field_id in wanted:
+            state.values[field_id] = await self._plain_value(field_id, values.get(field_id))
+        return state
+
+    async def transition_to(self, ref: TicketRef, status: str) -> None:
+        """Move the issue to `status` by a transition whose target has that name, compared case-insensitively."""
+        current, transitions = await self._call("transition_to", _status_and_transitions, ref.id, status)
+        if current.casefold() == status.casefold():
+            log.debug("jira.transition.not_needed", extra={"ticket_key": ref.key, "status": current})
+            return
+
+        matches = [item for item in transitions if str((item.get("to") or {}).get("name", "")).casefold() == status.casefold()]
+        if not matches:
+            reachable = list(dict.fromkeys(str((item.get("to") or {}).get("name")) for item in transitions))
+            raise RejectedError(
+                f"Jira issue {ref.key} cannot move from {current!r} to {status!r}: no transition leads there. "
+                f"Statuses reachable from {current!r}: {', '.join(reachable) or 'none'}. "
+                "Map the MDR status to one of them or add the transition to the Jira workflow"
+            )
+
+        transition = matches[0]
+        # NOTE: no fields are sent, so a workflow whose transition screen
+        # requires a field (a resolution, say) rejects the move with 400.
+        body = {"transition": {"id": str(transition["id"])}}
+        await self._call(
+            "transition_to", _request, "POST", f"issue/{ref.id}/transitions", body=body, write=True
+        )
+        self._remember_write(ref.id)
+        log.info(
+            "jira.ticket.transitioned",
+            extra={"ticket_key": ref.key, "from_status": current, "status": status, "transition": transition.get("name")},
+        )
+
+    # Tickets that ask for an MDR incident
+
+    async def find_tickets(self, query: TicketQuery, since: datetime) -> list[TicketRef]:
+        """Return the project's tickets with the label and issue type created at or after `since`, oldest first."""
+        if since.tzinfo is None:
+            raise ValueError("since must be timezone-aware")
+        if query.label is None and query.issue_type is None:
+            raise ConfigError(
+                f"a ticket query on project {query.project} needs a label or an issue type, "
+                "otherwise every ticket of the project would create an MDR incident"
+            )
+        since = since.astimezone(timezone.utc)
+        self._add_project(_checked_project(query.project))
+
+        clauses = [f"project = {quote(query.project)}"]
+        if query.label is not None:
+            clauses.append(f"labels = {quote(query.label)}")
+        if query.issue_type is not None:
+            clauses.append(f"issuetype = {quote(query.issue_type)}")
+        issues, zone_name = await self._call(
+            "find_tickets", self._created_since, " AND ".join(clauses), since, self._reconcile_ids()
+        )
+        self.time_zone = _zone_or_none(zone_name) or self.time_zone
+
+        found: list[tuple[datetime, TicketRef]] = []
+        for issue in issues:
+            try:
+                created = _parse_time(issue["fields"]["created"])
+                ref = self._ref(issue)
+            except (KeyError, TypeError) as err:
+                raise InvalidPayloadError(f"Jira search returned an issue without key, id or created: {err!r}") from err
+            if created >= since:
+                found.append((created, ref))
+        found.sort(key=lambda item: (item[0], _numeric(item[1].id)))
+        return [ref for _, ref in found]
+
+    async def set_correlation(self, ref: TicketRef, incident_id: str) -> None:
+        """Give an existing issue the property and labels that `create_ticket` gives a new one.
+
+        The property goes first, so the labels never point `find_ticket` to an
+        issue it cannot confirm. An issue that already carries another
+        incident is RejectedError. Both writes set values, so a repeat is harmless.
+        """
+        label = correlation_label(incident_id)
+        self._add_project(ref.key.rpartition("-")[0])
+        existing = await self._call("set_correlation", _issue_property, ref.id)
+        other = existing.get("incident_id") if isinstance(existing, dict) else None
+        if other is not None and other != incident_id:
+            raise RejectedError(
+                f"Jira issue {ref.key} is already linked to MDR incident {other}, so it cannot carry {incident_id} too; "
+                f"remove the {PROPERTY_KEY} property from the issue to relink it"
+            )
+
+        value = {**(existing if isinstance(existing, dict) else {}), "incident_id": incident_id}
+        await self._call(
+            "set_correlation", _request, "PUT", f"issue/{ref.id}/properties/{PROPERTY_KEY}", body=value
+        )
+        body = {"update": {"labels": [{"add": name} for name in _labels([CONNECTOR_LABEL, label])]}}
+        await self._call("set_correlation", _request, "PUT", f"issue/{ref.id}", body=body)
+        self._remember_write(ref.id)
+        log.info("jira.ticket.correlated", extra={"ticket_key": ref.key, "incident_id": incident_id})
+
+    # Accounts
+
+    async def account_groups(self, account_id: str) -> set[str]:
+        """Return the names of the account's groups, or an empty set for an unknown account.
+
+        Cloud reads `user/groups?accountId=`, which Atlassian's REST v2
+        reference documents for Cloud only. Data Center reads
+        `user?username=...&expand=groups`.
+        """
+        if not account_id:
+            return set()
+        try:
+            groups = await self._call("account_groups", self._groups_of, account_id)
+        except RejectedError as err:
+            if err.status != 404:
+                raise
+            log.warning("jira.account.unknown", extra={"account_id": account_id})
+            return set()
+        return groups
 
     # Worker-thread helpers
 
@@ -403,7 +689,7 @@ class JiraTicketAdapter:
         return issues
 
     def _changed_since(
-        self, client: JIRA, since: datetime, reconcile: list[int]
+        self, client: JIRA, projects: str, since: datetime, reconcile: list[int]
     ) -> tuple[list[dict[str, Any]], str | None]:
         # The account's zone is read again on every poll: a profile change
         # would otherwise shift every later query by the difference.
@@ -412,7 +698,7 @@ class JiraTicketAdapter:
         # No label condition: a person who removes the `mdr-connector` label
         # must not silently cut the ticket off from MDR. The engine keeps only
         # the tickets it has links for.
-        query = f'project = {quote(self.project)} AND updated >= "{literal}" ORDER BY updated ASC'
+        query = f'{projects} AND updated >= "{literal}" ORDER BY updated ASC'
 
         for attempt in range(1, STABLE_SEARCH_ATTEMPTS + 1):
             result = self._search(client, query, ["updated"], [], reconcile)
@@ -426,6 +712,66 @@ class JiraTicketAdapter:
             f"Jira issues of project {self.project} kept changing while the change search was paged "
             f"({STABLE_SEARCH_ATTEMPTS} attempts), so a complete result could not be read; it is tried again next cycle"
         )
+
+    def _created_since(
+        self, client: JIRA, clauses: str, since: datetime, reconcile: list[int]
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        zone_name = _myself(client).get("timeZone")
+        literal = jql_minute(since, _zone_or_none(zone_name))
+        query = f'{clauses} AND created >= "{literal}" ORDER BY created ASC'
+        return self._search(client, query, ["created"], [], reconcile).issues, zone_name
+
+    def _download(self, client: JIRA, attachment: TicketAttachment, destination: Path) -> int:
+        meta = _request(client, "GET", f"attachment/{attachment.id}")
+        content = meta.get("content") if isinstance(meta, dict) else None
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not isinstance(content, str) or not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidPayloadError(f"Jira attachment {attachment.id} has no readable content URL or size")
+
+        with self._media_session() as media:
+            media_get = partial(media.get, stream=True, allow_redirects=False, timeout=self.settings.timeout_seconds)
+            response = open_content(content, self.settings.url, partial(jira_stream, client), media_get)
+            return write_stream(response, destination, size)
+
+    def _media_session(self) -> requests.Session:
+        """Open a session without the connector's credentials, for the media host that Jira Cloud redirects downloads to."""
+        assert self._client_arguments is not None
+        session = requests.Session()
+        session.trust_env = False
+        session.verify = self._client_arguments["options"]["verify"]
+        session.proxies = dict(self._client_arguments["proxies"] or {})
+        session.headers["User-Agent"] = "mdr-connector"
+        return session
+
+    def _groups_of(self, client: JIRA, account_id: str) -> set[str]:
+        if self.deployment == "cloud":
+            reply = _request(client, "GET", "user/groups", params={"accountId": account_id})
+            items = reply if isinstance(reply, list) else []
+        else:
+            # NOTE: INFERRED from the Data Center REST reference, not checked on
+            # a live site: `expand=groups` lists every group of the user.
+            reply = _request(client, "GET", "user", params={"username": account_id, "expand": "groups"})
+            items = ((reply or {}).get("groups") or {}).get("items") or []
+        return {str(item["name"]) for item in items if isinstance(item, dict) and item.get("name")}
+
+    async def _plain_value(self, field_id: str, value: Any) -> Any:
+        if field_id == "description" and isinstance(value, str):
+            return await asyncio.to_thread(markup.jira_to_markdown, value)
+        return self._simplified(value)
+
+    def _simplified(self, value: Any) -> Any:
+        """Reduce a Jira field value to what the status mapping compares: a name, a value, an account id."""
+        if isinstance(value, list):
+            return [self._simplified(item) for item in value]
+        if not isinstance(value, dict):
+            return value
+        if "accountId" in value or ("displayName" in value and "name" in value):
+            return self._account_of(value).id
+        if "value" in value:
+            return value["value"]
+        if "name" in value:
+            return value["name"]
+        return value
 
     def _search(
         self,
@@ -456,9 +802,28 @@ class JiraTicketAdapter:
                 body=body,
                 marker=_marker_of(item, ref),
                 restricted=_restricted(item),
+                updated=_optional_time(item.get("updated")),
             )
         except (KeyError, TypeError) as err:
             raise InvalidPayloadError(f"Jira returned a comment of {ref.key} without id or created: {err!r}") from err
+
+    def _attachment_of(self, item: dict[str, Any], ref: TicketRef) -> TicketAttachment:
+        try:
+            size = item["size"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise TypeError(f"size {size!r} is not a byte count")
+            return TicketAttachment(
+                id=str(item["id"]),
+                filename=str(item["filename"]),
+                size=size,
+                author=self._account_of(item.get("author") or {}),
+                created=_parse_time(item["created"]),
+                content_type=str(item.get("mimeType") or "application/octet-stream"),
+            )
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(
+                f"Jira returned an attachment of {ref.key} without id, filename, size or created: {err!r}"
+            ) from err
 
     def _ref(self, issue: dict[str, Any]) -> TicketRef:
         key = str(issue["key"])
@@ -468,13 +833,28 @@ class JiraTicketAdapter:
         identity = user.get("accountId") if self.deployment == "cloud" else user.get("name")
         return TicketAccount(id=str(identity or ""), display_name=str(user.get("displayName") or ""))
 
-    def _field_values(self, fields: TicketFields, description: str) -> dict[str, Any]:
-        values = {name: value for name, value in fields.extra.items() if name not in CORE_FIELDS}
-        values["summary"] = _summary(fields.summary)
-        values["description"] = description
-        if fields.priority:
+    def _field_values(
+        self, fields: TicketFields, description: str | None, skip: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        values = {name: value for name, value in fields.extra.items() if name not in CORE_FIELDS | skip}
+        if "summary" not in skip:
+            values["summary"] = _summary(fields.summary)
+        if description is not None:
+            values["description"] = description
+        if fields.priority and "priority" not in skip:
             values["priority"] = {"name": fields.priority}
         return values
+
+    def _add_project(self, key: str) -> None:
+        if key not in self.searched_projects:
+            self.searched_projects[key] = None
+            log.info("jira.project.searched", extra={"project": key, "projects": list(self.searched_projects)})
+
+    def _project_clause(self) -> str:
+        keys = list(self.searched_projects)
+        if len(keys) == 1:
+            return f"project = {quote(keys[0])}"
+        return f"project in ({', '.join(quote(key) for key in keys)})"
 
     def _remember_write(self, issue_id: str) -> None:
         if issue_id.isdigit():
@@ -536,6 +916,43 @@ def _project_and_priorities(client: JIRA, project: str) -> tuple[dict[str, Any] 
         found = None
     priorities = [str(item.get("name")) for item in _request(client, "GET", "priority") or []]
     return found, priorities
+
+
+def _edit_comment(
+    client: JIRA, issue_id: str, comment_id: str, body: dict[str, Any], marker: dict[str, str]
+) -> dict[str, Any]:
+    reply = _request(client, "PUT", f"issue/{issue_id}/comment/{comment_id}", body=body)
+    _request(client, "PUT", f"comment/{comment_id}/properties/{PROPERTY_KEY}", body=marker)
+    return reply
+
+
+def _status_and_transitions(client: JIRA, issue_id: str, target: str) -> tuple[str, list[dict[str, Any]]]:
+    """Return the issue's status name and, unless it is already `target`, the transitions available from it."""
+    issue = _request(client, "GET", f"issue/{issue_id}", params={"fields": "status"})
+    try:
+        current = str(issue["fields"]["status"]["name"])
+    except (KeyError, TypeError) as err:
+        raise InvalidPayloadError(f"Jira returned issue {issue_id} without a status: {err!r}") from err
+    if current.casefold() == target.casefold():
+        return current, []
+
+    reply = _request(client, "GET", f"issue/{issue_id}/transitions")
+    try:
+        transitions = [item for item in reply["transitions"] if isinstance(item, dict) and "id" in item]
+    except (KeyError, TypeError) as err:
+        raise InvalidPayloadError(f"Jira returned no transitions list for issue {issue_id}: {err!r}") from err
+    return current, transitions
+
+
+def _upload(client: JIRA, issue_id: str, path: Path, filename: str, content_type: str) -> Any:
+    """POST one file as the multipart part `file`, streamed from disk, with the XSRF header Jira requires."""
+    body = MultipartFileBody(path, filename, content_type)
+    headers = {"X-Atlassian-Token": "no-check", "Content-Type": body.content_type}
+    try:
+        response = client._session.post(client._get_url(f"issue/{issue_id}/attachments"), data=body, headers=headers)
+    finally:
+        body.close()
+    return response.json()
 
 
 def _issue_property(client: JIRA, issue_id: str) -> Any:
@@ -772,10 +1189,38 @@ def _incident_id_of(issue: dict[str, Any]) -> str | None:
 
 
 def _restricted(comment: dict[str, Any]) -> bool:
-    """Return whether Jira limits who may read a comment, which it marks with a role or group `visibility`."""
+    """Return whether Jira limits who may read a comment.
+
+    That is a role or group `visibility`, or a Jira Service Management
+    internal note: the comment property `sd.public.comment` with
+    `{"internal": true}`, or `jsdPublic: false` in a Cloud reply.
+    """
     # Any visibility value counts, even one this adapter cannot read, so a
     # malformed reply errs on the side of keeping the comment internal.
-    return comment.get("visibility") is not None
+    # NOTE: `jsdPublic: false` as the sign of an internal note is INFERRED
+    # from Cloud replies; the property is what Data Center sends.
+    if comment.get("visibility") is not None or comment.get("jsdPublic") is False:
+        return True
+    for item in comment.get("properties") or []:
+        if isinstance(item, dict) and item.get("key") == JSM_PUBLIC_PROPERTY:
+            value = item.get("value")
+            return isinstance(value, dict) and value.get("internal") is True
+    return False
+
+
+def _checked_project(key: str) -> str:
+    if not PROJECT_KEY_PATTERN.fullmatch(key):
+        raise ConfigError(f"Jira project key {key!r} is invalid: use letters, digits and '_', starting with a letter")
+    return key
+
+
+def _optional_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return _parse_time(text)
+    except InvalidPayloadError:
+        return None
 
 
 def _marker_of(comment: dict[str, Any], ref: TicketRef) -> SyncMarker | None:

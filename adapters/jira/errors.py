@@ -47,6 +47,16 @@ OPERATION_WORDS = {
     "changed_tickets": "searching for changed tickets",
     "list_comments": "reading the comments of a ticket",
     "add_comment": "adding a comment to a ticket",
+    "edit_comment": "editing a comment of a ticket",
+    "list_attachments": "reading the attachments of a ticket",
+    "download_attachment": "downloading an attachment",
+    "upload_attachment": "uploading an attachment",
+    "attachment_limit": "reading the attachment settings",
+    "get_state": "reading the status of a ticket",
+    "transition_to": "changing the status of a ticket",
+    "find_tickets": "searching for tickets that ask for an MDR incident",
+    "set_correlation": "marking a ticket with its MDR incident",
+    "account_groups": "reading the groups of an account",
 }
 
 
@@ -102,6 +112,12 @@ def _from_reply(err: JIRAError, words: str, *, write: bool, opening: bool, url: 
     if opening and status == 404:
         return ConnectionFatalError(
             f"no Jira REST API found{_at(url)} while {words} (HTTP 404): check ticket.url"
+        )
+    if status == 413:
+        return RejectedError(
+            f"Jira rejected the request as too large while {words} (HTTP 413){suffix}; "
+            "a file above Jira's attachment size limit cannot be attached",
+            status=status,
         )
     return RejectedError(f"Jira rejected the request while {words} (HTTP {status}){suffix}", status=status)
 

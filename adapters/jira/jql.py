@@ -1,7 +1,7 @@
 """A small JQL subset: quoting for the adapter, parsing and matching for the simulator.
 
 Supported: clauses joined by `AND` on `project`, `key` (or `issuekey`),
-`labels`, `updated` and `created`. They take `=`, `!=`, `in` and `not in`,
+`labels`, `issuetype` (or `type`), `status`, `component`, `updated` and `created`. They take `=`, `!=`, `in` and `not in`,
 and dates also `>=`, `>`, `<=` and `<`. `ORDER BY` sorts on `updated`,
 `created`, `key` or `id`. `OR`, `NOT` and parentheses around clauses are rejected,
 so a query the simulator cannot read fails loudly instead of matching
@@ -24,7 +24,8 @@ from zoneinfo import ZoneInfo
 
 JQL_MINUTE_FORMAT = "%Y/%m/%d %H:%M"
 DATE_FORMATS = ("%Y/%m/%d %H:%M", "%Y-%m-%d %H:%M", "%Y/%m/%d", "%Y-%m-%d")
-TEXT_FIELDS = {"project", "key", "issuekey", "labels"}
+TEXT_FIELDS = {"project", "key", "issuekey", "labels", "issuetype", "type", "status", "component"}
+FIELD_ALIASES = {"issuekey": "key", "type": "issuetype"}
 DATE_FIELDS = {"updated", "created"}
 ORDER_FIELDS = {"updated", "created", "key", "id"}
 RELATIVE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -230,7 +231,7 @@ def parse_date(literal: str, time_zone: str, now: datetime) -> datetime:
 
 
 def matcher(query: Query, time_zone: str, now: datetime) -> Callable[[dict[str, Any]], bool]:
-    """Build a predicate over issue records with keys project, key, labels, updated, created."""
+    """Build a predicate over issue records with keys project, key, labels, issuetype, status, component, updated, created."""
     checks = [_clause_check(clause, time_zone, now) for clause in query.clauses]
     return lambda record: all(check(record) for check in checks)
 
@@ -243,7 +244,7 @@ def _clause_check(clause: Clause, time_zone: str, now: datetime) -> Callable[[di
             raise JqlError(f"Error in the JQL query: operator {clause.operator} does not apply to dates")
         return lambda record: compare(record[clause.field], bound)
 
-    field = "key" if clause.field == "issuekey" else clause.field
+    field = FIELD_ALIASES.get(clause.field, clause.field)
     wanted = {value.casefold() for value in clause.values}
     negate = clause.operator in ("!=", "not in")
 

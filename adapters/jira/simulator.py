@@ -4,6 +4,10 @@ It behaves as Jira Cloud or Jira Data Center (`deployment`) and checks
 Basic and Bearer credentials. It pages comments and searches the way each
 product does and reads JQL dates in the requesting user's time zone. It can
 also delay search visibility like Cloud's eventually consistent `search/jql`.
+Issues follow a small workflow with transitions and resolutions, users
+belong to groups, and attachments are stored on disk with an upload limit.
+Cloud serves attachment content by a redirect to a signed media link, Data
+Center at `/secure/attachment/{id}/{filename}`.
 Tests drive it in-process; `mdr-connector demo` and `simulate jira` run it
 with `serve`.
 
@@ -27,16 +31,21 @@ import asyncio
 import base64
 import binascii
 import copy
+import hashlib
+import hmac
 import json
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from mdr_connector.adapters.jira.simulator_state import (
     HUMAN_NAME,
@@ -55,10 +64,13 @@ from mdr_connector.adapters.jira.simulator_state import (
     SimIssue,
     SimUser,
     check_property,
+    component_id,
     issue_type_id,
     format_jira_time,
     settings_errors,
 )
+from mdr_connector.adapters.jira.simulator_files import CHUNK_BYTES, SimAttachment
+from mdr_connector.adapters.jira.simulator_workflow import CATEGORY_JSON, SimTransition
 from mdr_connector.adapters.loopback import serve_on_loopback
 
 __all__ = [
@@ -111,6 +123,8 @@ class _Api:
 
     def __init__(self, sim: JiraSimulator) -> None:
         self.sim = sim
+        # Signs the media links of Cloud attachment content, which need no credentials.
+        self.media_key = secrets.token_bytes(32)
 
     @property
     def cloud(self) -> bool:
@@ -211,7 +225,29 @@ class _Api:
             "key": key,
             "name": name,
             "issueTypes": [self.issue_type_json(type_name) for type_name in types],
+            "components": [
+                self.component_json(request, key, component) for component in self.sim.components.get(key, ())
+            ],
         }
+
+    def component_json(self, request: web.Request, project: str, name: str) -> dict[str, Any]:
+        identifier = component_id(project, self.sim.components[project].index(name))
+        return {"self": f"{self.base(request)}{API}/component/{identifier}", "id": identifier, "name": name}
+
+    def status_json(self, request: web.Request, name: str) -> dict[str, Any]:
+        identifier = self.sim.workflow.status_id(name)
+        category = CATEGORY_JSON[self.sim.workflow.statuses[name]]
+        return {
+            "self": f"{self.base(request)}{API}/status/{identifier}",
+            "description": "",
+            "name": name,
+            "id": identifier,
+            "statusCategory": {"self": f"{self.base(request)}{API}/statuscategory/{category['id']}", **category},
+        }
+
+    def resolution_json(self, request: web.Request, name: str) -> dict[str, Any]:
+        identifier = self.sim.workflow.resolution_id(name)
+        return {"self": f"{self.base(request)}{API}/resolution/{identifier}", "id": identifier, "name": name, "description": ""}
 
     # Issues
 
@@ -269,7 +305,13 @@ class _Api:
             "created": self.time(request, issue.created),
             "updated": self.time(request, view.updated),
             "reporter": self.user_json(request, issue.reporter),
-            "status": {"name": "Open", "id": "1"},
+            "status": self.status_json(request, fields["status"]),
+            "resolution": self.resolution_json(request, fields["resolution"]) if fields.get("resolution") else None,
+            "components": [
+                self.component_json(request, fields["project"], name) for name in fields.get("components", [])
+            ],
+            # Attachments are read live: the index keeps no copy of them.
+            "attachment": [self.attachment_json(request, attachment) for attachment in issue.attachments],
         }
         for field_id in self.sim.custom_fields:
             result[field_id] = copy.deepcopy(fields.get(field_id))
@@ -332,12 +374,236 @@ class _Api:
             "updateAuthor": author,
             "created": self.time(request, comment.created),
             "updated": self.time(request, comment.updated),
-            "jsdPublic": True,
+            "jsdPublic": not comment.internal,
         }
         if comment.visibility is not None:
             body["visibility"] = dict(comment.visibility)
         if with_properties:
             body["properties"] = [{"key": key, "value": value} for key, value in comment.properties.items()]
+        return body
+
+    async def edit_comment(self, request: web.Request) -> web.Response:
+        issue = self.sim.issue(request.match_info["issue"])
+        body = await _json_body(request)
+        _, comment = self.sim.comment(request.match_info["comment"])
+        if comment not in issue.comments:
+            raise SimError(404, ["Can not find a comment for the id."])
+        changes = {name: body[name] for name in ("visibility", "properties") if name in body}
+        self.sim.edit_comment(comment.id, body.get("body"), editor=request["user"], changes=changes)
+        expand = _list_param(request.query.getall("expand", []))
+        return _json_response(self.comment_json(request, issue, comment, "properties" in expand))
+
+    # Workflow
+
+    async def transitions(self, request: web.Request) -> web.Response:
+        issue = self.sim.issue(request.match_info["issue"])
+        transitions = self.sim.transitions(issue.id)
+        return _json_response(
+            {"expand": "transitions", "transitions": [self.transition_json(request, item) for item in transitions]}
+        )
+
+    def transition_json(self, request: web.Request, transition: SimTransition) -> dict[str, Any]:
+        return {
+            "id": transition.id,
+            "name": transition.name,
+            "to": self.status_json(request, transition.to),
+            "hasScreen": False,
+            "isGlobal": not transition.sources,
+            "isInitial": False,
+            "isAvailable": True,
+            "isConditional": False,
+            "isLooped": False,
+        }
+
+    async def do_transition(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        unsupported = sorted(set(body) - {"transition", "fields"})
+        if unsupported:
+            raise SimError(400, [f"The simulator does not support {', '.join(unsupported)} in a transition."])
+        transition = body.get("transition")
+        transition_id = transition.get("id") if isinstance(transition, dict) else None
+        if transition_id is None:
+            raise SimError(400, ["Missing 'transition' identifier"])
+        fields = body.get("fields") or {}
+        if not isinstance(fields, dict):
+            raise SimError(400, ["The 'fields' value must be an object."])
+        self.sim.transition(request.match_info["issue"], transition_id, fields)
+        return web.Response(status=204)
+
+    # Attachments
+
+    def attachment_json(self, request: web.Request, attachment: SimAttachment) -> dict[str, Any]:
+        base = self.base(request)
+        content_base = self.sim.settings.content_base_url.rstrip("/") or base
+        if self.cloud:
+            content = f"{content_base}{API}/attachment/content/{attachment.id}"
+        else:
+            content = f"{content_base}/secure/attachment/{attachment.id}/{quote(attachment.filename, safe='')}"
+        return {
+            "self": f"{base}{API}/attachment/{attachment.id}",
+            "id": str(attachment.id),
+            "filename": attachment.filename,
+            "author": self.user_json(request, attachment.author),
+            "created": self.time(request, attachment.created),
+            "size": attachment.size,
+            "mimeType": attachment.mime_type,
+            "content": content,
+        }
+
+    async def attachment_meta(self, request: web.Request) -> web.Response:
+        settings = self.sim.settings
+        return _json_response({"enabled": settings.attachments_enabled, "uploadLimit": settings.upload_limit_bytes})
+
+    async def get_attachment(self, request: web.Request) -> web.Response:
+        _, attachment = self.sim.attachment(request.match_info["attachment"])
+        return _json_response(self.attachment_json(request, attachment))
+
+    async def attachment_content(self, request: web.Request) -> web.StreamResponse:
+        """Cloud: redirect to a signed media link, as Jira Cloud does, unless `redirect=false`."""
+        _, attachment = self.sim.attachment(request.match_info["attachment"])
+        origin = self.sim.settings.media_base_url.rstrip("/") or self.base(request)
+        location = f"{origin}/media/file/{attachment.id}/binary?token={self.media_token(attachment.id)}"
+        if request.query.get("redirect") == "false":
+            return _json_response(location)
+        raise web.HTTPSeeOther(location)
+
+    async def media_content(self, request: web.Request) -> web.StreamResponse:
+        """Serve a download of the media host, which takes the token from the redirect instead of credentials."""
+        attachment_id = request.match_info["attachment"]
+        self.sim.media_requests.append(
+            {"attachment_id": attachment_id, "authorization": "Authorization" in request.headers}
+        )
+        expected = self.media_token(int(attachment_id)) if attachment_id.isdigit() else ""
+        if not hmac.compare_digest(request.query.get("token", ""), expected):
+            raise SimError(401, ["The media token is missing or wrong."])
+        _, attachment = self.sim.attachment(attachment_id)
+        return await self.stream_file(request, attachment)
+
+    def media_token(self, attachment_id: int) -> str:
+        return hmac.new(self.media_key, str(attachment_id).encode(), hashlib.sha256).hexdigest()
+
+    async def secure_attachment(self, request: web.Request) -> web.StreamResponse:
+        """Data Center: the content URL `/secure/attachment/{id}/{filename}`, behind the usual credentials."""
+        _, attachment = self.sim.attachment(request.match_info["attachment"])
+        return await self.stream_file(request, attachment)
+
+    async def stream_file(self, request: web.Request, attachment: SimAttachment) -> web.StreamResponse:
+        """Send the file in chunks, cut off after `download_cut_bytes` when that setting is above 0."""
+        # The length of the file itself: a test may set the record's size to something else.
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": attachment.mime_type,
+                "Content-Length": str(attachment.path.stat().st_size),
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quote(attachment.filename, safe='')}",
+            }
+        )
+        await response.prepare(request)
+        cut = self.sim.settings.download_cut_bytes
+        sent = 0
+        with attachment.path.open("rb") as file:
+            while chunk := file.read(CHUNK_BYTES):
+                if cut and sent + len(chunk) >= cut:
+                    await response.write(chunk[: cut - sent])
+                    log.info("jira_sim.download.cut", extra={"attachment_id": attachment.id, "bytes": cut})
+                    if request.transport is not None:
+                        request.transport.close()
+                    return response
+                await response.write(chunk)
+                sent += len(chunk)
+        await response.write_eof()
+        return response
+
+    async def add_attachments(self, request: web.Request) -> web.Response:
+        """Store each multipart `file` part on disk as it arrives, or read the rest and reply 413 when one exceeds the limit."""
+        if request.headers.get("X-Atlassian-Token", "").lower() != "no-check":
+            raise SimError(403, ["XSRF check failed: send the header X-Atlassian-Token: no-check."])
+        issue = self.sim.issue(request.match_info["issue"])
+        if not self.sim.settings.attachments_enabled:
+            raise SimError(403, ["Attachments are disabled on this Jira site."])
+        if request.content_type != "multipart/form-data":
+            raise SimError(415, [f"Expected multipart/form-data, got {request.content_type!r}."])
+
+        written: list[tuple[int, str, Path, str]] = []
+        too_large: list[str] = []
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader) or part.name != "file":
+                    await part.release()
+                    continue
+                if not part.filename:
+                    raise SimError(400, ["The 'file' part has no file name."])
+                attachment_id = self.sim.next_attachment_id()
+                path = self.sim.files.path_for(attachment_id)
+                written.append((attachment_id, part.filename, path, part.headers.get("Content-Type", "application/octet-stream")))
+                if not await self.receive_part(part, path):
+                    too_large.append(part.filename)
+        except BaseException:
+            _remove_files(path for _, _, path, _ in written)
+            raise
+
+        if too_large or not written:
+            _remove_files(path for _, _, path, _ in written)
+        if too_large:
+            limit = self.sim.settings.upload_limit_bytes
+            raise SimError(413, [f"The file '{too_large[0]}' is larger than the attachment size limit of {limit} bytes."])
+        if not written:
+            raise SimError(400, ["The request has no multipart part named 'file'."])
+
+        user: SimUser = request["user"]
+        attachments = [
+            self.sim.register_attachment(issue, attachment_id, filename, path, user, mime_type)
+            for attachment_id, filename, path, mime_type in written
+        ]
+        return _json_response([self.attachment_json(request, attachment) for attachment in attachments])
+
+    async def receive_part(self, part: BodyPartReader, path: Path) -> bool:
+        """Write a part to `path` in chunks and return whether it fits the limit; a part over it is read to its end."""
+        limit = self.sim.settings.upload_limit_bytes
+        size = 0
+        with path.open("wb") as file:
+            while chunk := await part.read_chunk(CHUNK_BYTES):
+                size += len(chunk)
+                if size <= limit:
+                    file.write(chunk)
+        # The client reads no reply before its whole body is sent, so an
+        # over-limit part is read to its end and dropped: closing the
+        # connection early would look like a lost reply instead of a 413.
+        return size <= limit
+
+    # Users and groups
+
+    async def get_user(self, request: web.Request) -> web.Response:
+        user = self.requested_user(request)
+        body = self.user_json(request, user)
+        if "groups" in _list_param(request.query.getall("expand", [])):
+            body["groups"] = {"size": len(user.groups), "items": [self.group_json(request, name) for name in user.groups]}
+        return _json_response(body)
+
+    async def user_groups(self, request: web.Request) -> web.Response:
+        if not self.cloud:
+            raise SimError(404, ["This endpoint exists only on Jira Cloud. Use user?username=...&expand=groups."])
+        user = self.requested_user(request)
+        return _json_response([self.group_json(request, name) for name in user.groups])
+
+    def requested_user(self, request: web.Request) -> SimUser:
+        if self.cloud:
+            reference = request.query.get("accountId")
+            matches = [user for user in self.sim.users if user.account_id == reference]
+        else:
+            reference = request.query.get("username") or request.query.get("key")
+            matches = [user for user in self.sim.users if user.name == reference]
+        if not reference:
+            parameter = "accountId" if self.cloud else "username"
+            raise SimError(400, [f"The '{parameter}' query parameter is required."])
+        if not matches:
+            raise SimError(404, [f"The user '{reference}' does not exist."])
+        return matches[0]
+
+    def group_json(self, request: web.Request, name: str) -> dict[str, Any]:
+        body = {"name": name, "self": f"{self.base(request)}{API}/group?groupname={quote(name, safe='')}"}
+        if self.cloud:
+            body["groupId"] = hashlib.sha256(name.encode()).hexdigest()[:32]
         return body
 
     # Entity properties
@@ -446,6 +712,11 @@ def _field_requested(name: str, requested: list[str]) -> bool:
     return name in requested or "*all" in requested or "*navigable" in requested
 
 
+def _remove_files(paths: Any) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
 def _list_param(values: Any) -> list[str]:
     """Read a list parameter given repeated, comma-separated or as a JSON list."""
     if values is None:
@@ -525,7 +796,7 @@ def _count_calls(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamRespon
 def _latency(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if sim.settings.latency_seconds > 0 and request.path.startswith("/rest/"):
+        if sim.settings.latency_seconds > 0 and request.path.startswith(("/rest/", "/secure/", "/media/")):
             await asyncio.sleep(sim.settings.latency_seconds)
         return await handler(request)
 
@@ -564,6 +835,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except SimError as err:
+        log.info("jira_sim.request.rejected", extra={"method": request.method, "path": request.path, "status": err.status})
         body = {"errorMessages": err.messages, "errors": err.errors}
         return _json_response(body, status=err.status)
 
@@ -571,7 +843,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _authenticate(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/rest/"):
+        if not request.path.startswith(("/rest/", "/secure/")):
             return await handler(request)
 
         header = request.headers.get("Authorization")
@@ -637,6 +909,7 @@ class _Control:
                 password=str(body.get("password", "")),
                 token=str(body.get("token", "")),
                 api_token=str(body.get("api_token", "")),
+                groups=[str(group) for group in body.get("groups", [])],
             )
         except KeyError as err:
             raise SimError(400, [f"Missing key {err.args[0]!r}."]) from None
@@ -652,10 +925,65 @@ class _Control:
                 body.get("body"),
                 author=body.get("author"),
                 visibility=body.get("visibility"),
+                internal=body.get("internal") is True,
             )
         except KeyError as err:
             raise SimError(400, [str(err)]) from None
         return _json_response({"id": str(comment.id)}, status=201)
+
+    async def edit_comment(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        changes = {name: body[name] for name in ("visibility",) if name in body}
+        comment = self.sim.edit_comment(request.match_info["comment"], body.get("body"), changes=changes)
+        return _json_response({"id": str(comment.id), "updated": comment.updated.isoformat()})
+
+    async def delete_comment(self, request: web.Request) -> web.Response:
+        self.sim.delete_comment(request.match_info["comment"])
+        return web.Response(status=204)
+
+    async def add_attachment(self, request: web.Request) -> web.Response:
+        """Attach `text` (UTF-8), `content_base64`, or `size` generated bytes under `filename`."""
+        body = await _json_body(request)
+        filename = body.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise SimError(400, [], {"filename": "Expected the file name as a non-empty string."})
+        data: bytes | None = None
+        if isinstance(body.get("text"), str):
+            data = body["text"].encode()
+        elif isinstance(body.get("content_base64"), str):
+            try:
+                data = base64.b64decode(body["content_base64"], validate=True)
+            except binascii.Error:
+                raise SimError(400, [], {"content_base64": "Expected base64 text."}) from None
+        size = body.get("size")
+        if data is None and not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise SimError(400, ["Give the file as text, content_base64 or a size in bytes (0 or more)."])
+        try:
+            attachment = await asyncio.to_thread(
+                self.sim.add_attachment,
+                request.match_info["issue"],
+                filename,
+                data,
+                size=None if data is not None else size,
+                author=body.get("author"),
+                mime_type=str(body.get("mime_type", "application/octet-stream")),
+            )
+        except KeyError as err:
+            raise SimError(400, [str(err)]) from None
+        return _json_response({"id": str(attachment.id), "size": attachment.size}, status=201)
+
+    async def delete_attachment(self, request: web.Request) -> web.Response:
+        self.sim.delete_attachment(request.match_info["attachment"])
+        return web.Response(status=204)
+
+    async def transition(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        status = body.get("status")
+        if not isinstance(status, str) or not status:
+            raise SimError(400, [], {"status": "Expected the target status name as a string."})
+        resolution = body.get("resolution")
+        issue = self.sim.transition_as_human(request.match_info["issue"], status, resolution)
+        return _json_response({"key": issue.key, "status": issue.fields["status"], "resolution": issue.fields["resolution"]})
 
     async def edit_issue(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -711,6 +1039,15 @@ def make_app(sim: JiraSimulator) -> web.Application:
         ("GET", "/issue/{issue}/comment", api.list_comments),
         ("POST", "/issue/{issue}/comment", api.add_comment),
         ("GET", "/issue/{issue}/comment/{comment}", api.get_comment),
+        ("PUT", "/issue/{issue}/comment/{comment}", api.edit_comment),
+        ("GET", "/issue/{issue}/transitions", api.transitions),
+        ("POST", "/issue/{issue}/transitions", api.do_transition),
+        ("POST", "/issue/{issue}/attachments", api.add_attachments),
+        ("GET", "/attachment/meta", api.attachment_meta),
+        ("GET", "/attachment/content/{attachment}", api.attachment_content),
+        ("GET", "/attachment/{attachment}", api.get_attachment),
+        ("GET", "/user", api.get_user),
+        ("GET", "/user/groups", api.user_groups),
         ("GET", "/issue/{issue}/properties", api.property_keys),
         ("GET", "/issue/{issue}/properties/{key}", api.get_property),
         ("PUT", "/issue/{issue}/properties/{key}", api.put_property),
@@ -726,12 +1063,19 @@ def make_app(sim: JiraSimulator) -> web.Application:
     ]
     for method, path, handler in routes:
         app.router.add_route(method, API + path, handler)
+    app.router.add_get("/secure/attachment/{attachment}/{filename}", api.secure_attachment)
+    app.router.add_get("/media/file/{attachment}/binary", api.media_content)
 
     control = _Control(sim)
     app.router.add_get("/_sim/state", control.state)
     app.router.add_get("/_sim/calls", control.calls)
     app.router.add_post("/_sim/users", control.add_user)
     app.router.add_post("/_sim/issues/{issue}/comments", control.add_comment)
+    app.router.add_put("/_sim/comments/{comment}", control.edit_comment)
+    app.router.add_delete("/_sim/comments/{comment}", control.delete_comment)
+    app.router.add_post("/_sim/issues/{issue}/attachments", control.add_attachment)
+    app.router.add_delete("/_sim/attachments/{attachment}", control.delete_attachment)
+    app.router.add_post("/_sim/issues/{issue}/transitions", control.transition)
     app.router.add_put("/_sim/issues/{issue}", control.edit_issue)
     app.router.add_post("/_sim/clock", control.clock)
     app.router.add_get("/_sim/settings", control.get_settings)
@@ -741,9 +1085,15 @@ def make_app(sim: JiraSimulator) -> web.Application:
 
 @asynccontextmanager
 async def run_simulator(sim: JiraSimulator, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve `sim` on a loopback address and yield its base URL; port 0 picks a free port."""
-    async with serve_on_loopback(make_app(sim), host, port) as url:
-        yield url
+    """Serve `sim` on a loopback address and yield its base URL, where port 0 picks a free port.
+
+    When the server stops, the simulator's attachment files are removed.
+    """
+    try:
+        async with serve_on_loopback(make_app(sim), host, port) as url:
+            yield url
+    finally:
+        sim.close()
 
 
 async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None) -> None:

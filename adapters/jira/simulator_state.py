@@ -1,10 +1,11 @@
-"""The state of a simulated Jira site: users, issues, comments, properties and search.
+"""The state of a simulated Jira site: users, issues, comments, attachments, workflow and search.
 
 `JiraSimulator` validates writes the way Jira does and keeps time as real
 UTC time plus an offset that tests move forward. It records each issue's
 searchable state with the moment it becomes visible, so search can lag
-behind writes like Jira Cloud's `search/jql`. The HTTP layer in
-`simulator.py` serves it.
+behind writes like Jira Cloud's `search/jql`. Attachment bytes live in a
+temporary folder that `close()` removes. The HTTP layer in `simulator.py`
+serves it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,23 @@ import logging
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from mdr_connector.adapters.jira import jql
+from mdr_connector.adapters.jira.simulator_files import (
+    DEFAULT_UPLOAD_LIMIT,
+    AttachmentFiles,
+    SimAttachment,
+    generated_chunks,
+)
+from mdr_connector.adapters.jira.simulator_workflow import SimTransition, SimWorkflow
+from mdr_connector.connector.config import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +63,20 @@ SYSTEM_FIELDS = (
     ("updated", "Updated"),
     ("reporter", "Reporter"),
     ("status", "Status"),
+    ("resolution", "Resolution"),
+    ("components", "Component/s"),
+    ("attachment", "Attachment"),
     ("comment", "Comment"),
 )
 VISIBILITY_TYPES = ("role", "group")
 DEFAULT_PRIORITIES = ("Highest", "High", "Medium", "Low", "Lowest")
-DEFAULT_PROJECTS = {"SEC": ("Security incidents", ("Task", "Incident"))}
+DEFAULT_PROJECTS = {
+    "SEC": ("Security incidents", ("Task", "Incident")),
+    "OPS": ("IT operations", ("Task",)),
+}
+DEFAULT_COMPONENTS = {"SEC": ("Endpoint", "Network", "Identity"), "OPS": ("Servers", "Workstations")}
+# The comment property with which Jira Service Management marks a comment internal to its agents.
+JSM_PUBLIC_PROPERTY = "sd.public.comment"
 
 
 class SimError(Exception):
@@ -88,6 +109,7 @@ class SimUser:
     token: str = ""
     # The Cloud API token, for an account whose Cloud and Data Center secrets differ.
     api_token: str = ""
+    groups: list[str] = field(default_factory=list)
 
     def basic_auth_secret(self, deployment: Deployment) -> str:
         """Return the secret that Basic authentication takes for this account on `deployment`."""
@@ -106,6 +128,12 @@ class SimComment:
     properties: dict[str, Any] = field(default_factory=dict)
     # {"type": "role" | "group", "value": name} when only that role or group may read the comment.
     visibility: dict[str, str] | None = None
+
+    @property
+    def internal(self) -> bool:
+        """Whether Jira Service Management shows the comment to agents only."""
+        value = self.properties.get(JSM_PUBLIC_PROPERTY)
+        return isinstance(value, dict) and value.get("internal") is True
 
 
 @dataclass
@@ -127,6 +155,7 @@ class SimIssue:
     updated: datetime
     properties: dict[str, Any] = field(default_factory=dict)
     comments: list[SimComment] = field(default_factory=list)
+    attachments: list[SimAttachment] = field(default_factory=list)
     index: list[tuple[datetime, IssueView]] = field(default_factory=list)
 
     def view(self) -> IssueView:
@@ -142,6 +171,17 @@ class SimSettings:
     latency_seconds: float = 0.0
     comment_page_cap: int = 100
     search_page_cap: int = 100
+    # What GET attachment/meta reports. Uploads above the limit get HTTP 413.
+    attachments_enabled: bool = True
+    upload_limit_bytes: int = DEFAULT_UPLOAD_LIMIT
+    # Above 0, every attachment download is cut off after this many bytes.
+    download_cut_bytes: int = 0
+    # The origin that Cloud attachment content redirects to, such as
+    # `http://localhost:8089`, or empty for the simulator's own origin.
+    media_base_url: str = ""
+    # The origin that attachment records name as their content URL, to play
+    # a hostile or misconfigured server, or empty for the simulator's own origin.
+    content_base_url: str = ""
 
 
 def settings_errors(changes: dict[str, Any]) -> dict[str, str]:
@@ -158,6 +198,16 @@ def settings_errors(changes: dict[str, Any]) -> dict[str, str]:
         elif name in ("comment_page_cap", "search_page_cap"):
             fits = isinstance(value, int) and not isinstance(value, bool) and value >= 1
             expected = "an integer of at least 1"
+        elif name in ("upload_limit_bytes", "download_cut_bytes"):
+            fits = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            expected = "an integer of at least 0"
+        elif name == "attachments_enabled":
+            fits = isinstance(value, bool)
+            expected = "true or false"
+        elif name in ("media_base_url", "content_base_url"):
+            # Only loopback origins: the simulator must never send a client to another machine.
+            fits = isinstance(value, str) and (value == "" or _loopback_origin(value))
+            expected = 'an http(s) origin on a loopback host such as "http://localhost:8089", or ""'
         else:
             fits = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             expected = "a finite number of seconds"
@@ -188,22 +238,33 @@ class JiraSimulator:
         projects: dict[str, tuple[str, tuple[str, ...]]] | None = None,
         priorities: tuple[str, ...] = DEFAULT_PRIORITIES,
         custom_fields: dict[str, str] | None = None,
+        components: dict[str, tuple[str, ...]] | None = None,
+        workflow: SimWorkflow | None = None,
     ) -> None:
+        """Build a site. `projects` maps a key to its name and issue types, and `components` a key to component names."""
         self.settings = SimSettings(
             deployment=deployment,
             search_delay_seconds=search_delay_seconds,
             latency_seconds=latency_seconds,
         )
         self.projects = dict(projects or DEFAULT_PROJECTS)
+        if components is None:
+            components = DEFAULT_COMPONENTS if projects is None else {}
+        self.components = {key: tuple(components.get(key, ())) for key in self.projects}
         self.priorities = tuple(priorities)
         self.custom_fields = dict(custom_fields or {"customfield_10010": "MDR incident link"})
+        self.workflow = workflow or SimWorkflow()
         self.users: list[SimUser] = []
         self.issues: dict[int, SimIssue] = {}
         self.calls: Counter[str] = Counter()
         self.drop_rules: list[DropRule] = []
         self.clock_offset = timedelta()
+        self.files = AttachmentFiles()
+        # One entry per request to the media origin: whether it carried an Authorization header.
+        self.media_requests: list[dict[str, Any]] = []
         self._next_issue_id = 10000
         self._next_comment_id = 10000
+        self._next_attachment_id = 10000
         self._next_issue_number: Counter[str] = Counter()
 
         self.service = self.add_user(
@@ -217,6 +278,7 @@ class JiraSimulator:
             password=SERVICE_PASSWORD,
             token=SERVICE_PAT,
             api_token=SERVICE_TOKEN,
+            groups=["jira-software-users"],
         )
         self.human = self.add_user(
             account_id="557058:analyst",
@@ -225,7 +287,12 @@ class JiraSimulator:
             time_zone="Europe/Moscow",
             email="analyst@example.test",
             password="analyst-secret",
+            groups=["jira-software-users", "soc-analysts"],
         )
+
+    def close(self) -> None:
+        """Remove the attachment files, keeping their records."""
+        self.files.close()
 
     # Users and clock
 
@@ -240,15 +307,23 @@ class JiraSimulator:
         password: str = "",
         token: str = "",
         api_token: str = "",
+        groups: Iterable[str] = (),
     ) -> SimUser:
-        """Add an account.
+        """Add an account that belongs to `groups`.
 
         `password` is the Data Center password, and also the Cloud API token unless `api_token` is given.
         """
         _check_time_zone(time_zone)
-        user = SimUser(account_id, name, display_name, time_zone, email, password, token, api_token)
+        user = SimUser(account_id, name, display_name, time_zone, email, password, token, api_token, list(groups))
         self.users.append(user)
         return user
+
+    def add_project(self, key: str, name: str, issue_types: Iterable[str], components: Iterable[str] = ()) -> None:
+        """Add a project, or replace the issue types and components of an existing one."""
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]{1,9}", key):
+            raise ValueError(f"project key {key!r} must be 2 to 10 capital letters, digits or '_', starting with a letter")
+        self.projects[key] = (name, tuple(issue_types))
+        self.components[key] = tuple(components)
 
     def user(self, reference: str) -> SimUser:
         """Find a user by account id, name or e-mail."""
@@ -305,7 +380,15 @@ class JiraSimulator:
         issue = SimIssue(
             id=self._next_issue_id,
             key=f"{project}-{self._next_issue_number[project]}",
-            fields={"description": None, "priority": "Medium", "labels": [], **values},
+            fields={
+                "description": None,
+                "priority": "Medium",
+                "labels": [],
+                "components": [],
+                **values,
+                "status": self.workflow.initial_status,
+                "resolution": None,
+            },
             reporter=reporter or self.service,
             created=now,
             updated=now,
@@ -331,7 +414,7 @@ class JiraSimulator:
         if both:
             raise SimError(400, errors={name: f"Field '{name}' is set in both 'fields' and 'update'." for name in both})
 
-        changes = self._validated_fields(fields, creating=False)
+        changes = self._validated_fields(fields, creating=False, project=issue.fields["project"])
         for name, operations in update.items():
             changes[name] = self._apply_operations(issue, name, operations)
 
@@ -340,10 +423,12 @@ class JiraSimulator:
         return issue
 
     def edit_as_human(self, reference: str | int, **fields: Any) -> SimIssue:
-        """Edit an issue as a person would: `summary=`, `description=`, `labels=`, `priority=` (a name)."""
+        """Edit an issue as a person would: `summary=`, `description=`, `labels=`, `priority=` (a name), `components=` (names)."""
         rest_fields = dict(fields)
         if isinstance(rest_fields.get("priority"), str):
             rest_fields["priority"] = {"name": rest_fields["priority"]}
+        if "components" in rest_fields:
+            rest_fields["components"] = [{"name": name} for name in rest_fields["components"]]
         return self.edit_issue(reference, rest_fields)
 
     def add_comment(
@@ -354,19 +439,21 @@ class JiraSimulator:
         author: str | SimUser | None = None,
         properties: list[dict[str, Any]] | None = None,
         visibility: dict[str, Any] | None = None,
+        internal: bool = False,
     ) -> SimComment:
         """Add a comment, by default as the human user, as a person would in the web UI.
 
         `visibility` restricts the comment to a role or a group, for example
-        `{"type": "role", "value": "Administrators"}`.
+        `{"type": "role", "value": "Administrators"}`. `internal` makes it a
+        Jira Service Management internal note (property `sd.public.comment`).
         """
         issue = self.issue(reference)
         user = author if isinstance(author, SimUser) else self.user(author or HUMAN_NAME)
-        if not isinstance(body, str) or not body.strip():
-            raise SimError(400, errors={"comment": "Comment body can not be empty!"})
-        if _utf16_length(body) > MAX_TEXT_LENGTH:
-            raise SimError(400, errors={"comment": f"The comment is longer than {MAX_TEXT_LENGTH} characters."})
+        _check_comment_body(body)
         checked_visibility = _validated_visibility(visibility)
+        checked_properties = _validated_properties(properties or [])
+        if internal:
+            checked_properties[JSM_PUBLIC_PROPERTY] = {"internal": True}
 
         now = self.now()
         comment = SimComment(
@@ -375,13 +462,52 @@ class JiraSimulator:
             body=body,
             created=now,
             updated=now,
-            properties=_validated_properties(properties or []),
+            properties=checked_properties,
             visibility=checked_visibility,
         )
         self._next_comment_id += 1
         issue.comments.append(comment)
         self._touch(issue)
         return comment
+
+    def edit_comment(
+        self,
+        comment_id: str | int,
+        body: str,
+        *,
+        editor: str | SimUser | None = None,
+        changes: dict[str, Any] | None = None,
+    ) -> SimComment:
+        """Replace a comment's body as `editor` (by default its author), like PUT issue/{id}/comment/{id}.
+
+        `changes` may hold `visibility` (null removes it) and `properties`
+        to set; properties not named stay, as in Jira. Only the author may edit.
+        """
+        issue, comment = self.comment(comment_id)
+        user = comment.author
+        if isinstance(editor, SimUser):
+            user = editor
+        elif editor:
+            user = self.user(editor)
+        if user is not comment.author:
+            raise SimError(403, ["You do not have the permission to edit this comment."])
+        _check_comment_body(body)
+        changes = changes or {}
+        visibility = _validated_visibility(changes["visibility"]) if "visibility" in changes else comment.visibility
+        properties = _validated_properties(changes.get("properties") or [])
+
+        comment.body = body
+        comment.visibility = visibility
+        comment.properties.update(properties)
+        comment.updated = max(self.now(), comment.updated)
+        self._touch(issue)
+        return comment
+
+    def delete_comment(self, comment_id: str | int) -> None:
+        """Delete a comment as a person would, which moves the Jira issue's `updated`."""
+        issue, comment = self.comment(comment_id)
+        issue.comments.remove(comment)
+        self._touch(issue)
 
     def comment(self, comment_id: str | int) -> tuple[SimIssue, SimComment]:
         for issue in self.issues.values():
@@ -407,7 +533,9 @@ class JiraSimulator:
         visible = [view for visible_from, view in issue.index if visible_from <= now]
         return visible[-1] if visible else None
 
-    def _validated_fields(self, fields: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    def _validated_fields(
+        self, fields: dict[str, Any], *, creating: bool, project: str | None = None
+    ) -> dict[str, Any]:
         errors: dict[str, str] = {}
         values: dict[str, Any] = {}
         if not isinstance(fields, dict):
@@ -422,9 +550,10 @@ class JiraSimulator:
                 if required not in fields:
                     errors[required] = message
 
+        context = {"project": project, **fields}
         for name, value in fields.items():
             try:
-                values[name] = self._validated_field(name, value, fields)
+                values[name] = self._validated_field(name, value, context)
             except ValueError as err:
                 errors[name] = str(err)
 
@@ -445,6 +574,8 @@ class JiraSimulator:
             return self._priority(value)
         if name == "labels":
             return _validated_labels(value)
+        if name == "components":
+            return self._components(value, fields.get("project"))
         if name in self.custom_fields:
             return copy.deepcopy(value)
         raise ValueError(f"Field '{name}' cannot be set: it is unknown or not on the screen.")
@@ -468,6 +599,24 @@ class JiraSimulator:
                 return type_name
         raise ValueError("Specify a valid issue type")
 
+    def _components(self, value: Any, project: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise ValueError("Components must be a list of {\"name\": ...} or {\"id\": ...} objects.")
+        return [self._component(item, project) for item in value]
+
+    def _component(self, item: Any, project: Any) -> str:
+        reference = item.get("name") or item.get("id") if isinstance(item, dict) else None
+        try:
+            key = self.project_key(project)
+        except ValueError:
+            raise ValueError("valid project is required") from None
+        for index, name in enumerate(self.components.get(key, ())):
+            if str(reference) in (name, component_id(key, index)):
+                return name
+        if isinstance(item, dict) and "id" in item and "name" not in item:
+            raise ValueError(f"Component id '{reference}' is not valid.")
+        raise ValueError(f"Component name '{reference}' is not valid")
+
     def _priority(self, value: Any) -> str | None:
         if value is None:
             return None
@@ -478,6 +627,8 @@ class JiraSimulator:
         raise ValueError(f"Priority name '{reference}' is not valid.")
 
     def _apply_operations(self, issue: SimIssue, name: str, operations: list[dict[str, Any]]) -> Any:
+        if name == "components":
+            return self._component_operations(issue, operations)
         if name != "labels":
             sets = [operation["set"] for operation in operations if "set" in operation]
             if len(sets) != 1 or len(operations) != 1:
@@ -497,6 +648,145 @@ class JiraSimulator:
             else:
                 raise SimError(400, errors={"labels": "Use 'add', 'remove' or 'set'."})
         return labels
+
+    def _component_operations(self, issue: SimIssue, operations: list[dict[str, Any]]) -> list[str]:
+        project = issue.fields["project"]
+        components = list(issue.fields.get("components", []))
+        try:
+            for operation in operations:
+                if "set" in operation:
+                    components = self._components(operation["set"], project)
+                elif "add" in operation:
+                    name = self._component(operation["add"], project)
+                    if name not in components:
+                        components.append(name)
+                elif "remove" in operation:
+                    name = self._component(operation["remove"], project)
+                    components = [item for item in components if item != name]
+                else:
+                    raise ValueError("Use 'add', 'remove' or 'set'.")
+        except ValueError as err:
+            raise SimError(400, errors={"components": str(err)}) from None
+        return components
+
+    # Workflow
+
+    def transitions(self, reference: str | int) -> list[SimTransition]:
+        """Return the transitions available from the issue's current status."""
+        issue = self.issue(reference)
+        return self.workflow.available(issue.fields["status"])
+
+    def transition(
+        self, reference: str | int, transition_id: Any, fields: dict[str, Any] | None = None
+    ) -> SimIssue:
+        """Take a transition by id, like POST issue/{id}/transitions, where `fields` may set the resolution."""
+        issue = self.issue(reference)
+        status = issue.fields["status"]
+        chosen = next((item for item in self.workflow.available(status) if item.id == str(transition_id)), None)
+        if chosen is None:
+            raise SimError(
+                400,
+                [f"Transition id '{transition_id}' is not valid for this issue in status '{status}'."],
+            )
+
+        fields = dict(fields or {})
+        resolution = fields.pop("resolution", None)
+        if fields:
+            raise SimError(
+                400,
+                errors={name: f"Field '{name}' cannot be set. It is not on the appropriate screen, or unknown." for name in fields},
+            )
+        entering_done = self.workflow.is_done(chosen.to)
+        if resolution is not None and not entering_done:
+            raise SimError(400, errors={"resolution": "Field 'resolution' cannot be set. It is not on the appropriate screen, or unknown."})
+
+        issue.fields["status"] = chosen.to
+        issue.fields["resolution"] = self._resolution(resolution) if entering_done else None
+        self._touch(issue)
+        log.info("jira_sim.issue.transitioned", extra={"ticket_key": issue.key, "status": chosen.to})
+        return issue
+
+    def transition_as_human(self, reference: str | int, status: str, resolution: str | None = None) -> SimIssue:
+        """Move an issue to `status` by an available transition, as a person would, or raise SimError without one."""
+        issue = self.issue(reference)
+        chosen = next((item for item in self.transitions(issue.id) if item.to.casefold() == status.casefold()), None)
+        if chosen is None:
+            raise SimError(400, [f"No transition leads from '{issue.fields['status']}' to '{status}'."])
+        fields = {"resolution": {"name": resolution}} if resolution is not None else None
+        return self.transition(issue.id, chosen.id, fields)
+
+    def _resolution(self, value: Any) -> str:
+        if value is None:
+            return self.workflow.resolutions[0]
+        reference = value.get("name") or value.get("id") if isinstance(value, dict) else None
+        for name in self.workflow.resolutions:
+            if str(reference) in (name, self.workflow.resolution_id(name)):
+                return name
+        raise SimError(400, errors={"resolution": f"Resolution '{reference}' is not valid."})
+
+    # Attachments
+
+    def add_attachment(
+        self,
+        reference: str | int,
+        filename: str,
+        data: bytes | None = None,
+        *,
+        size: int | None = None,
+        author: str | SimUser | None = None,
+        mime_type: str = "application/octet-stream",
+    ) -> SimAttachment:
+        """Attach `data`, or `size` generated bytes, as a person would (by default the human user)."""
+        issue = self.issue(reference)
+        user = author if isinstance(author, SimUser) else self.user(author or HUMAN_NAME)
+        if (data is None) == (size is None):
+            raise ValueError("give the attachment's bytes as data or a generated size, not both")
+        attachment_id = self.next_attachment_id()
+        path = self.files.path_for(attachment_id)
+        with path.open("wb") as file:
+            for chunk in [data] if data is not None else generated_chunks(size or 0):
+                file.write(chunk)
+        return self.register_attachment(issue, attachment_id, filename, path, user, mime_type)
+
+    def next_attachment_id(self) -> int:
+        """Reserve the id of a new attachment, whose bytes then go to `files.path_for(id)`."""
+        attachment_id = self._next_attachment_id
+        self._next_attachment_id += 1
+        return attachment_id
+
+    def register_attachment(
+        self, issue: SimIssue, attachment_id: int, filename: str, path: Path, author: SimUser, mime_type: str
+    ) -> SimAttachment:
+        """Record a file already written to `path` as an attachment of `issue`, which moves `updated`."""
+        attachment = SimAttachment(
+            id=attachment_id,
+            issue_id=issue.id,
+            filename=filename,
+            size=path.stat().st_size,
+            mime_type=mime_type,
+            author=author,
+            created=self.now(),
+            path=path,
+        )
+        issue.attachments.append(attachment)
+        self._touch(issue)
+        log.info("jira_sim.attachment.added", extra={"ticket_key": issue.key, "attachment_id": attachment_id})
+        return attachment
+
+    def attachment(self, attachment_id: str | int) -> tuple[SimIssue, SimAttachment]:
+        """Find an attachment by id, or raise SimError 404 like Jira."""
+        for issue in self.issues.values():
+            for attachment in issue.attachments:
+                if str(attachment.id) == str(attachment_id):
+                    return issue, attachment
+        raise SimError(404, [f"The attachment with id '{attachment_id}' does not exist."])
+
+    def delete_attachment(self, attachment_id: str | int) -> None:
+        """Delete an attachment and its file as a person would, which moves the Jira issue's `updated`."""
+        issue, attachment = self.attachment(attachment_id)
+        issue.attachments.remove(attachment)
+        attachment.path.unlink(missing_ok=True)
+        self._touch(issue)
 
     # Search
 
@@ -546,16 +836,33 @@ class JiraSimulator:
                             "author": comment.author.name,
                             "body": comment.body,
                             "created": comment.created.isoformat(),
+                            "updated": comment.updated.isoformat(),
                             "properties": copy.deepcopy(comment.properties),
                             "visibility": copy.deepcopy(comment.visibility),
                         }
                         for comment in issue.comments
+                    ],
+                    "attachments": [
+                        {
+                            "id": str(attachment.id),
+                            "filename": attachment.filename,
+                            "size": attachment.size,
+                            "mime_type": attachment.mime_type,
+                            "author": attachment.author.name,
+                            "created": attachment.created.isoformat(),
+                        }
+                        for attachment in issue.attachments
                     ],
                 }
                 for issue in self.issues.values()
             ],
             "calls": dict(self.calls),
         }
+
+
+def _loopback_origin(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and parts.path in ("", "/") and is_loopback_host(parts.hostname or "")
 
 
 def _check_time_zone(name: str) -> None:
@@ -567,6 +874,10 @@ def _check_time_zone(name: str) -> None:
 
 def issue_type_id(name: str) -> str:
     return str(10000 + sum(name.encode()))
+
+
+def component_id(project: str, index: int) -> str:
+    return str(10100 + sum(project.encode()) * 10 + index)
 
 
 def _utf16_length(text: str) -> int:
@@ -606,6 +917,13 @@ def _validated_labels(value: Any) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def _check_comment_body(body: Any) -> None:
+    if not isinstance(body, str) or not body.strip():
+        raise SimError(400, errors={"comment": "Comment body can not be empty!"})
+    if _utf16_length(body) > MAX_TEXT_LENGTH:
+        raise SimError(400, errors={"comment": f"The comment is longer than {MAX_TEXT_LENGTH} characters."})
+
+
 def _validated_visibility(value: Any) -> dict[str, str] | None:
     if value is None:
         return None
@@ -642,6 +960,9 @@ def _search_record(issue: SimIssue, view: IssueView) -> dict[str, Any]:
         "key": issue.key,
         "project": view.fields["project"],
         "labels": view.fields.get("labels", []),
+        "issuetype": view.fields["issuetype"],
+        "status": view.fields["status"],
+        "component": view.fields.get("components", []),
         "updated": view.updated,
         "created": issue.created,
     }
