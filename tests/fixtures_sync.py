@@ -65,6 +65,24 @@ class SyncHarness:
             await sync.run_cycle()
         return sync
 
+    def use_mapping(self, **changes: Any) -> None:
+        """Write the built-in Jira mapping with `changes` applied to its top-level keys, and use it from the next engine on."""
+        import yaml
+        from importlib import resources
+
+        raw = yaml.safe_load(resources.files("mdr_connector.mappings").joinpath("jira.yaml").read_text(encoding="utf-8"))
+        raw.update(changes)
+        path = self.settings.data_dir / f"mapping-{len(list(self.settings.data_dir.glob('mapping-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+        connection = self.connection.model_copy(update={"mapping": str(path)})
+        self.settings = self.settings.model_copy(update={"connections": [connection]})
+
+    def use_sync(self, **changes: Any) -> None:
+        """Change the connection's sync settings from the next engine on."""
+        sync = self.connection.sync.model_copy(update=changes)
+        connection = self.connection.model_copy(update={"sync": sync})
+        self.settings = self.settings.model_copy(update={"connections": [connection]})
+
     def seed(self, **fields: Any) -> dict[str, Any]:
         return self.mdr_sim.seed_incident(MDR_CLIENT_ID, **fields)
 

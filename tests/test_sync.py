@@ -130,6 +130,7 @@ async def test_lost_comment_reply_is_not_reposted(harness: SyncHarness) -> None:
 
 async def test_late_update_is_still_synced(harness: SyncHarness) -> None:
     """An incident whose update_time is older than the cursor but shows one cycle late is still synced."""
+    harness.use_sync(change_source="list")
     late = harness.seed()["incident_id"]
     sync = await harness.cycles(1)
 
@@ -242,6 +243,7 @@ async def test_changed_incident_updates_fields(harness: SyncHarness) -> None:
 
 async def test_idle_cycle_is_cheap(harness: SyncHarness) -> None:
     """With nothing changed, a cycle makes one MDR list call and reads no incident or comments."""
+    harness.use_sync(change_source="list")
     for _ in range(5):
         harness.seed()
     sync = await harness.cycles(2)
@@ -358,8 +360,12 @@ async def test_hostile_display_name_is_escaped(harness: SyncHarness) -> None:
     assert "&lt;img" in mirrored
 
 
-async def test_crash_mid_page_keeps_mdr_cursor(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("source", "cursor_name"), [("list", "mdr"), ("history", "mdr_history")])
+async def test_crash_mid_page_keeps_mdr_cursor(
+    harness: SyncHarness, monkeypatch: pytest.MonkeyPatch, source: str, cursor_name: str
+) -> None:
     """A crash while the first incident of a page is being created leaves the cursor before it."""
+    harness.use_sync(change_source=source)
     first = harness.seed()["incident_id"]
     harness.advance(600)
     second = harness.seed()["incident_id"]
@@ -379,7 +385,7 @@ async def test_crash_mid_page_keeps_mdr_cursor(harness: SyncHarness, monkeypatch
     with pytest.raises(SimulatedCrash):
         await sync.run_cycle()
 
-    stored = await harness.store.get_cursor("main", "mdr")
+    stored = await harness.store.get_cursor("main", cursor_name)
     assert stored is None or int(stored) < harness.mdr_sim.incident(MDR_CLIENT_ID, first)["update_time"]
     harness.advance(31)
     await harness.cycles(2)
@@ -582,12 +588,10 @@ async def test_removed_label_keeps_sync(harness: SyncHarness) -> None:
     assert sum("after the labels were removed" in c["text"] for c in harness.mdr_comments(incident_id)) == 1
 
 
-async def test_burst_larger_than_overlap_budget_drains(harness: SyncHarness) -> None:
+@pytest.mark.parametrize("source", ["list", "history"])
+async def test_burst_larger_than_overlap_budget_drains(harness: SyncHarness, source: str) -> None:
     """A burst that fills more pages than one cycle may read still drains over cycles, though it sits in the overlap."""
-    sync_settings = harness.connection.sync.model_copy(update={"page_size": 3, "max_pages_per_cycle": 2})
-    harness.settings = harness.settings.model_copy(
-        update={"connections": [harness.connection.model_copy(update={"sync": sync_settings})]}
-    )
+    harness.use_sync(page_size=3, max_pages_per_cycle=2, change_source=source)
     burst = []
     for _ in range(20):
         burst.append(harness.seed()["incident_id"])
