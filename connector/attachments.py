@@ -1,0 +1,563 @@
+"""The attachment sync: copies the files one side lacks, in both directions, through a spool file.
+
+Each file is downloaded into the connection's spool folder and uploaded
+from there, so memory stays bounded whatever the file's size. The spool
+file is removed whether the copy worked or not. A file the mapping's
+filter keeps back is not skipped silently: the other side gets one notice
+naming it. A file the connector uploaded itself (an echo) is recognised by
+its author or the ledger and is never copied back.
+
+Every upload follows the ledger protocol of the comment sync: record the
+intent, look the file up on the target (by cleaned name and size) when an
+earlier attempt may have landed, upload, record the target id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mimetypes
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from mdr_connector.adapters.mdr.models import Attachment, Incident
+from mdr_connector.connector.errors import (
+    ItemError,
+    OutcomeUnknownError,
+    RejectedError,
+    RemoteUnavailableError,
+)
+from mdr_connector.connector.filenames import file_extension, safe_filename, visible_name
+from mdr_connector.connector.mapping import code_span, console_link, escape_markdown, format_time, parse_mdr_footer
+from mdr_connector.connector.mappingfile import FileFilter
+from mdr_connector.connector.store import DONE, MDR_TO_TICKET, PENDING, TICKET_TO_MDR, Link, SyncedItem
+from mdr_connector.connector.sync_common import SyncContext, gather_or_cancel
+from mdr_connector.connector.tickets import (
+    NOTICE_ORIGIN,
+    AttachmentUpload,
+    CommentDraft,
+    CommentVisibility,
+    SyncMarker,
+    TicketAttachment,
+    TicketRef,
+)
+
+log = logging.getLogger(__name__)
+
+ATTACHMENT = "attachment"
+# Notices get their own ledger kind: their target ids are comment ids, which
+# Jira numbers from the same kind of sequence as attachment ids.
+ATTACHMENT_NOTICE = "attachment_notice"
+SPOOL_PREFIX = "attachment-"
+# How long the ticket system's attachment limit is reused before it is read again.
+LIMIT_CACHE_TIME = timedelta(minutes=10)
+# Failures of one file's transfer that must not stop the other files.
+TRANSFER_ERRORS = (ItemError, RemoteUnavailableError, OutcomeUnknownError)
+HTTP_CONTENT_TOO_LARGE = 413
+
+
+class AttachmentSync:
+    """Mirrors the attachments of one connection's incidents and tickets in both directions."""
+
+    label = "attachments"
+
+    def __init__(self, context: SyncContext) -> None:
+        self.context = context
+        self.name = context.name
+        self._ticket_limit: int | None = None
+        self._ticket_limit_read_at: datetime | None = None
+        self._spool_ready = False
+
+    async def sync(self, incident: Incident, link: Link, ref: TicketRef) -> None:
+        """Copy the attachments missing on either side, and post a notice for each filtered one.
+
+        A file with a notice stays kept back, even when the mapping later lets
+        it through, so the other side never gets both a notice and the file.
+        A file that fails (too large for the target, cut short, a lost
+        reply) does not stop the others: the rest are copied first, then one
+        ItemError parks the incident so the failed ones are tried again.
+        """
+        if not self.context.mapping.attachments.enabled:
+            return
+
+        mdr_page, ticket_files = await gather_or_cancel(
+            self.context.read(lambda: self.context.mdr.list_attachments(incident.incident_id)),
+            self.context.read(lambda: self.context.tickets.list_attachments(ref)),
+        )
+        items = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT)
+        notices = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT_NOTICE)
+        failed = [f"attachment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]
+
+        failed += await self.sync_mdr_to_ticket(incident, ref, mdr_page.items, ticket_files, items, notices)
+        failed += await self.sync_ticket_to_mdr(incident, ref, mdr_page.items, ticket_files, items, notices)
+        if failed:
+            raise ItemError(
+                f"{len(failed)} attachment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}"
+            )
+
+    # MDR to ticket
+
+    async def sync_mdr_to_ticket(
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        mdr_files: list[Attachment],
+        ticket_files: list[TicketAttachment],
+        items: list[SyncedItem],
+        notices: list[SyncedItem],
+    ) -> list[str]:
+        """Copy the MDR attachments missing on the ticket and return the failures of single files."""
+        done = _sources(items, MDR_TO_TICKET, DONE)
+        pending = _sources(items, MDR_TO_TICKET, PENDING)
+        written_by_us = _targets(items, TICKET_TO_MDR)
+        claimed = _targets(items, MDR_TO_TICKET)
+        noticed = _sources(notices, MDR_TO_TICKET, DONE)
+        notice_pending = _sources(notices, MDR_TO_TICKET, PENDING)
+        failed: list[str] = []
+
+        for attachment in sorted(mdr_files, key=lambda a: a.creation_time):
+            source_id = attachment.attachment_id
+            if source_id in done or source_id in noticed:
+                continue
+            if self._is_mdr_echo(attachment, written_by_us):
+                continue
+
+            filename = safe_filename(attachment.full_name)
+            try:
+                if source_id in pending:
+                    landed = self._find_on_ticket(filename, attachment.file_size, ticket_files, claimed)
+                    if landed is not None:
+                        claimed.add(landed.id)
+                        await self._record_found(incident, ref, MDR_TO_TICKET, source_id, landed.id)
+                        continue
+
+                limit = await self._read_ticket_limit()
+                reason = self._reason_kept_from_ticket(filename, attachment.file_size, limit)
+                if reason is None:
+                    max_bytes = self.context.mapping.attachments.to_ticket.max_bytes
+                    if limit is not None:
+                        max_bytes = min(max_bytes, limit)
+                    reason = await self._copy_to_ticket(incident, ref, attachment, filename, max_bytes)
+                if reason is not None:
+                    await self._notify_ticket(incident, ref, attachment, filename, reason, source_id in notice_pending)
+            except TRANSFER_ERRORS as err:
+                failed.append(f"MDR attachment {source_id}: {err}")
+        return failed
+
+    def _is_mdr_echo(self, attachment: Attachment, written_by_us: set[str]) -> bool:
+        """Tell whether an MDR attachment was uploaded by this connector."""
+        if attachment.author_name == self.context.settings.mdr.connection_name:
+            reason = "author"
+        elif attachment.attachment_id in written_by_us:
+            reason = "ledger"
+        else:
+            return False
+        self._count_echo(f"mdr-attachment:{attachment.attachment_id}", reason)
+        return True
+
+    def _reason_kept_from_ticket(self, filename: str, size: int, limit: int | None) -> str | None:
+        """Return why a file may not go to the ticket, or None when it may. `limit` is the ticket system's limit."""
+        reason = filter_reason(filename, size, self.context.mapping.attachments.to_ticket, "to_ticket")
+        if reason is not None:
+            return reason
+
+        system = self.context.tickets.system.title()
+        if limit is None:
+            return f"attachments are turned off in {system}"
+        if size > limit:
+            return f"it is larger than the attachment limit of {system}, which is {format_size(limit)}"
+        return None
+
+    async def _read_ticket_limit(self) -> int | None:
+        """Return the ticket system's attachment limit, read again after LIMIT_CACHE_TIME."""
+        now = self.context.clock()
+        if self._ticket_limit_read_at is not None and now - self._ticket_limit_read_at < LIMIT_CACHE_TIME:
+            return self._ticket_limit
+
+        self._ticket_limit = await self.context.read(lambda: self.context.tickets.attachment_limit())
+        self._ticket_limit_read_at = now
+        return self._ticket_limit
+
+    def _find_on_ticket(
+        self, filename: str, size: int, ticket_files: list[TicketAttachment], claimed: set[str]
+    ) -> TicketAttachment | None:
+        """Find the copy an earlier upload with a lost reply left: same name and size, by the connector's account."""
+        own_account = self.context.own_account
+        assert own_account is not None
+        for candidate in ticket_files:
+            if candidate.id in claimed or candidate.author.id != own_account.id:
+                continue
+            if safe_filename(candidate.filename) == filename and candidate.size == size:
+                return candidate
+        return None
+
+    async def _copy_to_ticket(
+        self, incident: Incident, ref: TicketRef, attachment: Attachment, filename: str, max_bytes: int
+    ) -> str | None:
+        """Copy one MDR file to the ticket; return why not when the ticket system rejects it as too large."""
+        async with self._spool_file(attachment.file_size) as path:
+            size = await self.context.read(
+                lambda: self.context.mdr.download_attachment(attachment, path, max_bytes=max_bytes)
+            )
+            if size != attachment.file_size:
+                raise RemoteUnavailableError(
+                    f"MDR sent {size} bytes for attachment {attachment.attachment_id}, which lists "
+                    f"{attachment.file_size}; it is downloaded again on the next try"
+                )
+
+            upload = AttachmentUpload(filename=filename, path=path, size=size, content_type=_content_type(filename))
+            await self.context.store.start_item(self.name, incident.incident_id, ATTACHMENT, MDR_TO_TICKET, attachment.attachment_id)
+            try:
+                landed = await self.context.tickets.upload_attachment(ref, upload)
+            except RejectedError as err:
+                if err.status != HTTP_CONTENT_TOO_LARGE:
+                    raise
+                return f"{self.context.tickets.system.title()} rejected it as too large (HTTP 413)"
+
+        await self._finish(incident, ATTACHMENT, MDR_TO_TICKET, attachment.attachment_id, landed.id)
+        self.context.stats.attachments_to_ticket += 1
+        self._log_mirrored(MDR_TO_TICKET, incident, ref, attachment.attachment_id, landed.id, size, attachment.full_name, filename)
+        return None
+
+    async def _notify_ticket(
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        attachment: Attachment,
+        filename: str,
+        reason: str,
+        retrying: bool,
+    ) -> None:
+        """Post the one ticket comment that names an MDR attachment the filter keeps back."""
+        marker = SyncMarker(origin=NOTICE_ORIGIN, source_id=f"attachment:{attachment.attachment_id}")
+        if retrying:
+            comments = await self.context.read(lambda: self.context.tickets.list_comments(ref))
+            landed = next((comment for comment in comments if comment.marker == marker), None)
+            if landed is not None:
+                await self._finish(incident, ATTACHMENT_NOTICE, MDR_TO_TICKET, attachment.attachment_id, landed.id)
+                return
+
+        link = console_link(self.context.settings.mdr.console_url, incident.incident_id)
+        created = datetime.fromtimestamp(attachment.creation_time / 1000, tz=timezone.utc)
+        body = (
+            f"Attachment {code_span(filename)}, {format_size(attachment.file_size)}, added by "
+            f"{escape_markdown(attachment.author_name or 'an unknown author')} in Kaspersky MDR on "
+            f"{format_time(created)}, was not copied here: {reason}. Open it in the MDR console: {link}"
+        )
+        draft = CommentDraft(body=body, marker=marker, visibility=self._visibility())
+        await self.context.store.start_item(
+            self.name, incident.incident_id, ATTACHMENT_NOTICE, MDR_TO_TICKET, attachment.attachment_id
+        )
+        posted = await self.context.tickets.add_comment(ref, draft)
+        await self._finish(incident, ATTACHMENT_NOTICE, MDR_TO_TICKET, attachment.attachment_id, posted.id)
+        self.context.stats.attachments_filtered += 1
+        self._log_filtered(MDR_TO_TICKET, incident, ref, attachment.attachment_id, attachment.file_size, reason, posted.id)
+
+    def _visibility(self) -> CommentVisibility | None:
+        visibility = self.context.mapping.comments.visibility
+        if visibility is None:
+            return None
+        return CommentVisibility(type=visibility.type, value=visibility.value)
+
+    # Ticket to MDR
+
+    async def sync_ticket_to_mdr(
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        mdr_files: list[Attachment],
+        ticket_files: list[TicketAttachment],
+        items: list[SyncedItem],
+        notices: list[SyncedItem],
+    ) -> list[str]:
+        """Copy the ticket attachments missing in MDR and return the failures of single files."""
+        done = _sources(items, TICKET_TO_MDR, DONE)
+        pending = _sources(items, TICKET_TO_MDR, PENDING)
+        written_by_us = _targets(items, MDR_TO_TICKET)
+        claimed = _targets(items, TICKET_TO_MDR)
+        noticed = _sources(notices, TICKET_TO_MDR, DONE)
+        notice_pending = _sources(notices, TICKET_TO_MDR, PENDING)
+        failed: list[str] = []
+
+        for attachment in sorted(ticket_files, key=lambda a: a.created):
+            if attachment.id in done or attachment.id in noticed:
+                continue
+            if self._is_ticket_echo(attachment, written_by_us):
+                continue
+
+            filename = safe_filename(attachment.filename)
+            try:
+                if attachment.id in pending:
+                    landed = self._find_in_mdr(filename, attachment.size, mdr_files, claimed)
+                    if landed is not None:
+                        claimed.add(landed.attachment_id)
+                        await self._record_found(incident, ref, TICKET_TO_MDR, attachment.id, landed.attachment_id)
+                        continue
+
+                reason = filter_reason(filename, attachment.size, self.context.mapping.attachments.to_mdr, "to_mdr")
+                if reason is None:
+                    reason = await self._copy_to_mdr(incident, ref, attachment, filename)
+                if reason is not None:
+                    await self._notify_mdr(incident, ref, attachment, filename, reason, attachment.id in notice_pending)
+            except TRANSFER_ERRORS as err:
+                failed.append(f"{self.context.tickets.system} attachment {attachment.id}: {err}")
+        return failed
+
+    def _is_ticket_echo(self, attachment: TicketAttachment, written_by_us: set[str]) -> bool:
+        """Tell whether a ticket attachment was uploaded by this connector."""
+        own_account = self.context.own_account
+        assert own_account is not None
+        if attachment.author.id == own_account.id:
+            reason = "author"
+        elif attachment.id in written_by_us:
+            reason = "ledger"
+        else:
+            return False
+        self._count_echo(f"ticket-attachment:{attachment.id}", reason)
+        return True
+
+    def _find_in_mdr(
+        self, filename: str, size: int, mdr_files: list[Attachment], claimed: set[str]
+    ) -> Attachment | None:
+        """Find the copy an earlier upload with a lost reply left: same name and size, by the connector's token."""
+        connection_name = self.context.settings.mdr.connection_name
+        for candidate in mdr_files:
+            if candidate.attachment_id in claimed or candidate.author_name != connection_name:
+                continue
+            if safe_filename(candidate.full_name) == filename and candidate.file_size == size:
+                return candidate
+        return None
+
+    async def _copy_to_mdr(
+        self, incident: Incident, ref: TicketRef, attachment: TicketAttachment, filename: str
+    ) -> str | None:
+        """Copy one ticket file to MDR; return why not when MDR rejects it as too large."""
+        system = self.context.tickets.system
+        async with self._spool_file(attachment.size) as path:
+            size = await self.context.read(lambda: self.context.tickets.download_attachment(attachment, path))
+            if size != attachment.size:
+                raise RemoteUnavailableError(
+                    f"{system} sent {size} bytes for attachment {attachment.id}, which lists {attachment.size}; "
+                    "it is downloaded again on the next try"
+                )
+
+            caption = f"{attachment.author.display_name} ({system.title()} {ref.key})"
+            if filename != attachment.filename:
+                caption += f", original name: {visible_name(attachment.filename)}"
+            await self.context.store.start_item(self.name, incident.incident_id, ATTACHMENT, TICKET_TO_MDR, attachment.id)
+            try:
+                landed = await self.context.mdr.upload_attachment(incident.incident_id, path, filename, caption)
+            except RejectedError as err:
+                # NOTE: MDR documents no upload limit, so the 413 reply is the only sign of one.
+                if err.status != HTTP_CONTENT_TOO_LARGE:
+                    raise
+                return "MDR rejected it as too large (HTTP 413)"
+
+        await self._finish(incident, ATTACHMENT, TICKET_TO_MDR, attachment.id, landed.attachment_id)
+        self.context.stats.attachments_to_mdr += 1
+        self._log_mirrored(TICKET_TO_MDR, incident, ref, attachment.id, landed.attachment_id, size, attachment.filename, filename)
+        return None
+
+    async def _notify_mdr(
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        attachment: TicketAttachment,
+        filename: str,
+        reason: str,
+        retrying: bool,
+    ) -> None:
+        """Post the one MDR comment that names a ticket attachment the filter keeps back.
+
+        The comment ends in the connector's footer and is written with the
+        connector's token, so the comment sync takes it for an echo and
+        never copies it to the ticket.
+        """
+        source_id = f"attachment:{attachment.id}"
+        if retrying:
+            page = await self.context.read(lambda: self.context.mdr.list_comments(incident.incident_id))
+            landed = next((comment for comment in page.items if _footer_source(comment.text) == source_id), None)
+            if landed is not None:
+                await self._finish(incident, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id, landed.comment_id)
+                return
+
+        system = self.context.tickets.system
+        text = (
+            f"Attachment {code_span(filename)}, {format_size(attachment.size)}, added by "
+            f"{escape_markdown(attachment.author.display_name)} in {system.title()} {ref.key} on "
+            f"{format_time(attachment.created)}, was not copied to MDR: {reason}. Open it on the ticket: {ref.url}"
+            f"\n\n_mdr-connector: {system} comment {source_id}_"
+        )
+        await self.context.store.start_item(self.name, incident.incident_id, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id)
+        posted = await self.context.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
+        await self._finish(incident, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id, posted.comment_id)
+        self.context.stats.attachments_filtered += 1
+        self._log_filtered(TICKET_TO_MDR, incident, ref, attachment.id, attachment.size, reason, posted.comment_id)
+
+    # Spool
+
+    @contextlib.asynccontextmanager
+    async def _spool_file(self, expected_size: int) -> AsyncIterator[Path]:
+        """Yield a fresh path in the spool folder and remove the file there afterwards, whatever happened."""
+        spool = self._prepare_spool()
+        free = shutil.disk_usage(spool).free
+        if expected_size > free:
+            raise ItemError(
+                f"the spool folder {spool} has {format_size(free)} free, too little for a file of "
+                f"{format_size(expected_size)}; free disk space there or lower attachments max_bytes in the mapping"
+            )
+
+        path = spool / f"{SPOOL_PREFIX}{uuid.uuid4().hex}"
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _prepare_spool(self) -> Path:
+        """Create the spool folder (owner only) on first use and remove the files an earlier process left there.
+
+        The folder belongs to one connection, which one process works at a
+        time, so on first use every file in it is a leftover of a crash: a
+        spool file or a client's partial download.
+        """
+        spool = self.context.spool_dir
+        if self._spool_ready:
+            return spool
+
+        try:
+            spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if spool.is_symlink() or not spool.is_dir():
+                raise ItemError(f"the spool path {spool} is not a folder; remove it or set another data_dir")
+            os.chmod(spool, 0o700)
+            for leftover in spool.iterdir():
+                if leftover.is_symlink() or leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+                    log.info("sync.attachment.spool_leftover_removed", extra={"connection": self.name, "path": str(leftover)})
+        except OSError as err:
+            raise ItemError(
+                f"cannot prepare the spool folder {spool}: {err.strerror or err}; "
+                "check that the connector's user owns data_dir and can write to it"
+            ) from err
+        self._spool_ready = True
+        return spool
+
+    # Ledger and logs
+
+    async def _record_found(self, incident: Incident, ref: TicketRef, direction: str, source_id: str, target_id: str) -> None:
+        await self._finish(incident, ATTACHMENT, direction, source_id, target_id)
+        log.info(
+            "sync.attachment.found",
+            extra={
+                "connection": self.name,
+                "direction": direction,
+                "incident_id": incident.incident_id,
+                "ticket_key": ref.key,
+                "attachment_id": source_id,
+                "target_attachment_id": target_id,
+            },
+        )
+
+    async def _finish(self, incident: Incident, kind: str, direction: str, source_id: str, target_id: str) -> None:
+        await self.context.store.finish_item(self.name, incident.incident_id, kind, direction, source_id, target_id)
+
+    def _count_echo(self, key: str, reason: str) -> None:
+        if key in self.context.stats.echoes_suppressed:
+            return
+        self.context.stats.echoes_suppressed.add(key)
+        log.debug("sync.echo.suppressed", extra={"connection": self.name, "item": key, "reason": reason})
+
+    def _log_mirrored(
+        self,
+        direction: str,
+        incident: Incident,
+        ref: TicketRef,
+        source_id: str,
+        target_id: str,
+        size: int,
+        original_name: str,
+        filename: str,
+    ) -> None:
+        fields: dict[str, object] = {
+            "connection": self.name,
+            "direction": direction,
+            "incident_id": incident.incident_id,
+            "ticket_key": ref.key,
+            "attachment_id": source_id,
+            "target_attachment_id": target_id,
+            "bytes": size,
+            "file_name": filename,
+        }
+        if original_name != filename:
+            fields["original_file_name"] = visible_name(original_name)
+        log.info("sync.attachment.mirrored", extra=fields)
+
+    def _log_filtered(
+        self, direction: str, incident: Incident, ref: TicketRef, source_id: str, size: int, reason: str, notice_id: str
+    ) -> None:
+        log.info(
+            "sync.attachment.filtered",
+            extra={
+                "connection": self.name,
+                "direction": direction,
+                "incident_id": incident.incident_id,
+                "ticket_key": ref.key,
+                "attachment_id": source_id,
+                "bytes": size,
+                "reason": reason,
+                "notice_comment_id": notice_id,
+            },
+        )
+
+
+def filter_reason(filename: str, size: int, rules: FileFilter, direction_key: str) -> str | None:
+    """Return why the mapping's filter for one direction keeps a file back, or None when it may go.
+
+    `direction_key` is `to_ticket` or `to_mdr`, for naming the setting in the reason.
+    """
+    extension = file_extension(filename)
+    setting = f"attachments.{direction_key}"
+    if extension in rules.deny_extensions:
+        return f"files with the extension .{extension} are not copied ({setting}.deny_extensions)"
+    if rules.allow_extensions and extension not in rules.allow_extensions:
+        allowed = ", ".join(f".{name}" for name in rules.allow_extensions)
+        described = f"the extension .{extension}" if extension else "no extension"
+        return f"it has {described}, and only {allowed} files are copied ({setting}.allow_extensions)"
+    if size > rules.max_bytes:
+        return f"it is larger than the limit of {format_size(rules.max_bytes)} ({setting}.max_bytes)"
+    return None
+
+
+def format_size(size: int) -> str:
+    """Render a byte count for people: `512 bytes`, `1.5 MiB (1572864 bytes)`."""
+    if size < 1024:
+        return f"{size} bytes"
+    value = size / 1024
+    unit = "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value /= 1024
+        unit = larger
+    return f"{value:.1f} {unit} ({size} bytes)"
+
+
+def _content_type(filename: str) -> str:
+    guessed, _encoding = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def _footer_source(text: str) -> str | None:
+    marker = parse_mdr_footer(text)
+    return marker.source_id if marker is not None else None
+
+
+def _sources(items: Iterable[SyncedItem], direction: str, state: str) -> set[str]:
+    return {item.source_id for item in items if item.direction == direction and item.state == state}
+
+
+def _targets(items: Iterable[SyncedItem], direction: str) -> set[str]:
+    return {item.target_id for item in items if item.direction == direction and item.target_id}
