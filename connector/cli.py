@@ -59,6 +59,8 @@ SHARED_READ_BITS = 0o044
 TOKEN_STATES = (N_("Pending activation"), N_("Active"), N_("Idle"), N_("Expired"))
 # The states after which `token status` exits 0; any other state needs `token activate`.
 USABLE_TOKEN_STATES = ("Active", "Idle")
+# The response statuses that `responses confirm|decline` set, marked for the translation scan.
+DECIDED_STATUSES = {"confirm": N_("Confirmed"), "decline": N_("Declined")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,6 +182,34 @@ def port_number(text: str) -> int:
     return value
 
 
+def response_id_text(text: str) -> str:
+    """argparse type of RESPONSE_ID: one word no longer than the ids the connector reads from MDR."""
+    from mdr_connector.adapters.mdr.models import MAX_ID_LENGTH
+
+    if not text or len(text) > MAX_ID_LENGTH or any(character.isspace() for character in text):
+        raise argparse.ArgumentTypeError(
+            _("expected a response id such as MDR_fc51163f-00a4-4d07-826e-bb92963bc856, got {value!r}").format(
+                value=text
+            )
+        )
+    return text
+
+
+def reason_text(text: str) -> str:
+    """argparse type of --reason: text that is not blank and fits in the MDR comment."""
+    from mdr_connector.connector.responses import MAX_REASON_CHARACTERS
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError(_("expected a reason, got an empty text"))
+    if len(text) > MAX_REASON_CHARACTERS:
+        raise argparse.ArgumentTypeError(
+            _("expected a reason of at most {limit} characters, got {length}").format(
+                limit=MAX_REASON_CHARACTERS, length=len(text)
+            )
+        )
+    return " ".join(text.split())
+
+
 def common_options() -> argparse.ArgumentParser:
     """Build the options every command takes, before or after the command name."""
     common = argparse.ArgumentParser(add_help=False)
@@ -286,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.set_defaults(handler=command_simulate)
 
+    add_responses_commands(commands, common)
+
     db = commands.add_parser("db", parents=[common], help=_("manage the database schema"))
     db.set_defaults(help_parser=db)
     db_commands = db.add_subparsers(title=_("commands"), metavar="COMMAND")
@@ -293,6 +325,65 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(handler=command_db_upgrade)
 
     return parser
+
+
+def add_responses_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+    """Add `responses list|confirm|decline`, the terminal side of MDR response decisions."""
+    responses = commands.add_parser(
+        "responses", parents=[common], help=_("list, confirm or decline MDR responses (remediation actions)")
+    )
+    responses.set_defaults(help_parser=responses)
+    response_commands = responses.add_subparsers(title=_("commands"), metavar="COMMAND")
+
+    listing = response_commands.add_parser(
+        "list",
+        parents=[common],
+        help=_("list the responses of one incident, or of every incident linked to a ticket"),
+        description=_("List MDR responses with their id, type, status, asset and creation time (UTC)."),
+    )
+    listing.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
+    listing.add_argument(
+        "--incident",
+        metavar="ID",
+        help=_("MDR incident id (default: every incident linked to a ticket); write --incident=ID, "
+               "because MDR incident ids can start with -"),
+    )
+    listing.set_defaults(handler=command_responses_list)
+
+    verbs = (
+        ("confirm", _("confirm responses in MDR, so the SOC runs them")),
+        ("decline", _("decline responses in MDR, so the SOC does not run them")),
+    )
+    for verb, summary in verbs:
+        decide = response_commands.add_parser(
+            verb,
+            parents=[common],
+            help=summary,
+            description=_(
+                "Send the decision to MDR for responses of one incident that are still in their initial "
+                "status, record it in the audit table with the local user name, and echo it on the linked "
+                "ticket. Several ids are sent in one responses/update call. A response that already has "
+                "the requested status is skipped; any other status stops the command before anything is sent."
+            ),
+        )
+        decide.add_argument(
+            "response_ids", nargs="+", type=response_id_text, metavar="RESPONSE_ID", help=_("id of an MDR response")
+        )
+        decide.add_argument(
+            "--incident",
+            required=True,
+            metavar="ID",
+            help=_("MDR incident the responses belong to; write --incident=ID, "
+                   "because MDR incident ids can start with -"),
+        )
+        decide.add_argument(
+            "--reason",
+            required=True,
+            type=reason_text,
+            help=_("why; sent to MDR with the decision and kept in the audit record"),
+        )
+        decide.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
+        decide.set_defaults(handler=command_responses_decide, decision=verb)
 
 
 # Shared steps
@@ -370,12 +461,15 @@ def command_sync(args: argparse.Namespace) -> int:
                 print(
                     _("{name}: {seen} incidents seen, {created} tickets created, "
                       "{to_ticket} comments to the ticket system, {to_mdr} comments to MDR, "
+                      "{files_to_ticket} attachments to the ticket system, {files_to_mdr} attachments to MDR, "
                       "{failed} failures").format(
                         name=outcome.name,
                         seen=len(outcome.stats.incidents_seen),
                         created=outcome.stats.tickets_created,
                         to_ticket=outcome.stats.comments_to_ticket,
                         to_mdr=outcome.stats.comments_to_mdr,
+                        files_to_ticket=outcome.stats.attachments_to_ticket,
+                        files_to_mdr=outcome.stats.attachments_to_mdr,
                         failed=outcome.stats.failures,
                     )
                 )
@@ -540,6 +634,113 @@ def command_simulate(args: argparse.Namespace) -> int:
         from mdr_connector.adapters.jira.simulator import serve as serve_jira
 
         run_async(lambda: serve_jira(args.host, args.port))
+    return EXIT_OK
+
+
+def local_user_name() -> str:
+    """Return the name of the OS user running the command, for the audit record."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        # No login name and no passwd entry, as in some containers.
+        return f"uid-{os.getuid()}"
+
+
+def command_responses_list(args: argparse.Namespace) -> int:
+    settings = load_config(args)
+    connection = settings.connection(args.connection)
+
+    async def go() -> list[Any]:
+        from mdr_connector.adapters.mdr.client import MdrClient
+        from mdr_connector.connector.responses import list_linked_responses
+        from mdr_connector.connector.store import Store
+
+        store = await Store.open(settings.resolved_database_url())
+        try:
+            async with MdrClient(connection.mdr) as mdr:
+                return await list_linked_responses(mdr, store, connection.name, args.incident)
+        finally:
+            await store.close()
+
+    listed = run_async(go)
+    if not listed:
+        print(_("no responses"))
+        return EXIT_OK
+
+    current_incident = None
+    for row in listed:
+        if row.incident_id != current_incident:
+            current_incident = row.incident_id
+            ticket = row.ticket_key or _("no linked ticket")
+            print(safe_text(_("incident {incident_id} ({ticket})").format(incident_id=row.incident_id, ticket=ticket)))
+        response = row.response
+        asset = f"{row.host_name} ({response.asset_id})" if row.host_name else response.asset_id or "-"
+        created = format_local(datetime.fromtimestamp(response.creation_time / 1000, tz=timezone.utc))
+        columns = [response.response_id, response.type or "-", response.status or "-", asset, created]
+        print(safe_text("  " + "  ".join(columns)))
+    return EXIT_OK
+
+
+def command_responses_decide(args: argparse.Namespace) -> int:
+    from mdr_connector.connector.responses import SENT, TerminalActor
+
+    settings = load_config(args)
+    connection = settings.connection(args.connection)
+    mapping = load_mapping(connection.mapping)
+    actor = TerminalActor.from_user_name(local_user_name())
+
+    async def go() -> Any:
+        from mdr_connector.adapters.mdr.client import MdrClient
+        from mdr_connector.connector.responses import decide_from_terminal
+        from mdr_connector.connector.service import build_ticket_adapter
+        from mdr_connector.connector.store import LINKED, Store
+
+        store = await Store.open(settings.resolved_database_url())
+        try:
+            link = await store.get_link(connection.name, args.incident)
+            # The ticket system is opened first, so a decision is sent only
+            # when its echo can be posted too.
+            tickets = build_ticket_adapter(connection, mapping) if link is not None and link.state == LINKED else None
+            try:
+                if tickets is not None:
+                    await tickets.open()
+                async with MdrClient(connection.mdr) as mdr:
+                    return await decide_from_terminal(
+                        mapping=mapping,
+                        store=store,
+                        mdr=mdr,
+                        tickets=tickets,
+                        connection=connection.name,
+                        incident_id=args.incident,
+                        response_ids=args.response_ids,
+                        decision=args.decision,
+                        reason=args.reason,
+                        actor=actor,
+                    )
+            finally:
+                if tickets is not None:
+                    await tickets.close()
+        finally:
+            await store.close()
+
+    report = run_async(go)
+    for outcome in report.outcomes:
+        if outcome.result != SENT:
+            message = _("{response_id}: already {status} in MDR; nothing sent")
+        elif args.decision == "confirm":
+            message = _("{response_id}: confirmed in MDR")
+        else:
+            message = _("{response_id}: declined in MDR")
+        print(safe_text(message.format(response_id=outcome.response_id, status=_(DECIDED_STATUSES[args.decision]))))
+
+    if report.echo_error is not None:
+        print_error(_("the decision reached MDR, but echoing it on the linked ticket failed: {error}").format(
+            error=report.echo_error.localized(_)))
+        return EXIT_FAILED
+    if report.ticket_key is not None:
+        print(_("decision echoed on ticket {ticket_key}").format(ticket_key=report.ticket_key))
+    elif any(outcome.result == SENT for outcome in report.outcomes):
+        print(_("incident {incident_id} has no linked ticket, so nothing was echoed").format(incident_id=args.incident))
     return EXIT_OK
 
 
