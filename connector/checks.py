@@ -14,6 +14,7 @@ from mdr_connector.connector.config import ConnectionSettings, SecretRef, Settin
 from mdr_connector.connector.errors import ConnectorError
 from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mappingfile import load_mapping
+from mdr_connector.connector.routing import check_destinations
 from mdr_connector.connector.service import build_ticket_adapter
 
 CheckLine = tuple[str, bool]
@@ -99,7 +100,7 @@ async def check_tickets(connection: ConnectionSettings) -> list[CheckLine]:
         account = await adapter.open()
         lines = [(_("{system} at {url} accepts the credentials of {account}").format(
             system=adapter.system.title(), url=connection.ticket.url, account=account.display_name), True)]
-        problems = await adapter.check(mapping.issue_type, mapping.priority.values())
+        problems = await check_destinations(mapping, adapter)
     except ConnectorError as err:
         return [(_("{system} at {url}: {error}").format(
             system=connection.ticket.system.title(), url=connection.ticket.url, error=err), False)]

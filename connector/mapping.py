@@ -11,14 +11,24 @@ import hashlib
 import html
 import json
 import re
+import string
 from dataclasses import asdict
 from datetime import datetime, timezone
 
 from mdr_connector.adapters.mdr.models import Incident
-from mdr_connector.connector.mappingfile import Mapping
-from mdr_connector.connector.tickets import SyncMarker, TicketDraft, TicketFields, TICKET_ORIGIN
+from mdr_connector.connector.mappingfile import Mapping, Route
+from mdr_connector.connector.routing import Destination
+from mdr_connector.connector.tickets import (
+    TICKET_ORIGIN,
+    CommentVisibility,
+    SyncMarker,
+    TicketDraft,
+    TicketFields,
+)
 
 CONNECTOR_LABEL = "mdr-connector"
+# The TicketFields attributes that `field_owner` and `skip` name directly.
+CORE_FIELD_NAMES = frozenset({"summary", "description", "priority", "labels", "components"})
 
 # The footer of a comment the connector wrote to MDR. It is how a comment
 # whose create reply was lost is found again before it is sent twice. Only
@@ -48,13 +58,18 @@ def console_link(console_url: str, incident_id: str) -> str:
     return f"{console_url.rstrip('/')}/incidents/{incident_id}"
 
 
-def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
-    """Return the values a mapping template can use, all rendered as text."""
+def incident_values(incident: Incident, console_url: str, assets: str | None = None) -> dict[str, object]:
+    """Return the values a mapping template can use, all rendered as text.
+
+    `assets` is the rendered asset table. Without it, `{assets}` shows the
+    same host list as `{affected_hosts}`.
+    """
     hosts = [entry.split(":", 1) for entry in incident.affected_hosts]
     host_lines = [
         f"- {code_span(parts[0])} (asset {code_span(parts[1])})" if len(parts) == 2 else f"- {code_span(parts[0])}"
         for parts in hosts
     ]
+    affected_hosts = "\n".join(host_lines) or "-"
     return {
         "incident_id": incident.incident_id,
         "incident_number": incident.incident_number,
@@ -64,7 +79,7 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
         "status": incident.status,
         "resolution": incident.resolution,
         "tenant_name": incident.tenant_name,
-        "affected_hosts": "\n".join(host_lines) or "-",
+        "affected_hosts": affected_hosts,
         "host_names": ", ".join(escape_markdown(name) for name in incident.host_names()),
         "console_link": console_link(console_url, incident.incident_id),
         "creation_time": format_ms(incident.creation_time),
@@ -75,15 +90,30 @@ def incident_values(incident: Incident, console_url: str) -> dict[str, object]:
         "mitre_techniques": ", ".join(incident.mitre_techniques),
         "client_description": incident.client_description,
         "recommendations": incident.recommendations,
+        "assets": affected_hosts if assets is None else assets,
     }
 
 
-def render_fields(mapping: Mapping, incident: Incident, console_url: str) -> TicketFields:
-    """Render the mapped ticket fields of an incident."""
-    values = incident_values(incident, console_url)
+def template_placeholders(template: str) -> set[str]:
+    """Return the placeholder names a template uses."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def render_fields(
+    mapping: Mapping,
+    incident: Incident,
+    console_url: str,
+    *,
+    route: Route | None = None,
+    assets: str | None = None,
+) -> TicketFields:
+    """Render the mapped ticket fields of an incident, with the labels and components of its route, if any."""
+    values = incident_values(incident, console_url, assets)
     summary = mapping.summary.format_map(values).replace("\n", " ").strip()
-    labels = [template.format_map(values).strip() for template in mapping.labels]
+    label_templates = [*mapping.labels, *(route.labels if route else [])]
+    labels = [template.format_map(values).strip() for template in label_templates]
     labels += [CONNECTOR_LABEL, correlation_label(incident.incident_id)]
+    components = [*mapping.components, *(route.components if route else [])]
 
     return TicketFields(
         summary=summary,
@@ -91,15 +121,26 @@ def render_fields(mapping: Mapping, incident: Incident, console_url: str) -> Tic
         priority=mapping.priority[incident.priority] if incident.priority in mapping.priority else None,
         labels=tuple(dict.fromkeys(label for label in labels if label)),
         extra=dict(mapping.fields),
+        components=tuple(dict.fromkeys(name.strip() for name in components)),
     )
 
 
-def render_draft(mapping: Mapping, incident: Incident, console_url: str, client_id: str) -> TicketDraft:
+def render_draft(
+    mapping: Mapping,
+    incident: Incident,
+    console_url: str,
+    client_id: str,
+    *,
+    destination: Destination | None = None,
+    assets: str | None = None,
+) -> TicketDraft:
+    """Render the ticket to create, in the top-level project and issue type unless routing gives a `destination`."""
+    route = destination.route if destination else None
     return TicketDraft(
         incident_id=incident.incident_id,
-        project=mapping.project,
-        issue_type=mapping.issue_type,
-        fields=render_fields(mapping, incident, console_url),
+        project=destination.project if destination else mapping.project,
+        issue_type=destination.issue_type if destination else mapping.issue_type,
+        fields=render_fields(mapping, incident, console_url, route=route, assets=assets),
         metadata={
             "incident_id": incident.incident_id,
             "incident_number": incident.incident_number,
@@ -109,9 +150,17 @@ def render_draft(mapping: Mapping, incident: Incident, console_url: str, client_
     )
 
 
-def fields_hash(fields: TicketFields) -> str:
-    """Return a digest of the mapped fields, to tell whether a ticket needs an update."""
-    encoded = json.dumps(asdict(fields), sort_keys=True, ensure_ascii=False, default=str)
+def fields_hash(fields: TicketFields, skip: frozenset[str] = frozenset()) -> str:
+    """Return a digest of the mapped fields, to tell whether a ticket needs an update.
+
+    `skip` names the fields the ticket owns (core names or keys of `extra`).
+    They are left out, so a change of one of them alone needs no update.
+    """
+    values = asdict(fields)
+    for name in skip & CORE_FIELD_NAMES:
+        values.pop(name)
+    values["extra"] = {key: value for key, value in values["extra"].items() if key not in skip}
+    encoded = json.dumps(values, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(encoded.encode("utf-8")).hexdigest()
 
 
@@ -134,7 +183,53 @@ def render_comment_for_mdr(
     comment_id: str,
 ) -> str:
     """Render a Markdown comment for MDR, headed by the ticket author and ending in the connector's footer."""
-    header = mapping.comments.ticket_to_mdr_header.format_map(
+    header = _ticket_comment_header(mapping, author, created, system, ticket_key)
+    return f"{header}\n\n{body}\n\n{mdr_footer(system, comment_id)}"
+
+
+def render_edit_note_for_mdr(
+    mapping: Mapping,
+    *,
+    author: str,
+    edited: datetime,
+    body: str,
+    system: str,
+    ticket_key: str,
+    note_id: str,
+) -> str:
+    """Render the MDR note that carries the new text of a ticket comment edited after it was copied."""
+    header = _ticket_comment_header(mapping, author, edited, system, ticket_key)
+    return f"{header}\n\n_Edited in {system.title()}. The new text:_\n\n{body}\n\n{mdr_footer(system, note_id)}"
+
+
+def render_deletion_note_for_mdr(*, system: str, ticket_key: str, comment_id: str, note_id: str) -> str:
+    """Render the MDR note saying that a ticket comment copied to the incident was deleted on the ticket."""
+    name = system.title()
+    return (
+        f"_{name} comment {comment_id} of {ticket_key}, copied to this incident earlier, was deleted in {name}._"
+        f"\n\n{mdr_footer(system, note_id)}"
+    )
+
+
+def render_deleted_copy_for_ticket() -> str:
+    """Render the text that replaces the ticket copy of an MDR comment deleted in MDR."""
+    return "_This Kaspersky MDR comment was deleted in MDR, so the connector removed the copied text._"
+
+
+def render_deletion_note_for_ticket(copied: datetime | None) -> str:
+    """Render the ticket note saying that an MDR comment copied to the ticket was deleted in MDR."""
+    if copied is None:
+        return "_A Kaspersky MDR comment copied to this ticket was deleted in MDR._"
+    return f"_The Kaspersky MDR comment copied to this ticket on {format_time(copied)} was deleted in MDR._"
+
+
+def mdr_footer(system: str, source_id: str) -> str:
+    """Return the footer that ends every comment the connector writes to MDR; `parse_mdr_footer` reads it."""
+    return f"_mdr-connector: {system} comment {source_id}_"
+
+
+def _ticket_comment_header(mapping: Mapping, author: str, created: datetime, system: str, ticket_key: str) -> str:
+    return mapping.comments.ticket_to_mdr_header.format_map(
         {
             "author": escape_markdown(author),
             "created": format_time(created),
@@ -142,8 +237,29 @@ def render_comment_for_mdr(
             "system": system.title(),
         }
     )
-    footer = f"_mdr-connector: {system} comment {comment_id}_"
-    return f"{header}\n\n{body}\n\n{footer}"
+
+
+def comment_visibility(mapping: Mapping) -> CommentVisibility | None:
+    """Return who may read the comments the connector posts on the ticket; None lets everyone read them."""
+    rule = mapping.comments.visibility
+    if rule is None:
+        return None
+    return CommentVisibility(type=rule.type, value=rule.value)
+
+
+def strip_comment_marker(body: str, marker: str) -> str | None:
+    """Return a comment body without its leading marker, or None when the body does not start with it.
+
+    The match ignores case and leading whitespace, and it accepts the
+    backslash escapes that the Jira-to-Markdown conversion adds, because
+    `#mdr` typed in Jira reads as `\\#mdr`. The marker must end at a word
+    boundary, so `#mdr` does not match `#mdrx`.
+    """
+    escaped = "".join(r"\\?" + re.escape(character) for character in marker)
+    match = re.match(rf"\s*{escaped}(?!\w)", body, re.IGNORECASE)
+    if match is None:
+        return None
+    return body[match.end():].strip()
 
 
 def parse_mdr_footer(text: str) -> SyncMarker | None:

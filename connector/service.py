@@ -9,6 +9,7 @@ from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.mappingfile import Mapping, load_mapping
+from mdr_connector.connector.routing import mapping_projects
 from mdr_connector.connector.store import Store
 from mdr_connector.connector.tickets import TicketAdapter
 
@@ -19,7 +20,7 @@ def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> Ti
     if ticket.system == "jira":
         from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
 
-        return JiraTicketAdapter(ticket, project=mapping.project)
+        return JiraTicketAdapter(ticket, project=mapping.project, other_projects=mapping_projects(mapping)[1:])
     raise AssertionError(f"unknown ticket system {ticket.system!r} passed config validation")
 
 
@@ -32,7 +33,9 @@ async def open_connection(
     async with MdrClient(connection.mdr) as mdr:
         tickets = build_ticket_adapter(connection, mapping)
         try:
-            sync = ConnectionSync(connection, mapping, store, mdr, tickets)
+            sync = ConnectionSync(
+                connection, mapping, store, mdr, tickets, spool_dir=settings.data_dir / "spool" / connection.name
+            )
             await sync.open()
             yield sync
         finally:

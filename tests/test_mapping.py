@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures_mdr import MDR_CLIENT_ID
+from fixtures_sync import SyncHarness
+from pydantic import ValidationError
 
 from mdr_connector.adapters.mdr.models import Incident
-from mdr_connector.connector.mappingfile import load_mapping
+from mdr_connector.connector.mappingfile import Mapping, load_mapping
 from mdr_connector.connector.mapping import (
     fields_hash,
     parse_mdr_footer,
@@ -28,6 +39,8 @@ INCIDENT = Incident(
     mitre_tactics=["Execution", "Defense evasion"],
 )
 CONSOLE = "https://mdr.kaspersky.com"
+ROOT = Path(__file__).resolve().parent.parent
+EDIT_ISSUE = "PUT /rest/api/2/issue/{issue}"
 
 
 def test_default_mapping_renders_fields() -> None:
@@ -90,3 +103,112 @@ def test_mdr_footer_round_trip() -> None:
     assert parse_mdr_footer("<p><em>mdr-connector: jira comment 10023</em></p>").source_id == "10023"
     assert parse_mdr_footer("<p>plain analyst text</p>") is None
 
+
+
+def test_assets_placeholder_without_details() -> None:
+    """Without a rendered table, `{assets}` shows the same host list as `{affected_hosts}`."""
+    mapping = load_mapping("builtin:jira").model_copy(update={"description": "{affected_hosts}\n---\n{assets}"})
+
+    plain = render_fields(mapping, INCIDENT, CONSOLE).description
+    with_table = render_fields(mapping, INCIDENT, CONSOLE, assets="| table |").description
+
+    hosts, assets_value = plain.split("\n---\n")
+    assert assets_value == hosts
+    assert with_table.endswith("\n---\n| table |")
+
+
+def test_default_mapping_uses_assets() -> None:
+    """The default description shows the `{assets}` table under the affected hosts heading."""
+    mapping = load_mapping("builtin:jira")
+
+    assert "**Affected hosts:**\n\n{assets}" in mapping.description
+    assert mapping.assets.enabled
+
+
+def test_commented_examples_load() -> None:
+    """Every commented example in mappings/jira.yaml loads once uncommented."""
+    text = (ROOT / "mappings" / "jira.yaml").read_text(encoding="utf-8")
+    uncommented = "\n".join(re.sub(r"^# (?=( *)([a-z_]+:( |$)|- ))", "", line) for line in text.splitlines())
+
+    mapping = Mapping.model_validate(yaml.safe_load(uncommented))
+
+    assert [route.project for route in mapping.routes] == ["ACMESOC", "ACME", "SEC"]
+    assert mapping.field_owner == {"priority": "ticket", "description": "mdr"}
+    assert mapping.components == ["SOC"]
+    assert mapping.unrouted == "default"
+
+
+def test_fields_hash_leaves_out_ticket_owned() -> None:
+    """A change of a ticket-owned field alone keeps the digest, but a change of an MDR-owned field does not."""
+    mapping = load_mapping("builtin:jira").model_copy(update={"fields": {"customfield_10010": "SOC"}})
+    base = render_fields(mapping, INCIDENT, CONSOLE)
+    owned = frozenset({"priority", "customfield_10010"})
+
+    new_priority = replace(base, priority="Low")
+    new_extra = replace(base, extra={"customfield_10010": "NOC"})
+    new_summary = replace(base, summary="another title")
+
+    assert fields_hash(new_priority, owned) == fields_hash(base, owned)
+    assert fields_hash(new_extra, owned) == fields_hash(base, owned)
+    assert fields_hash(new_summary, owned) != fields_hash(base, owned)
+    assert fields_hash(new_priority) != fields_hash(base)
+
+
+def test_fields_hash_without_skip_is_unchanged() -> None:
+    """With no ticket-owned field, the digest is the one earlier versions stored, so upgrades rewrite nothing."""
+    fields = render_fields(load_mapping("builtin:jira"), INCIDENT, CONSOLE)
+    encoded = json.dumps(asdict(fields), sort_keys=True, ensure_ascii=False, default=str)
+
+    assert fields_hash(fields) == hashlib.sha256(encoded.encode("utf-8")).hexdigest()
+
+
+def test_field_owner_names_known_fields() -> None:
+    """field_owner accepts core fields and keys of `fields`, and rejects others with the allowed names."""
+    raw = yaml.safe_load((ROOT / "mappings" / "jira.yaml").read_text(encoding="utf-8"))
+    raw["fields"] = {"customfield_10010": "SOC"}
+    raw["field_owner"] = {"priority": "ticket", "customfield_10010": "ticket", "components": "mdr"}
+
+    mapping = Mapping.model_validate(raw)
+
+    assert mapping.owned_by_ticket() == frozenset({"priority", "customfield_10010"})
+    raw["field_owner"] = {"assignee": "ticket"}
+    with pytest.raises(ValidationError, match="field_owner names assignee"):
+        Mapping.model_validate(raw)
+
+
+async def test_ticket_owned_priority_survives(harness: SyncHarness) -> None:
+    """A priority the ticket owns keeps an analyst's edit when MDR changes it, while the summary still updates."""
+    # The default description shows the priority too, so it would change with it.
+    harness.use_mapping(field_owner={"priority": "ticket"}, description="{description}\n\n{assets}")
+    incident_id = harness.seed(priority="HIGH", summary="First title")["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+    assert issue.fields["priority"] == "High"
+
+    harness.jira.sim.edit_as_human(issue.key, priority="Lowest")
+    harness.mdr_sim.update_incident(MDR_CLIENT_ID, incident_id, priority="LOW")
+    edits = harness.jira.sim.calls[EDIT_ISSUE]
+    await harness.cycles(2, sync)
+
+    assert harness.jira.sim.calls[EDIT_ISSUE] == edits
+    assert issue.fields["priority"] == "Lowest"
+
+    harness.mdr_sim.update_incident(MDR_CLIENT_ID, incident_id, priority="NORMAL", summary="Second title")
+    await harness.cycles(2, sync)
+
+    assert issue.fields["summary"].endswith("Second title")
+    assert issue.fields["priority"] == "Lowest"
+    assert harness.jira.sim.calls[EDIT_ISSUE] == edits + 1
+
+
+async def test_mdr_owned_priority_is_written(harness: SyncHarness) -> None:
+    """Without field_owner, an MDR priority change overwrites an analyst's edit, as before."""
+    incident_id = harness.seed(priority="HIGH")["incident_id"]
+    sync = await harness.cycles(1)
+    issue = harness.issue_for(incident_id)
+
+    harness.jira.sim.edit_as_human(issue.key, priority="Lowest")
+    harness.mdr_sim.update_incident(MDR_CLIENT_ID, incident_id, priority="LOW")
+    await harness.cycles(2, sync)
+
+    assert issue.fields["priority"] == "Low"
