@@ -1,26 +1,62 @@
-"""The comment sync: copies the comments that one side lacks, in both directions.
+"""The comment sync: copies the comments that one side lacks, and handles edits and deletions of copies.
 
 A comment the connector wrote itself (an echo) is recognised by its author,
 the ledger or its marker, and is never copied back. ConnectionSync
 (engine.py) creates one CommentSync and calls it from each reconciliation.
+
+The `comments:` section of the mapping sets the policies:
+
+- `to_mdr` picks the ticket comments that go to MDR. `public` (the default)
+  sends the comments that are neither restricted to a role or group nor
+  internal in Jira Service Management. `all` sends every comment. `marked`
+  sends only comments that start with `marker` and removes the marker from
+  the copy. In that mode the marker alone decides, so an internal comment
+  that starts with it goes too. The rule is checked against the comment as
+  it is now, at every reconciliation, and the ledger records nothing for a
+  skipped comment. A comment edited into scope later (marker added,
+  restriction lifted) is therefore copied then, with its text at that time.
+- `visibility` limits who may read every comment the connector posts on the ticket.
+- `on_ticket_edit`: MDR has no comment edit, so a ticket comment edited
+  after it was copied is sent as a note with the new text (`note`), or not
+  at all. The note goes only while the comment is still in scope.
+- `on_ticket_delete`: the connector deletes its MDR copy of a ticket comment
+  deleted on the ticket (`mirror`), adds a note to MDR (`note`), or does nothing.
+- `on_mdr_delete`: the connector replaces the text of its ticket copy of an
+  MDR comment deleted in MDR (`mirror`), adds a note to the ticket
+  (`note`), or does nothing.
+
+Each edit and deletion is handled once. The ledger row of a copy keeps the
+version of the ticket comment that was last sent, and every note, deleted
+copy and edited copy has a ledger row of kind `comment_change`, whose
+source id (`<comment id>:edited:<version>` or `<comment id>:deleted`) is
+also the marker of a note, so a note whose reply was lost is found again
+instead of being posted twice. A deletion is noticed when the source of a
+copy is missing from the full comment list of its side, and only after a
+second read of that list confirms it. Nothing is decided from a list that
+holds malformed MDR records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from mdr_connector.adapters.mdr.models import Comment, Incident
 from mdr_connector.connector import markup
 from mdr_connector.connector.config import ConnectionSettings
-from mdr_connector.connector.errors import ItemError, MisconfiguredError
+from mdr_connector.connector.errors import ItemError, MisconfiguredError, RejectedError
 from mdr_connector.connector.mapping import (
+    comment_visibility,
     parse_mdr_footer,
     render_comment_for_mdr,
     render_comment_for_ticket,
+    render_deleted_copy_for_ticket,
+    render_deletion_note_for_mdr,
+    render_deletion_note_for_ticket,
+    render_edit_note_for_mdr,
+    strip_comment_marker,
 )
 from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.store import (
@@ -30,9 +66,10 @@ from mdr_connector.connector.store import (
     Store,
     SyncedItem,
 )
-from mdr_connector.connector.sync_common import MdrApi, SyncStats, gather_or_cancel
+from mdr_connector.connector.sync_common import MalformedLike, MdrApi, ReadWithRetry, SyncStats, gather_or_cancel
 from mdr_connector.connector.tickets import (
     MDR_ORIGIN,
+    NOTICE_ORIGIN,
     CommentDraft,
     SyncMarker,
     TicketAccount,
@@ -44,14 +81,54 @@ from mdr_connector.connector.tickets import (
 log = logging.getLogger(__name__)
 
 COMMENT = "comment"
+# A handled edit or deletion of a copied comment: the note about it, or the
+# copy that was deleted or edited to match.
+COMMENT_CHANGE = "comment_change"
 
-T = TypeVar("T")
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-class ReadWithRetry(Protocol):
-    """A read call run under the engine's read retry policy."""
+def comment_version(comment: TicketComment) -> str:
+    """Return the version of a ticket comment as the ledger stores it: the last edit time (else creation time), UTC."""
+    moment = comment.updated or comment.created
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
-    async def __call__(self, call: Callable[[], Awaitable[T]]) -> T: ...
+
+def edit_key(comment: TicketComment) -> str:
+    """Return the ledger source id and note marker of one version of an edited ticket comment."""
+    moment = comment.updated or comment.created
+    microseconds = (moment - EPOCH) // timedelta(microseconds=1)
+    return f"{comment.id}:edited:{microseconds}"
+
+
+def deletion_key(source_id: str) -> str:
+    """Return the ledger source id and note marker of a deleted comment."""
+    return f"{source_id}:deleted"
+
+
+@dataclass
+class CommentView:
+    """The comments of both sides of one incident as read at the start of a reconciliation, with their ledger rows."""
+
+    mdr_comments: list[Comment]
+    mdr_malformed: list[MalformedLike]
+    ticket_comments: list[TicketComment]
+    # Ledger rows of kind `comment` (copies) and `comment_change`, the latter by (direction, source id).
+    copies: list[SyncedItem]
+    changes: dict[tuple[str, str], SyncedItem]
+    # MDR comments that end in the connector's footer, by the source id the footer names.
+    in_mdr: dict[str, Comment]
+    # Ticket comments that carry the connector's marker, by (origin, source id).
+    on_ticket: dict[tuple[str, str], TicketComment]
+
+    def written_by_us(self, direction: str) -> set[str]:
+        """Return the ids of the comments the connector wrote in `direction`: copies, notes and edited copies."""
+        rows = [*self.copies, *self.changes.values()]
+        return {row.target_id for row in rows if row.direction == direction and row.target_id}
+
+    def change_done(self, direction: str, key: str) -> bool:
+        row = self.changes.get((direction, key))
+        return row is not None and row.state == DONE
 
 
 class CommentSync:
@@ -79,61 +156,67 @@ class CommentSync:
         self.own_account: TicketAccount | None = None
 
     async def sync_comments(self, incident: Incident, ref: TicketRef) -> None:
-        """Copy the comments missing on either side, in both directions.
+        """Copy the comments missing on either side, then handle edits and deletions of earlier copies.
 
         A comment that fails for a reason of its own (malformed, rejected by
-        the target) does not stop the others: the rest are copied first, then
-        one ItemError parks the incident so the failed ones are tried again.
+        the target) does not stop the others: the rest are handled first,
+        then one ItemError parks the incident so the failed ones are tried again.
         """
+        view = await self._read_comments(incident, ref)
+        failed = [f"comment {record.record_id or '<without id>'}: {record.error}" for record in view.mdr_malformed]
+
+        failed += await self.sync_comments_mdr_to_ticket(incident, ref, view)
+        failed += await self.sync_comments_ticket_to_mdr(incident, ref, view)
+        if not view.mdr_malformed:
+            # A malformed record can be the note or copy a change looks for, so changes wait for a clean list.
+            failed += await self.sync_ticket_edits(incident, ref, view)
+            failed += await self.sync_ticket_deletions(incident, ref, view)
+            failed += await self.sync_mdr_deletions(incident, ref, view)
+        if failed:
+            raise ItemError(f"{len(failed)} comment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}")
+
+    async def _read_comments(self, incident: Incident, ref: TicketRef) -> CommentView:
         mdr_page, ticket_comments = await gather_or_cancel(
             self._read(lambda: self.mdr.list_comments(incident.incident_id)),
             self._read(lambda: self.tickets.list_comments(ref)),
         )
-        items = await self.store.get_items(self.name, incident.incident_id, COMMENT)
-        failed = [f"comment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]
+        copies = await self.store.get_items(self.name, incident.incident_id, COMMENT)
+        changes = await self.store.get_items(self.name, incident.incident_id, COMMENT_CHANGE)
+        return CommentView(
+            mdr_comments=list(mdr_page.items),
+            mdr_malformed=list(mdr_page.malformed),
+            ticket_comments=ticket_comments,
+            copies=copies,
+            changes={(row.direction, row.source_id): row for row in changes},
+            in_mdr=self._footers_in_mdr(incident, mdr_page.items),
+            on_ticket=self._markers_on_ticket(ref, ticket_comments),
+        )
 
-        failed += await self.sync_comments_mdr_to_ticket(incident, ref, mdr_page.items, ticket_comments, items)
-        failed += await self.sync_comments_ticket_to_mdr(incident, ref, mdr_page.items, ticket_comments, items)
-        if failed:
-            raise ItemError(f"{len(failed)} comment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}")
-
-    async def sync_comments_mdr_to_ticket(
-        self,
-        incident: Incident,
-        ref: TicketRef,
-        mdr_comments: list[Comment],
-        ticket_comments: list[TicketComment],
-        items: list[SyncedItem],
-    ) -> list[str]:
-        """Copy MDR comments missing on the ticket; return the failures of single comments."""
-        done = {item.source_id for item in items if item.direction == MDR_TO_TICKET and item.state == DONE}
-        written_by_us = {item.target_id for item in items if item.direction == TICKET_TO_MDR and item.target_id}
-        on_ticket = self._landed_on_ticket(ref, ticket_comments)
-        failed: list[str] = []
-
-        for comment in sorted(mdr_comments, key=lambda c: c.creation_time):
-            if comment.comment_id in done:
+    def _footers_in_mdr(self, incident: Incident, mdr_comments: list[Comment]) -> dict[str, Comment]:
+        """Map the source ids that footers name to the MDR comments that end in them."""
+        in_mdr: dict[str, Comment] = {}
+        for comment in mdr_comments:
+            marker = parse_mdr_footer(comment.text)
+            if marker is None:
                 continue
-            if self._is_mdr_echo(comment, written_by_us):
-                continue
+            if comment.author_name != self.settings.mdr.connection_name:
+                # The footer ends the comment, so the connector wrote it, under
+                # another Connection Name: an old token, or a wrong setting.
+                log.warning(
+                    "sync.comment.footer_from_other_author",
+                    extra={"connection": self.name, "incident_id": incident.incident_id, "comment_id": comment.comment_id},
+                )
+            in_mdr.setdefault(marker.source_id, comment)
+        return in_mdr
 
-            landed = on_ticket.get(comment.comment_id)
-            if landed is not None:
-                await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
-                continue
-
-            try:
-                await self._post_to_ticket(incident, ref, comment)
-            except ItemError as err:
-                failed.append(f"comment {comment.comment_id}: {err}")
-        return failed
-
-    def _landed_on_ticket(self, ref: TicketRef, ticket_comments: list[TicketComment]) -> dict[str, TicketComment]:
-        """Map MDR comment ids to the ticket comments that carry their marker."""
+    def _markers_on_ticket(
+        self, ref: TicketRef, ticket_comments: list[TicketComment]
+    ) -> dict[tuple[str, str], TicketComment]:
+        """Map (origin, source id) of the connector's markers to the ticket comments that carry them."""
         assert self.own_account is not None
-        landed: dict[str, TicketComment] = {}
+        found: dict[tuple[str, str], TicketComment] = {}
         for comment in ticket_comments:
-            if comment.marker is None or comment.marker.origin != MDR_ORIGIN:
+            if comment.marker is None:
                 continue
             if comment.author.id != self.own_account.id:
                 # The marker is the connector's, but someone else wrote the
@@ -142,8 +225,33 @@ class CommentSync:
                     "sync.comment.marker_from_other_account",
                     extra={"connection": self.name, "ticket_key": ref.key, "comment_id": comment.id},
                 )
-            landed.setdefault(comment.marker.source_id, comment)
-        return landed
+            found.setdefault((comment.marker.origin, comment.marker.source_id), comment)
+        return found
+
+    # Copies
+
+    async def sync_comments_mdr_to_ticket(self, incident: Incident, ref: TicketRef, view: CommentView) -> list[str]:
+        """Copy MDR comments missing on the ticket; return the failures of single comments."""
+        done = {item.source_id for item in view.copies if item.direction == MDR_TO_TICKET and item.state == DONE}
+        written_by_us = view.written_by_us(TICKET_TO_MDR)
+        failed: list[str] = []
+
+        for comment in sorted(view.mdr_comments, key=lambda c: c.creation_time):
+            if comment.comment_id in done:
+                continue
+            if self._is_mdr_echo(comment, written_by_us):
+                continue
+
+            landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
+            if landed is not None:
+                await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
+                continue
+
+            try:
+                await self._post_to_ticket(incident, ref, comment)
+            except ItemError as err:
+                failed.append(f"comment {comment.comment_id}: {err}")
+        return failed
 
     async def _post_to_ticket(self, incident: Incident, ref: TicketRef, comment: Comment) -> TicketComment:
         body = await asyncio.to_thread(markup.html_to_markdown, comment.text)
@@ -151,10 +259,11 @@ class CommentSync:
         draft = CommentDraft(
             body=render_comment_for_ticket(self.mapping, comment.author_name, created, body),
             marker=SyncMarker(origin=MDR_ORIGIN, source_id=comment.comment_id),
+            visibility=comment_visibility(self.mapping),
         )
         await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
         posted = await self.tickets.add_comment(ref, draft)
-        await self._finish_item(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+        await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
         self.stats.comments_to_ticket += 1
         self._log_mirrored(MDR_TO_TICKET, incident, ref, comment.comment_id, posted.id)
         return posted
@@ -172,66 +281,61 @@ class CommentSync:
         self._count_echo(f"mdr:{comment.comment_id}", reason)
         return True
 
-    async def sync_comments_ticket_to_mdr(
-        self,
-        incident: Incident,
-        ref: TicketRef,
-        mdr_comments: list[Comment],
-        ticket_comments: list[TicketComment],
-        items: list[SyncedItem],
-    ) -> list[str]:
-        """Copy ticket comments missing in MDR; return the failures of single comments."""
-        done = {item.source_id for item in items if item.direction == TICKET_TO_MDR and item.state == DONE}
-        written_by_us = {item.target_id for item in items if item.direction == MDR_TO_TICKET and item.target_id}
-        in_mdr: dict[str, Comment] = {}
-        for comment in mdr_comments:
-            marker = parse_mdr_footer(comment.text)
-            if marker is None:
-                continue
-            if comment.author_name != self.settings.mdr.connection_name:
-                # The footer ends the comment, so the connector wrote it, under
-                # another Connection Name: an old token, or a wrong setting.
-                log.warning(
-                    "sync.comment.footer_from_other_author",
-                    extra={"connection": self.name, "incident_id": incident.incident_id, "comment_id": comment.comment_id},
-                )
-            in_mdr.setdefault(marker.source_id, comment)
-
+    async def sync_comments_ticket_to_mdr(self, incident: Incident, ref: TicketRef, view: CommentView) -> list[str]:
+        """Copy the ticket comments that `to_mdr` selects and MDR lacks; return the failures of single comments."""
+        done = {item.source_id for item in view.copies if item.direction == TICKET_TO_MDR and item.state == DONE}
+        written_by_us = view.written_by_us(MDR_TO_TICKET)
         failed: list[str] = []
 
-        for comment in sorted(ticket_comments, key=lambda c: c.created):
+        for comment in sorted(view.ticket_comments, key=lambda c: c.created):
             if comment.id in done:
                 continue
             if self._is_ticket_echo(comment, written_by_us):
                 continue
-            if comment.restricted and not self.mapping.comments.mirror_restricted:
-                self._note_restricted(ref, comment)
+
+            # A copy found by its footer is recorded even when the rule now
+            # skips the comment, because the copy is already in MDR.
+            landed = view.in_mdr.get(comment.id)
+            if landed is not None:
+                await self._finish_copy(incident, TICKET_TO_MDR, comment.id, landed.comment_id, comment_version(comment))
                 continue
 
-            landed = in_mdr.get(comment.id)
-            if landed is not None:
-                await self._finish_item(incident, TICKET_TO_MDR, comment.id, landed.comment_id)
+            body = self._body_for_mdr(ref, comment)
+            if body is None:
                 continue
 
             try:
-                await self._post_to_mdr(incident, ref, comment)
+                await self._post_to_mdr(incident, ref, comment, body)
             except ItemError as err:
                 failed.append(f"{self.tickets.system} comment {comment.id}: {err}")
         return failed
 
-    async def _post_to_mdr(self, incident: Incident, ref: TicketRef, comment: TicketComment) -> Comment:
+    def _body_for_mdr(self, ref: TicketRef, comment: TicketComment) -> str | None:
+        """Return the body to send to MDR under the `to_mdr` rule, or None when the comment stays on the ticket."""
+        rule = self.mapping.comments.mirrors_to_mdr()
+        if rule == "public" and comment.restricted:
+            self._note_skipped(ref, comment, "restricted")
+            return None
+        if rule == "marked":
+            body = strip_comment_marker(comment.body, self.mapping.comments.marker)
+            if body is None:
+                self._note_skipped(ref, comment, "unmarked")
+            return body
+        return comment.body
+
+    async def _post_to_mdr(self, incident: Incident, ref: TicketRef, comment: TicketComment, body: str) -> Comment:
         text = render_comment_for_mdr(
             self.mapping,
             author=comment.author.display_name,
             created=comment.created,
-            body=comment.body,
+            body=body,
             system=self.tickets.system,
             ticket_key=ref.key,
             comment_id=comment.id,
         )
         await self.store.start_item(self.name, incident.incident_id, COMMENT, TICKET_TO_MDR, comment.id)
         posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
-        await self._finish_item(incident, TICKET_TO_MDR, comment.id, posted.comment_id)
+        await self._finish_copy(incident, TICKET_TO_MDR, comment.id, posted.comment_id, comment_version(comment))
         self.stats.comments_to_mdr += 1
         self._log_mirrored(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id)
         self._check_connection_name(posted)
@@ -264,15 +368,14 @@ class CommentSync:
             },
         )
 
-    def _note_restricted(self, ref: TicketRef, comment: TicketComment) -> None:
-        key = f"restricted:{comment.id}"
+    def _note_skipped(self, ref: TicketRef, comment: TicketComment, reason: str) -> None:
+        """Log once per comment and process that the `to_mdr` rule keeps a comment on the ticket."""
+        key = f"{reason}:{comment.id}"
         if key in self.stats.restricted_skipped:
             return
         self.stats.restricted_skipped.add(key)
-        log.info(
-            "sync.comment.restricted_kept_internal",
-            extra={"connection": self.name, "ticket_key": ref.key, "comment_id": comment.id},
-        )
+        event = "sync.comment.restricted_kept_internal" if reason == "restricted" else "sync.comment.unmarked_kept_internal"
+        log.info(event, extra={"connection": self.name, "ticket_key": ref.key, "comment_id": comment.id})
 
     def _is_ticket_echo(self, comment: TicketComment, written_by_us: set[str]) -> bool:
         """Tell whether a ticket comment was written by this connector."""
@@ -294,5 +397,282 @@ class CommentSync:
         self.stats.echoes_suppressed.add(key)
         log.debug("sync.echo.suppressed", extra={"connection": self.name, "item": key, "reason": reason})
 
-    async def _finish_item(self, incident: Incident, direction: str, source_id: str, target_id: str) -> None:
-        await self.store.finish_item(self.name, incident.incident_id, COMMENT, direction, source_id, target_id)
+    # Edits of ticket comments
+
+    async def sync_ticket_edits(self, incident: Incident, ref: TicketRef, view: CommentView) -> list[str]:
+        """Send one note to MDR per noticed version of a copied ticket comment edited since it was last sent.
+
+        Only the version seen at a reconciliation is sent, so two edits
+        between reconciliations give one note with the newer text.
+        """
+        if self.mapping.comments.on_ticket_edit == "ignore":
+            return []
+        copies = {item.source_id: item for item in view.copies if item.direction == TICKET_TO_MDR and item.state == DONE}
+        failed: list[str] = []
+
+        for comment in view.ticket_comments:
+            copy = copies.get(comment.id)
+            version = comment_version(comment)
+            if copy is None or copy.target_id is None or copy.source_version == version:
+                continue
+            if copy.source_version is None:
+                # Copied before versions were recorded, so the copied version
+                # is unknown and this one becomes the baseline.
+                # NOTE: an edit made before that upgrade is never noted.
+                await self._finish_copy(incident, TICKET_TO_MDR, comment.id, copy.target_id, version)
+                continue
+
+            body = self._body_for_mdr(ref, comment)
+            if body is None:
+                continue
+            try:
+                await self._note_edit_in_mdr(incident, ref, view, comment, body)
+            except ItemError as err:
+                failed.append(f"{self.tickets.system} comment {comment.id} (edit): {err}")
+                continue
+            await self._finish_copy(incident, TICKET_TO_MDR, comment.id, copy.target_id, version)
+        return failed
+
+    async def _note_edit_in_mdr(
+        self, incident: Incident, ref: TicketRef, view: CommentView, comment: TicketComment, body: str
+    ) -> None:
+        key = edit_key(comment)
+        if view.change_done(TICKET_TO_MDR, key):
+            return
+        landed = view.in_mdr.get(key)
+        if landed is not None:
+            await self._finish_change(incident, TICKET_TO_MDR, key, landed.comment_id)
+            return
+
+        text = render_edit_note_for_mdr(
+            self.mapping,
+            author=comment.author.display_name,
+            edited=comment.updated or comment.created,
+            body=body,
+            system=self.tickets.system,
+            ticket_key=ref.key,
+            note_id=key,
+        )
+        posted = await self._post_note_to_mdr(incident, key, text)
+        log.info(
+            "sync.comment.edit_noted",
+            extra=self._change_fields(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id),
+        )
+
+    async def _post_note_to_mdr(self, incident: Incident, key: str, text: str) -> Comment:
+        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, TICKET_TO_MDR, key)
+        posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
+        await self._finish_change(incident, TICKET_TO_MDR, key, posted.comment_id)
+        self.stats.comment_notes += 1
+        self._check_connection_name(posted)
+        return posted
+
+    # Deletions of ticket comments
+
+    async def sync_ticket_deletions(self, incident: Incident, ref: TicketRef, view: CommentView) -> list[str]:
+        """Handle copied ticket comments that were deleted on the ticket, by the `on_ticket_delete` rule."""
+        rule = self.mapping.comments.on_ticket_delete
+        if rule == "ignore":
+            return []
+        present = {comment.id for comment in view.ticket_comments}
+        copy_ids: dict[str, str] = {}
+        for item in view.copies:
+            if item.direction != TICKET_TO_MDR or item.source_id in present:
+                continue
+            if view.change_done(TICKET_TO_MDR, deletion_key(item.source_id)):
+                continue
+            copy_id = self._copy_in_mdr(item, view)
+            if copy_id is not None:
+                copy_ids[item.source_id] = copy_id
+        if not copy_ids:
+            return []
+
+        # A comment deleted while the adapter pages through the list can
+        # hide another one, so a deletion counts only when a second read agrees.
+        again = await self._read(lambda: self.tickets.list_comments(ref))
+        deleted = sorted(set(copy_ids) - {comment.id for comment in again})
+        failed: list[str] = []
+        for source_id in deleted:
+            try:
+                await self._handle_ticket_deletion(incident, ref, view, source_id, copy_ids[source_id], rule)
+            except ItemError as err:
+                failed.append(f"{self.tickets.system} comment {source_id} (deleted): {err}")
+        return failed
+
+    @staticmethod
+    def _copy_in_mdr(item: SyncedItem, view: CommentView) -> str | None:
+        """Return the id of the MDR copy of a ticket comment, also when the copy's reply was lost."""
+        if item.state == DONE:
+            return item.target_id
+        landed = view.in_mdr.get(item.source_id)
+        return landed.comment_id if landed is not None else None
+
+    async def _handle_ticket_deletion(
+        self, incident: Incident, ref: TicketRef, view: CommentView, source_id: str, copy_id: str, rule: str
+    ) -> None:
+        key = deletion_key(source_id)
+        if rule == "mirror":
+            mdr_copy = next((comment for comment in view.mdr_comments if comment.comment_id == copy_id), None)
+            if mdr_copy is None:
+                # Already gone: an earlier delete whose reply was lost, or a person in MDR.
+                await self._finish_change(incident, TICKET_TO_MDR, key, copy_id)
+                return
+            if mdr_copy.author_name == self.settings.mdr.connection_name:
+                await self._delete_in_mdr(incident, ref, source_id, key, copy_id)
+                return
+            # MDR lets only a comment's author delete it, and this copy was
+            # written under another Connection Name, so a note has to do.
+            log.warning(
+                "sync.comment.copy_not_deletable",
+                extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, copy_id),
+            )
+
+        landed = view.in_mdr.get(key)
+        if landed is not None:
+            await self._finish_change(incident, TICKET_TO_MDR, key, landed.comment_id)
+            return
+        text = render_deletion_note_for_mdr(
+            system=self.tickets.system, ticket_key=ref.key, comment_id=source_id, note_id=key
+        )
+        posted = await self._post_note_to_mdr(incident, key, text)
+        log.info(
+            "sync.comment.deletion_noted",
+            extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, posted.comment_id),
+        )
+
+    async def _delete_in_mdr(self, incident: Incident, ref: TicketRef, source_id: str, key: str, copy_id: str) -> None:
+        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, TICKET_TO_MDR, key)
+        try:
+            await self.mdr.delete_comment(copy_id)
+        except RejectedError as err:
+            # 404: deleted meanwhile. The list read just before showed the
+            # copy, so a wrong client id or URL is ruled out.
+            if err.status != 404:
+                raise
+        await self._finish_change(incident, TICKET_TO_MDR, key, copy_id)
+        log.info(
+            "sync.comment.deletion_mirrored",
+            extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, copy_id),
+        )
+
+    # Deletions of MDR comments
+
+    async def sync_mdr_deletions(self, incident: Incident, ref: TicketRef, view: CommentView) -> list[str]:
+        """Handle copied MDR comments that were deleted in MDR, by the `on_mdr_delete` rule."""
+        rule = self.mapping.comments.on_mdr_delete
+        if rule == "ignore":
+            return []
+        present = {comment.comment_id for comment in view.mdr_comments}
+        copy_ids: dict[str, str] = {}
+        for item in view.copies:
+            if item.direction != MDR_TO_TICKET or item.source_id in present:
+                continue
+            if view.change_done(MDR_TO_TICKET, deletion_key(item.source_id)):
+                continue
+            copy_id = self._copy_on_ticket(item, view)
+            if copy_id is not None:
+                copy_ids[item.source_id] = copy_id
+        if not copy_ids:
+            return []
+
+        # The same check as for the ticket: a second read must agree.
+        again = await self._read(lambda: self.mdr.list_comments(incident.incident_id))
+        if again.malformed:
+            return []
+        deleted = sorted(set(copy_ids) - {comment.comment_id for comment in again.items})
+        failed: list[str] = []
+        for source_id in deleted:
+            try:
+                await self._handle_mdr_deletion(incident, ref, view, source_id, copy_ids[source_id], rule)
+            except ItemError as err:
+                failed.append(f"comment {source_id} (deleted in MDR): {err}")
+        return failed
+
+    @staticmethod
+    def _copy_on_ticket(item: SyncedItem, view: CommentView) -> str | None:
+        """Return the id of the ticket copy of an MDR comment, also when the copy's reply was lost."""
+        if item.state == DONE:
+            return item.target_id
+        landed = view.on_ticket.get((MDR_ORIGIN, item.source_id))
+        return landed.id if landed is not None else None
+
+    async def _handle_mdr_deletion(
+        self, incident: Incident, ref: TicketRef, view: CommentView, source_id: str, copy_id: str, rule: str
+    ) -> None:
+        assert self.own_account is not None
+        key = deletion_key(source_id)
+        ticket_copy = next((comment for comment in view.ticket_comments if comment.id == copy_id), None)
+        if rule == "mirror":
+            # A copy missing from the list is still edited, because a list
+            # read during another deletion can skip it. The adapter raises
+            # a 404 when the copy is really gone.
+            if ticket_copy is None or ticket_copy.author.id == self.own_account.id:
+                await self._blank_ticket_copy(incident, ref, source_id, key, copy_id)
+                return
+            # An earlier service account wrote the copy, and only the author may edit it.
+            log.warning(
+                "sync.comment.copy_not_editable",
+                extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
+            )
+
+        landed = view.on_ticket.get((NOTICE_ORIGIN, key))
+        if landed is not None:
+            await self._finish_change(incident, MDR_TO_TICKET, key, landed.id)
+            return
+        draft = CommentDraft(
+            body=render_deletion_note_for_ticket(ticket_copy.created if ticket_copy else None),
+            marker=SyncMarker(origin=NOTICE_ORIGIN, source_id=key),
+            visibility=comment_visibility(self.mapping),
+        )
+        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, MDR_TO_TICKET, key)
+        posted = await self.tickets.add_comment(ref, draft)
+        await self._finish_change(incident, MDR_TO_TICKET, key, posted.id)
+        self.stats.comment_notes += 1
+        log.info(
+            "sync.comment.deletion_noted",
+            extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, posted.id),
+        )
+
+    async def _blank_ticket_copy(self, incident: Incident, ref: TicketRef, source_id: str, key: str, copy_id: str) -> None:
+        """Replace the text of the ticket copy of a deleted MDR comment; an edit repeated after a crash does no harm."""
+        draft = CommentDraft(
+            body=render_deleted_copy_for_ticket(),
+            marker=SyncMarker(origin=MDR_ORIGIN, source_id=source_id),
+            visibility=comment_visibility(self.mapping),
+        )
+        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, MDR_TO_TICKET, key)
+        try:
+            await self.tickets.edit_comment(ref, copy_id, draft)
+        except RejectedError as err:
+            # 404: a person deleted the copy on the ticket, so no text is left to remove.
+            if err.status != 404:
+                raise
+        await self._finish_change(incident, MDR_TO_TICKET, key, copy_id)
+        log.info(
+            "sync.comment.deletion_mirrored",
+            extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
+        )
+
+    # Ledger
+
+    async def _finish_copy(
+        self, incident: Incident, direction: str, source_id: str, target_id: str, source_version: str | None = None
+    ) -> None:
+        await self.store.finish_item(
+            self.name, incident.incident_id, COMMENT, direction, source_id, target_id, source_version=source_version
+        )
+
+    async def _finish_change(self, incident: Incident, direction: str, key: str, target_id: str) -> None:
+        await self.store.finish_item(self.name, incident.incident_id, COMMENT_CHANGE, direction, key, target_id)
+
+    def _change_fields(
+        self, direction: str, incident: Incident, ref: TicketRef, source_id: str, target_id: str
+    ) -> dict[str, str]:
+        return {
+            "connection": self.name,
+            "direction": direction,
+            "incident_id": incident.incident_id,
+            "ticket_key": ref.key,
+            "comment_id": source_id,
+            "target_comment_id": target_id,
+        }
