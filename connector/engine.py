@@ -20,9 +20,12 @@ import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TypeVar
 
 from mdr_connector.adapters.mdr.models import Incident
+from mdr_connector.connector.assets import AssetDetails, assets_wanted
+from mdr_connector.connector.attachments import AttachmentSync
 from mdr_connector.connector.comments import CommentSync
 from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.errors import (
@@ -32,26 +35,34 @@ from mdr_connector.connector.errors import (
     InvalidPayloadError,
     ItemError,
 )
+from mdr_connector.connector.history import read_history_window
 from mdr_connector.connector.mapping import (
     fields_hash,
     render_draft,
     render_fields,
 )
-from mdr_connector.connector.mappingfile import Mapping
+from mdr_connector.connector.mappingfile import Mapping, Route
+from mdr_connector.connector.responses import ResponseSync
 from mdr_connector.connector.retry import RetryPolicy, parked_backoff_seconds, retry_read
+from mdr_connector.connector.routing import check_destinations, destination_for, match_route
 from mdr_connector.connector.store import (
     LINKED,
     PENDING,
     Link,
     Store,
 )
+from mdr_connector.connector.status import StatusSync
 from mdr_connector.connector.sync_common import (
+    CycleStep,
     IncidentPageLike,
+    IncidentPart,
     MalformedLike,
     MdrApi,
+    SyncContext,
     SyncStats,
     gather_or_cancel,
 )
+from mdr_connector.connector.ticket_requests import TicketIncidentRequests, is_requested_incident
 from mdr_connector.connector.tickets import (
     TicketAccount,
     TicketAdapter,
@@ -62,6 +73,7 @@ from mdr_connector.connector.tickets import (
 log = logging.getLogger(__name__)
 
 MDR_CURSOR = "mdr"
+HISTORY_CURSOR = "mdr_history"
 TICKET_CURSOR = "ticket"
 INCIDENT = "incident"
 # An MDR time further ahead of this machine's clock than this is taken for
@@ -70,6 +82,22 @@ INCIDENT = "incident"
 FUTURE_TOLERANCE = timedelta(days=1)
 
 T = TypeVar("T")
+
+
+def build_parts(context: SyncContext) -> list[IncidentPart]:
+    """The parts a reconciliation runs after the fields and comments, in order."""
+    parts: list[IncidentPart] = []
+    parts.append(AttachmentSync(context))
+    parts.append(ResponseSync(context))
+    parts.append(StatusSync(context))
+    return parts
+
+
+def build_cycle_steps(context: SyncContext) -> list[CycleStep]:
+    """The steps a cycle runs after the change detection of both sides."""
+    steps: list[CycleStep] = []
+    steps.append(TicketIncidentRequests(context))
+    return steps
 
 
 class ConnectionSync:
@@ -85,6 +113,7 @@ class ConnectionSync:
         *,
         clock: Callable[[], datetime] | None = None,
         read_policy: RetryPolicy | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -101,6 +130,19 @@ class ConnectionSync:
         # mapping, store and both clients, so replacing one of these attributes
         # here after construction does not reach it.
         self.comments = CommentSync(settings, mapping, store, mdr, tickets, self.stats, self._read)
+        self.context = SyncContext(
+            settings=settings,
+            mapping=mapping,
+            store=store,
+            mdr=mdr,
+            tickets=tickets,
+            stats=self.stats,
+            read=self._read,
+            clock=lambda: self.clock(),
+            spool_dir=spool_dir or Path("data") / "spool",
+        )
+        self.parts: list[IncidentPart] = build_parts(self.context)
+        self.cycle_steps: list[CycleStep] = build_cycle_steps(self.context)
         # Weak values: a lock lives only while a reconciliation holds or waits
         # for it, so the map does not grow with every incident ever seen.
         self._incident_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -116,6 +158,7 @@ class ConnectionSync:
     @own_account.setter
     def own_account(self, account: TicketAccount | None) -> None:
         self.comments.own_account = account
+        self.context.own_account = account
 
     async def open(self) -> None:
         """Connect to the ticket system and learn the connector's own account there."""
@@ -128,12 +171,14 @@ class ConnectionSync:
         )
 
     async def check_mapping(self) -> None:
-        """Stop the connection when the ticket system lacks the mapping's project, issue type or a priority.
+        """Stop the connection when the ticket system lacks a project, issue type or priority the mapping uses.
 
-        Without this, every new incident would fail on its own and be parked,
-        which looks like a transient fault instead of a setting to fix.
+        The top-level project and issue type and those of every route are
+        checked, and all problems are reported in one error. Without this,
+        every new incident would fail on its own and be parked, which looks
+        like a transient fault instead of a setting to fix.
         """
-        problems = await self.tickets.check(self.mapping.issue_type, self.mapping.priority.values())
+        problems = await check_destinations(self.mapping, self.tickets)
         if problems:
             raise ConfigError(f"mapping {self.settings.mapping}: {'; '.join(problems)}")
 
@@ -147,6 +192,8 @@ class ConnectionSync:
         await self.retry_parked()
         await self.sync_mdr_changes()
         await self.sync_ticket_changes()
+        for step in self.cycle_steps:
+            await step.run()
         log.info(
             "sync.cycle.finished",
             extra={
@@ -169,6 +216,9 @@ class ConnectionSync:
         Page numbers are used only inside one millisecond that contains more
         than a page of incidents, with `max_update_time` pinning the window to it.
         """
+        if self.settings.sync.change_source == "history" and await self.sync_mdr_history():
+            return
+
         # NOTE: sorting incidents/list by `update_time` is INFERRED from the
         # documented `"<field>:asc"` form; public sources show only
         # `creation_time` as a sort field.
@@ -222,6 +272,102 @@ class ConnectionSync:
             "sync.mdr.backlog_remaining",
             extra={"connection": self.name, "cursor": cursor, "pages": sync.max_pages_per_cycle},
         )
+
+    async def sync_mdr_history(self) -> bool:
+        """Reconcile every incident that has `incidents/history` records since the cursor.
+
+        The filters and `new_only` decide which incidents get a ticket; an
+        incident already linked keeps syncing whatever its status or tenant
+        becomes, so its ticket follows it to the end.
+
+        Returns False when a history page is malformed. One bad record fails
+        its whole page, and skipping it would make its entity type look
+        exhausted, so the cycle finds changes through `incidents/list`
+        instead, which sets single bad records aside.
+        """
+        sync = self.settings.sync
+        cursor = await self._history_cursor()
+        try:
+            window = await read_history_window(
+                self.mdr,
+                self._read,
+                since=max(cursor - int(sync.mdr_overlap_seconds * 1000), 0),
+                free_until=cursor,
+                page_size=sync.page_size,
+                max_pages=sync.max_pages_per_cycle,
+                horizon=self._future_horizon_ms(),
+            )
+        except InvalidPayloadError as err:
+            log.error("sync.history.unreadable", extra={"connection": self.name, "error": str(err)})
+            list_cursor = await self._mdr_cursor()
+            if list_cursor < cursor:
+                await self.store.set_cursor(self.name, MDR_CURSOR, str(cursor))
+            return False
+        for incident_id, (_, error) in window.malformed.items():
+            self.stats.failures += 1
+            log.error("sync.incident.malformed", extra={"connection": self.name, "incident_id": incident_id, "error": error})
+            await self._park(incident_id, error)
+
+        links = await self.store.get_links(self.name, window.changed)
+        creation_floor = await self._creation_floor()
+        due = []
+        for changed in window.changed.values():
+            if changed.incident_id in window.malformed:
+                continue
+            self.stats.incidents_seen.add(changed.incident_id)
+            link = links.get(changed.incident_id)
+            snapshot = changed.current_snapshot()
+            linked = link is not None and link.state == LINKED
+            if linked and snapshot is not None and (link.mdr_update_time or -1) >= snapshot.update_time:  # type: ignore[union-attr]
+                continue
+            if not linked and snapshot is not None and not self._wanted(snapshot, creation_floor):
+                continue
+            due.append(self._reconcile_from_history(changed.incident_id, snapshot, linked, creation_floor))
+        await gather_or_cancel(*due)
+
+        if window.covered_until is not None and window.covered_until > cursor:
+            await self.store.set_cursor(self.name, HISTORY_CURSOR, str(window.covered_until))
+        if not window.complete:
+            log.info(
+                "sync.mdr.backlog_remaining",
+                extra={"connection": self.name, "cursor": window.covered_until, "pages": window.pages},
+            )
+        return True
+
+    async def _reconcile_from_history(
+        self, incident_id: str, snapshot: Incident | None, linked: bool, creation_floor: int | None
+    ) -> None:
+        if snapshot is None and not linked:
+            # The filters need the incident itself before a ticket is made for it.
+            try:
+                snapshot = await self._read(lambda: self.mdr.get_incident(incident_id))
+            except ConnectionFatalError:
+                raise
+            except ConnectorError as err:
+                await self._record_failure(incident_id, err)
+                return
+            if not self._wanted(snapshot, creation_floor):
+                return
+        await self._reconcile_guarded(incident_id, snapshot)
+
+    def _wanted(self, incident: Incident, creation_floor: int | None) -> bool:
+        """Tell whether the connection's filters and mode ask for a ticket for this incident."""
+        filters = self.settings.sync.filters
+        return (
+            (not filters.statuses or incident.status in filters.statuses)
+            and (not filters.priorities or incident.priority in filters.priorities)
+            and (not filters.tenants or incident.tenant_name in filters.tenants)
+            and (creation_floor is None or incident.creation_time >= creation_floor)
+        )
+
+    async def _history_cursor(self) -> int:
+        """Return the history cursor; a connection that used `incidents/list` before starts from that cursor."""
+        stored = await self.store.get_cursor(self.name, HISTORY_CURSOR)
+        if stored is not None:
+            return int(stored)
+        start = await self._mdr_cursor()
+        await self.store.set_cursor(self.name, HISTORY_CURSOR, str(start))
+        return start
 
     async def _mdr_cursor(self) -> int:
         """Return the MDR cursor, storing the first run's start as the cursor when there is none."""
@@ -436,6 +582,11 @@ class ConnectionSync:
                 await self.comments.sync_comments(incident, ref)
             except ItemError as err:
                 failed.append(str(err))
+            for part in self.parts:
+                try:
+                    await part.sync(incident, link, ref)
+                except ItemError as err:
+                    failed.append(f"{part.label}: {err}")
             if failed:
                 raise ItemError("; ".join(failed))
 
@@ -467,10 +618,27 @@ class ConnectionSync:
             self.stats.tickets_linked += 1
             return await self._record_link("sync.ticket.found", incident, found, written_hash=None)
 
+        if self.mapping.create_incidents.enabled and is_requested_incident(incident, self.name):
+            # The ticket that asked for this incident exists; the request step
+            # links it, so a second ticket must not be created here.
+            log.info(
+                "sync.ticket.left_to_request",
+                extra={"connection": self.name, "incident_id": incident.incident_id},
+            )
+            return None
+
         return await self._create_ticket(incident)
 
     async def _create_ticket(self, incident: Incident) -> Link:
-        draft = render_draft(self.mapping, incident, self.settings.mdr.console_url, self.settings.mdr.client_id)
+        destination = destination_for(self.mapping, incident)
+        draft = render_draft(
+            self.mapping,
+            incident,
+            self.settings.mdr.console_url,
+            self.settings.mdr.client_id,
+            destination=destination,
+            assets=await self._asset_table(incident),
+        )
         await self.store.start_create(self.name, incident.incident_id, incident.incident_number)
         try:
             ref = await self.tickets.create_ticket(draft)
@@ -483,7 +651,8 @@ class ConnectionSync:
             raise
 
         self.stats.tickets_created += 1
-        return await self._record_link("sync.ticket.created", incident, ref, written_hash=fields_hash(draft.fields))
+        written_hash = self._fields_digest(incident, destination.route)
+        return await self._record_link("sync.ticket.created", incident, ref, written_hash=written_hash)
 
     async def _record_link(self, event: str, incident: Incident, ref: TicketRef, *, written_hash: str | None) -> Link:
         """Pair the incident with its ticket; `written_hash` is the digest of the fields just written, if any."""
@@ -499,19 +668,47 @@ class ConnectionSync:
         )
 
     async def update_ticket_fields(self, incident: Incident, link: Link, ref: TicketRef) -> None:
-        """Write the mapped fields when the incident changed them since the last write."""
-        fields = render_fields(self.mapping, incident, self.settings.mdr.console_url)
-        digest = fields_hash(fields)
+        """Write the fields MDR owns when the incident changed them since the last write.
+
+        Fields that `field_owner` gives to the ticket are neither written nor
+        part of the digest, so an analyst's edit of them stays.
+        """
+        route = match_route(self.mapping, incident)
+        owned_by_ticket = self.mapping.owned_by_ticket()
+        digest = self._fields_digest(incident, route)
         if digest == link.fields_hash:
             return
 
-        await self.tickets.update_ticket(ref, fields)
+        fields = render_fields(
+            self.mapping,
+            incident,
+            self.settings.mdr.console_url,
+            route=route,
+            assets=await self._asset_table(incident, owned_by_ticket),
+        )
+        await self.tickets.update_ticket(ref, fields, skip=owned_by_ticket)
         await self.store.record_fields_written(self.name, incident.incident_id, digest)
         self.stats.tickets_updated += 1
         log.info(
             "sync.ticket.updated",
             extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key},
         )
+
+    def _fields_digest(self, incident: Incident, route: Route | None) -> str:
+        """Return the digest of the fields MDR owns, rendered without asset details.
+
+        Asset details are left out because they change on their own, and the
+        last-seen time moves every hour. So the asset table is refreshed when
+        the fields are written for a change of the incident, never by itself.
+        """
+        fields = render_fields(self.mapping, incident, self.settings.mdr.console_url, route=route)
+        return fields_hash(fields, skip=self.mapping.owned_by_ticket())
+
+    async def _asset_table(self, incident: Incident, skip: frozenset[str] = frozenset()) -> str | None:
+        """Return the `{assets}` table, or None when asset details are off or no field outside `skip` uses them."""
+        if not assets_wanted(self.mapping, skip):
+            return None
+        return await AssetDetails(self.context).render(incident)
 
     async def _read(self, call: Callable[[], Awaitable[T]]) -> T:
         return await retry_read(self.read_policy, call)

@@ -269,8 +269,12 @@ async def test_sigterm_mid_cycle_then_resume(
     """SIGTERM during a cycle exits 0, and `sync --once` then syncs the rest with no duplicate issue or comment."""
     document = yaml.safe_load(activated_config.read_text())
     # Two pages of four incidents per cycle leave work for the restart. With
-    # no overlap, the restart continues where the stopped cycle ended.
-    document["connections"][0]["sync"].update({"page_size": 4, "max_pages_per_cycle": 2, "mdr_overlap_seconds": 0})
+    # no overlap, the restart continues where the stopped cycle ended. The
+    # list change source makes one page one incident per item, so the
+    # restart's count is exact.
+    document["connections"][0]["sync"].update(
+        {"page_size": 4, "max_pages_per_cycle": 2, "mdr_overlap_seconds": 0, "change_source": "list"}
+    )
     activated_config.write_text(yaml.safe_dump(document))
     incidents = []
     for number in range(10):
@@ -358,7 +362,7 @@ async def test_db_upgrade(tmp_path: Path, mdr_url: str, jira: RunningJira) -> No
     code, out, err = await run_cli("--config", str(config), "db", "upgrade")
 
     assert code == 0, err
-    assert "database schema is at revision 0001" in out
+    assert "database schema is at revision 0002" in out
 
 
 async def test_demo_runs() -> None:
