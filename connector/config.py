@@ -263,6 +263,17 @@ class LogSettings(StrictModel):
     format: Literal["auto", "json", "text"] = "auto"
 
 
+class ObservabilitySettings(StrictModel):
+    """The optional HTTP port for /metrics, /healthz and /readyz."""
+
+    # No port, no server. 0 picks a free port (for tests).
+    port: int | None = Field(default=None, ge=0, le=65535)
+    # Loopback by default; the endpoints have no authentication.
+    host: str = "127.0.0.1"
+    # /readyz fails when a connection's last good cycle is older than this many intervals.
+    ready_cycles: int = Field(default=3, ge=1)
+
+
 class Settings(StrictModel):
     """The whole configuration file."""
 
@@ -270,6 +281,7 @@ class Settings(StrictModel):
     database_url: str | SecretRef | None = None
     language: Literal["en", "ru"] | None = None
     log: LogSettings = Field(default_factory=LogSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     connections: list[ConnectionSettings] = Field(min_length=1)
 
     @field_validator("connections")

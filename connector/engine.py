@@ -360,6 +360,12 @@ class ConnectionSync:
             and (creation_floor is None or incident.creation_time >= creation_floor)
         )
 
+    async def mdr_cursor_value(self) -> int | None:
+        """The stored MDR change cursor of the configured change source, in epoch ms; None before the first cycle."""
+        name = HISTORY_CURSOR if self.settings.sync.change_source == "history" else MDR_CURSOR
+        stored = await self.store.get_cursor(self.name, name)
+        return int(stored) if stored is not None else None
+
     async def _history_cursor(self) -> int:
         """Return the history cursor; a connection that used `incidents/list` before starts from that cursor."""
         stored = await self.store.get_cursor(self.name, HISTORY_CURSOR)

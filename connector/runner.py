@@ -26,6 +26,7 @@ from mdr_connector.connector.errors import (
     RateLimitedError,
 )
 from mdr_connector.connector.locks import ConnectionLock
+from mdr_connector.connector.observability import Observer, serve_observability
 from mdr_connector.connector.store import Store
 from mdr_connector.connector.sync_common import SyncStats
 
@@ -115,16 +116,30 @@ async def run_forever(
     store: Store,
     factory: ConnectionFactory,
     stop: asyncio.Event | None = None,
+    observer: Observer | None = None,
 ) -> list[ConnectionOutcome]:
-    """Run every connection until SIGTERM/SIGINT, or until all of them stopped on fatal errors."""
+    """Run every connection until SIGTERM/SIGINT, or until all of them stopped on fatal errors.
+
+    With `observability.port` set, /metrics, /healthz and /readyz are served meanwhile.
+    """
     stop = stop or asyncio.Event()
+    observer = observer or Observer(settings.observability)
+    async with serve_observability(settings, observer, store):
+        return await _run_connections(settings, store, factory, stop, observer)
+
+
+async def _run_connections(
+    settings: Settings, store: Store, factory: ConnectionFactory, stop: asyncio.Event, observer: Observer
+) -> list[ConnectionOutcome]:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
 
     tasks = [
-        asyncio.create_task(work_connection(settings, connection, store, factory, stop), name=connection.name)
+        asyncio.create_task(
+            work_connection(settings, connection, store, factory, stop, observer), name=connection.name
+        )
         for connection in settings.connections
     ]
     try:
@@ -141,9 +156,28 @@ async def work_connection(
     store: Store,
     factory: ConnectionFactory,
     stop: asyncio.Event,
+    observer: Observer | None = None,
 ) -> ConnectionOutcome:
     """Cycle one connection every interval until stopped; retry opening it while either side is unreachable."""
+    observer = observer or Observer(settings.observability)
     streak = FailureStreak(connection.name)
+    interval = connection.sync.interval_seconds
+    observer.connection(connection.name, interval)
+    try:
+        return await _work_connection(settings, connection, store, factory, stop, observer, streak)
+    finally:
+        observer.connection_stopped(connection.name)
+
+
+async def _work_connection(
+    settings: Settings,
+    connection: ConnectionSettings,
+    store: Store,
+    factory: ConnectionFactory,
+    stop: asyncio.Event,
+    observer: Observer,
+    streak: FailureStreak,
+) -> ConnectionOutcome:
     interval = connection.sync.interval_seconds
     try:
         async with held_lock(settings, connection.name, 0):
@@ -152,7 +186,7 @@ async def work_connection(
                     async with factory(settings, connection, store) as sync:
                         log.info("sync.connection.started", extra={"connection": connection.name})
                         while not stop.is_set():
-                            delay = await run_cycle_until_stopped(sync, stop, streak)
+                            delay = await run_cycle_until_stopped(sync, stop, streak, observer)
                             await wait_unless_stopped(stop, delay)
                         log.info("sync.connection.stopped", extra={"connection": connection.name})
                         return ConnectionOutcome(connection.name, sync.stats)
@@ -162,6 +196,7 @@ async def work_connection(
                     # Opening failed (MDR or the ticket system unreachable, a
                     # 5xx on the first call): try again after one interval.
                     streak.failed(err)
+                    observer.cycle_failed(connection.name, interval, err)
                     await wait_unless_stopped(stop, interval)
             log.info("sync.connection.stopped", extra={"connection": connection.name})
             return ConnectionOutcome(connection.name, None)
@@ -177,7 +212,9 @@ async def wait_unless_stopped(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
-async def run_cycle_until_stopped(sync: ConnectionSync, stop: asyncio.Event, streak: FailureStreak) -> float:
+async def run_cycle_until_stopped(
+    sync: ConnectionSync, stop: asyncio.Event, streak: FailureStreak, observer: Observer | None = None
+) -> float:
     """Run one cycle; on stop, give it a grace period, then cancel it. Return the delay before the next one."""
     interval = sync.settings.sync.interval_seconds
     cycle = asyncio.create_task(sync.run_cycle())
@@ -193,20 +230,50 @@ async def run_cycle_until_stopped(sync: ConnectionSync, stop: asyncio.Event, str
                 await cycle
             return 0
         cycle.result()
-    except ConnectionFatalError:
+    except ConnectionFatalError as err:
+        if observer is not None:
+            observer.cycle_failed(sync.name, interval, err)
         raise
     except RateLimitedError as err:
         streak.failed(err)
+        if observer is not None:
+            observer.cycle_failed(sync.name, interval, err)
         return max(interval, err.retry_after or 0)
     except ConnectorError as err:
         streak.failed(err)
+        if observer is not None:
+            observer.cycle_failed(sync.name, interval, err)
         return interval
     except Exception as err:  # noqa: BLE001 - a bug in one cycle must not end the service
         log.exception("sync.cycle.crashed", extra={"connection": sync.name})
         streak.failed(err)
+        if observer is not None:
+            observer.cycle_failed(sync.name, interval, err)
         return interval
     finally:
         stopping.cancel()
 
     streak.succeeded()
+    if observer is not None:
+        observer.cycle_succeeded(sync.name, interval, sync.stats)
+        await report_state(sync, observer)
     return interval
+
+
+async def report_state(sync: ConnectionSync, observer: Observer) -> None:
+    """Read the gauges a cycle leaves behind: parked items, the cursor, the token expiry times."""
+    try:
+        counts = await sync.store.counts(sync.name)
+        cursor = await sync.mdr_cursor_value()
+    except Exception:  # noqa: BLE001 - metrics must never fail the connection
+        log.warning("observability.state_unreadable", extra={"connection": sync.name}, exc_info=True)
+        return
+    tokens = getattr(sync.mdr, "tokens", None)
+    status = tokens.status() if tokens is not None else None
+    observer.record_state(
+        sync.name,
+        parked=counts.parked_items,
+        cursor_ms=cursor,
+        access_expires_at=status.access_expires_at if status else None,
+        refresh_expires_at=status.refresh_expires_at if status else None,
+    )

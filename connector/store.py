@@ -718,6 +718,11 @@ class Store:
 
     # Reports
 
+    async def ping(self) -> None:
+        """Run a trivial query; raises when the database cannot be reached."""
+        async with self.engine.connect() as connection:
+            await connection.execute(select(1))
+
     async def counts(self, connection: str) -> StoreCounts:
         async with self.sessions() as session:
 
