@@ -20,9 +20,10 @@ import mimetypes
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from mdr_connector.adapters.mdr.models import Attachment, Incident
 from mdr_connector.connector.errors import (
@@ -59,6 +60,8 @@ LIMIT_CACHE_TIME = timedelta(minutes=10)
 TRANSFER_ERRORS = (ItemError, RemoteUnavailableError, OutcomeUnknownError)
 HTTP_CONTENT_TOO_LARGE = 413
 
+T = TypeVar("T")
+
 
 class AttachmentSync:
     """Mirrors the attachments of one connection's incidents and tickets in both directions."""
@@ -88,12 +91,16 @@ class AttachmentSync:
             self.context.read(lambda: self.context.mdr.list_attachments(incident.incident_id)),
             self.context.read(lambda: self.context.tickets.list_attachments(ref)),
         )
+        # A list that names a file twice would otherwise get it copied twice,
+        # because the ledger sets below are read once per reconciliation.
+        mdr_files = _first_of_each(mdr_page.items, lambda attachment: attachment.attachment_id)
+        ticket_files = _first_of_each(ticket_files, lambda attachment: attachment.id)
         items = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT)
         notices = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT_NOTICE)
         failed = [f"attachment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]
 
-        failed += await self.sync_mdr_to_ticket(incident, ref, mdr_page.items, ticket_files, items, notices)
-        failed += await self.sync_ticket_to_mdr(incident, ref, mdr_page.items, ticket_files, items, notices)
+        failed += await self.sync_mdr_to_ticket(incident, ref, mdr_files, ticket_files, items, notices)
+        failed += await self.sync_ticket_to_mdr(incident, ref, mdr_files, ticket_files, items, notices)
         if failed:
             raise ItemError(
                 f"{len(failed)} attachment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}"
@@ -128,6 +135,11 @@ class AttachmentSync:
 
             filename = safe_filename(attachment.full_name)
             try:
+                # A notice that may have landed is looked up first, because a
+                # notice on the ticket keeps its file back even when the filter
+                # now lets the file through.
+                if source_id in notice_pending and await self._found_ticket_notice(incident, ref, source_id):
+                    continue
                 if source_id in pending:
                     landed = self._find_on_ticket(filename, attachment.file_size, ticket_files, claimed)
                     if landed is not None:
@@ -143,7 +155,7 @@ class AttachmentSync:
                         max_bytes = min(max_bytes, limit)
                     reason = await self._copy_to_ticket(incident, ref, attachment, filename, max_bytes)
                 if reason is not None:
-                    await self._notify_ticket(incident, ref, attachment, filename, reason, source_id in notice_pending)
+                    await self._notify_ticket(incident, ref, attachment, filename, reason)
             except TRANSFER_ERRORS as err:
                 failed.append(f"MDR attachment {source_id}: {err}")
         return failed
@@ -223,24 +235,29 @@ class AttachmentSync:
         self._log_mirrored(MDR_TO_TICKET, incident, ref, attachment.attachment_id, landed.id, size, attachment.full_name, filename)
         return None
 
+    async def _found_ticket_notice(self, incident: Incident, ref: TicketRef, source_id: str) -> bool:
+        """Record the ticket notice an earlier post left without a reply; tell whether there was one.
+
+        Only a comment of the connector's own account counts, because anyone
+        who may edit a comment can also give it the connector's marker.
+        """
+        own_account = self.context.own_account
+        assert own_account is not None
+        marker = SyncMarker(origin=NOTICE_ORIGIN, source_id=f"attachment:{source_id}")
+        comments = await self.context.read(lambda: self.context.tickets.list_comments(ref))
+        landed = next(
+            (comment for comment in comments if comment.marker == marker and comment.author.id == own_account.id), None
+        )
+        if landed is None:
+            return False
+        await self._finish(incident, ATTACHMENT_NOTICE, MDR_TO_TICKET, source_id, landed.id)
+        return True
+
     async def _notify_ticket(
-        self,
-        incident: Incident,
-        ref: TicketRef,
-        attachment: Attachment,
-        filename: str,
-        reason: str,
-        retrying: bool,
+        self, incident: Incident, ref: TicketRef, attachment: Attachment, filename: str, reason: str
     ) -> None:
         """Post the one ticket comment that names an MDR attachment the filter keeps back."""
         marker = SyncMarker(origin=NOTICE_ORIGIN, source_id=f"attachment:{attachment.attachment_id}")
-        if retrying:
-            comments = await self.context.read(lambda: self.context.tickets.list_comments(ref))
-            landed = next((comment for comment in comments if comment.marker == marker), None)
-            if landed is not None:
-                await self._finish(incident, ATTACHMENT_NOTICE, MDR_TO_TICKET, attachment.attachment_id, landed.id)
-                return
-
         link = console_link(self.context.settings.mdr.console_url, incident.incident_id)
         created = datetime.fromtimestamp(attachment.creation_time / 1000, tz=timezone.utc)
         body = (
@@ -291,6 +308,8 @@ class AttachmentSync:
 
             filename = safe_filename(attachment.filename)
             try:
+                if attachment.id in notice_pending and await self._found_mdr_notice(incident, attachment.id):
+                    continue
                 if attachment.id in pending:
                     landed = self._find_in_mdr(filename, attachment.size, mdr_files, claimed)
                     if landed is not None:
@@ -302,7 +321,7 @@ class AttachmentSync:
                 if reason is None:
                     reason = await self._copy_to_mdr(incident, ref, attachment, filename)
                 if reason is not None:
-                    await self._notify_mdr(incident, ref, attachment, filename, reason, attachment.id in notice_pending)
+                    await self._notify_mdr(incident, ref, attachment, filename, reason)
             except TRANSFER_ERRORS as err:
                 failed.append(f"{self.context.tickets.system} attachment {attachment.id}: {err}")
         return failed
@@ -362,14 +381,29 @@ class AttachmentSync:
         self._log_mirrored(TICKET_TO_MDR, incident, ref, attachment.id, landed.attachment_id, size, attachment.filename, filename)
         return None
 
+    async def _found_mdr_notice(self, incident: Incident, source_id: str) -> bool:
+        """Record the MDR notice an earlier post left without a reply; tell whether there was one.
+
+        Only a comment written with the connector's token counts, so a SOC
+        comment that quotes the footer is not taken for the notice.
+        """
+        connection_name = self.context.settings.mdr.connection_name
+        page = await self.context.read(lambda: self.context.mdr.list_comments(incident.incident_id))
+        landed = next(
+            (
+                comment
+                for comment in page.items
+                if comment.author_name == connection_name and _footer_source(comment.text) == f"attachment:{source_id}"
+            ),
+            None,
+        )
+        if landed is None:
+            return False
+        await self._finish(incident, ATTACHMENT_NOTICE, TICKET_TO_MDR, source_id, landed.comment_id)
+        return True
+
     async def _notify_mdr(
-        self,
-        incident: Incident,
-        ref: TicketRef,
-        attachment: TicketAttachment,
-        filename: str,
-        reason: str,
-        retrying: bool,
+        self, incident: Incident, ref: TicketRef, attachment: TicketAttachment, filename: str, reason: str
     ) -> None:
         """Post the one MDR comment that names a ticket attachment the filter keeps back.
 
@@ -378,13 +412,6 @@ class AttachmentSync:
         never copies it to the ticket.
         """
         source_id = f"attachment:{attachment.id}"
-        if retrying:
-            page = await self.context.read(lambda: self.context.mdr.list_comments(incident.incident_id))
-            landed = next((comment for comment in page.items if _footer_source(comment.text) == source_id), None)
-            if landed is not None:
-                await self._finish(incident, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id, landed.comment_id)
-                return
-
         system = self.context.tickets.system
         text = (
             f"Attachment {code_span(filename)}, {format_size(attachment.size)}, added by "
@@ -404,7 +431,10 @@ class AttachmentSync:
     async def _spool_file(self, expected_size: int) -> AsyncIterator[Path]:
         """Yield a fresh path in the spool folder and remove the file there afterwards, whatever happened."""
         spool = self._prepare_spool()
-        free = shutil.disk_usage(spool).free
+        try:
+            free = shutil.disk_usage(spool).free
+        except OSError as err:
+            raise ItemError(f"cannot read the free space of the spool folder {spool}: {err.strerror or err}") from err
         if expected_size > free:
             raise ItemError(
                 f"the spool folder {spool} has {format_size(free)} free, too little for a file of "
@@ -422,10 +452,11 @@ class AttachmentSync:
 
         The folder belongs to one connection, which one process works at a
         time, so on first use every file in it is a leftover of a crash: a
-        spool file or a client's partial download.
+        spool file or a client's partial download. A folder removed or
+        replaced while the process runs is prepared again on the next use.
         """
         spool = self.context.spool_dir
-        if self._spool_ready:
+        if self._spool_ready and spool.is_dir() and not spool.is_symlink():
             return spool
 
         try:
@@ -553,6 +584,14 @@ def _content_type(filename: str) -> str:
 def _footer_source(text: str) -> str | None:
     marker = parse_mdr_footer(text)
     return marker.source_id if marker is not None else None
+
+
+def _first_of_each(records: Iterable[T], key: Callable[[T], str]) -> list[T]:
+    """Return `records` in order without the later ones whose key was seen before."""
+    first: dict[str, T] = {}
+    for record in records:
+        first.setdefault(key(record), record)
+    return list(first.values())
 
 
 def _sources(items: Iterable[SyncedItem], direction: str, state: str) -> set[str]:

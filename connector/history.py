@@ -82,7 +82,8 @@ async def read_history_window(
 
     A record newer than `horizon` (epoch ms) is bad data: its incident is
     still returned, so its reconciliation parks it, but its time never
-    counts towards `covered_until`.
+    counts towards `covered_until`, it never makes a page count against
+    `max_pages`, and its type is not paged further.
     """
     window = HistoryWindow()
     start, page, counted = since, 1, 0
@@ -97,18 +98,28 @@ async def read_history_window(
         window.pages += 1
         counts: dict[str, int] = {}
         newest_by_type: dict[str, int] = {}
+        beyond_horizon: set[str] = set()
         for entry in entries:
             counts[entry.entity_type] = counts.get(entry.entity_type, 0) + 1
             if entry.changed_at <= horizon:
                 newest_by_type[entry.entity_type] = max(newest_by_type.get(entry.entity_type, start), entry.changed_at)
                 newest_seen = max(newest_seen or entry.changed_at, entry.changed_at)
+            else:
+                beyond_horizon.add(entry.entity_type)
             _note_entry(window, entry)
-        if any(entry.changed_at > free_until for entry in entries):
+        if any(free_until < entry.changed_at <= horizon for entry in entries):
             counted += 1
 
         # A type with a short page has no more records from `start` on. An
         # unknown type counts like the known ones, so a new kind is not lost.
-        open_types = [entity_type for entity_type, count in counts.items() if count >= page_size]
+        # Records come back oldest first, so a type that reached a record
+        # beyond the horizon has only such records left. Paging on through
+        # them would hold the window at `start` until the budget ran out.
+        open_types = [
+            entity_type
+            for entity_type, count in counts.items()
+            if count >= page_size and entity_type not in beyond_horizon
+        ]
         if not open_types:
             window.complete = True
             window.covered_until = newest_seen

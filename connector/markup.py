@@ -77,7 +77,7 @@ _DROP = object()
 # A URL ends at a bracket, so text right after an autolink `<…>` or a
 # Markdown link target still counts.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>()\[\]]+|\bmailto:[^\s<>()\[\]]+")
-_WIKI_MACRO = re.compile(r"(?<!\{)\{[A-Za-z]+(?::[^{}\n]*)?\}(?!\})")
+_WIKI_MACRO = re.compile(r"(?<![{\\])\{[A-Za-z]+(?::[^{}\n]*)?\}(?!\})")
 _WIKI_BLOCK_PREFIX = re.compile(r"^[ \t]*(?:h[1-6]|bq)\.", re.MULTILINE)
 _WIKI_EMOTICON = re.compile(r"\((?:y|n|i|/|x|!|\+|-|\?|on|off|\*[rgby]?|flag|flagoff)\)")
 _WIKI_IMAGE_ATTRIBUTES = re.compile(r"(![^!\s|]+)\|[^!\n]*!")

@@ -112,6 +112,7 @@ CORE_FIELDS = frozenset({"project", "issuetype", "summary", "description", "prio
 # Jira Service Management marks a comment internal to its agents with this comment property.
 JSM_PUBLIC_PROPERTY = "sd.public.comment"
 PROJECT_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+ISSUE_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*-[1-9][0-9]{0,17}$")
 
 
 def correlation_label(incident_id: str) -> str:
@@ -578,6 +579,25 @@ class JiraTicketAdapter:
         self._remember_write(ref.id)
         log.info("jira.ticket.correlated", extra={"ticket_key": ref.key, "incident_id": incident_id})
 
+    async def get_ticket(self, key: str) -> TicketRef | None:
+        """Read the issue with this key; None when Jira has none or the text cannot be an issue key.
+
+        Jira answers a moved issue's old key with the issue under its new
+        key, so the key of the returned ref can differ from `key`.
+        """
+        if not ISSUE_KEY_PATTERN.fullmatch(key):
+            return None
+        try:
+            issue = await self._call("get_ticket", _request, "GET", f"issue/{key}", params={"fields": "created"})
+        except RejectedError as err:
+            if err.status != 404:
+                raise
+            return None
+        try:
+            return self._ref(issue)
+        except (KeyError, TypeError) as err:
+            raise InvalidPayloadError(f"Jira returned issue {key} without key or id: {err!r}") from err
+
     # Accounts
 
     async def account_groups(self, account_id: str) -> set[str]:
@@ -851,6 +871,9 @@ class JiraTicketAdapter:
             log.info("jira.project.searched", extra={"project": key, "projects": list(self.searched_projects)})
 
     def _project_clause(self) -> str:
+        # NOTE: only the projects the current mapping names are searched, so
+        # a ticket in a project later dropped from `routes` syncs only its
+        # MDR-side changes from then on.
         keys = list(self.searched_projects)
         if len(keys) == 1:
             return f"project = {quote(keys[0])}"
