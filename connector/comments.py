@@ -39,6 +39,7 @@ holds malformed MDR records.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -86,12 +87,34 @@ COMMENT = "comment"
 COMMENT_CHANGE = "comment_change"
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# A comment version is `<edit time> #<text digest>`, 50 characters, within
+# the 64 of the ledger's source_version column.
+DIGEST_SEPARATOR = " #"
+TEXT_DIGEST_LENGTH = 16
 
 
 def comment_version(comment: TicketComment) -> str:
-    """Return the version of a ticket comment as the ledger stores it: the last edit time (else creation time), UTC."""
+    """Return the version of a ticket comment as the ledger stores it.
+
+    That is the last edit time (else the creation time) in UTC, then a
+    digest of the text. The digest separates an edit that changed only who
+    may read the comment from one that changed its text.
+    """
     moment = comment.updated or comment.created
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    digest = hashlib.sha256(comment.body.encode("utf-8")).hexdigest()[:TEXT_DIGEST_LENGTH]
+    return f"{moment.astimezone(timezone.utc).isoformat(timespec='microseconds')}{DIGEST_SEPARATOR}{digest}"
+
+
+def same_edit(stored: str | None, current: str) -> bool:
+    """Tell whether two versions have the same edit time; a version stored before digests were added has only the time."""
+    return stored is not None and stored.partition(DIGEST_SEPARATOR)[0] == current.partition(DIGEST_SEPARATOR)[0]
+
+
+def same_text(stored: str | None, current: str) -> bool:
+    """Tell whether two versions carry the same text; a version stored without a digest matches none."""
+    if stored is None or DIGEST_SEPARATOR not in stored:
+        return False
+    return stored.rpartition(DIGEST_SEPARATOR)[2] == current.rpartition(DIGEST_SEPARATOR)[2]
 
 
 def edit_key(comment: TicketComment) -> str:
@@ -413,7 +436,7 @@ class CommentSync:
         for comment in view.ticket_comments:
             copy = copies.get(comment.id)
             version = comment_version(comment)
-            if copy is None or copy.target_id is None or copy.source_version == version:
+            if copy is None or copy.target_id is None or same_edit(copy.source_version, version):
                 continue
             if copy.source_version is None:
                 # Copied before versions were recorded, so the copied version
@@ -424,6 +447,11 @@ class CommentSync:
 
             body = self._body_for_mdr(ref, comment)
             if body is None:
+                continue
+            if same_text(copy.source_version, version):
+                # Only who may read the comment changed, such as a restriction
+                # set and lifted again, so the text MDR has is still current.
+                await self._finish_copy(incident, TICKET_TO_MDR, comment.id, copy.target_id, version)
                 continue
             try:
                 await self._note_edit_in_mdr(incident, ref, view, comment, body)

@@ -34,6 +34,7 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     InvalidPayloadError,
     ItemError,
+    RejectedError,
 )
 from mdr_connector.connector.history import read_history_window
 from mdr_connector.connector.mapping import (
@@ -62,7 +63,7 @@ from mdr_connector.connector.sync_common import (
     SyncStats,
     gather_or_cancel,
 )
-from mdr_connector.connector.ticket_requests import TicketIncidentRequests, is_requested_incident
+from mdr_connector.connector.ticket_requests import TicketIncidentRequests, requested_ticket_id
 from mdr_connector.connector.tickets import (
     TicketAccount,
     TicketAdapter,
@@ -95,8 +96,12 @@ def build_parts(context: SyncContext) -> list[IncidentPart]:
 
 def build_cycle_steps(context: SyncContext) -> list[CycleStep]:
     """The steps a cycle runs after the change detection of both sides."""
+    # Imported here because operations.py builds engines of its own.
+    from mdr_connector.connector.operations import LedgerRetention
+
     steps: list[CycleStep] = []
     steps.append(TicketIncidentRequests(context))
+    steps.append(LedgerRetention(context))
     return steps
 
 
@@ -596,7 +601,17 @@ class ConnectionSync:
             if failed:
                 raise ItemError("; ".join(failed))
 
-            await self.store.record_mdr_reconciled(self.name, incident.incident_id, incident.update_time)
+            # The status part owns the recorded MDR status while statuses are
+            # synced; otherwise it is kept here, so retention knows which
+            # incidents are closed.
+            status_rules = self.mapping.status
+            status_synced = bool(status_rules.to_ticket) or status_rules.close_mdr.enabled
+            await self.store.record_mdr_reconciled(
+                self.name,
+                incident.incident_id,
+                incident.update_time,
+                mdr_status=None if status_synced else incident.status,
+            )
             return True
 
     async def ensure_ticket(self, incident: Incident) -> Link | None:
@@ -624,16 +639,43 @@ class ConnectionSync:
             self.stats.tickets_linked += 1
             return await self._record_link("sync.ticket.found", incident, found, written_hash=None)
 
-        if self.mapping.create_incidents.enabled and is_requested_incident(incident, self.name):
-            # The ticket that asked for this incident exists; the request step
-            # links it, so a second ticket must not be created here.
-            log.info(
-                "sync.ticket.left_to_request",
-                extra={"connection": self.name, "incident_id": incident.incident_id},
-            )
-            return None
+        requested = await self._link_requesting_ticket(incident)
+        if requested is not None:
+            return requested
 
         return await self._create_ticket(incident)
+
+    async def _link_requesting_ticket(self, incident: Incident) -> Link | None:
+        """Link an incident created from a ticket to that ticket, so no second ticket is made.
+
+        The change search can meet such an incident before the request step
+        linked it (a crash between the create and the link), and the request
+        step may never see the ticket again (its label removed meanwhile).
+        A ticket that is gone or belongs to another incident gives None, and
+        the incident gets a ticket of its own.
+        """
+        requests = next((step for step in self.cycle_steps if isinstance(step, TicketIncidentRequests)), None)
+        ticket_id = requested_ticket_id(incident, self.name)
+        if requests is None or ticket_id is None or not self.mapping.create_incidents.enabled:
+            return None
+
+        ref = await self._read(lambda: self.tickets.get_ticket(ticket_id))
+        if ref is None:
+            log.warning(
+                "sync.request.ticket_gone",
+                extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_id": ticket_id},
+            )
+            return None
+        try:
+            await requests.link(ref, incident)
+        except RejectedError as err:
+            log.warning(
+                "sync.request.ticket_taken",
+                extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key, "error": str(err)},
+            )
+            return None
+        link = await self.store.get_link(self.name, incident.incident_id)
+        return link if link is not None and link.state == LINKED else None
 
     async def _create_ticket(self, incident: Incident) -> Link:
         destination = destination_for(self.mapping, incident)

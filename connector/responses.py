@@ -13,6 +13,7 @@ The same decision path serves `mdr-connector responses confirm|decline`
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -234,15 +235,38 @@ def render_response(response: Response, host_names: dict[str, str], command: str
     return "\n".join(lines)
 
 
-def render_echo(decision: ResponseDecision) -> str:
-    """Render the ticket comment that reports a decision sent to MDR."""
+def render_echo(decision: ResponseDecision, *, quote_reason: bool = True) -> str:
+    """Render the ticket comment that reports a decision sent to MDR.
+
+    The reason of a command written in a restricted comment is not quoted,
+    because the echo may be readable by more people than the command.
+    """
     status = DECISION_STATUSES[decision.decision]
     via = "" if decision.source == TICKET_SOURCE else " with the mdr-connector command line"
+    reason = (
+        escape_markdown(decision.reason)
+        if quote_reason
+        else "not quoted here, because the command was written in a restricted comment."
+    )
     return (
         f"**mdr-connector:** response {code_span(decision.response_id)} is **{status.lower()}** in Kaspersky MDR "
         f"by {escape_markdown(decision.actor_name)} ({code_span(decision.actor_id)}){via}.\n\n"
-        f"Reason: {escape_markdown(decision.reason)}"
+        f"Reason: {reason}"
     )
+
+
+def carries_comment(response: Response, sent: str) -> bool:
+    """Tell whether a response's MDR comment is the one a decision sends, so the decision is what changed its status.
+
+    A response in the decided status whose comment differs was decided by
+    someone else, such as MDR's automatic decline on timeout.
+    NOTE: that MDR keeps the comment as sent is INFERRED; the check allows
+    HTML escaping and changed whitespace.
+    """
+    def plain(text: str) -> str:
+        return " ".join(html.unescape(text).split())
+
+    return plain(sent) in plain(response.comment or "")
 
 
 def render_refusal(message: str) -> str:
@@ -250,11 +274,19 @@ def render_refusal(message: str) -> str:
     return f"**mdr-connector:** {message} Nothing was sent to Kaspersky MDR."
 
 
-def mdr_comment(decision: ResponseDecision, system: str, ticket_key: str) -> str:
-    """Return the comment sent to MDR with a decision: the reason and who decided where."""
+def mdr_comment(decision: ResponseDecision, system: str, ticket_key: str, *, restricted: bool = False) -> str:
+    """Return the comment sent to MDR with a decision: the reason and who decided where.
+
+    The reason of a command written in a restricted ticket comment stays on
+    the ticket: MDR shows the comment in the response, and the response's
+    view on the ticket may be readable by more people than the command.
+    """
     if decision.source == CLI_SOURCE:
         return f"{decision.reason} (by {decision.actor_id} with the mdr-connector command line)"
-    return f"{decision.reason} (by {decision.actor_name} {decision.actor_id} in {system.title()} {ticket_key})"
+    where = f"{decision.actor_name} {decision.actor_id} in {system.title()} {ticket_key}"
+    if restricted:
+        return f"Decided by {where}; the reason is in a restricted comment there."
+    return f"{decision.reason} (by {where})"
 
 
 def usage(command: str) -> str:
@@ -295,7 +327,8 @@ class ResponseSync:
         failed = [f"response {record.record_id or '<without id>'}: {record.error}" for record in page.malformed]
         responses = {response.response_id: response for response in page.items}
 
-        sent, command_failures = await self._run_commands(incident, ref, responses, ticket_comments)
+        unreadable = {record.record_id for record in page.malformed}
+        sent, command_failures = await self._run_commands(incident, ref, responses, unreadable, ticket_comments)
         failed += command_failures
         if sent:
             page = await context.read(lambda: context.mdr.list_responses(incident.incident_id))
@@ -400,9 +433,15 @@ class ResponseSync:
         incident: Incident,
         ref: TicketRef,
         responses: dict[str, Response],
+        unreadable: set[str | None],
         ticket_comments: list[TicketComment],
     ) -> tuple[int, list[str]]:
-        """Handle each command comment not handled yet. Returns the number of decisions sent, and the failures."""
+        """Handle each command comment not handled yet. Returns the number of decisions sent, and the failures.
+
+        `unreadable` contains the ids of the malformed records of the response
+        list (None for one without an id). A command for a response that may
+        be one of them waits, instead of being refused as unknown.
+        """
         items = {item.source_id: item for item in await self._items(incident, COMMAND)}
         decisions = {
             decision.source_id: decision
@@ -423,16 +462,31 @@ class ResponseSync:
             # finished even when a later edit made it look like no command.
             if item is None and not looks_like_command(comment.body, self.rules.command):
                 continue
+            earlier = decisions.get(comment.id)
+            target = earlier.response_id if earlier is not None else self._target_of(comment)
+            if unreadable and target is not None and target not in responses and (
+                target in unreadable or None in unreadable
+            ):
+                failed.append(
+                    f"{self.context.tickets.system} comment {comment.id}: response {target} is among the "
+                    "malformed records MDR returned, so the command waits for a readable list"
+                )
+                continue
 
             try:
-                outcome = await self._run_command(
-                    incident, ref, comment, responses, decisions.get(comment.id), notices
-                )
+                outcome = await self._run_command(incident, ref, comment, responses, earlier, notices)
             except ItemError as err:
                 failed.append(f"{self.context.tickets.system} comment {comment.id}: {err}")
                 continue
             sent += outcome == SENT
         return sent, failed
+
+    def _target_of(self, comment: TicketComment) -> str | None:
+        """Return the response id a command names, or None when the comment is no well-formed command."""
+        try:
+            return parse_command(comment.body, self.rules.command).response_id
+        except CommandSyntaxError:
+            return None
 
     def _written_by_connector(self, comment: TicketComment) -> bool:
         own = self.context.own_account
@@ -455,7 +509,7 @@ class ResponseSync:
         if earlier is None:
             outcome, reply = await self._judge(incident, ref, comment, responses)
         else:
-            outcome, reply = await self._resume(incident, ref, earlier, responses)
+            outcome, reply = await self._resume(incident, ref, earlier, responses, restricted=comment.restricted)
 
         notice = await self._post_notice(ref, f"command:{comment.id}", reply, notices)
         await store.finish_item(
@@ -492,7 +546,7 @@ class ResponseSync:
             return REFUSED, render_refusal(problem)
 
         decision = await self._record(incident, comment, command, outcome=PENDING_OUTCOME)
-        return await self._send(incident, ref, decision, responses)
+        return await self._send(incident, ref, decision, responses, restricted=comment.restricted)
 
     async def _problem(
         self, incident: Incident, author: TicketAccount, command: Command, responses: dict[str, Response]
@@ -567,7 +621,13 @@ class ResponseSync:
         )
 
     async def _send(
-        self, incident: Incident, ref: TicketRef, decision: ResponseDecision, responses: dict[str, Response]
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        decision: ResponseDecision,
+        responses: dict[str, Response],
+        *,
+        restricted: bool,
     ) -> tuple[str, str]:
         """Send a recorded decision to MDR and record MDR's reply. Returns the outcome and the reply to post.
 
@@ -576,7 +636,7 @@ class ResponseSync:
         """
         context = self.context
         status = DECISION_STATUSES[decision.decision]
-        text = mdr_comment(decision, context.tickets.system, ref.key)
+        text = mdr_comment(decision, context.tickets.system, ref.key, restricted=restricted)
         try:
             await context.mdr.update_response(decision.response_id, status, text)
         except ItemError as err:
@@ -593,35 +653,48 @@ class ResponseSync:
             responses[decision.response_id] = current.model_copy(update={"status": status})
         context.stats.response_decisions += 1
         self._log_decision("sync.response.decided", incident, ref, decision)
-        return SENT, render_echo(decision)
+        return SENT, render_echo(decision, quote_reason=not restricted)
 
     async def _resume(
-        self, incident: Incident, ref: TicketRef, decision: ResponseDecision, responses: dict[str, Response]
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        decision: ResponseDecision,
+        responses: dict[str, Response],
+        *,
+        restricted: bool,
     ) -> tuple[str, str]:
         """Finish a command whose handling was cut short, from its audit record. Returns the outcome and the reply."""
         if decision.outcome == SENT:
-            return SENT, render_echo(decision)
+            return SENT, render_echo(decision, quote_reason=not restricted)
         if decision.outcome in (REFUSED, FAILED):
             return decision.outcome, render_refusal(decision.error or "The command was refused.")
 
         # The decision may have reached MDR before the reply was lost. The
-        # response's status, read in this reconciliation, shows whether it did.
+        # response's status and comment, read in this reconciliation, show whether it did.
         target = DECISION_STATUSES[decision.decision]
         response = responses.get(decision.response_id)
         current = response.status if response is not None else None
-        if current == target:
+        sent = mdr_comment(decision, self.context.tickets.system, ref.key, restricted=restricted)
+        if response is not None and current == target and carries_comment(response, sent):
             await self.context.store.finish_decision(decision.id, SENT)
             self.context.stats.response_decisions += 1
             self._log_decision("sync.response.decided", incident, ref, decision, resumed=True)
-            return SENT, render_echo(decision)
+            return SENT, render_echo(decision, quote_reason=not restricted)
         if current == INITIAL_STATUS:
-            return await self._send(incident, ref, decision, responses)
+            return await self._send(incident, ref, decision, responses, restricted=restricted)
 
-        problem = (
-            f"Response {code_span(decision.response_id)} is "
-            f"{escape_markdown(current) if current else 'no longer listed in MDR'}, so it could not be "
-            f"{target.lower()}."
-        )
+        if current == target:
+            problem = (
+                f"Response {code_span(decision.response_id)} was {escape_markdown(current)} in Kaspersky MDR "
+                "before this decision reached it, so the decision was not sent."
+            )
+        else:
+            problem = (
+                f"Response {code_span(decision.response_id)} is "
+                f"{escape_markdown(current) if current else 'no longer listed in MDR'}, so it could not be "
+                f"{target.lower()}."
+            )
         await self.context.store.finish_decision(decision.id, FAILED, problem)
         self._log_decision("sync.response.decision_failed", incident, ref, decision, error=problem)
         return FAILED, render_refusal(problem)
@@ -862,15 +935,25 @@ async def settle_pending_decisions(
         for earlier in await store.list_decisions(connection, response_id=response_id):
             if earlier.source != CLI_SOURCE or earlier.outcome != PENDING_OUTCOME:
                 continue
-            status = responses[response_id].status
-            if status == DECISION_STATUSES[earlier.decision]:
+            response = responses[response_id]
+            applied = response.status == DECISION_STATUSES[earlier.decision] and carries_comment(
+                response, mdr_comment(earlier, "", "")
+            )
+            if applied:
                 await store.finish_decision(earlier.id, SENT)
             else:
-                await store.finish_decision(earlier.id, FAILED, f"not applied in MDR; the response is {status}")
+                await store.finish_decision(
+                    earlier.id, FAILED, f"not applied in MDR; the response is {response.status}"
+                )
 
 
 async def send_terminal_decisions(store: Store, mdr: MdrApi, decisions: list[ResponseDecision], target: str) -> None:
-    """Send recorded decisions in one call and record the outcome of each."""
+    """Send recorded decisions in one call and record the outcome of each.
+
+    When MDR rejects the call, the responses are read again, because MDR
+    may have applied a call for several ids to some of them before the
+    rejection. Each decision is then recorded as it turned out.
+    """
     first = decisions[0]
     text = mdr_comment(first, "", "")
     try:
@@ -879,25 +962,60 @@ async def send_terminal_decisions(store: Store, mdr: MdrApi, decisions: list[Res
         else:
             await mdr.update_responses([row.response_id for row in decisions], target, text)
     except ItemError as err:
+        applied = await applied_response_ids(mdr, first, target, text)
+        rejected = [row for row in decisions if row.response_id not in applied]
         for row in decisions:
-            await store.finish_decision(row.id, FAILED, str(err))
+            if row.response_id in applied:
+                await _record_terminal_sent(store, row)
+            else:
+                await store.finish_decision(row.id, FAILED, str(err))
+        if not rejected:
+            return
         raise RejectedError.from_template(
-            TERMINAL_REJECTED, response_ids=", ".join(row.response_id for row in decisions), error=str(err)
+            TERMINAL_REJECTED, response_ids=", ".join(row.response_id for row in rejected), error=str(err)
         ) from err
 
     for row in decisions:
-        await store.finish_decision(row.id, SENT)
-        log.info(
-            "cli.response.decided",
+        await _record_terminal_sent(store, row)
+
+
+async def applied_response_ids(mdr: MdrApi, decision: ResponseDecision, target: str, text: str) -> set[str]:
+    """Return the responses of a decision's incident that carry it after MDR rejected its call.
+
+    Returns an empty set when the responses cannot be read.
+    """
+    try:
+        page = await mdr.list_responses(decision.incident_id)
+    except ConnectorError as err:
+        log.warning(
+            "cli.response.recheck_failed",
             extra={
-                "connection": row.connection,
-                "incident_id": row.incident_id,
-                "response_id": row.response_id,
-                "decision": row.decision,
-                "account_id": row.actor_id,
-                "decision_id": row.id,
+                "connection": decision.connection,
+                "incident_id": decision.incident_id,
+                "error": f"{type(err).__name__}: {err}",
             },
         )
+        return set()
+    return {
+        response.response_id
+        for response in page.items
+        if response.status == target and carries_comment(response, text)
+    }
+
+
+async def _record_terminal_sent(store: Store, row: ResponseDecision) -> None:
+    await store.finish_decision(row.id, SENT)
+    log.info(
+        "cli.response.decided",
+        extra={
+            "connection": row.connection,
+            "incident_id": row.incident_id,
+            "response_id": row.response_id,
+            "decision": row.decision,
+            "account_id": row.actor_id,
+            "decision_id": row.id,
+        },
+    )
 
 
 async def echo_terminal_decisions(

@@ -161,26 +161,63 @@ class StatusSync:
             await self._record(incident.incident_id, seen, ticket=current)
             return incident.status
 
+        await self._resume_reopen_note(incident, ref, state, seen)
+        # A close whose reply was lost shows in MDR as Closed. That status is
+        # the connector's own change, so it must not move the ticket back to
+        # done when a person reopened the ticket meanwhile.
+        closed_by_connector = incident.status == CLOSED and await self._finish_pending_close(incident.incident_id, ref)
+        if closed_by_connector:
+            await self._record(incident.incident_id, seen, mdr=CLOSED)
+
         if self._is_done(current):
             if incident.status == CLOSED:
-                await self._finish_pending_close(incident.incident_id, ref)
                 if not same_status(current, seen.ticket):
-                    await self._record(incident.incident_id, seen, ticket=current)
+                    # Both sides closed: the person's done status stays,
+                    # instead of being moved to the one mapped from Closed.
+                    await self._record(incident.incident_id, seen, ticket=current, mdr=CLOSED)
                 return CLOSED
             # NOTE: a status is compared, not a history, so a ticket that a
             # person reopens and closes again between two reads of it looks
             # unchanged and does not close the incident.
             if same_status(current, seen.ticket):
                 return incident.status
+            if self._is_own_move(incident, current, seen):
+                await self._record(incident.incident_id, seen, ticket=current, mdr=incident.status)
+                log.info(
+                    "sync.status.own_move_found",
+                    extra={
+                        "connection": self.name,
+                        "incident_id": incident.incident_id,
+                        "ticket_key": ref.key,
+                        "ticket_status": current,
+                        "mdr_status": incident.status,
+                    },
+                )
+                return incident.status
             await self.close_incident(incident, ref, state)
             await self._record(incident.incident_id, seen, ticket=current, mdr=CLOSED)
             return CLOSED
 
-        if self._is_done(seen.ticket) and incident.status == CLOSED:
-            await self.note_reopen(incident, ref, state)
+        if (closed_by_connector or self._is_done(seen.ticket)) and incident.status == CLOSED:
+            await self.note_reopen(incident, ref, state, seen)
         if not same_status(current, seen.ticket):
             await self._record(incident.incident_id, seen, ticket=current)
         return incident.status
+
+    def _is_own_move(self, incident: Incident, current: str, seen: SeenStatuses) -> bool:
+        """Tell whether a done status is the connector's own move for an MDR status it has not recorded yet.
+
+        That is a transition whose reply was lost, or a crash between the
+        transition and its record. Taken for a person's close, it would
+        close the incident that MDR only resolved.
+        NOTE: a person who moves the ticket to that same status before the
+        connector records MDR's change is taken for the connector. The
+        incident then stays open, because a close is never guessed.
+        """
+        if incident.status == seen.mdr:
+            return False
+        target = self.rules.to_ticket.get(incident.status)  # type: ignore[call-overload]
+        return target is not None and same_status(current, target)
 
     async def close_incident(self, incident: Incident, ref: TicketRef, state: TicketState) -> None:
         """Close the MDR incident once, with the resolution mapped from the ticket and the summary template.
@@ -232,10 +269,12 @@ class StatusSync:
             "or set status.close_mdr.default_resolution"
         )
 
-    async def _finish_pending_close(self, incident_id: str, ref: TicketRef) -> None:
-        """Record a close whose reply was lost once MDR shows the incident closed."""
-        if await self._pending_item(incident_id, CLOSE, ref.id):
-            await self._finish_close(incident_id, ref, None, "sync.status.close_found")
+    async def _finish_pending_close(self, incident_id: str, ref: TicketRef) -> bool:
+        """Record a close whose reply was lost once MDR shows the incident closed; return whether there was one."""
+        if not await self._pending_item(incident_id, CLOSE, ref.id):
+            return False
+        await self._finish_close(incident_id, ref, None, "sync.status.close_found")
+        return True
 
     async def _finish_close(
         self, incident_id: str, ref: TicketRef, ticket_status: str | None, event: str, resolution: str | None = None
@@ -254,26 +293,39 @@ class StatusSync:
             },
         )
 
-    async def note_reopen(self, incident: Incident, ref: TicketRef, state: TicketState) -> None:
+    async def note_reopen(self, incident: Incident, ref: TicketRef, state: TicketState, seen: SeenStatuses) -> None:
         """Add one comment to the closed incident saying that its ticket was reopened.
 
-        Each reopen is a ledger row numbered in order. A row left pending by
-        a lost reply is resolved by looking its footer up among the
-        incident's comments before the comment is sent again.
+        Each reopen is a ledger row numbered in order. The row stays pending
+        until both the comment and the ticket's new status are recorded, so
+        `_resume_reopen_note` finishes an interrupted note instead of
+        taking the same reopen for a new one.
         """
         incident_id = incident.incident_id
         items = await self.context.store.get_items(self.name, incident_id, REOPEN_NOTE)
-        pending = [item for item in items if item.state == PENDING]
-        if pending:
-            source_id = pending[0].source_id
-            landed = await self._find_mdr_comment(incident_id, source_id)
-            if landed is not None:
-                await self._finish_reopen(incident_id, ref, source_id, landed)
-                return
-        else:
-            done = sum(1 for item in items if item.state == DONE)
-            source_id = f"reopen:{ref.id}:{done + 1}"
+        done = sum(1 for item in items if item.state == DONE)
+        source_id = f"reopen:{ref.id}:{done + 1}"
+        await self.context.store.start_item(self.name, incident_id, REOPEN_NOTE, TICKET_TO_MDR, source_id)
+        await self._send_reopen_note(incident, ref, state, seen, source_id)
 
+    async def _resume_reopen_note(
+        self, incident: Incident, ref: TicketRef, state: TicketState, seen: SeenStatuses
+    ) -> None:
+        """Finish a reopen note left pending by a lost reply or a crash, looking its footer up before sending it again."""
+        items = await self.context.store.get_items(self.name, incident.incident_id, REOPEN_NOTE)
+        pending = next((item for item in items if item.state == PENDING), None)
+        if pending is None:
+            return
+        landed = await self._find_mdr_comment(incident.incident_id, pending.source_id)
+        if landed is None:
+            await self._send_reopen_note(incident, ref, state, seen, pending.source_id)
+            return
+        await self._record_reopened(incident.incident_id, state, seen)
+        await self._finish_reopen(incident.incident_id, ref, pending.source_id, landed)
+
+    async def _send_reopen_note(
+        self, incident: Incident, ref: TicketRef, state: TicketState, seen: SeenStatuses, source_id: str
+    ) -> None:
         system = self.context.tickets.system
         text = (
             f"{system.title()} ticket {escape_markdown(ref.key)} was reopened "
@@ -281,9 +333,14 @@ class StatusSync:
             "the MDR API cannot reopen an incident; reopen it in the MDR console if the SOC should "
             f"look at it again.\n\n{mdr_footer(system, source_id)}"
         )
-        await self.context.store.start_item(self.name, incident_id, REOPEN_NOTE, TICKET_TO_MDR, source_id)
-        posted = await self.context.mdr.create_comment(incident_id, text, markdown_to_html=True)
-        await self._finish_reopen(incident_id, ref, source_id, posted.comment_id)
+        posted = await self.context.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
+        await self._record_reopened(incident.incident_id, state, seen)
+        await self._finish_reopen(incident.incident_id, ref, source_id, posted.comment_id)
+
+    async def _record_reopened(self, incident_id: str, state: TicketState, seen: SeenStatuses) -> None:
+        """Record the status a noted reopen left the ticket in; a ticket done again keeps the done status seen before."""
+        if not self._is_done(state.status):
+            await self._record(incident_id, seen, ticket=state.status)
 
     async def _find_mdr_comment(self, incident_id: str, source_id: str) -> str | None:
         page = await self.context.read(lambda: self.context.mdr.list_comments(incident_id))

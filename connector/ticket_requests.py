@@ -37,7 +37,7 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
-from mdr_connector.connector.mapping import CONNECTOR_LABEL, code_span, comment_visibility
+from mdr_connector.connector.mapping import CONNECTOR_LABEL, code_span, comment_visibility, escape_markdown
 from mdr_connector.connector.retry import parked_backoff_seconds
 from mdr_connector.connector.store import DONE, LINKED, PENDING, TICKET_TO_MDR, SyncedItem, utc_now
 from mdr_connector.connector.sync_common import SyncContext
@@ -230,7 +230,9 @@ class TicketIncidentRequests:
             await self.reply_once(
                 ref,
                 request.digest,
-                f"MDR rejected the incident this ticket requests: {err}. Edit the ticket to send the request again.",
+                # MDR's message can quote the ticket's own values, so it is shown as text.
+                f"MDR rejected the incident this ticket requests: {escape_markdown(str(err))}. "
+                "Edit the ticket to send the request again.",
             )
             return None
         except OutcomeUnknownError:
@@ -308,8 +310,7 @@ class TicketIncidentRequests:
                 )
             )
             for incident in page.items:
-                visible = html.unescape(HTML_TAG.sub(" ", incident.client_description))
-                if pattern.search(visible):
+                if pattern.search(visible_text(incident.client_description)):
                     return incident
             if page.raw_count < LOOKUP_PAGE_SIZE:
                 return None
@@ -330,8 +331,8 @@ class TicketIncidentRequests:
         incident_id = incident.incident_id
         existing = await self.context.store.get_link(self.name, incident_id)
         if existing is not None and existing.state == LINKED and existing.ticket_id != ref.id:
-            # The engine leaves incidents carrying this connection's request
-            # marker to this step, so this happens only when the incident was
+            # Incidents carrying this connection's request marker are linked
+            # to their ticket, so this happens only when the incident was
             # linked by hand or created while requests were switched off.
             posted = await self.reply_once(
                 ref,
@@ -448,8 +449,11 @@ class TicketIncidentRequests:
         return f"mdr-connector request {self.name}/{ref.id}"
 
     def _marker_pattern(self, ref: TicketRef) -> re.Pattern[str]:
-        # The look-behind and look-ahead stop ticket 1 from matching the marker of ticket 12.
-        return re.compile(rf"(?<![\w.-]){re.escape(self._marker(ref))}(?![\w.-])")
+        # The look-behind and the end of the text stop ticket 1 from matching
+        # the marker of ticket 12. Only the marker that ends the description
+        # counts, because the ticket's own description, written by anyone who
+        # may file a ticket, comes before it and may quote another marker.
+        return re.compile(rf"(?<![\w.-]){re.escape(self._marker(ref))}\s*$")
 
     def _mdr_priority(self, ticket_priority: str, ref: TicketRef) -> str:
         """Map a ticket priority back to HIGH, NORMAL or LOW through the mapping's `priority`."""
@@ -478,9 +482,20 @@ class TicketIncidentRequests:
         return "move the ticket to another issue type to withdraw the request."
 
 
-def is_requested_incident(incident: Incident, connection: str) -> bool:
-    """Tell whether this connection created the incident from a ticket, by the marker in its description."""
-    return f"mdr-connector request {connection}/" in incident.client_description
+def requested_ticket_id(incident: Incident, connection: str) -> str | None:
+    """Return the id of the ticket this connection created the incident for, from the marker that ends its description.
+
+    A marker quoted elsewhere in the text does not count, so an incident
+    whose description merely mentions one still gets its own ticket.
+    """
+    pattern = rf"(?<![\w.-])mdr-connector request {re.escape(connection)}/([^\s/]+)\s*$"
+    match = re.search(pattern, visible_text(incident.client_description))
+    return match.group(1) if match else None
+
+
+def visible_text(description: str) -> str:
+    """Return a client description as text: MDR may return it as HTML."""
+    return html.unescape(HTML_TAG.sub(" ", description))
 
 
 def check_request_rules(context: SyncContext) -> None:

@@ -239,3 +239,6 @@ class TicketAdapter(Protocol):
 
     async def account_groups(self, account_id: str) -> set[str]:
         """Return the names of the groups an account belongs to, for the response allow-list."""
+
+    async def get_ticket(self, key: str) -> TicketRef | None:
+        """Return the ticket with this key (SEC-12) or this id (10012), or None when there is none."""

@@ -986,3 +986,15 @@ def test_retry_after_http_date() -> None:
     assert isinstance(mapped, RateLimitedError)
     assert mapped.retry_after is not None
     assert 60 < mapped.retry_after <= 120
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_get_ticket_by_key_or_id(start_jira: StartJira, make_adapter: MakeAdapter, deployment: str) -> None:
+    """get_ticket reads an issue by key or by numeric id and returns None for an unknown one or a malformed text."""
+    adapter = await make_adapter(await start_jira(deployment=deployment))
+    ref = await adapter.create_ticket(draft())
+
+    assert await adapter.get_ticket(ref.key) == ref
+    assert await adapter.get_ticket(ref.id) == ref
+    assert await adapter.get_ticket("999999") is None
+    assert await adapter.get_ticket("../myself") is None

@@ -482,3 +482,12 @@ async def test_account_groups() -> None:
 
     assert await adapter.account_groups("analyst") == {"soc-analysts"}
     assert await adapter.account_groups("nobody") == set()
+
+
+async def test_get_ticket_by_id() -> None:
+    """The memory fake finds a ticket by its numeric id as well as by key."""
+    adapter = MemoryTicketAdapter()
+    ref = adapter.add_human_ticket(summary="A person's ticket")
+
+    assert await adapter.get_ticket(ref.id) == ref
+    assert await adapter.get_ticket("999999") is None

@@ -580,12 +580,12 @@ class JiraTicketAdapter:
         log.info("jira.ticket.correlated", extra={"ticket_key": ref.key, "incident_id": incident_id})
 
     async def get_ticket(self, key: str) -> TicketRef | None:
-        """Read the issue with this key; None when Jira has none or the text cannot be an issue key.
+        """Read the issue with this key or numeric id; None when Jira has none or the text can be neither.
 
-        Jira answers a moved issue's old key with the issue under its new
-        key, so the key of the returned ref can differ from `key`.
+        Jira returns a moved issue when asked for its old key, so the key of
+        the returned ref can differ from `key`.
         """
-        if not ISSUE_KEY_PATTERN.fullmatch(key):
+        if not (ISSUE_KEY_PATTERN.fullmatch(key) or key.isascii() and key.isdigit()):
             return None
         try:
             issue = await self._call("get_ticket", _request, "GET", f"issue/{key}", params={"fields": "created"})

@@ -580,6 +580,13 @@ class MemoryTicketAdapter:
         self._raise_failure("account_groups")
         return set(self.groups.get(account_id, ()))
 
+    async def get_ticket(self, key: str) -> TicketRef | None:
+        self._raise_failure("get_ticket")
+        ticket = self.tickets.get(key.upper())
+        if ticket is None:
+            ticket = next((candidate for candidate in self.tickets.values() if candidate.ref.id == key), None)
+        return ticket.ref if ticket is not None else None
+
     # Internals
 
     def _new_ticket(
