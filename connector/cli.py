@@ -260,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=_("wait up to SECONDS for another process working the connection (default: 0, exit at once)"),
     )
+    sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=_("print the writes one cycle would make and send none: MDR and the ticket system are only read "
+               "(the MDR access token may be refreshed, as for any read), attachments are not downloaded, and the "
+               "cycle works on a temporary copy of the ledger, so the ledger stays as it was; takes no lock, "
+               "so it can run beside `run`"),
+    )
     sync.set_defaults(handler=command_sync)
 
     token = commands.add_parser("token", parents=[common], help=_("manage the MDR API token chain"))
@@ -317,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=command_simulate)
 
     add_responses_commands(commands, common)
+
+    # Imported here: these modules use this one's helpers.
+    from mdr_connector.connector.cli_operations import add_operation_commands
+    from mdr_connector.connector.cli_status import add_status_command
+
+    add_status_command(commands, common)
+    add_operation_commands(commands, common)
 
     db = commands.add_parser("db", parents=[common], help=_("manage the database schema"))
     db.set_defaults(help_parser=db)
@@ -422,13 +437,15 @@ def command_run(args: argparse.Namespace) -> int:
         load_mapping(connection.mapping)
 
     async def go() -> int:
+        from mdr_connector.connector.progress import ProgressDisplay
         from mdr_connector.connector.runner import run_forever
         from mdr_connector.connector.service import open_connection
         from mdr_connector.connector.store import Store
 
         store = await Store.open(settings.resolved_database_url())
         try:
-            outcomes = await run_forever(settings, store, open_connection)
+            async with ProgressDisplay.on_stderr(settings.log.format) as progress:
+                outcomes = await run_forever(settings, store, progress.track(open_connection))
         finally:
             await store.close()
         failed = [outcome for outcome in outcomes if outcome.failure is not None]
@@ -440,17 +457,25 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_sync(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from mdr_connector.connector.cli_operations import command_sync_dry_run
+
+        return command_sync_dry_run(args)
     settings = load_config(args)
     connections = selected(settings, args.connection)
 
     async def go() -> int:
+        from mdr_connector.connector.progress import ProgressDisplay
         from mdr_connector.connector.runner import sync_once
         from mdr_connector.connector.service import open_connection
         from mdr_connector.connector.store import Store
 
         store = await Store.open(settings.resolved_database_url())
         try:
-            outcomes = await sync_once(settings, connections, store, open_connection, wait_seconds=args.wait)
+            async with ProgressDisplay.on_stderr(settings.log.format) as progress:
+                outcomes = await sync_once(
+                    settings, connections, store, progress.track(open_connection), wait_seconds=args.wait
+                )
         finally:
             await store.close()
 

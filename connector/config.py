@@ -246,6 +246,9 @@ class SyncSettings(StrictModel):
     max_pages_per_cycle: int = Field(default=20, ge=1)
     retry_base_seconds: float = Field(default=60, gt=0)
     retry_max_seconds: float = Field(default=3600, gt=0)
+    # Days after which the ledger rows of an incident closed in MDR are
+    # deleted, counted from the last change of its link; None keeps them forever.
+    retention_days: int | None = Field(default=None, ge=1)
 
 
 class ConnectionSettings(StrictModel):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
 
@@ -29,9 +29,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     delete,
     event,
     func,
+    insert,
     select,
 )
 from sqlalchemy.engine import make_url
@@ -406,9 +408,14 @@ class Store:
     async def record_fields_written(self, connection: str, incident_id: str, fields_hash: str) -> None:
         await self._update_link(connection, incident_id, fields_hash=fields_hash)
 
-    async def record_mdr_reconciled(self, connection: str, incident_id: str, update_time: int) -> None:
-        """Remember the incident version whose every change is now on the ticket."""
-        await self._update_link(connection, incident_id, mdr_update_time=update_time)
+    async def record_mdr_reconciled(
+        self, connection: str, incident_id: str, update_time: int, mdr_status: str | None = None
+    ) -> None:
+        """Remember the incident version whose every change is now on the ticket, and its status when given."""
+        values: dict[str, object] = {"mdr_update_time": update_time}
+        if mdr_status is not None:
+            values["mdr_status"] = mdr_status
+        await self._update_link(connection, incident_id, **values)
 
     async def record_ticket_reconciled(self, connection: str, incident_id: str, updated: datetime) -> None:
         """Remember the ticket version whose every change is now in MDR."""
@@ -738,3 +745,127 @@ class Store:
                 synced_items=await count(SyncedItem, SyncedItem.state == DONE),
                 parked_items=await count(ParkedItem),
             )
+
+    # Operator commands and retention
+
+    async def list_cursors(self, connection: str) -> list[Cursor]:
+        """Return every cursor of a connection, ordered by side."""
+        async with self.sessions() as session:
+            rows = await session.scalars(select(Cursor).where(Cursor.connection == connection).order_by(Cursor.side))
+            return list(rows)
+
+    async def list_incident_items(self, connection: str, incident_id: str) -> list[SyncedItem]:
+        """Return the ledger rows of one incident, every kind, in the order their attempts started."""
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(SyncedItem)
+                .where(SyncedItem.connection == connection, SyncedItem.incident_id == incident_id)
+                .order_by(SyncedItem.attempt_started_at, SyncedItem.id)
+            )
+            return list(rows)
+
+    async def closed_links(
+        self, connection: str, *, mdr_status: str, updated_before: datetime, reconciled_before: int, limit: int
+    ) -> list[Link]:
+        """Return up to `limit` links in `mdr_status`, oldest first.
+
+        A link qualifies when it last changed before `updated_before` and the
+        MDR version reconciled into it is older than `reconciled_before`
+        (epoch milliseconds).
+        """
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(Link)
+                .where(
+                    Link.connection == connection,
+                    Link.mdr_status == mdr_status,
+                    Link.updated_at < updated_before,
+                    Link.mdr_update_time < reconciled_before,
+                )
+                .order_by(Link.updated_at, Link.id)
+                .limit(limit)
+            )
+            return list(rows)
+
+    async def delete_incidents(
+        self,
+        connection: str,
+        incident_ids: Iterable[str],
+        *,
+        parked: Iterable[tuple[str, str]] = (),
+        item_scopes: Iterable[str] = (),
+        with_decisions: bool = False,
+    ) -> DeletedRows:
+        """Delete the links and synced items of some incidents in one transaction, and return the deleted rows.
+
+        `parked` names the parked entries to delete as (kind, item id) pairs.
+        `item_scopes` adds synced items filed under another scope than an
+        incident id. Response decisions go too when `with_decisions` is set.
+        """
+        incident_ids = list(dict.fromkeys(incident_ids))
+        scopes = list(dict.fromkeys([*incident_ids, *item_scopes]))
+        parked_by_kind: dict[str, list[str]] = {}
+        for kind, item_id in parked:
+            parked_by_kind.setdefault(kind, []).append(item_id)
+
+        deleted = DeletedRows()
+        async with self.sessions() as session, session.begin():
+            for chunk in chunked(incident_ids):
+                condition = and_(Link.connection == connection, Link.incident_id.in_(chunk))
+                deleted.links += list(await session.scalars(select(Link).where(condition).order_by(Link.id)))
+                await session.execute(delete(Link).where(condition))
+                if with_decisions:
+                    decision_condition = and_(
+                        ResponseDecision.connection == connection, ResponseDecision.incident_id.in_(chunk)
+                    )
+                    deleted.decisions += list(
+                        await session.scalars(
+                            select(ResponseDecision).where(decision_condition).order_by(ResponseDecision.id)
+                        )
+                    )
+                    await session.execute(delete(ResponseDecision).where(decision_condition))
+            for chunk in chunked(scopes):
+                condition = and_(SyncedItem.connection == connection, SyncedItem.incident_id.in_(chunk))
+                deleted.items += list(
+                    await session.scalars(
+                        select(SyncedItem).where(condition).order_by(SyncedItem.attempt_started_at, SyncedItem.id)
+                    )
+                )
+                await session.execute(delete(SyncedItem).where(condition))
+            for kind, item_ids in parked_by_kind.items():
+                for chunk in chunked(item_ids):
+                    condition = and_(
+                        ParkedItem.connection == connection, ParkedItem.kind == kind, ParkedItem.item_id.in_(chunk)
+                    )
+                    deleted.parked += list(await session.scalars(select(ParkedItem).where(condition)))
+                    await session.execute(delete(ParkedItem).where(condition))
+        return deleted
+
+    async def copy_connection(self, target: Store, connection: str, batch_size: int = 1000) -> dict[str, int]:
+        """Copy every ledger row of one connection into `target`, an empty ledger; return the rows copied per table.
+
+        Nothing is written to this ledger. Each table is read by one query
+        and inserted in batches of `batch_size`, so while another process
+        writes, the copied tables can show slightly different moments.
+        """
+        copied: dict[str, int] = {}
+        async with self.engine.connect() as source:
+            for model in (Link, SyncedItem, Cursor, ParkedItem, ResponseDecision, CachedAsset):
+                table = model.__table__
+                copied[table.name] = 0
+                result = await source.stream(select(table).where(table.c.connection == connection))
+                async for batch in result.mappings().partitions(batch_size):
+                    async with target.engine.begin() as sink:
+                        await sink.execute(insert(table), [dict(row) for row in batch])
+                    copied[table.name] += len(batch)
+        return copied
+
+
+@dataclass
+class DeletedRows:
+    """The ledger rows that `Store.delete_incidents` deleted."""
+
+    links: list[Link] = field(default_factory=list)
+    items: list[SyncedItem] = field(default_factory=list)
+    parked: list[ParkedItem] = field(default_factory=list)
+    decisions: list[ResponseDecision] = field(default_factory=list)
