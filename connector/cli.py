@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -426,6 +426,21 @@ def selected(settings: Settings, name: str | None) -> list[Any]:
 
 def run_async(coroutine_factory: Callable[[], Any]) -> Any:
     return asyncio.run(coroutine_factory())
+
+
+def run_with_store(settings: Settings, operation: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Open the ledger, run `operation(store)` on it, and close the ledger again."""
+
+    async def go() -> Any:
+        from mdr_connector.connector.store import Store
+
+        store = await Store.open(settings.resolved_database_url())
+        try:
+            return await operation(store)
+        finally:
+            await store.close()
+
+    return run_async(go)
 
 
 # Commands

@@ -19,6 +19,7 @@ from mdr_connector.connector.cli import (
     print_connection_failure,
     print_error,
     run_async,
+    run_with_store,
     safe_text,
     selected,
     wait_seconds,
@@ -247,17 +248,9 @@ def command_resync(args: argparse.Namespace) -> int:
     settings = load_config(args)
     connection = settings.connection(args.connection)
 
-    async def go() -> Any:
-        from mdr_connector.connector.operations import resync_incident
-        from mdr_connector.connector.store import Store
+    from mdr_connector.connector.operations import resync_incident
 
-        store = await Store.open(settings.resolved_database_url())
-        try:
-            return await resync_incident(settings, connection, store, args.incident, wait_seconds=args.wait)
-        finally:
-            await store.close()
-
-    result = run_async(go)
+    result = run_with_store(settings, lambda store: resync_incident(settings, connection, store, args.incident, wait_seconds=args.wait))
     before = result.parked_before
     if before is not None:
         say(_("{incident_id} was parked after {attempts} failed attempts: {reason}").format(
@@ -291,17 +284,9 @@ def command_link(args: argparse.Namespace) -> int:
     settings = load_config(args)
     connection = settings.connection(args.connection)
 
-    async def go() -> Any:
-        from mdr_connector.connector.operations import link_incident
-        from mdr_connector.connector.store import Store
+    from mdr_connector.connector.operations import link_incident
 
-        store = await Store.open(settings.resolved_database_url())
-        try:
-            return await link_incident(settings, connection, store, args.incident, args.ticket, wait_seconds=args.wait)
-        finally:
-            await store.close()
-
-    result = run_async(go)
+    result = run_with_store(settings, lambda store: link_incident(settings, connection, store, args.incident, args.ticket, wait_seconds=args.wait))
     link = result.link
     if not result.changed:
         say(_("MDR incident {incident_id} is already linked to {ticket_key}; nothing changed").format(
@@ -323,19 +308,12 @@ def command_unlink(args: argparse.Namespace) -> int:
     settings = load_config(args)
     connection = settings.connection(args.connection)
 
-    async def go() -> Any:
-        from mdr_connector.connector.operations import unlink_incident
-        from mdr_connector.connector.store import Store
+    from mdr_connector.connector.operations import unlink_incident
 
-        store = await Store.open(settings.resolved_database_url())
-        try:
-            return await unlink_incident(
-                settings, connection, store, args.incident, force=args.force, wait_seconds=args.wait
-            )
-        finally:
-            await store.close()
-
-    deleted = run_async(go)
+    deleted = run_with_store(
+        settings,
+        lambda store: unlink_incident(settings, connection, store, args.incident, force=args.force, wait_seconds=args.wait),
+    )
     for link in deleted.links:
         say(_("removed the link of MDR incident {incident_id} to {ticket_key} (state {state})").format(
             state=link.state, incident_id=link.incident_id, ticket_key=link.ticket_key or "-"))
