@@ -75,8 +75,8 @@ WORKDIR /data
 # controlled apart from the rest of /data.
 VOLUME ["/data", "/data/tokens"]
 
-# TODO: add a HEALTHCHECK once the service serves a health endpoint. No CLI
-# command can tell whether `run` is still syncing, and a check of the
-# configuration or the token file alone would report a stuck process as healthy.
+# No HEALTHCHECK here: /healthz listens on the port the config names
+# (observability.port), which the image cannot know. docker-compose.yml
+# declares the check for the port its config sets.
 ENTRYPOINT ["mdr-connector"]
 CMD ["run"]

@@ -2,31 +2,58 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
-from typing import get_type_hints
+from typing import Any, get_args, get_type_hints
 
 import pytest
 import yaml
 from aiohttp import web
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from mdr_connector.adapters.jira import simulator as jira_simulator
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
 from mdr_connector.adapters.mdr import simulator as mdr_simulator
 from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
-from mdr_connector.connector.config import MAX_SECRET_BYTES, load_settings
-from mdr_connector.connector.mappingfile import MAX_FIELDS_CHARACTERS, TEMPLATE_FIELDS, Mapping, load_mapping
+from mdr_connector.connector.cli_status import REFRESH_EXPIRING, TOKEN_EXPIRED, TOKEN_PENDING, TOKEN_UNREADABLE
+from mdr_connector.connector.config import (
+    MAX_SECRET_BYTES,
+    ConnectionSettings,
+    JiraSettings,
+    MdrSettings,
+    SecretRef,
+    Settings,
+    SyncSettings,
+    load_settings,
+)
+from mdr_connector.connector.mappingfile import (
+    MAX_FIELDS_CHARACTERS,
+    TEMPLATE_FIELDS,
+    AttachmentRules,
+    CommentFormat,
+    IncidentCreation,
+    Mapping,
+    ResponseRules,
+    Route,
+    StatusRules,
+    load_mapping,
+)
+from mdr_connector.connector.errors import ConfigError, MisconfiguredError, RateLimitedError, RejectedError
 from mdr_connector.connector.markup import MAX_PANDOC_INPUT_BYTES, PANDOC_TIMEOUT_SECONDS
+from mdr_connector.connector.observability import METRICS, SYNCED_COUNTERS, error_class
 from mdr_connector.connector.yamlfiles import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_NODES
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")
 USER_DOCS = (
     *READMES,
-    *(f"docs/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
-    *(f"docs/ru/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
+    *(f"docs/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *(f"docs/ru/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
 )
 # An `mdr-connector` call in a shell line: at the start, after a pipe, or as a path ending in /bin/.
 CLI_CALL = re.compile(r"(?:^|\|\s*|/bin/)mdr-connector\s+(\S.*)$")
@@ -162,7 +189,7 @@ def test_doc_links_resolve(name: str) -> None:
 # Each English user doc with its Russian twin.
 DOC_TWINS = [
     ("README.md", "README.ru.md"),
-    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "security.md", "simulators.md")),
+    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
 ]
 
 
@@ -448,3 +475,375 @@ def test_simulator_doc_jira_settings_listed(name: str) -> None:
     rows = section_rows((ROOT / name).read_text(encoding="utf-8"), SETTINGS_HEADINGS[name][1])
 
     assert set(rows) == set(vars(jira_simulator.JiraSimulator().settings))
+
+
+# The configuration reference: every key of the config and mapping models, in
+# the section of docs/configuration.md that documents its model.
+#
+# A model listed here has a section of its own: the field that contains it is a
+# row of the parent's table, and its own keys are rows of its section, written
+# with the prefix given. Every other nested model is documented in its
+# parent's section, with its keys as dotted paths such as `log.level`.
+DOCUMENTED_MODELS: dict[type[BaseModel], tuple[str, str, str]] = {
+    Settings: ("## Top-level keys", "## Ключи верхнего уровня", ""),
+    SecretRef: ("## Secrets", "## Секреты", ""),
+    ConnectionSettings: ("## Connection keys", "## Ключи подключения", ""),
+    MdrSettings: ("### `mdr`", "### `mdr`", ""),
+    JiraSettings: ("### `ticket`", "### `ticket`", ""),
+    SyncSettings: ("### `sync`", "### `sync`", ""),
+    Mapping: ("## The mapping file", "## Файл маппинга", ""),
+    Route: ("### Tenant routing", "### Маршрутизация по тенантам", ""),
+    CommentFormat: ("### Comments", "### Комментарии", ""),
+    AttachmentRules: ("### Attachments and responses", "### Вложения и действия по реагированию", "attachments."),
+    ResponseRules: ("### Attachments and responses", "### Вложения и действия по реагированию", "responses."),
+    StatusRules: ("### Status", "### Статус", "status."),
+    IncidentCreation: ("### Incidents from tickets", "### Инциденты из тикетов", "create_incidents."),
+}
+CONFIG_DOCS = {"docs/configuration.md": 0, "docs/ru/configuration.md": 1}
+# How each language writes a default of None and a required key, and the header of the key and default columns.
+CONFIG_DOC_WORDS = {
+    "docs/configuration.md": {"unset": {"unset"}, "required": {"required"}, "key": "Key", "default": "Default"},
+    "docs/ru/configuration.md": {
+        "unset": {"не задан", "не задано", "не задана"},
+        "required": {"обязателен", "обязательно", "обязательна"},
+        "key": "Ключ",
+        "default": "По умолчанию",
+    },
+}
+
+
+@dataclass(frozen=True)
+class DocumentedKey:
+    """A key the configuration reference documents: its section heading, its spelling there and its field."""
+
+    heading: str
+    key: str
+    field: FieldInfo
+    # False for a key whose nested model is documented key by key, such as `log`: its own row may be left out.
+    needs_row: bool = True
+
+
+def nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """Return the pydantic models inside a field type: itself, the members of a union, the items of a list."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    models: list[type[BaseModel]] = []
+    for argument in get_args(annotation):
+        for model in nested_models(argument):
+            if model not in models:
+                models.append(model)
+    return models
+
+
+def documented_keys(model: type[BaseModel], language: int, heading: str = "", prefix: str = "") -> list[DocumentedKey]:
+    """Walk `model` and the models below it, and return every key with the section it belongs in."""
+    if model in DOCUMENTED_MODELS:
+        heading, prefix = DOCUMENTED_MODELS[model][language], DOCUMENTED_MODELS[model][2]
+    keys = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        models = nested_models(field.annotation)
+        own_section = [nested for nested in models if nested in DOCUMENTED_MODELS]
+        inline = [nested for nested in models if nested not in DOCUMENTED_MODELS]
+        keys.append(DocumentedKey(heading, key, field, needs_row=not inline or bool(own_section)))
+        for nested in own_section:
+            keys += documented_keys(nested, language)
+        for nested in inline:
+            keys += documented_keys(nested, language, heading, key + ".")
+    return keys
+
+
+def model_keys(language: int) -> dict[tuple[str, str], DocumentedKey]:
+    """Return the keys of the config and the mapping models by (section heading, key). Union members share keys."""
+    keys: dict[tuple[str, str], DocumentedKey] = {}
+    for root in (Settings, Mapping):
+        for documented in documented_keys(root, language):
+            known = keys.get((documented.heading, documented.key))
+            if known is None or documented.needs_row:
+                keys[(documented.heading, documented.key)] = documented
+    return keys
+
+
+def section_text(text: str, heading: str) -> str:
+    """Return the lines under `heading` up to the next heading of any level."""
+    lines = text.splitlines()
+    assert heading in lines, f"heading {heading!r} is missing"
+    section = []
+    for line in lines[lines.index(heading) + 1:]:
+        if line.startswith("#"):
+            break
+        section.append(line)
+    return "\n".join(section)
+
+
+def table_cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def key_rows(section: str, words: dict[str, Any]) -> dict[str, str]:
+    """Return the default cell of each row of the key tables in a section, by the key in the first cell."""
+    rows: dict[str, str] = {}
+    default_column = None
+    for line in section.splitlines():
+        if not line.startswith("|"):
+            default_column = None
+            continue
+        cells = table_cells(line)
+        if cells[0] == words["key"]:
+            default_column = cells.index(words["default"])
+            continue
+        if default_column is None or set(cells[0]) <= {"-", ":"}:
+            continue
+        key = re.fullmatch(r"`([a-z_][a-z0-9_.]*)`", cells[0])
+        assert key is not None, f"a key row must name one key in backticks: {line}"
+        assert key.group(1) not in rows, f"{key.group(1)} has two rows"
+        rows[key.group(1)] = cells[default_column]
+    return rows
+
+
+def documented_default(cell: str, default: Any, words: dict[str, Any]) -> bool:
+    """Tell whether a default cell states `default`, for the kinds of default that a cell can state exactly.
+
+    A default built by a factory into a model (a whole section of defaults) is
+    not checked. Every other default must be stated exactly.
+    """
+    tokens = re.findall(r"`([^`]*)`", cell)
+    if default is None:
+        return cell in words["unset"]
+    if isinstance(default, BaseModel):
+        return True
+    if isinstance(default, list) and default:
+        return tokens == [str(item) for item in default]
+    if not cell.startswith("`"):
+        return False
+    if isinstance(default, bool):
+        return tokens[0] == str(default).lower()
+    if isinstance(default, int | float):
+        return float(tokens[0]) == float(default)
+    if isinstance(default, str | Path):
+        return tokens[0] == (str(default) if str(default) else '""')
+    if isinstance(default, list | dict):
+        return tokens[0] == ("[]" if isinstance(default, list) else "{}")
+    raise AssertionError(f"no rule to document a default of type {type(default).__name__}: {default!r}")
+
+
+def model_default(field: FieldInfo) -> Any:
+    if field.default_factory is not None:
+        return field.default_factory()  # type: ignore[call-arg]
+    return field.default
+
+
+@pytest.mark.parametrize("name", list(CONFIG_DOCS))
+def test_config_doc_lists_every_key(name: str) -> None:
+    """Each key of the config and mapping models has a row in its section of the configuration reference."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    words = CONFIG_DOC_WORDS[name]
+    keys = model_keys(CONFIG_DOCS[name])
+    headings = {heading for heading, _ in keys}
+    rows = {heading: key_rows(section_text(text, heading), words) for heading in headings}
+
+    missing = sorted(f"{heading}: {key}" for (heading, key), documented in keys.items()
+                     if documented.needs_row and key not in rows[heading])
+
+    assert missing == [], "keys without a row: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("name", list(CONFIG_DOCS))
+def test_config_doc_rows_are_keys(name: str) -> None:
+    """Each key row of a section of the configuration reference names a key of the model it documents."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    keys = model_keys(CONFIG_DOCS[name])
+    headings = {heading for heading, _ in keys}
+
+    unknown = sorted(
+        f"{heading}: {key}"
+        for heading in headings
+        for key in key_rows(section_text(text, heading), CONFIG_DOC_WORDS[name])
+        if (heading, key) not in keys
+    )
+
+    assert unknown == [], "rows that name no key of the model: " + ", ".join(unknown)
+
+
+@pytest.mark.parametrize("name", list(CONFIG_DOCS))
+def test_config_doc_defaults_match_models(name: str) -> None:
+    """The default cell of each key states the model's default: the value, unset for None, or required."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    words = CONFIG_DOC_WORDS[name]
+    keys = model_keys(CONFIG_DOCS[name])
+    rows = {heading: key_rows(section_text(text, heading), words) for heading, _ in keys}
+
+    wrong = []
+    for (heading, key), documented in sorted(keys.items()):
+        cell = rows[heading].get(key)
+        if cell is None:
+            continue  # test_config_doc_lists_every_key reports it
+        if documented.field.is_required():
+            stated = cell in words["required"]
+        else:
+            stated = documented_default(cell, model_default(documented.field), words)
+        if not stated:
+            wrong.append(f"{key}: documented {cell!r}, model default {model_default(documented.field)!r}")
+
+    assert wrong == [], "; ".join(wrong)
+
+
+def test_config_doc_walk_finds_nested_keys() -> None:
+    """The model walk reaches the keys of unions, lists of models and models nested in other sections."""
+    keys = model_keys(0)
+
+    assert ("## Top-level keys", "log.level") in keys
+    assert ("### `ticket`", "auth.email") in keys
+    assert ("### `ticket`", "auth.password") in keys
+    assert ("### `ticket`", "auth.token") in keys
+    assert ("## Secrets", "env") in keys
+    assert ("### Tenant routing", "tenant") in keys
+    assert ("### `sync`", "filters.statuses") in keys
+    assert ("### Attachments and responses", "attachments.to_mdr.deny_extensions") in keys
+    assert ("### Status", "status.close_mdr.resolutions") in keys
+    assert ("### Comments", "visibility.type") in keys
+    assert not keys[("## Top-level keys", "log")].needs_row
+    assert keys[("## The mapping file", "routes")].needs_row
+
+
+# The operations page: its metric and log event tables against the code.
+OPERATIONS_DOCS = ("docs/operations.md", "docs/ru/operations.md")
+# One error of each recovery class that the errors metric labels.
+ERROR_EXAMPLES = (
+    MisconfiguredError("mapping does not fit"),
+    ConfigError("secret missing"),
+    RateLimitedError("429", retry_after=None),
+    RejectedError("rejected", status=400),
+    RuntimeError("a bug"),
+)
+# Modules whose log events the operations page lists: the service, not the simulators or the test fake.
+LOGGING_SOURCES = ("connector", "adapters/mdr", "adapters/jira")
+NOT_SERVICE_MODULES = ("simulator", "jql.py")
+LOG_METHODS = frozenset({"debug", "info", "warning", "error", "exception", "critical"})
+# An event name stored in a variable, as in `event = "sync.ticket.found"`: dotted lowercase words.
+EVENT_NAME = re.compile(r"^[a-z_]+(?:\.[a-z_]+){1,3}$")
+# The level that each logging method writes: `log.exception` writes ERROR.
+LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARNING", "error": "ERROR", "exception": "ERROR", "critical": "CRITICAL"}
+
+
+def service_modules() -> list[Path]:
+    paths = []
+    for source in LOGGING_SOURCES:
+        for path in sorted((ROOT / source).rglob("*.py")):
+            if not any(part in str(path.relative_to(ROOT)) for part in NOT_SERVICE_MODULES):
+                paths.append(path)
+    return paths
+
+
+def logged_events() -> dict[str, set[str]]:
+    """Return each event name the service logs, with the levels it is logged at.
+
+    A log call names its event as a string or through a variable. For a
+    variable, every dotted string constant of the enclosing function counts,
+    together with the strings that calls of that function pass, so the event
+    names that callers hand to a helper such as `_record_link` are found.
+    """
+    events: dict[str, set[str]] = {}
+    for path in service_modules():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        helpers: dict[str, str] = {}
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for call in ast.walk(function):
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)):
+                    continue
+                if call.func.attr not in LOG_METHODS or not isinstance(call.func.value, ast.Name):
+                    continue
+                if call.func.value.id != "log" or not call.args:
+                    continue
+                level = LOG_LEVELS[call.func.attr]
+                first = call.args[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    events.setdefault(first.value, set()).add(level)
+                elif isinstance(first, ast.Name):
+                    helpers[function.name] = level
+                    for constant in ast.walk(function):
+                        if isinstance(constant, ast.Constant) and isinstance(constant.value, str) and EVENT_NAME.match(constant.value):
+                            events.setdefault(constant.value, set()).add(level)
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr in helpers:
+                for argument in call.args:
+                    if isinstance(argument, ast.Constant) and isinstance(argument.value, str) and EVENT_NAME.match(argument.value):
+                        events.setdefault(argument.value, set()).add(helpers[call.func.attr])
+    return events
+
+
+def event_rows(text: str) -> dict[str, str]:
+    """Return the level of each row of the event tables: | `event` | LEVEL | meaning |."""
+    rows = {}
+    for match in re.finditer(r"^\| `([a-z_]+(?:\.[a-z_]+)+)` \| (DEBUG|INFO|WARNING|ERROR|CRITICAL) \|", text, re.MULTILINE):
+        assert match.group(1) not in rows, f"{match.group(1)} has two rows"
+        rows[match.group(1)] = match.group(2)
+    return rows
+
+
+def test_logged_events_found() -> None:
+    """The event scan finds events logged directly, through a variable and through a helper's argument."""
+    events = logged_events()
+
+    assert events["sync.cycle.failing"] == {"ERROR"}
+    assert events["sync.incident.crashed"] == {"ERROR"}
+    assert events["sync.ticket.found"] == {"INFO"}
+    assert events["sync.ticket.created"] == {"INFO"}
+    assert events["sync.comment.unmarked_kept_internal"] == {"INFO"}
+    assert events["sync.request.create_found"] == {"INFO"}
+    assert events["mdr.token.refreshed"] == {"INFO"}
+    assert not any(name.startswith(("mdr_sim.", "jira_sim.", "memory.")) for name in events)
+
+
+@pytest.mark.parametrize("name", OPERATIONS_DOCS)
+def test_operations_doc_lists_log_events(name: str) -> None:
+    """The event tables list exactly the events the service logs, each with its level."""
+    events = logged_events()
+    rows = event_rows((ROOT / name).read_text(encoding="utf-8"))
+
+    missing = sorted(set(events) - set(rows))
+    unknown = sorted(set(rows) - set(events))
+    wrong_level = sorted(event for event in set(events) & set(rows) if rows[event] not in events[event])
+
+    assert missing == [], "events without a row: " + ", ".join(missing)
+    assert unknown == [], "rows for events the code does not log: " + ", ".join(unknown)
+    assert wrong_level == [], "rows with another level than the code's: " + ", ".join(wrong_level)
+
+
+@pytest.mark.parametrize("name", OPERATIONS_DOCS)
+def test_operations_doc_lists_metrics(name: str) -> None:
+    """The metrics table lists every metric with its type, and its labels include `connection`."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    rows = {
+        match.group(1): (match.group(2), match.group(3))
+        for match in re.finditer(r"^\| `(mdr_connector_[a-z_]+)` \| (\w+) \| ([^|]+) \|", text, re.MULTILINE)
+    }
+
+    assert set(rows) == set(METRICS)
+    for metric, (kind, _help) in METRICS.items():
+        assert rows[metric][0] == kind, metric
+        assert "`connection`" in rows[metric][1], metric
+
+
+@pytest.mark.parametrize("name", OPERATIONS_DOCS)
+def test_operations_doc_lists_label_values(name: str) -> None:
+    """The kind and direction table and the error class table list the label values the code sets."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+    pairs = set(re.findall(r"^\| `([a-z_]+)` \| `(mdr_to_ticket|ticket_to_mdr)` \|", text, re.MULTILINE))
+    class_table = re.search(r"^\| `class` \|.*\n\|[-|]+\|\n((?:\|.*\n)+)", text, re.MULTILINE)
+    assert class_table is not None, "the table of error classes is missing"
+    classes = set(re.findall(r"^\| `([a-z_]+)` \|", class_table.group(1), re.MULTILINE))
+
+    assert pairs == set(SYNCED_COUNTERS.values())
+    assert classes == {error_class(error) for error in ERROR_EXAMPLES}
+
+
+@pytest.mark.parametrize("name", OPERATIONS_DOCS)
+def test_operations_doc_lists_status_problems(name: str) -> None:
+    """The problem table of `status` lists every problem code that makes a connection unhealthy."""
+    text = (ROOT / name).read_text(encoding="utf-8")
+
+    for problem in (TOKEN_PENDING, TOKEN_EXPIRED, REFRESH_EXPIRING, TOKEN_UNREADABLE):
+        assert f"| `{problem}` |" in text, problem
