@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from mdr_connector.adapters.mdr.models import MAX_EPOCH_MS, MAX_ID_LENGTH, Asset, Incident
 from mdr_connector.connector.errors import ConnectionFatalError, ConnectorError
+from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.mapping import escape_markdown, format_ms, template_placeholders
 from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.sync_common import SyncContext, gather_or_cancel
@@ -28,14 +29,20 @@ from mdr_connector.connector.sync_common import SyncContext, gather_or_cancel
 log = logging.getLogger(__name__)
 
 ASSETS_PLACEHOLDER = "assets"
-UNAVAILABLE = "details unavailable"
+UNAVAILABLE = N_("details unavailable")
+NO_ASSET_ID = N_("no asset id")
 # A cell longer than this is cut, so a broken or hostile record cannot fill
 # the description. Host names, OS versions and product names are far shorter.
 MAX_CELL_CHARACTERS = 200
-TABLE_HEADER = (
-    "| Host | IP addresses | OS | Product | Status | Isolated | Last seen |\n"
-    "|---|---|---|---|---|---|---|"
+TABLE_COLUMNS = (
+    N_("Host"), N_("IP addresses"), N_("OS"), N_("Product"), N_("Status"), N_("Isolated"), N_("Last seen"),
 )
+
+
+def table_header() -> str:
+    """The table's header and separator lines, in the current language."""
+    names = " | ".join(_(name) for name in TABLE_COLUMNS)
+    return f"| {names} |\n|{'---|' * len(TABLE_COLUMNS)}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +119,7 @@ class AssetDetails:
         rows = []
         for host in hosts:
             if not host.asset_id:
-                rows.append(AssetRow(host, None, "no asset id"))
+                rows.append(AssetRow(host, None, _(NO_ASSET_ID)))
                 continue
             result = found.get(host.asset_id)
             if result is None:
@@ -164,7 +171,7 @@ class AssetDetails:
                 "error": error,
             },
         )
-        return UNAVAILABLE
+        return _(UNAVAILABLE)
 
 
 def usable_asset_id(asset_id: str) -> bool:
@@ -174,10 +181,11 @@ def usable_asset_id(asset_id: str) -> bool:
 
 def render_table(rows: list[AssetRow], rest: list[AffectedHost], limit: int) -> str:
     """Render rows as a Markdown table. Hosts beyond the limit follow on one line, by name."""
-    lines = [TABLE_HEADER, *(render_row(row) for row in rows)] if rows else []
+    lines = [table_header(), *(render_row(row) for row in rows)] if rows else []
     if rest:
         names = ", ".join(cell(host.host_name or host.asset_id) for host in rest)
-        lines.append(f"\nMore affected hosts, details not read (the limit is {limit}): {names}")
+        lines.append("\n" + _("More affected hosts, details not read (the limit is {limit}): {names}").format(
+            limit=limit, names=names))
     return "\n".join(lines).strip()
 
 
@@ -185,7 +193,11 @@ def render_row(row: AssetRow) -> str:
     """Render one table row. Every value from MDR is escaped, so it shows as plain text."""
     asset = row.asset
     if asset is None:
-        where = f"{row.problem}, asset {row.host.asset_id}" if row.host.asset_id else row.problem
+        where = (
+            _("{problem}, asset {asset_id}").format(problem=row.problem, asset_id=row.host.asset_id)
+            if row.host.asset_id
+            else row.problem
+        )
         values = [row.host.host_name, where, "", "", "", "", ""]
     else:
         values = [
@@ -194,7 +206,7 @@ def render_row(row: AssetRow) -> str:
             asset.os_version,
             asset.installed_product_info,
             asset.status,
-            "yes" if asset.isolation else "no",
+            _("yes") if asset.isolation else _("no"),
             format_last_seen(asset.last_seen),
         ]
     return "| " + " | ".join(cell(value) for value in values) + " |"

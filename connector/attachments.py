@@ -33,7 +33,15 @@ from mdr_connector.connector.errors import (
     RemoteUnavailableError,
 )
 from mdr_connector.connector.filenames import file_extension, safe_filename, visible_name
-from mdr_connector.connector.mapping import code_span, console_link, escape_markdown, format_time, parse_mdr_footer
+from mdr_connector.connector.i18n import N_, Message, _
+from mdr_connector.connector.mapping import (
+    code_span,
+    console_link,
+    escape_markdown,
+    format_time,
+    mdr_footer,
+    parse_mdr_footer,
+)
 from mdr_connector.connector.mappingfile import FileFilter
 from mdr_connector.connector.store import DONE, MDR_TO_TICKET, PENDING, TICKET_TO_MDR, Link, SyncedItem
 from mdr_connector.connector.sync_common import SyncContext, gather_or_cancel
@@ -171,7 +179,7 @@ class AttachmentSync:
         self._count_echo(f"mdr-attachment:{attachment.attachment_id}", reason)
         return True
 
-    def _reason_kept_from_ticket(self, filename: str, size: int, limit: int | None) -> str | None:
+    def _reason_kept_from_ticket(self, filename: str, size: int, limit: int | None) -> Message | None:
         """Return why a file may not go to the ticket, or None when it may. `limit` is the ticket system's limit."""
         reason = filter_reason(filename, size, self.context.mapping.attachments.to_ticket, "to_ticket")
         if reason is not None:
@@ -179,9 +187,13 @@ class AttachmentSync:
 
         system = self.context.tickets.system.title()
         if limit is None:
-            return f"attachments are turned off in {system}"
+            return Message(N_("attachments are turned off in {system}"), system=system)
         if size > limit:
-            return f"it is larger than the attachment limit of {system}, which is {format_size(limit)}"
+            return Message(
+                N_("it is larger than the attachment limit of {system}, which is {limit}"),
+                system=system,
+                limit=format_size(limit),
+            )
         return None
 
     async def _read_ticket_limit(self) -> int | None:
@@ -209,7 +221,7 @@ class AttachmentSync:
 
     async def _copy_to_ticket(
         self, incident: Incident, ref: TicketRef, attachment: Attachment, filename: str, max_bytes: int
-    ) -> str | None:
+    ) -> Message | None:
         """Copy one MDR file to the ticket; return why not when the ticket system rejects it as too large."""
         async with self._spool_file(attachment.file_size) as path:
             size = await self.context.read(
@@ -228,7 +240,9 @@ class AttachmentSync:
             except RejectedError as err:
                 if err.status != HTTP_CONTENT_TOO_LARGE:
                     raise
-                return f"{self.context.tickets.system.title()} rejected it as too large (HTTP 413)"
+                return Message(
+                    N_("{system} rejected it as too large (HTTP 413)"), system=self.context.tickets.system.title()
+                )
 
         await self._finish(incident, ATTACHMENT, MDR_TO_TICKET, attachment.attachment_id, landed.id)
         self.context.stats.attachments_to_ticket += 1
@@ -254,16 +268,23 @@ class AttachmentSync:
         return True
 
     async def _notify_ticket(
-        self, incident: Incident, ref: TicketRef, attachment: Attachment, filename: str, reason: str
+        self, incident: Incident, ref: TicketRef, attachment: Attachment, filename: str, reason: Message
     ) -> None:
         """Post the one ticket comment that names an MDR attachment the filter keeps back."""
         marker = SyncMarker(origin=NOTICE_ORIGIN, source_id=f"attachment:{attachment.attachment_id}")
         link = console_link(self.context.settings.mdr.console_url, incident.incident_id)
         created = datetime.fromtimestamp(attachment.creation_time / 1000, tz=timezone.utc)
-        body = (
-            f"Attachment {code_span(filename)}, {format_size(attachment.file_size)}, added by "
-            f"{escape_markdown(attachment.author_name or 'an unknown author')} in Kaspersky MDR on "
-            f"{format_time(created)}, was not copied here: {reason}. Open it in the MDR console: {link}"
+        author = escape_markdown(attachment.author_name) if attachment.author_name else _("an unknown author")
+        body = _(
+            "Attachment {file_name}, {size}, added by {author} in Kaspersky MDR on {created}, "
+            "was not copied here: {reason}. Open it in the MDR console: {link}"
+        ).format(
+            file_name=code_span(filename),
+            size=format_size(attachment.file_size),
+            author=author,
+            created=format_time(created),
+            reason=reason,
+            link=link,
         )
         draft = CommentDraft(body=body, marker=marker, visibility=self._visibility())
         await self.context.store.start_item(
@@ -353,7 +374,7 @@ class AttachmentSync:
 
     async def _copy_to_mdr(
         self, incident: Incident, ref: TicketRef, attachment: TicketAttachment, filename: str
-    ) -> str | None:
+    ) -> Message | None:
         """Copy one ticket file to MDR; return why not when MDR rejects it as too large."""
         system = self.context.tickets.system
         async with self._spool_file(attachment.size) as path:
@@ -366,7 +387,12 @@ class AttachmentSync:
 
             caption = f"{attachment.author.display_name} ({system.title()} {ref.key})"
             if filename != attachment.filename:
-                caption += f", original name: {visible_name(attachment.filename)}"
+                caption = _("{author} ({system} {ticket_key}), original name: {original_name}").format(
+                    author=attachment.author.display_name,
+                    system=system.title(),
+                    ticket_key=ref.key,
+                    original_name=visible_name(attachment.filename),
+                )
             await self.context.store.start_item(self.name, incident.incident_id, ATTACHMENT, TICKET_TO_MDR, attachment.id)
             try:
                 landed = await self.context.mdr.upload_attachment(incident.incident_id, path, filename, caption)
@@ -374,7 +400,7 @@ class AttachmentSync:
                 # NOTE: MDR documents no upload limit, so the 413 reply is the only sign of one.
                 if err.status != HTTP_CONTENT_TOO_LARGE:
                     raise
-                return "MDR rejected it as too large (HTTP 413)"
+                return Message(N_("MDR rejected it as too large (HTTP 413)"))
 
         await self._finish(incident, ATTACHMENT, TICKET_TO_MDR, attachment.id, landed.attachment_id)
         self.context.stats.attachments_to_mdr += 1
@@ -403,7 +429,7 @@ class AttachmentSync:
         return True
 
     async def _notify_mdr(
-        self, incident: Incident, ref: TicketRef, attachment: TicketAttachment, filename: str, reason: str
+        self, incident: Incident, ref: TicketRef, attachment: TicketAttachment, filename: str, reason: Message
     ) -> None:
         """Post the one MDR comment that names a ticket attachment the filter keeps back.
 
@@ -413,12 +439,20 @@ class AttachmentSync:
         """
         source_id = f"attachment:{attachment.id}"
         system = self.context.tickets.system
-        text = (
-            f"Attachment {code_span(filename)}, {format_size(attachment.size)}, added by "
-            f"{escape_markdown(attachment.author.display_name)} in {system.title()} {ref.key} on "
-            f"{format_time(attachment.created)}, was not copied to MDR: {reason}. Open it on the ticket: {ref.url}"
-            f"\n\n_mdr-connector: {system} comment {source_id}_"
+        notice = _(
+            "Attachment {file_name}, {size}, added by {author} in {system} {ticket_key} on {created}, "
+            "was not copied to MDR: {reason}. Open it on the ticket: {url}"
+        ).format(
+            file_name=code_span(filename),
+            size=format_size(attachment.size),
+            author=escape_markdown(attachment.author.display_name),
+            system=system.title(),
+            ticket_key=ref.key,
+            created=format_time(attachment.created),
+            reason=reason,
+            url=ref.url,
         )
+        text = f"{notice}\n\n{mdr_footer(system, source_id)}"
         await self.context.store.start_item(self.name, incident.incident_id, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id)
         posted = await self.context.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
         await self._finish(incident, ATTACHMENT_NOTICE, TICKET_TO_MDR, attachment.id, posted.comment_id)
@@ -437,8 +471,9 @@ class AttachmentSync:
             raise ItemError(f"cannot read the free space of the spool folder {spool}: {err.strerror or err}") from err
         if expected_size > free:
             raise ItemError(
-                f"the spool folder {spool} has {format_size(free)} free, too little for a file of "
-                f"{format_size(expected_size)}; free disk space there or lower attachments max_bytes in the mapping"
+                f"the spool folder {spool} has {format_size(free).english()} free, too little for a file of "
+                f"{format_size(expected_size).english()}; free disk space there or lower attachments max_bytes "
+                "in the mapping"
             )
 
         path = spool / f"{SPOOL_PREFIX}{uuid.uuid4().hex}"
@@ -527,7 +562,14 @@ class AttachmentSync:
         log.info("sync.attachment.mirrored", extra=fields)
 
     def _log_filtered(
-        self, direction: str, incident: Incident, ref: TicketRef, source_id: str, size: int, reason: str, notice_id: str
+        self,
+        direction: str,
+        incident: Incident,
+        ref: TicketRef,
+        source_id: str,
+        size: int,
+        reason: Message,
+        notice_id: str,
     ) -> None:
         log.info(
             "sync.attachment.filtered",
@@ -538,13 +580,13 @@ class AttachmentSync:
                 "ticket_key": ref.key,
                 "attachment_id": source_id,
                 "bytes": size,
-                "reason": reason,
+                "reason": reason.english(),
                 "notice_comment_id": notice_id,
             },
         )
 
 
-def filter_reason(filename: str, size: int, rules: FileFilter, direction_key: str) -> str | None:
+def filter_reason(filename: str, size: int, rules: FileFilter, direction_key: str) -> Message | None:
     """Return why the mapping's filter for one direction keeps a file back, or None when it may go.
 
     `direction_key` is `to_ticket` or `to_mdr`, for naming the setting in the reason.
@@ -552,28 +594,49 @@ def filter_reason(filename: str, size: int, rules: FileFilter, direction_key: st
     extension = file_extension(filename)
     setting = f"attachments.{direction_key}"
     if extension in rules.deny_extensions:
-        return f"files with the extension .{extension} are not copied ({setting}.deny_extensions)"
+        return Message(
+            N_("files with the extension .{extension} are not copied ({setting}.deny_extensions)"),
+            extension=extension,
+            setting=setting,
+        )
     if rules.allow_extensions and extension not in rules.allow_extensions:
         allowed = ", ".join(f".{name}" for name in rules.allow_extensions)
-        described = f"the extension .{extension}" if extension else "no extension"
-        return f"it has {described}, and only {allowed} files are copied ({setting}.allow_extensions)"
+        if not extension:
+            return Message(
+                N_("it has no extension, and only {allowed} files are copied ({setting}.allow_extensions)"),
+                allowed=allowed,
+                setting=setting,
+            )
+        return Message(
+            N_("it has the extension .{extension}, and only {allowed} files are copied ({setting}.allow_extensions)"),
+            extension=extension,
+            allowed=allowed,
+            setting=setting,
+        )
     if size > rules.max_bytes:
-        return f"it is larger than the limit of {format_size(rules.max_bytes)} ({setting}.max_bytes)"
+        return Message(
+            N_("it is larger than the limit of {limit} ({setting}.max_bytes)"),
+            limit=format_size(rules.max_bytes),
+            setting=setting,
+        )
     return None
 
 
-def format_size(size: int) -> str:
-    """Render a byte count for people: `512 bytes`, `1.5 MiB (1572864 bytes)`."""
+SIZE_UNITS = (N_("KiB"), N_("MiB"), N_("GiB"), N_("TiB"))
+
+
+def format_size(size: int) -> Message:
+    """Render a byte count for people, in the language it is shown in: `512 bytes`, `1.5 MiB (1572864 bytes)`."""
     if size < 1024:
-        return f"{size} bytes"
+        return Message(N_("{count} bytes"), count=size)
     value = size / 1024
-    unit = "KiB"
-    for larger in ("MiB", "GiB", "TiB"):
+    unit = SIZE_UNITS[0]
+    for larger in SIZE_UNITS[1:]:
         if value < 1024:
             break
         value /= 1024
         unit = larger
-    return f"{value:.1f} {unit} ({size} bytes)"
+    return Message(N_("{value} {unit} ({count} bytes)"), value=f"{value:.1f}", unit=Message(unit), count=size)
 
 
 def _content_type(filename: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from mdr_connector.adapters.mdr.models import Incident
+from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mappingfile import Mapping, Route
 from mdr_connector.connector.routing import Destination
 from mdr_connector.connector.tickets import (
@@ -66,7 +67,9 @@ def incident_values(incident: Incident, console_url: str, assets: str | None = N
     """
     hosts = [entry.split(":", 1) for entry in incident.affected_hosts]
     host_lines = [
-        f"- {code_span(parts[0])} (asset {code_span(parts[1])})" if len(parts) == 2 else f"- {code_span(parts[0])}"
+        "- " + _("{host} (asset {asset_id})").format(host=code_span(parts[0]), asset_id=code_span(parts[1]))
+        if len(parts) == 2
+        else f"- {code_span(parts[0])}"
         for parts in hosts
     ]
     affected_hosts = "\n".join(host_lines) or "-"
@@ -199,28 +202,30 @@ def render_edit_note_for_mdr(
 ) -> str:
     """Render the MDR note that carries the new text of a ticket comment edited after it was copied."""
     header = _ticket_comment_header(mapping, author, edited, system, ticket_key)
-    return f"{header}\n\n_Edited in {system.title()}. The new text:_\n\n{body}\n\n{mdr_footer(system, note_id)}"
+    edited_in = _("_Edited in {system}. The new text:_").format(system=system.title())
+    return f"{header}\n\n{edited_in}\n\n{body}\n\n{mdr_footer(system, note_id)}"
 
 
 def render_deletion_note_for_mdr(*, system: str, ticket_key: str, comment_id: str, note_id: str) -> str:
     """Render the MDR note saying that a ticket comment copied to the incident was deleted on the ticket."""
-    name = system.title()
-    return (
-        f"_{name} comment {comment_id} of {ticket_key}, copied to this incident earlier, was deleted in {name}._"
-        f"\n\n{mdr_footer(system, note_id)}"
-    )
+    text = _(
+        "_{system} comment {comment_id} of {ticket_key}, copied to this incident earlier, was deleted in {system}._"
+    ).format(system=system.title(), comment_id=comment_id, ticket_key=ticket_key)
+    return f"{text}\n\n{mdr_footer(system, note_id)}"
 
 
 def render_deleted_copy_for_ticket() -> str:
     """Render the text that replaces the ticket copy of an MDR comment deleted in MDR."""
-    return "_This Kaspersky MDR comment was deleted in MDR, so the connector removed the copied text._"
+    return _("_This Kaspersky MDR comment was deleted in MDR, so the connector removed the copied text._")
 
 
 def render_deletion_note_for_ticket(copied: datetime | None) -> str:
     """Render the ticket note saying that an MDR comment copied to the ticket was deleted in MDR."""
     if copied is None:
-        return "_A Kaspersky MDR comment copied to this ticket was deleted in MDR._"
-    return f"_The Kaspersky MDR comment copied to this ticket on {format_time(copied)} was deleted in MDR._"
+        return _("_A Kaspersky MDR comment copied to this ticket was deleted in MDR._")
+    return _("_The Kaspersky MDR comment copied to this ticket on {copied} was deleted in MDR._").format(
+        copied=format_time(copied)
+    )
 
 
 def mdr_footer(system: str, source_id: str) -> str:

@@ -23,7 +23,8 @@ from typing import Any
 
 from mdr_connector.adapters.mdr.models import Incident, Response
 from mdr_connector.connector.errors import ConnectorError, ItemError, RejectedError
-from mdr_connector.connector.i18n import N_
+from mdr_connector.connector import i18n
+from mdr_connector.connector.i18n import N_, Message, _
 from mdr_connector.connector.mapping import code_span, escape_markdown, format_ms
 from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.store import (
@@ -93,6 +94,25 @@ TERMINAL_WRONG_STATUS = N_(
 TERMINAL_MALFORMED = N_("MDR returned malformed responses for incident {incident_id}: {errors}")
 TERMINAL_REJECTED = N_("MDR rejected the decision on {response_ids}: {error}")
 
+# Texts on the ticket that differ by decision, because the decision is a
+# verb or a noun there that translations inflect.
+ECHO_TEMPLATES = {
+    CONFIRM: N_("**mdr-connector:** response {response_id} is **confirmed** in Kaspersky MDR by {decided_by}."),
+    DECLINE: N_("**mdr-connector:** response {response_id} is **declined** in Kaspersky MDR by {decided_by}."),
+}
+MDR_REJECTED_TEMPLATES = {
+    CONFIRM: N_("Kaspersky MDR rejected the confirm of response {response_id}: {error}."),
+    DECLINE: N_("Kaspersky MDR rejected the decline of response {response_id}: {error}."),
+}
+NOT_DECIDABLE_TEMPLATES = {
+    CONFIRM: N_("Response {response_id} is {status}, so it could not be confirmed."),
+    DECLINE: N_("Response {response_id} is {status}, so it could not be declined."),
+}
+NOT_LISTED_TEMPLATES = {
+    CONFIRM: N_("Response {response_id} is no longer listed in MDR, so it could not be confirmed."),
+    DECLINE: N_("Response {response_id} is no longer listed in MDR, so it could not be declined."),
+}
+
 
 class CommandSyntaxError(ValueError):
     """A comment that starts with the command word but is not a valid command."""
@@ -121,16 +141,18 @@ def parse_command(body: str, command: str) -> Command:
     """
     words = body.split(maxsplit=3)
     if not words or _plain_token(words[0]).lower() != command.lower():
-        raise CommandSyntaxError(f"the comment does not start with {command}")
+        raise CommandSyntaxError(_("the comment does not start with {command}").format(command=command))
     if len(words) < 2 or _plain_token(words[1]).lower() not in DECISION_STATUSES:
-        raise CommandSyntaxError(f"{command} must be followed by confirm or decline")
+        raise CommandSyntaxError(_("{command} must be followed by confirm or decline").format(command=command))
     if len(words) < 3:
-        raise CommandSyntaxError("the response id is missing")
+        raise CommandSyntaxError(_("the response id is missing"))
     reason = _plain_reason(words[3]) if len(words) == 4 else ""
     if not reason:
-        raise CommandSyntaxError("the reason is missing")
+        raise CommandSyntaxError(_("the reason is missing"))
     if len(reason) > MAX_REASON_CHARACTERS:
-        raise CommandSyntaxError(f"the reason is longer than {MAX_REASON_CHARACTERS} characters")
+        raise CommandSyntaxError(
+            _("the reason is longer than {limit} characters").format(limit=MAX_REASON_CHARACTERS)
+        )
     return Command(
         decision=_plain_token(words[1]).lower(),
         response_id=_plain_token(words[2]),
@@ -163,7 +185,7 @@ def host_names_by_asset(incident: Incident) -> dict[str, str]:
     """Map asset ids to host names, from the incident's `HOSTNAME:asset_id` entries."""
     names: dict[str, str] = {}
     for entry in incident.affected_hosts:
-        host, _, asset_id = entry.partition(":")
+        host, _separator, asset_id = entry.partition(":")
         if asset_id:
             names.setdefault(asset_id, host)
     return names
@@ -182,16 +204,16 @@ def visibility_of(mapping: Mapping) -> CommentVisibility | None:
 
 def describe_asset(response: Response, host_names: dict[str, str]) -> str:
     if not response.asset_id:
-        return "none"
+        return _("none")
     host = host_names.get(response.asset_id)
     if host:
-        return f"{code_span(host)} (asset {code_span(response.asset_id)})"
-    return f"asset {code_span(response.asset_id)}"
+        return _("{host} (asset {asset_id})").format(host=code_span(host), asset_id=code_span(response.asset_id))
+    return _("asset {asset_id}").format(asset_id=code_span(response.asset_id))
 
 
 def describe_parameters(parameters: dict[str, Any] | None) -> str:
     if not parameters:
-        return " none"
+        return " " + _("none")
     lines = []
     for name, value in list(parameters.items())[:MAX_PARAMETERS_SHOWN]:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
@@ -199,39 +221,44 @@ def describe_parameters(parameters: dict[str, Any] | None) -> str:
             text = text[:MAX_PARAMETER_CHARACTERS] + "…"
         lines.append(f"\n  - {code_span(str(name))}: {code_span(text)}")
     if len(parameters) > MAX_PARAMETERS_SHOWN:
-        lines.append(f"\n  - … {len(parameters) - MAX_PARAMETERS_SHOWN} more in the MDR console")
+        more = _("… {count} more in the MDR console").format(count=len(parameters) - MAX_PARAMETERS_SHOWN)
+        lines.append(f"\n  - {more}")
     return "".join(lines)
 
 
 def render_response(response: Response, host_names: dict[str, str], command: str) -> str:
     """Render the Markdown of the ticket comment that shows one MDR response."""
-    kind = code_span(response.type) if response.type else "unknown type"
+    kind = code_span(response.type) if response.type else _("unknown type")
+    status = escape_markdown(response.status) if response.status else _("unknown")
     lines = [
-        f"**Kaspersky MDR response** {kind}: status **{escape_markdown(response.status or 'unknown')}**",
+        _("**Kaspersky MDR response** {kind}: status **{status}**").format(kind=kind, status=status),
         "",
-        f"- Response id: {code_span(response.response_id)}",
-        f"- Asset: {describe_asset(response, host_names)}",
-        f"- Parameters:{describe_parameters(response.parameters)}",
-        f"- Analyst's description: {escape_markdown(response.description) or 'none'}",
+        _("- Response id: {response_id}").format(response_id=code_span(response.response_id)),
+        _("- Asset: {asset}").format(asset=describe_asset(response, host_names)),
+        _("- Parameters:{parameters}").format(parameters=describe_parameters(response.parameters)),
+        _("- Analyst's description: {description}").format(
+            description=escape_markdown(response.description) or _("none")
+        ),
     ]
     if response.comment:
-        lines.append(f"- MDR comment: {escape_markdown(response.comment)}")
+        lines.append(_("- MDR comment: {comment}").format(comment=escape_markdown(response.comment)))
     if response.creation_time:
-        lines.append(f"- Proposed: {format_ms(response.creation_time)}")
+        lines.append(_("- Proposed: {time}").format(time=format_ms(response.creation_time)))
     if response.update_time and response.update_time != response.creation_time:
-        lines.append(f"- Last change: {format_ms(response.update_time)}")
+        lines.append(_("- Last change: {time}").format(time=format_ms(response.update_time)))
     lines.append("")
     if response.status == INITIAL_STATUS:
+        # The command lines stay English, because the connector parses them.
         lines += [
-            "To confirm or decline it, add a new comment with one of these lines, followed by your reason:",
+            _("To confirm or decline it, add a new comment with one of these lines, followed by your reason:"),
             "",
             f"- {code_span(f'{command} confirm {response.response_id} REASON')}",
             f"- {code_span(f'{command} decline {response.response_id} REASON')}",
             "",
-            "Only the accounts and groups on the connector's allow-list may decide.",
+            _("Only the accounts and groups on the connector's allow-list may decide."),
         ]
     else:
-        lines.append(f"This response is {escape_markdown(response.status or 'unknown')} and can no longer be decided.")
+        lines.append(_("This response is {status} and can no longer be decided.").format(status=status))
     return "\n".join(lines)
 
 
@@ -241,18 +268,23 @@ def render_echo(decision: ResponseDecision, *, quote_reason: bool = True) -> str
     The reason of a command written in a restricted comment is not quoted,
     because the echo may be readable by more people than the command.
     """
-    status = DECISION_STATUSES[decision.decision]
-    via = "" if decision.source == TICKET_SOURCE else " with the mdr-connector command line"
+    actor = escape_markdown(decision.actor_name)
+    actor_id = code_span(decision.actor_id)
+    if decision.source == TICKET_SOURCE:
+        decided_by = f"{actor} ({actor_id})"
+    else:
+        decided_by = _("{actor} ({actor_id}) with the mdr-connector command line").format(
+            actor=actor, actor_id=actor_id
+        )
     reason = (
         escape_markdown(decision.reason)
         if quote_reason
-        else "not quoted here, because the command was written in a restricted comment."
+        else _("not quoted here, because the command was written in a restricted comment.")
     )
-    return (
-        f"**mdr-connector:** response {code_span(decision.response_id)} is **{status.lower()}** in Kaspersky MDR "
-        f"by {escape_markdown(decision.actor_name)} ({code_span(decision.actor_id)}){via}.\n\n"
-        f"Reason: {reason}"
+    headline = _(ECHO_TEMPLATES[decision.decision]).format(
+        response_id=code_span(decision.response_id), decided_by=decided_by
     )
+    return f"{headline}\n\n" + _("Reason: {reason}").format(reason=reason)
 
 
 def carries_comment(response: Response, sent: str) -> bool:
@@ -269,9 +301,9 @@ def carries_comment(response: Response, sent: str) -> bool:
     return plain(sent) in plain(response.comment or "")
 
 
-def render_refusal(message: str) -> str:
+def render_refusal(message: str | Message) -> str:
     """Render the ticket reply to a command that the connector did not carry out."""
-    return f"**mdr-connector:** {message} Nothing was sent to Kaspersky MDR."
+    return _("**mdr-connector:** {message} Nothing was sent to Kaspersky MDR.").format(message=message)
 
 
 def mdr_comment(decision: ResponseDecision, system: str, ticket_key: str, *, restricted: bool = False) -> str:
@@ -282,17 +314,33 @@ def mdr_comment(decision: ResponseDecision, system: str, ticket_key: str, *, res
     view on the ticket may be readable by more people than the command.
     """
     if decision.source == CLI_SOURCE:
-        return f"{decision.reason} (by {decision.actor_id} with the mdr-connector command line)"
-    where = f"{decision.actor_name} {decision.actor_id} in {system.title()} {ticket_key}"
+        return _("{reason} (by {actor_id} with the mdr-connector command line)").format(
+            reason=decision.reason, actor_id=decision.actor_id
+        )
+    where = _("{actor} {actor_id} in {system} {ticket_key}").format(
+        actor=decision.actor_name, actor_id=decision.actor_id, system=system.title(), ticket_key=ticket_key
+    )
     if restricted:
-        return f"Decided by {where}; the reason is in a restricted comment there."
-    return f"{decision.reason} (by {where})"
+        return _("Decided by {decided_by}; the reason is in a restricted comment there.").format(decided_by=where)
+    return _("{reason} (by {decided_by})").format(reason=decision.reason, decided_by=where)
+
+
+def carries_decision(
+    response: Response, decision: ResponseDecision, system: str, ticket_key: str, *, restricted: bool = False
+) -> bool:
+    """Tell whether a response carries the MDR comment of a decision, in any language the connector writes.
+
+    A decision sent before the connector's language was switched carries
+    the comment in the earlier language.
+    """
+    sent = i18n.in_each_language(lambda: mdr_comment(decision, system, ticket_key, restricted=restricted))
+    return any(carries_comment(response, text) for text in sent)
 
 
 def usage(command: str) -> str:
     confirm = code_span(f"{command} confirm RESPONSE_ID REASON")
     decline = code_span(f"{command} decline RESPONSE_ID REASON")
-    return f"{confirm} or {decline}"
+    return _("{confirm} or {decline}").format(confirm=confirm, decline=decline)
 
 
 class ResponseSync:
@@ -526,22 +574,27 @@ class ResponseSync:
         if is_edited(comment):
             self._log_refused(incident, ref, comment, "edited")
             return REFUSED, render_refusal(
-                f"The comment of {escape_markdown(comment.author.display_name)} was edited before the connector "
-                "read it, so the command as first written cannot be known. "
-                f"Write the command in a new comment: {usage(self.rules.command)}."
+                _(
+                    "The comment of {author} was edited before the connector read it, so the command as first "
+                    "written cannot be known. Write the command in a new comment: {usage}."
+                ).format(author=escape_markdown(comment.author.display_name), usage=usage(self.rules.command))
             )
         try:
             command = parse_command(comment.body, self.rules.command)
         except CommandSyntaxError as err:
             self._log_refused(incident, ref, comment, "malformed")
             return REFUSED, render_refusal(
-                f"The command of {escape_markdown(comment.author.display_name)} was not understood: "
-                f"{err}. Write it in a new comment as {usage(self.rules.command)}; the reason is required."
+                _(
+                    "The command of {author} was not understood: {error}. Write it in a new comment as {usage}; "
+                    "the reason is required."
+                ).format(
+                    author=escape_markdown(comment.author.display_name), error=err, usage=usage(self.rules.command)
+                )
             )
 
         problem = await self._problem(incident, comment.author, command, responses)
         if problem is not None:
-            await self._record(incident, comment, command, outcome=REFUSED, error=problem)
+            await self._record(incident, comment, command, outcome=REFUSED, error=problem.english())
             self._log_refused(incident, ref, comment, "not_allowed", response_id=command.response_id)
             return REFUSED, render_refusal(problem)
 
@@ -550,24 +603,37 @@ class ResponseSync:
 
     async def _problem(
         self, incident: Incident, author: TicketAccount, command: Command, responses: dict[str, Response]
-    ) -> str | None:
+    ) -> Message | None:
         """Return why a well-formed command must not be sent, or None when it may."""
         if not await self._is_approver(author):
-            return (
-                f"{escape_markdown(author.display_name)} (account {code_span(author.id)}) may not confirm or "
-                "decline MDR responses: the account is neither in `responses.approvers` nor in a group of "
-                "`responses.approver_groups` in the connector's mapping."
+            return Message(
+                N_(
+                    "{author} (account {account_id}) may not confirm or decline MDR responses: the account is "
+                    "neither in `responses.approvers` nor in a group of `responses.approver_groups` in the "
+                    "connector's mapping."
+                ),
+                author=escape_markdown(author.display_name),
+                account_id=code_span(author.id),
             )
         response = responses.get(command.response_id)
         if response is None:
-            return (
-                f"{code_span(command.response_id)} is not a response of MDR incident "
-                f"{code_span(incident.incident_id)}; copy the id from the response's comment on this ticket."
+            return Message(
+                N_(
+                    "{response_id} is not a response of MDR incident {incident_id}; copy the id from the "
+                    "response's comment on this ticket."
+                ),
+                response_id=code_span(command.response_id),
+                incident_id=code_span(incident.incident_id),
             )
         if response.status != INITIAL_STATUS:
-            return (
-                f"Response {code_span(command.response_id)} is already {escape_markdown(response.status)}, "
-                f"and only a response in status {INITIAL_STATUS} can be confirmed or declined."
+            return Message(
+                N_(
+                    "Response {response_id} is already {status}, and only a response in status {initial} can be "
+                    "confirmed or declined."
+                ),
+                response_id=code_span(command.response_id),
+                status=escape_markdown(response.status),
+                initial=INITIAL_STATUS,
             )
         return None
 
@@ -643,8 +709,9 @@ class ResponseSync:
             await context.store.finish_decision(decision.id, FAILED, str(err))
             self._log_decision("sync.response.decision_failed", incident, ref, decision, error=str(err))
             return FAILED, render_refusal(
-                f"Kaspersky MDR rejected the {decision.decision} of response {code_span(decision.response_id)}: "
-                f"{escape_markdown(str(err))}."
+                _(MDR_REJECTED_TEMPLATES[decision.decision]).format(
+                    response_id=code_span(decision.response_id), error=escape_markdown(str(err))
+                )
             )
 
         await context.store.finish_decision(decision.id, SENT)
@@ -668,15 +735,19 @@ class ResponseSync:
         if decision.outcome == SENT:
             return SENT, render_echo(decision, quote_reason=not restricted)
         if decision.outcome in (REFUSED, FAILED):
-            return decision.outcome, render_refusal(decision.error or "The command was refused.")
+            # NOTE: the audit record keeps the reason in English, so this
+            # reply, posted only when the first one was lost, is English.
+            return decision.outcome, render_refusal(decision.error or _("The command was refused."))
 
         # The decision may have reached MDR before the reply was lost. The
         # response's status and comment, read in this reconciliation, show whether it did.
         target = DECISION_STATUSES[decision.decision]
         response = responses.get(decision.response_id)
         current = response.status if response is not None else None
-        sent = mdr_comment(decision, self.context.tickets.system, ref.key, restricted=restricted)
-        if response is not None and current == target and carries_comment(response, sent):
+        system = self.context.tickets.system
+        if response is not None and current == target and carries_decision(
+            response, decision, system, ref.key, restricted=restricted
+        ):
             await self.context.store.finish_decision(decision.id, SENT)
             self.context.stats.response_decisions += 1
             self._log_decision("sync.response.decided", incident, ref, decision, resumed=True)
@@ -684,19 +755,24 @@ class ResponseSync:
         if current == INITIAL_STATUS:
             return await self._send(incident, ref, decision, responses, restricted=restricted)
 
+        response_id = code_span(decision.response_id)
         if current == target:
-            problem = (
-                f"Response {code_span(decision.response_id)} was {escape_markdown(current)} in Kaspersky MDR "
-                "before this decision reached it, so the decision was not sent."
+            problem = Message(
+                N_(
+                    "Response {response_id} was {status} in Kaspersky MDR before this decision reached it, so the "
+                    "decision was not sent."
+                ),
+                response_id=response_id,
+                status=escape_markdown(current),
+            )
+        elif current:
+            problem = Message(
+                NOT_DECIDABLE_TEMPLATES[decision.decision], response_id=response_id, status=escape_markdown(current)
             )
         else:
-            problem = (
-                f"Response {code_span(decision.response_id)} is "
-                f"{escape_markdown(current) if current else 'no longer listed in MDR'}, so it could not be "
-                f"{target.lower()}."
-            )
-        await self.context.store.finish_decision(decision.id, FAILED, problem)
-        self._log_decision("sync.response.decision_failed", incident, ref, decision, error=problem)
+            problem = Message(NOT_LISTED_TEMPLATES[decision.decision], response_id=response_id)
+        await self.context.store.finish_decision(decision.id, FAILED, problem.english())
+        self._log_decision("sync.response.decision_failed", incident, ref, decision, error=problem.english())
         return FAILED, render_refusal(problem)
 
     # Shared steps
@@ -936,8 +1012,8 @@ async def settle_pending_decisions(
             if earlier.source != CLI_SOURCE or earlier.outcome != PENDING_OUTCOME:
                 continue
             response = responses[response_id]
-            applied = response.status == DECISION_STATUSES[earlier.decision] and carries_comment(
-                response, mdr_comment(earlier, "", "")
+            applied = response.status == DECISION_STATUSES[earlier.decision] and carries_decision(
+                response, earlier, "", ""
             )
             if applied:
                 await store.finish_decision(earlier.id, SENT)

@@ -20,6 +20,7 @@ from typing import Any
 
 from mdr_connector.adapters.mdr.models import STATUSES, Incident
 from mdr_connector.connector.errors import ConfigError, ItemError, RejectedError
+from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mapping import escape_markdown, mdr_footer, parse_mdr_footer
 from mdr_connector.connector.store import DONE, PENDING, TICKET_TO_MDR, Link
 from mdr_connector.connector.sync_common import SyncContext
@@ -327,12 +328,11 @@ class StatusSync:
         self, incident: Incident, ref: TicketRef, state: TicketState, seen: SeenStatuses, source_id: str
     ) -> None:
         system = self.context.tickets.system
-        text = (
-            f"{system.title()} ticket {escape_markdown(ref.key)} was reopened "
-            f"(status {escape_markdown(state.status)}). This MDR incident stays closed, because "
-            "the MDR API cannot reopen an incident; reopen it in the MDR console if the SOC should "
-            f"look at it again.\n\n{mdr_footer(system, source_id)}"
-        )
+        note = _(
+            "{system} ticket {ticket_key} was reopened (status {status}). This MDR incident stays closed, because "
+            "the MDR API cannot reopen an incident; reopen it in the MDR console if the SOC should look at it again."
+        ).format(system=system.title(), ticket_key=escape_markdown(ref.key), status=escape_markdown(state.status))
+        text = f"{note}\n\n{mdr_footer(system, source_id)}"
         posted = await self.context.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
         await self._record_reopened(incident.incident_id, state, seen)
         await self._finish_reopen(incident.incident_id, ref, source_id, posted.comment_id)

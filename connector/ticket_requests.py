@@ -37,6 +37,7 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
+from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mapping import CONNECTOR_LABEL, code_span, comment_visibility, escape_markdown
 from mdr_connector.connector.retry import parked_backoff_seconds
 from mdr_connector.connector.store import DONE, LINKED, PENDING, TICKET_TO_MDR, SyncedItem, utc_now
@@ -231,8 +232,10 @@ class TicketIncidentRequests:
                 ref,
                 request.digest,
                 # MDR's message can quote the ticket's own values, so it is shown as text.
-                f"MDR rejected the incident this ticket requests: {escape_markdown(str(err))}. "
-                "Edit the ticket to send the request again.",
+                _(
+                    "MDR rejected the incident this ticket requests: {error}. "
+                    "Edit the ticket to send the request again."
+                ).format(error=escape_markdown(str(err))),
             )
             return None
         except OutcomeUnknownError:
@@ -268,22 +271,27 @@ class TicketIncidentRequests:
         if invalid:
             listed = ", ".join(code_span(entry) for entry in invalid)
             return RequestProblem(
-                f"mdr-connector cannot create an MDR incident for this ticket: these entries of field "
-                f"{code_span(hosts_field)} are not `HOSTNAME:asset_id`: {listed}. Correct them, one host per "
-                f"line; {withdraw}",
+                _(
+                    "mdr-connector cannot create an MDR incident for this ticket: these entries of field {field} "
+                    "are not `HOSTNAME:asset_id`: {entries}. Correct them, one host per line; {withdraw}"
+                ).format(field=code_span(hosts_field), entries=listed, withdraw=withdraw),
                 hashlib.sha256(f"{request.digest}\n{listed}".encode("utf-8")).hexdigest()[:16],
             )
         if not hosts:
             return RequestProblem(
-                f"mdr-connector cannot create an MDR incident for this ticket yet: field {code_span(hosts_field)} "
-                "has no affected hosts. Fill it with one `HOSTNAME:asset_id` per line (the asset id is shown in "
-                f"the MDR console); {withdraw}",
+                _(
+                    "mdr-connector cannot create an MDR incident for this ticket yet: field {field} has no affected "
+                    "hosts. Fill it with one `HOSTNAME:asset_id` per line (the asset id is shown in the MDR console); "
+                    "{withdraw}"
+                ).format(field=code_span(hosts_field), withdraw=withdraw),
                 request.digest,
             )
         if not summary:
             return RequestProblem(
-                "mdr-connector cannot create an MDR incident for this ticket: its summary is empty. "
-                f"Fill it in; {withdraw}",
+                _(
+                    "mdr-connector cannot create an MDR incident for this ticket: its summary is empty. "
+                    "Fill it in; {withdraw}"
+                ).format(withdraw=withdraw),
                 request.digest,
             )
         return request
@@ -337,8 +345,10 @@ class TicketIncidentRequests:
             posted = await self.reply_once(
                 ref,
                 f"linked-{incident_id}",
-                f"mdr-connector created MDR incident {code_span(incident_id)} for this ticket, but the incident "
-                f"is synced with ticket {code_span(existing.ticket_key or '')}; follow it there.",
+                _(
+                    "mdr-connector created MDR incident {incident_id} for this ticket, but the incident is synced "
+                    "with ticket {ticket_key}; follow it there."
+                ).format(incident_id=code_span(incident_id), ticket_key=code_span(existing.ticket_key or "")),
             )
             if posted:
                 log.warning(
@@ -442,7 +452,8 @@ class TicketIncidentRequests:
 
     def _client_description(self, ref: TicketRef, description: str) -> str:
         system = self.context.tickets.system.title()
-        origin = f"Requested in {system} ticket {ref.key}.\n{self._marker(ref)}"
+        requested = _("Requested in {system} ticket {ticket_key}.").format(system=system, ticket_key=ref.key)
+        origin = f"{requested}\n{self._marker(ref)}"
         return f"{description}\n\n{origin}" if description else origin
 
     def _marker(self, ref: TicketRef) -> str:
@@ -478,8 +489,8 @@ class TicketIncidentRequests:
 
     def _withdraw_hint(self) -> str:
         if self.rules.label:
-            return f"remove the label {code_span(self.rules.label)} to withdraw the request."
-        return "move the ticket to another issue type to withdraw the request."
+            return _("remove the label {label} to withdraw the request.").format(label=code_span(self.rules.label))
+        return _("move the ticket to another issue type to withdraw the request.")
 
 
 def requested_ticket_id(incident: Incident, connection: str) -> str | None:

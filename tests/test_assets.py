@@ -22,6 +22,7 @@ from mdr_connector.connector.assets import (
     render_table,
 )
 from mdr_connector.connector.errors import InvalidPayloadError, RejectedError, RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.i18n import language
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.retry import RetryPolicy, retry_read
 from mdr_connector.connector.store import Store
@@ -136,6 +137,19 @@ def test_table_shows_every_column() -> None:
         "| WS-FIN-017 | 10.0.0.1, 10.0.0.2, fe80::1 | Windows 10 Enterprise 22H2 "
         "| Kaspersky Endpoint Security for Windows 12.6 | CRITICAL | yes | 2026-01-12 12:13 UTC |"
     )
+
+
+def test_table_in_russian() -> None:
+    """Under Russian the header and the isolation value are Russian; MDR's own values stay as they are."""
+    asset = make_asset("0xa", isolation=False, status="OK")
+
+    with language("ru"):
+        table = render_table([AssetRow(AffectedHost("WS-01", "0xa"), asset)], [], 20)
+    header, separator, row = table.splitlines()
+
+    assert header == "| Хост | IP-адреса | ОС | Продукт | Статус | Изолирован | Последняя активность |"
+    assert separator == "|---|---|---|---|---|---|---|"
+    assert "| OK | нет |" in row
 
 
 def test_table_escapes_mdr_values() -> None:

@@ -272,4 +272,4 @@ async def test_russian_decision_messages(activated_config: Path, mdr_sim: MdrSim
 
     assert code == 0, err
     assert f"{response_id}: отклонено в MDR" in out
-    assert response_state(mdr_sim, incident["incident_id"], response_id)["comment"].startswith("нет (by cli:")
+    assert response_state(mdr_sim, incident["incident_id"], response_id)["comment"].startswith("нет (автор решения: cli:")

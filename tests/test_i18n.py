@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mdr_connector.connector import i18n
+from mdr_connector.connector.attachments import format_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("connector", "adapters")
@@ -40,6 +41,24 @@ def placeholders(text: str) -> set[str]:
 def test_messages_are_found() -> None:
     """The scan finds the CLI's messages, so an empty result cannot pass the checks below."""
     assert len(translatable_messages()) > 40
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "connector/attachments.py",
+        "connector/responses.py",
+        "connector/status.py",
+        "connector/ticket_requests.py",
+        "connector/mapping.py",
+        "adapters/jira/adapter.py",
+    ],
+)
+def test_ticket_texts_are_found(module: str) -> None:
+    """The scan finds the texts each module writes on tickets or in MDR, so the catalog checks cover them."""
+    found = [where for where in translatable_messages().values() if where.startswith(f"{module}:")]
+
+    assert found != []
 
 
 def test_every_message_has_russian() -> None:
@@ -100,3 +119,37 @@ def test_catalog_file_per_language() -> None:
     assert (ROOT / "connector" / "locale" / "ru.po").is_file()
     assert i18n.load_catalog("ru")
     assert i18n.load_catalog("xx") == {}
+
+
+def test_message_follows_language() -> None:
+    """A Message renders in the language it is shown in, its values too, and in English for logs."""
+    size = format_size(2000)
+    assert str(size) == "2.0 KiB (2000 bytes)"
+
+    i18n.set_language("ru")
+    assert str(size) == "2.0 КиБ (2000 Б)"
+    assert f"{size}" == "2.0 КиБ (2000 Б)"
+    assert size.english() == "2.0 KiB (2000 bytes)"
+    assert i18n.current_language() == "ru"
+
+
+def test_language_block_restores() -> None:
+    """`language` sets the language for one block only, and an unsupported one means English."""
+    i18n.set_language("ru")
+    with i18n.language("en"):
+        assert i18n.current_language() == "en"
+        assert i18n._("none") == "none"
+    with i18n.language("xx"):
+        assert i18n.current_language() == "en"
+
+    assert i18n.current_language() == "ru"
+    assert i18n._("none") == "нет"
+
+
+def test_text_in_each_language() -> None:
+    """`in_each_language` renders a text once per language, without repeats, whatever the process language."""
+    i18n.set_language("ru")
+
+    assert i18n.in_each_language(lambda: i18n._("none")) == ["none", "нет"]
+    assert i18n.in_each_language(lambda: "MDR_1") == ["MDR_1"]
+    assert i18n.current_language() == "ru"

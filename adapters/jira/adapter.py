@@ -47,6 +47,7 @@ from mdr_connector.adapters.jira.files import MultipartFileBody, jira_stream, op
 from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
 from mdr_connector.connector import markup
 from mdr_connector.connector.http import requests_proxies, requests_verify, warn_if_unverified
+from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.config import (
     JiraApiTokenAuth,
     JiraPersonalTokenAuth,
@@ -90,7 +91,9 @@ MAX_LABEL_LENGTH = 255
 # Jira counts this length in UTF-16 code units, like every other length.
 # NOTE: the same limit is assumed for Data Center, where it was not checked.
 MAX_TEXT_LENGTH = 32767
-TRUNCATION_NOTE = "\n\n… (truncated by mdr-connector: the full text is in Kaspersky MDR)"
+TRUNCATION_TEXT = N_("… (truncated by mdr-connector: the full text is in Kaspersky MDR)")
+# The note in English as it ends a cut text. `_truncation_note()` returns it in the current language.
+TRUNCATION_NOTE = "\n\n" + TRUNCATION_TEXT
 # Room for the line that closes a `{code}` or `{noformat}` block cut short.
 _BLOCK_CLOSER_ROOM = len("\n{noformat}")
 _WIKI_BLOCK_TAG = re.compile(r"\{(code|noformat)(?::[^{}\n]*)?\}")
@@ -1100,12 +1103,17 @@ async def _jira_text(markdown: str, field: str, **ids: str) -> str:
 
 
 def _truncated(wiki: str) -> str:
-    """Cut wiki text to MAX_TEXT_LENGTH with TRUNCATION_NOTE at its end, closing a block the cut left open."""
-    room = MAX_TEXT_LENGTH - _utf16_length(TRUNCATION_NOTE) - _BLOCK_CLOSER_ROOM
+    """Cut wiki text to MAX_TEXT_LENGTH with the truncation note at its end, closing a block the cut left open."""
+    note = _truncation_note()
+    room = MAX_TEXT_LENGTH - _utf16_length(note) - _BLOCK_CLOSER_ROOM
     head = _cut_utf16(wiki, room)
     block = _open_block(head)
     closer = f"\n{{{block}}}" if block else ""
-    return head + closer + TRUNCATION_NOTE
+    return head + closer + note
+
+
+def _truncation_note() -> str:
+    return "\n\n" + _(TRUNCATION_TEXT)
 
 
 def _open_block(wiki: str) -> str | None:
