@@ -249,7 +249,7 @@ class ConnectionSync:
                     sort="update_time:asc",
                 )
             )
-            newest_plausible, newest = await self._reconcile_page(page)
+            newest_plausible, newest = await self._reconcile_page(page, seen_until=start_cursor)
             if newest_plausible is not None and newest_plausible > cursor:
                 cursor = newest_plausible
                 await self.store.set_cursor(self.name, MDR_CURSOR, str(cursor))
@@ -308,6 +308,9 @@ class ConnectionSync:
             if list_cursor < cursor:
                 await self.store.set_cursor(self.name, MDR_CURSOR, str(cursor))
             return False
+        backoff = await self._in_backoff(
+            {changed.incident_id: changed.newest_change for changed in window.changed.values()}, cursor
+        )
         for incident_id, (_, error) in window.malformed.items():
             self.stats.failures += 1
             log.error("sync.incident.malformed", extra={"connection": self.name, "incident_id": incident_id, "error": error})
@@ -317,7 +320,7 @@ class ConnectionSync:
         creation_floor = await self._creation_floor()
         due = []
         for changed in window.changed.values():
-            if changed.incident_id in window.malformed:
+            if changed.incident_id in window.malformed or changed.incident_id in backoff:
                 continue
             self.stats.incidents_seen.add(changed.incident_id)
             link = links.get(changed.incident_id)
@@ -414,32 +417,56 @@ class ConnectionSync:
             return start.since
         return self.clock() - timedelta(days=start.lookback_days)
 
-    async def _reconcile_page(self, page: IncidentPageLike) -> tuple[int | None, int | None]:
+    async def _reconcile_page(self, page: IncidentPageLike, *, seen_until: int) -> tuple[int | None, int | None]:
         """Reconcile the changed incidents of one page.
 
         Return the newest `update_time` that may move the cursor, and the
         newest of all, which moves the paging window. A time beyond the future
         horizon never moves the cursor; its incident is parked by `reconcile`.
+        `seen_until` is the cursor the cycle started from: see `_in_backoff`.
         """
         horizon = self._future_horizon_ms()
         times = [incident.update_time for incident in page.items]
         times += [record.update_time for record in page.malformed if record.update_time is not None]
         plausible = [moment for moment in times if moment <= horizon]
 
+        seen_malformed = {
+            record.record_id: record.update_time
+            for record in page.malformed
+            if record.record_id is not None and record.update_time is not None
+        }
+        backoff = await self._in_backoff(seen_malformed, seen_until)
         for record in page.malformed:
-            await self._park_malformed(record)
+            if record.record_id not in backoff:
+                await self._park_malformed(record)
 
         links = await self.store.get_links(self.name, (incident.incident_id for incident in page.items))
+        backoff = await self._in_backoff({incident.incident_id: incident.update_time for incident in page.items}, seen_until)
         changed = []
         for incident in page.items:
             self.stats.incidents_seen.add(incident.incident_id)
             link = links.get(incident.incident_id)
             if link is not None and link.state == LINKED and (link.mdr_update_time or -1) >= incident.update_time:
                 continue
+            if incident.incident_id in backoff:
+                continue
             changed.append(incident)
 
         await gather_or_cancel(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
         return (max(plausible) if plausible else None), (max(times) if times else None)
+
+    async def _in_backoff(self, changes: dict[str, int], seen_until: int) -> set[str]:
+        """Return the incidents parked with a later next try whose change a cycle before this one already saw.
+
+        The overlap re-reads such a change every cycle; reconciling it each
+        time would fail it again and again, ignoring the parked backoff. A
+        change newer than the cursor is new information and is reconciled;
+        the rest wait for their retry in `retry_parked`.
+        """
+        old_changes = [incident_id for incident_id, moment in changes.items() if moment <= seen_until]
+        if not old_changes:
+            return set()
+        return await self.store.parked_item_ids(self.name, INCIDENT, old_changes, not_before=self.clock())
 
     def _future_horizon_ms(self) -> int:
         return int((self.clock() + FUTURE_TOLERANCE).timestamp() * 1000)
@@ -719,11 +746,15 @@ class ConnectionSync:
         """Write the fields MDR owns when the incident changed them since the last write.
 
         Fields that `field_owner` gives to the ticket are neither written nor
-        part of the digest, so an analyst's edit of them stays.
+        part of the digest, so an analyst's edit of them stays. A ticket that
+        asked for its incident keeps its own summary and description too: the
+        requester wrote them, and MDR holds only a copy.
         """
         route = match_route(self.mapping, incident)
         owned_by_ticket = self.mapping.owned_by_ticket()
-        digest = self._fields_digest(incident, route)
+        if link.ticket_id is not None and requested_ticket_id(incident, self.name) == link.ticket_id:
+            owned_by_ticket |= {"summary", "description"}
+        digest = self._fields_digest(incident, route, owned_by_ticket)
         if digest == link.fields_hash:
             return
 
@@ -742,7 +773,9 @@ class ConnectionSync:
             extra={"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key},
         )
 
-    def _fields_digest(self, incident: Incident, route: Route | None) -> str:
+    def _fields_digest(
+        self, incident: Incident, route: Route | None, owned_by_ticket: frozenset[str] | None = None
+    ) -> str:
         """Return the digest of the fields MDR owns, rendered without asset details.
 
         Asset details are left out because they change on their own, and the
@@ -750,7 +783,8 @@ class ConnectionSync:
         the fields are written for a change of the incident, never by itself.
         """
         fields = render_fields(self.mapping, incident, self.settings.mdr.console_url, route=route)
-        return fields_hash(fields, skip=self.mapping.owned_by_ticket())
+        skip = self.mapping.owned_by_ticket() if owned_by_ticket is None else owned_by_ticket
+        return fields_hash(fields, skip=skip)
 
     async def _asset_table(self, incident: Incident, skip: frozenset[str] = frozenset()) -> str | None:
         """Return the `{assets}` table, or None when asset details are off or no field outside `skip` uses them."""

@@ -252,6 +252,9 @@ def comment_visibility(mapping: Mapping) -> CommentVisibility | None:
     return CommentVisibility(type=rule.type, value=rule.value)
 
 
+FENCED_BLOCK = re.compile(r"\A\s*(`{3,})\n(.*)\n\1\s*\Z", re.DOTALL)
+
+
 def strip_comment_marker(body: str, marker: str) -> str | None:
     """Return a comment body without its leading marker, or None when the body does not start with it.
 
@@ -261,6 +264,16 @@ def strip_comment_marker(body: str, marker: str) -> str | None:
     boundary, so `#mdr` does not match `#mdrx`.
     """
     escaped = "".join(r"\\?" + re.escape(character) for character in marker)
+    # A comment whose markup could not be converted arrives as a fenced code
+    # block of its Jira text; the marker then starts the block's content.
+    fenced = FENCED_BLOCK.match(body)
+    if fenced is not None:
+        inner = re.match(rf"\s*{escaped}(?!\w)", fenced.group(2), re.IGNORECASE)
+        if inner is None:
+            return None
+        fence = fenced.group(1)
+        return f"{fence}\n{fenced.group(2)[inner.end():].strip()}\n{fence}"
+
     match = re.match(rf"\s*{escaped}(?!\w)", body, re.IGNORECASE)
     if match is None:
         return None

@@ -708,6 +708,24 @@ async def test_e2e_marked_strips_marker(harness: SyncHarness) -> None:
     assert not any("#mdr" in text for text in texts)
 
 
+def test_marker_inside_fallback_block() -> None:
+    """A comment whose markup could not be converted arrives fenced; the marker at the block's start still counts."""
+    assert strip_comment_marker("```\n#mdr {code}x{code}\n```", "#mdr") == "```\n{code}x{code}\n```"
+    assert strip_comment_marker("```\nplease #mdr\n```", "#mdr") is None
+
+
+async def test_e2e_marked_unconvertible_comment(harness: SyncHarness) -> None:
+    """A marked comment whose Jira markup falls back to a code block still reaches MDR, once."""
+    incident_id, issue, sync = await linked_issue(harness, to_mdr="marked", marker="#mdr")
+    harness.jira.sim.add_comment(issue.key, "#mdr {code}x{code} then {color:red}text")
+
+    await settle(harness, sync)
+
+    texts = connector_comments_in_mdr(harness, incident_id)
+    assert len(texts) == 1
+    assert "#mdr" not in texts[0]
+
+
 async def test_e2e_visibility_on_jira_comments(harness: SyncHarness) -> None:
     """Copies and deletion notes posted into Jira carry the mapping's visibility."""
     visibility = {"type": "role", "value": "Developers"}

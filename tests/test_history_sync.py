@@ -122,3 +122,27 @@ async def test_malformed_history_page_falls_back_to_list(harness: SyncHarness, c
 
     assert len(harness.issues_for(incident["incident_id"])) == 1
     assert "sync.history.unreadable" in [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.parametrize("source", ["history", "list"])
+async def test_parked_incident_waits_for_its_backoff(harness: SyncHarness, source: str) -> None:
+    """A parked incident whose change sits in the overlap is not retried every cycle, only when its next try is due."""
+    harness.use_sync(change_source=source, retry_base_seconds=600, retry_max_seconds=3600)
+    harness.use_mapping(routes=[{"tenant": "Other tenant", "project": "SEC"}], unrouted="report")
+    incident = harness.seed()
+    sync = await harness.cycles(1)
+    parked = await harness.store.get_parked("main", "incident", incident["incident_id"])
+    assert parked is not None and parked.attempts == 1
+
+    for _ in range(4):
+        harness.advance(10)
+        await sync.run_cycle()
+
+    parked = await harness.store.get_parked("main", "incident", incident["incident_id"])
+    assert parked is not None and parked.attempts == 1
+
+    harness.advance(600)
+    await sync.run_cycle()
+
+    parked = await harness.store.get_parked("main", "incident", incident["incident_id"])
+    assert parked is not None and parked.attempts == 2

@@ -102,6 +102,9 @@ async def test_labelled_ticket_creates_one_incident(harness: SyncHarness) -> Non
     assert sum("Проверяем" in c.body for c in issue.comments) == 1
     assert len(created_incidents(harness)) == 1
     assert harness.jira.sim.calls.get(CREATE_ISSUE, 0) == 0
+    # The requester's own text stays on the ticket.
+    assert issue.fields["summary"] == "Странный процесс на WS-01"
+    assert issue.fields["description"] == "Пользователь заметил всплывающие окна."
 
 
 async def test_ticket_without_hosts_gets_one_reply(harness: SyncHarness) -> None:
