@@ -263,7 +263,7 @@ async def run_cycle_until_stopped(
 async def report_state(sync: ConnectionSync, observer: Observer) -> None:
     """Read the gauges a cycle leaves behind: parked items, the cursor, the token expiry times."""
     try:
-        counts = await sync.store.counts(sync.name)
+        parked = await sync.store.count_parked(sync.name)
         cursor = await sync.mdr_cursor_value()
     except Exception:  # noqa: BLE001 - metrics must never fail the connection
         log.warning("observability.state_unreadable", extra={"connection": sync.name}, exc_info=True)
@@ -272,7 +272,7 @@ async def report_state(sync: ConnectionSync, observer: Observer) -> None:
     status = tokens.status() if tokens is not None else None
     observer.record_state(
         sync.name,
-        parked=counts.parked_items,
+        parked=parked,
         cursor_ms=cursor,
         access_expires_at=status.access_expires_at if status else None,
         refresh_expires_at=status.refresh_expires_at if status else None,

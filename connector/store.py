@@ -725,6 +725,12 @@ class Store:
 
     # Reports
 
+    async def count_parked(self, connection: str) -> int:
+        """Count the parked items of a connection; cheap whatever the size of the other tables."""
+        async with self.sessions() as session:
+            query = select(func.count()).select_from(ParkedItem).where(ParkedItem.connection == connection)
+            return int(await session.scalar(query) or 0)
+
     async def ping(self) -> None:
         """Run a trivial query; raises when the database cannot be reached."""
         async with self.engine.connect() as connection:

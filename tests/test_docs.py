@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")
 USER_DOCS = (
     *READMES,
-    *(f"docs/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
-    *(f"docs/ru/{name}" for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *(f"docs/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *(f"docs/ru/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
 )
 # An `mdr-connector` call in a shell line: at the start, after a pipe, or as a path ending in /bin/.
 CLI_CALL = re.compile(r"(?:^|\|\s*|/bin/)mdr-connector\s+(\S.*)$")
@@ -189,7 +189,7 @@ def test_doc_links_resolve(name: str) -> None:
 # Each English user doc with its Russian twin.
 DOC_TWINS = [
     ("README.md", "README.ru.md"),
-    *((f"docs/{name}", f"docs/ru/{name}") for name in ("configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *((f"docs/{name}", f"docs/ru/{name}") for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
 ]
 
 
