@@ -1,8 +1,9 @@
 """The configuration file, validated with pydantic.
 
-It is YAML read with `yaml.safe_load`, then validated with unknown keys
-rejected, so a misspelled key fails at start-up with the file, the key path
-and the expected value named. Secrets never sit in this file: a secret
+It is YAML read with the safe loader, which rejects a repeated key. The
+models reject unknown keys and values of the wrong type, so a misspelled
+key or a quoted boolean fails at start-up with the file, the key path and
+the expected value named. Secrets never sit in this file: a secret
 field names an environment variable (`env:`) or a file (`file:`) to read.
 The field-mapping files are read in mappingfile.py.
 """
@@ -29,7 +30,13 @@ from pydantic import (
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.logs import register_secret
 from mdr_connector.connector.mappingfile import BUILTIN_MAPPING_PREFIX
-from mdr_connector.connector.yamlfiles import StrictModel, format_validation_error, read_yaml
+from mdr_connector.connector.yamlfiles import (
+    StrictModel,
+    YamlDatetime,
+    YamlPath,
+    format_validation_error,
+    read_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +51,7 @@ class SecretRef(StrictModel):
     """A reference to a secret in an environment variable or a file, never in the YAML itself."""
 
     env: str | None = None
-    file: Path | None = None
+    file: YamlPath | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> SecretRef:
@@ -112,7 +119,7 @@ class TransportSettings(StrictModel):
     """TLS, proxy and timeout settings shared by every HTTP client."""
 
     tls_verify: bool = True
-    ca_bundle: Path | None = None
+    ca_bundle: YamlPath | None = None
     proxy: str | SecretRef | None = None
     timeout_seconds: float = Field(default=30.0, gt=0, le=600)
 
@@ -153,7 +160,7 @@ class MdrSettings(TransportSettings):
     base_url: str = "https://mdr.kaspersky.com/api/v1"
     client_id: str = Field(min_length=1, max_length=MAX_MDR_CLIENT_ID_LENGTH, pattern=MDR_CLIENT_ID_PATTERN)
     connection_name: str = Field(min_length=1)
-    token_dir: Path
+    token_dir: YamlPath
     refresh_margin_seconds: int = Field(default=600, ge=0)
     max_concurrency: int = Field(default=4, ge=1, le=64)
     console_url: str = "https://mdr.kaspersky.com"
@@ -209,7 +216,7 @@ class StartSettings(StrictModel):
     """The starting point of a connection's first sync."""
 
     lookback_days: float = Field(default=7, gt=0)
-    since: datetime | None = None
+    since: YamlDatetime | None = None
 
     @field_validator("since")
     @classmethod
@@ -280,7 +287,7 @@ class ObservabilitySettings(StrictModel):
 class Settings(StrictModel):
     """The whole configuration file."""
 
-    data_dir: Path = Path("data")
+    data_dir: YamlPath = Path("data")
     database_url: str | SecretRef | None = None
     language: Literal["en", "ru"] | None = None
     log: LogSettings = Field(default_factory=LogSettings)

@@ -11,17 +11,16 @@ import re
 import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.yamlfiles import (
     MAX_DOCUMENT_NODES,
     StrictModel,
-    check_document_size,
     format_validation_error,
+    parse_yaml,
     read_yaml,
     within_budget,
 )
@@ -136,6 +135,23 @@ class AttachmentRules(StrictModel):
     to_mdr: FileFilter = Field(default_factory=FileFilter)
 
 
+def check_account_id(approver: str) -> str:
+    """Reject an approver that cannot be an account id, such as a display name.
+
+    A display name matches no command author, so every command would be
+    refused without a hint. Neither a Jira Cloud accountId nor a Jira Data
+    Center user name contains whitespace. A Data Center user name may be an
+    e-mail address, so `@` is allowed.
+    """
+    fix = "name each approver by accountId on Jira Cloud or by user name on Jira Data Center, never by display name"
+    if not approver:
+        raise ValueError(f"an approver is empty; {fix}")
+    if any(character.isspace() for character in approver):
+        quoted = json.dumps(approver, ensure_ascii=False)
+        raise ValueError(f"{quoted} contains whitespace, so it is not an account id; {fix}")
+    return approver
+
+
 class ResponseRules(StrictModel):
     """Who may confirm or decline MDR responses from the ticket, by stable account id or group name.
 
@@ -145,7 +161,7 @@ class ResponseRules(StrictModel):
 
     enabled: bool = True
     command: str = Field(default="/mdr", pattern=r"^/[a-z][a-z0-9-]{0,31}$")
-    approvers: list[str] = Field(default_factory=list)
+    approvers: list[Annotated[str, AfterValidator(check_account_id)]] = Field(default_factory=list)
     approver_groups: list[str] = Field(default_factory=list)
 
 
@@ -386,8 +402,7 @@ def load_mapping(reference: str) -> Mapping:
         resource = resources.files("mdr_connector.mappings").joinpath(f"{name}.yaml")
         if not resource.is_file():
             raise ConfigError(f"no built-in mapping named {name!r}")
-        source, raw = reference, yaml.safe_load(resource.read_text(encoding="utf-8"))
-        check_document_size(source, raw)
+        source, raw = reference, parse_yaml(reference, resource.read_text(encoding="utf-8"))
     else:
         source, raw = reference, read_yaml(Path(reference))
 

@@ -1,21 +1,26 @@
 """Reading of the YAML files that users write, with size limits on the file and on its alias-expanded document.
 
-The module also contains the strict pydantic base of their models, and it
-renders YAML and validation errors as one-line messages.
+A key written twice in one mapping is rejected, because PyYAML would
+silently keep the last value. The module also contains the strict
+pydantic base of the models of these files, and it renders YAML and
+validation errors as one-line messages.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import stat
 import types
 import typing
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Strict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.i18n import N_
@@ -31,12 +36,35 @@ CANNOT_READ = N_("cannot read {path}: {reason}")
 NOT_REGULAR_FILE = N_("cannot read {path}: not a regular file")
 FILE_TOO_LARGE = N_("cannot read {path}: larger than {limit} bytes; is it the right file?")
 NOT_UTF8 = N_("cannot read {path}: not UTF-8 text")
+# Maximum length, in characters, of a string value that a validation error quotes.
+MAX_SHOWN_VALUE_LENGTH = 60
+# The tag of the YAML merge key `<<`.
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class StrictModel(BaseModel):
-    """Base of the config and mapping models: unknown keys are rejected and instances are frozen."""
+    """Base of the config and mapping models: unknown keys are rejected, types are strict and instances are frozen.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    With strict types a boolean must be a YAML boolean and a number a YAML
+    number, so "no", 0 or "3" are rejected instead of converted. A float
+    field also accepts an integer. Fields that YAML gives as strings of
+    another type (paths, dates) use `YamlPath` and `YamlDatetime`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _text_or_timestamp(value: Any) -> Any:
+    """Pass on only a YAML timestamp, a date or a string, so that no number is read as epoch seconds."""
+    if isinstance(value, str | datetime | date):
+        return value
+    raise PydanticCustomError("datetime_type", "Input should be a valid datetime")
+
+
+# A path written as a YAML string.
+YamlPath = Annotated[Path, Strict(False)]
+# A date and time written as a YAML timestamp or as an ISO 8601 string.
+YamlDatetime = Annotated[datetime, Strict(False), BeforeValidator(_text_or_timestamp)]
 
 
 def within_budget(value: Any, max_nodes: int, max_characters: int) -> bool:
@@ -83,11 +111,94 @@ def format_validation_error(
             message = "required key is missing"
         elif "SecretRef" in message:
             message = "expected a secret reference such as {env: VARIABLE_NAME} or {file: /path/to/file}"
+        elif error["type"] in EXPECTED_TYPES:
+            message = wrong_type_message(error["type"], error["input"])
+        elif error["type"] == "literal_error":
+            message = f"{show_value(error['input'])} is not allowed; expected {message.removeprefix('Input should be ')}"
         elif error["type"] == "value_error":
             # pydantic puts "Value error, " before the text of a ValueError raised by a validator.
             message = message.removeprefix("Value error, ")
         lines.append(f"{source}: {location or '<top level>'}: {message}")
     return "\n".join(lines)
+
+
+# The expected type and the fix, by pydantic error type. Lax-mode parsing
+# errors are listed too, for a field that opts out of strict mode.
+EXPECTED_TYPES = {
+    "bool_type": ("a boolean", "write true or false, without quotes"),
+    "bool_parsing": ("a boolean", "write true or false, without quotes"),
+    "int_type": ("an integer", "write a whole number, without quotes"),
+    "int_parsing": ("an integer", "write a whole number, without quotes"),
+    "int_from_float": ("an integer", "write a whole number, without quotes"),
+    "float_type": ("a number", "write a number, without quotes"),
+    "float_parsing": ("a number", "write a number, without quotes"),
+    "string_type": ("a string", "put the value in quotes"),
+    "path_type": ("a path", "put the path in quotes"),
+    "datetime_type": ("a date and time", "write it like 2026-11-01T00:00:00Z"),
+    "datetime_parsing": ("a date and time", "write it like 2026-11-01T00:00:00Z"),
+    "datetime_from_date_parsing": ("a date and time", "write it like 2026-11-01T00:00:00Z"),
+    "list_type": ("a list", "write the items as [a, b] or one '- item' per line"),
+    "dict_type": ("a mapping", "write the keys under it, one 'key: value' per line"),
+    "model_type": ("a mapping", "write the keys under it, one 'key: value' per line"),
+}
+
+
+def wrong_type_message(error_type: str, value: Any) -> str:
+    """Describe a value of the wrong type: the value, its YAML type, the expected type and the fix.
+
+    For example: `"no" is a string, but a boolean is expected; write true or false, without quotes`.
+    """
+    expected, fix = EXPECTED_TYPES[error_type]
+    if value is None:
+        return f"the value is empty (null), but {expected} is expected; {fix}"
+
+    kind = yaml_type_name(value)
+    if kind == expected or error_type.endswith("_parsing"):
+        return f"{show_value(value)} is not valid as {expected}; {fix}"
+    return f"{show_value(value)} is {kind}, but {expected} is expected; {fix}"
+
+
+def yaml_type_name(value: Any) -> str:
+    """Name the YAML type that `value` was read as."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a floating-point number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, datetime):
+        return "a date and time"
+    if isinstance(value, date):
+        return "a date"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple | set | frozenset):
+        return "a list"
+    return type(value).__name__
+
+
+def show_value(value: Any) -> str:
+    """Render a scalar as it reads in YAML, with strings in double quotes and long ones shortened.
+
+    A mapping or a list is not rendered, so no nested value, such as a
+    secret written in the wrong place, reaches the message.
+    """
+    if isinstance(value, bool):
+        rendered = "true" if value else "false"
+    elif value is None:
+        rendered = "null"
+    elif isinstance(value, str):
+        text = value if len(value) <= MAX_SHOWN_VALUE_LENGTH else value[: MAX_SHOWN_VALUE_LENGTH - 3] + "..."
+        rendered = json.dumps(text, ensure_ascii=False)
+    elif isinstance(value, datetime | date):
+        rendered = value.isoformat()
+    elif isinstance(value, int | float):
+        rendered = repr(value)
+    else:
+        return "the value"
+    return one_line(rendered)
 
 
 def unknown_key_message(model: type[BaseModel] | None, location: tuple[int | str, ...]) -> str:
@@ -227,25 +338,83 @@ def _read_regular(fd: int, path: Path, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class DuplicateKeyError(Exception):
+    """A key written twice in one YAML mapping, with the 1-based lines of both."""
+
+    def __init__(self, key: str, first_line: int, second_line: int) -> None:
+        super().__init__(key, first_line, second_line)
+        self.key = key
+        self.first_line = first_line
+        self.second_line = second_line
+
+    def describe(self, source: str) -> str:
+        lines = f"lines {self.first_line} and {self.second_line}"
+        if self.first_line == self.second_line:
+            lines = f"line {self.first_line}, twice"
+        return (
+            f"{source}: duplicate key {self.key!r} at {lines}; "
+            "keep one of them, because a YAML mapping may contain each key only once"
+        )
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe YAML loader, rejecting a mapping that contains the same key twice.
+
+    Keys are compared as the values they load as, so `on` and `true`, or
+    `1` and `0x1`, count as the same key, as they would in the loaded dict.
+    The merge key `<<` is not checked, because the keys that it brings in
+    may be overridden by design.
+    """
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first_nodes: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                continue
+            # Scalar construction has no side effects, and the loader reuses this value later.
+            key = self.construct_object(key_node, deep=True)
+            first = first_nodes.setdefault(key, key_node)
+            if first is not key_node:
+                raise DuplicateKeyError(first.value, first.start_mark.line + 1, key_node.start_mark.line + 1)
+        return node
+
+
 def read_yaml(path: Path) -> Any:
     """Read a config or mapping file, reporting any YAML problem on one line with its position."""
     text = read_text_file(path, MAX_DOCUMENT_BYTES)
+    return parse_yaml(str(path), text)
+
+
+def parse_yaml(source: str, text: str) -> Any:
+    """Parse the YAML text of `source` with the safe loader, rejecting duplicate keys and oversized documents."""
     try:
-        document = yaml.safe_load(text)
+        document = load_unique_keys(text)
+    except DuplicateKeyError as err:
+        raise ConfigError(err.describe(source)) from err
     except yaml.YAMLError as err:
-        raise ConfigError(yaml_error_line(path, err, text)) from err
+        raise ConfigError(yaml_error_line(source, err, text)) from err
     except RecursionError as err:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply; flatten the document") from err
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply; flatten the document") from err
     except ValueError as err:
         # PyYAML lets conversion errors through: a number of over 4300 digits,
         # or a date such as 2026-02-30. Python's advice after ";" is dropped.
         reason = str(err).split(";", 1)[0]
-        raise ConfigError(f"{path}: not valid YAML: {one_line(reason)}; quote the value to keep it as text") from err
-    check_document_size(str(path), document)
+        raise ConfigError(f"{source}: not valid YAML: {one_line(reason)}; quote the value to keep it as text") from err
+    check_document_size(source, document)
     return document
 
 
-def yaml_error_line(path: Path, err: yaml.YAMLError, text: str) -> str:
+def load_unique_keys(text: str) -> Any:
+    """Load one YAML document with `UniqueKeyLoader`."""
+    loader = UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def yaml_error_line(source: str, err: yaml.YAMLError, text: str) -> str:
     """Render a YAML error as `PATH: not valid YAML at line L, column C: PROBLEM`."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     if mark is not None:
@@ -256,8 +425,8 @@ def yaml_error_line(path: Path, err: yaml.YAMLError, text: str) -> str:
         code = err.character if isinstance(err.character, int) else ord(err.character)
         problem = f"character U+{code:04X} is not allowed in YAML"
     else:
-        return f"{path}: not valid YAML: {one_line(str(err))}"
-    return f"{path}: not valid YAML at line {line}, column {column}: {one_line(problem)}"
+        return f"{source}: not valid YAML: {one_line(str(err))}"
+    return f"{source}: not valid YAML at line {line}, column {column}: {one_line(problem)}"
 
 
 def line_and_column(text: str, position: int) -> tuple[int, int]:

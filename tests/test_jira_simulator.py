@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -782,3 +787,48 @@ async def test_issue_fields_status(jira_cloud: RunningJira) -> None:
     assert issue["fields"]["status"]["statusCategory"]["key"] == "new"
     assert issue["fields"]["resolution"] is None
     assert [item["name"] for item in issue["fields"]["components"]] == ["Endpoint"]
+
+
+async def read_simulator_url(process: asyncio.subprocess.Process) -> str:
+    """Read the simulator's start-up text until the line with its URL, and return the URL."""
+    assert process.stdout is not None
+    while line := await asyncio.wait_for(process.stdout.readline(), 60):
+        found = re.search(r"running at (http://\S+)", line.decode())
+        if found:
+            return found.group(1)
+    raise AssertionError("the simulator exited before it printed its URL")
+
+
+async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
+    """`simulate jira` stops on SIGTERM with exit code 0, logs its stop and removes its attachment folder."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    environment = {**os.environ, "TMPDIR": str(temporary), "LANG": "C.UTF-8"}
+    environment.pop("MDR_CONNECTOR_LANG", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mdr_connector.connector.cli", "simulate", "jira", "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=environment,
+    )
+    try:
+        url = await read_simulator_url(process)
+        async with aiohttp.ClientSession(auth=aiohttp.BasicAuth(SERVICE_EMAIL, SERVICE_TOKEN)) as session:
+            created = await session.post(f"{url}/rest/api/2/issue", json=issue_body())
+            key = (await created.json())["key"]
+            attached = await session.post(
+                f"{url}/_sim/issues/{key}/attachments", json={"filename": "notes.txt", "text": "host isolated"}
+            )
+            assert attached.status == 201, await attached.text()
+        folders = list(temporary.glob("jira-sim-attachments-*"))
+        assert len(folders) == 1
+        assert [path.name for path in folders[0].iterdir()] != []
+
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert process.returncode == 0, stderr.decode()
+    assert b"jira_sim.stopped" in stderr
+    assert list(temporary.glob("jira-sim-attachments-*")) == []

@@ -16,6 +16,7 @@ from fixtures_sync import SyncHarness
 from pydantic import ValidationError
 
 from mdr_connector.adapters.mdr.models import Incident
+from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.mappingfile import Mapping, load_mapping
 from mdr_connector.connector.mapping import (
     fields_hash,
@@ -212,3 +213,51 @@ async def test_mdr_owned_priority_is_written(harness: SyncHarness) -> None:
     await harness.cycles(2, sync)
 
     assert issue.fields["priority"] == "Low"
+
+
+APPROVER_FIX = "name each approver by accountId on Jira Cloud or by user name on Jira Data Center, never by display name"
+
+
+def mapping_with_approvers(tmp_path: Path, approvers: list[str]) -> Path:
+    """Write the built-in Jira mapping with `responses.approvers` set, and return its path."""
+    raw = yaml.safe_load((ROOT / "mappings" / "jira.yaml").read_text(encoding="utf-8"))
+    raw["responses"] = {"approvers": approvers}
+    path = tmp_path / "mapping.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("approver", "shown"),
+    [("Анна Смирнова", '"Анна Смирнова"'), ("SOC Lead <lead@example.com>", '"SOC Lead <lead@example.com>"'),
+     ("jsmith\t", '"jsmith\\t"'), (" 557058:0f4a3b2c", '" 557058:0f4a3b2c"')],
+    ids=["display-name", "name-and-address", "trailing-tab", "leading-space"],
+)
+def test_approver_with_whitespace_rejected(tmp_path: Path, approver: str, shown: str) -> None:
+    """An approver with whitespace cannot be an account id, so the mapping is rejected with the fix."""
+    path = mapping_with_approvers(tmp_path, ["557058:0f4a3b2c-5d6e-4f70-8a9b-0c1d2e3f4a5b", approver])
+
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(str(path))
+
+    expected = f"{path}: responses.approvers[1]: {shown} contains whitespace, so it is not an account id; {APPROVER_FIX}"
+    assert str(caught.value) == expected
+
+
+def test_empty_approver_rejected(tmp_path: Path) -> None:
+    """An empty approver matches no account, so it is rejected too."""
+    path = mapping_with_approvers(tmp_path, [""])
+
+    with pytest.raises(ConfigError) as caught:
+        load_mapping(str(path))
+
+    assert str(caught.value) == f"{path}: responses.approvers[0]: an approver is empty; {APPROVER_FIX}"
+
+
+def test_approver_ids_and_user_names_load(tmp_path: Path) -> None:
+    """A Cloud accountId, a Data Center user name and a Data Center user name that is an e-mail address load."""
+    approvers = ["557058:0f4a3b2c-5d6e-4f70-8a9b-0c1d2e3f4a5b", "jsmith", "j.smith@example.com"]
+
+    mapping = load_mapping(str(mapping_with_approvers(tmp_path, approvers)))
+
+    assert mapping.responses.approvers == approvers

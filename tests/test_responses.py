@@ -20,7 +20,7 @@ from mdr_connector.connector.store import Store
 from mdr_connector.adapters.jira.simulator_state import HUMAN_NAME
 from mdr_connector.adapters.mdr.models import Response
 from mdr_connector.connector.engine import INCIDENT
-from mdr_connector.connector.errors import OutcomeUnknownError
+from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError
 from mdr_connector.connector.responses import (
     COMMAND,
     RESPONSE,
@@ -326,16 +326,11 @@ async def test_other_user_changes_nothing(harness: SyncHarness) -> None:
 
 
 async def test_display_name_does_not_authorise(harness: SyncHarness) -> None:
-    """An allow-list entry equal to a display name authorises nobody."""
+    """An allow-list entry that is a display name is rejected when the mapping loads, so it cannot authorise anyone."""
     allow(harness, approvers=[ANALYST_NAME])
-    incident_id, response_id, sync = await linked_response(harness)
-    issue = harness.issue_for(incident_id)
 
-    await command_cycles(harness, sync, issue.key, f"/mdr confirm {response_id} it is me")
-
-    assert harness.mdr_sim.call_counts["response/update"] == 0
-    assert mdr_response(harness, incident_id, response_id)["status"] == "New"
-    assert len(comments_with_origin(issue, NOTICE_ORIGIN)) == 1
+    with pytest.raises(ConfigError, match="never by display name"):
+        await harness.engine()
 
 
 async def test_empty_allow_list_authorises_nobody(harness: SyncHarness) -> None:

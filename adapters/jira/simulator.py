@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import secrets
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -95,6 +96,8 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API = "/rest/api/2"
+# Signals that stop `serve` cleanly: Ctrl-C, and the stop request of a service manager or container runtime.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -1097,8 +1100,23 @@ async def run_simulator(sim: JiraSimulator, host: str = "127.0.0.1", port: int =
 
 
 async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None) -> None:
-    """Run a simulator until cancelled; used by `mdr-connector simulate jira`."""
+    """Run a simulator until SIGINT, SIGTERM or cancellation; used by `mdr-connector simulate jira`.
+
+    On each of them the simulator logs its stop and removes its attachment folder.
+    """
     sim = sim or JiraSimulator()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _serve_until(sim, host, port, stop)
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def _serve_until(sim: JiraSimulator, host: str, port: int, stop: asyncio.Event) -> None:
     async with run_simulator(sim, host, port) as url:
         if sim.settings.deployment == "cloud":
             auth = [
@@ -1139,6 +1157,6 @@ async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | 
             extra={"url": url, "deployment": sim.settings.deployment, "service_login": SERVICE_EMAIL},
         )
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             log.info("jira_sim.stopped", extra={"url": url})
