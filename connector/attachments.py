@@ -21,6 +21,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -126,19 +127,14 @@ class AttachmentSync:
         notices: list[SyncedItem],
     ) -> list[str]:
         """Copy the MDR attachments missing on the ticket and return the failures of single files."""
-        done = _sources(items, MDR_TO_TICKET, DONE)
-        pending = _sources(items, MDR_TO_TICKET, PENDING)
-        written_by_us = _targets(items, TICKET_TO_MDR)
-        claimed = _targets(items, MDR_TO_TICKET)
-        noticed = _sources(notices, MDR_TO_TICKET, DONE)
-        notice_pending = _sources(notices, MDR_TO_TICKET, PENDING)
+        ledger = _DirectionLedger.build(items, notices, MDR_TO_TICKET)
         failed: list[str] = []
 
         for attachment in sorted(mdr_files, key=lambda a: a.creation_time):
             source_id = attachment.attachment_id
-            if source_id in done or source_id in noticed:
+            if source_id in ledger.done or source_id in ledger.noticed:
                 continue
-            if self._is_mdr_echo(attachment, written_by_us):
+            if self._is_mdr_echo(attachment, ledger.written_by_us):
                 continue
 
             filename = safe_filename(attachment.full_name)
@@ -146,12 +142,12 @@ class AttachmentSync:
                 # A notice that may have landed is looked up first, because a
                 # notice on the ticket keeps its file back even when the filter
                 # now lets the file through.
-                if source_id in notice_pending and await self._found_ticket_notice(incident, ref, source_id):
+                if source_id in ledger.notice_pending and await self._found_ticket_notice(incident, ref, source_id):
                     continue
-                if source_id in pending:
-                    landed = self._find_on_ticket(filename, attachment.file_size, ticket_files, claimed)
+                if source_id in ledger.pending:
+                    landed = self._find_on_ticket(filename, attachment.file_size, ticket_files, ledger.claimed)
                     if landed is not None:
-                        claimed.add(landed.id)
+                        ledger.claimed.add(landed.id)
                         await self._record_found(incident, ref, MDR_TO_TICKET, source_id, landed.id)
                         continue
 
@@ -313,28 +309,23 @@ class AttachmentSync:
         notices: list[SyncedItem],
     ) -> list[str]:
         """Copy the ticket attachments missing in MDR and return the failures of single files."""
-        done = _sources(items, TICKET_TO_MDR, DONE)
-        pending = _sources(items, TICKET_TO_MDR, PENDING)
-        written_by_us = _targets(items, MDR_TO_TICKET)
-        claimed = _targets(items, TICKET_TO_MDR)
-        noticed = _sources(notices, TICKET_TO_MDR, DONE)
-        notice_pending = _sources(notices, TICKET_TO_MDR, PENDING)
+        ledger = _DirectionLedger.build(items, notices, TICKET_TO_MDR)
         failed: list[str] = []
 
         for attachment in sorted(ticket_files, key=lambda a: a.created):
-            if attachment.id in done or attachment.id in noticed:
+            if attachment.id in ledger.done or attachment.id in ledger.noticed:
                 continue
-            if self._is_ticket_echo(attachment, written_by_us):
+            if self._is_ticket_echo(attachment, ledger.written_by_us):
                 continue
 
             filename = safe_filename(attachment.filename)
             try:
-                if attachment.id in notice_pending and await self._found_mdr_notice(incident, attachment.id):
+                if attachment.id in ledger.notice_pending and await self._found_mdr_notice(incident, attachment.id):
                     continue
-                if attachment.id in pending:
-                    landed = self._find_in_mdr(filename, attachment.size, mdr_files, claimed)
+                if attachment.id in ledger.pending:
+                    landed = self._find_in_mdr(filename, attachment.size, mdr_files, ledger.claimed)
                     if landed is not None:
-                        claimed.add(landed.attachment_id)
+                        ledger.claimed.add(landed.attachment_id)
                         await self._record_found(incident, ref, TICKET_TO_MDR, attachment.id, landed.attachment_id)
                         continue
 
@@ -517,14 +508,7 @@ class AttachmentSync:
         await self._finish(incident, ATTACHMENT, direction, source_id, target_id)
         log.info(
             "sync.attachment.found",
-            extra={
-                "connection": self.name,
-                "direction": direction,
-                "incident_id": incident.incident_id,
-                "ticket_key": ref.key,
-                "attachment_id": source_id,
-                "target_attachment_id": target_id,
-            },
+            extra={**self._log_fields(direction, incident, ref, source_id), "target_attachment_id": target_id},
         )
 
     async def _finish(self, incident: Incident, kind: str, direction: str, source_id: str, target_id: str) -> None:
@@ -535,6 +519,15 @@ class AttachmentSync:
             return
         self.context.stats.echoes_suppressed.add(key)
         log.debug("sync.echo.suppressed", extra={"connection": self.name, "item": key, "reason": reason})
+
+    def _log_fields(self, direction: str, incident: Incident, ref: TicketRef, source_id: str) -> dict[str, object]:
+        return {
+            "connection": self.name,
+            "direction": direction,
+            "incident_id": incident.incident_id,
+            "ticket_key": ref.key,
+            "attachment_id": source_id,
+        }
 
     def _log_mirrored(
         self,
@@ -548,11 +541,7 @@ class AttachmentSync:
         filename: str,
     ) -> None:
         fields: dict[str, object] = {
-            "connection": self.name,
-            "direction": direction,
-            "incident_id": incident.incident_id,
-            "ticket_key": ref.key,
-            "attachment_id": source_id,
+            **self._log_fields(direction, incident, ref, source_id),
             "target_attachment_id": target_id,
             "bytes": size,
             "file_name": filename,
@@ -574,11 +563,7 @@ class AttachmentSync:
         log.info(
             "sync.attachment.filtered",
             extra={
-                "connection": self.name,
-                "direction": direction,
-                "incident_id": incident.incident_id,
-                "ticket_key": ref.key,
-                "attachment_id": source_id,
+                **self._log_fields(direction, incident, ref, source_id),
                 "bytes": size,
                 "reason": reason.english(),
                 "notice_comment_id": notice_id,
@@ -655,6 +640,32 @@ def _first_of_each(records: Iterable[T], key: Callable[[T], str]) -> list[T]:
     for record in records:
         first.setdefault(key(record), record)
     return list(first.values())
+
+
+@dataclass
+class _DirectionLedger:
+    """The ledger rows of one direction of one incident's attachments, as sets of ids."""
+
+    done: set[str]
+    pending: set[str]
+    # Targets of the other direction: the connector's own uploads on this direction's source side.
+    written_by_us: set[str]
+    # Targets already recorded for a source, so one file on the target is never taken for two.
+    claimed: set[str]
+    noticed: set[str]
+    notice_pending: set[str]
+
+    @classmethod
+    def build(cls, items: list[SyncedItem], notices: list[SyncedItem], direction: str) -> _DirectionLedger:
+        other = TICKET_TO_MDR if direction == MDR_TO_TICKET else MDR_TO_TICKET
+        return cls(
+            done=_sources(items, direction, DONE),
+            pending=_sources(items, direction, PENDING),
+            written_by_us=_targets(items, other),
+            claimed=_targets(items, direction),
+            noticed=_sources(notices, direction, DONE),
+            notice_pending=_sources(notices, direction, PENDING),
+        )
 
 
 def _sources(items: Iterable[SyncedItem], direction: str, state: str) -> set[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -69,10 +70,12 @@ INCIDENT_HELP = N_("MDR incident id; put an id that starts with - after --, as i
 
 def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     """Register `resync`, `link`, `unlink` and `trace`."""
-    resync = commands.add_parser(
+    resync = add_incident_command(
+        commands,
+        common,
         "resync",
-        parents=[common],
-        help=_("reconcile one incident now, regardless of the cursors and its parked entry"),
+        command_resync,
+        help_text=_("reconcile one incident now, regardless of the cursors and its parked entry"),
         description=_(
             "Reconcile one MDR incident now, as a cycle would, under the connection's lock: create or find its "
             "ticket, write the fields MDR owns, and copy the comments, files, responses and statuses either side "
@@ -82,14 +85,14 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "until the ticket search sees an earlier create)."
         ),
     )
-    resync.add_argument("incident", type=incident_id_text, metavar="INCIDENT", help=_(INCIDENT_HELP))
     add_connection_options(resync)
-    resync.set_defaults(handler=command_resync)
 
-    link = commands.add_parser(
+    link = add_incident_command(
+        commands,
+        common,
         "link",
-        parents=[common],
-        help=_("pair an MDR incident with an existing ticket"),
+        command_link,
+        help_text=_("pair an MDR incident with an existing ticket"),
         description=_(
             "Pair an MDR incident with an existing ticket under the connection's lock. The incident is read "
             "from MDR and the ticket looked up by its key. An incident or ticket that is already linked "
@@ -98,15 +101,15 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "copies the comments and files either side lacks; no second ticket is created."
         ),
     )
-    link.add_argument("incident", type=incident_id_text, metavar="INCIDENT", help=_(INCIDENT_HELP))
     link.add_argument("ticket", type=ticket_key_text, metavar="TICKET", help=_("key of the ticket, such as SEC-12"))
     add_connection_options(link)
-    link.set_defaults(handler=command_link)
 
-    unlink = commands.add_parser(
+    unlink = add_incident_command(
+        commands,
+        common,
         "unlink",
-        parents=[common],
-        help=_("forget the pairing of an MDR incident and its ticket"),
+        command_unlink,
+        help_text=_("forget the pairing of an MDR incident and its ticket"),
         description=_(
             "Delete the link of an MDR incident and its ledger rows (synced items, parked entry) under the "
             "connection's lock, printing each row. MDR and the ticket are not changed, and response decisions "
@@ -117,19 +120,19 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "mdr-connector property by hand if the old pairing must never come back."
         ),
     )
-    unlink.add_argument("incident", type=incident_id_text, metavar="INCIDENT", help=_(INCIDENT_HELP))
     unlink.add_argument(
         "--force",
         action="store_true",
         help=_("also remove a pending link, whose ticket create may have landed"),
     )
     add_connection_options(unlink)
-    unlink.set_defaults(handler=command_unlink)
 
-    trace = commands.add_parser(
+    trace = add_incident_command(
+        commands,
+        common,
         "trace",
-        parents=[common],
-        help=_("show everything the ledger records about one incident"),
+        command_trace,
+        help_text=_("show everything the ledger records about one incident"),
         description=_(
             "Show what the ledger records about one MDR incident: its link, every synced item with ids and "
             "times, parked entries with their reason, response decisions, and the connection's cursors, with "
@@ -137,19 +140,35 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "UTC. Only the local database is read unless --live is given."
         ),
     )
-    trace.add_argument("incident", type=incident_id_text, metavar="INCIDENT", help=_(INCIDENT_HELP))
-    trace.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
+    add_connection_options(trace, wait=False)
     trace.add_argument("--json", action="store_true", help=_("print JSON for machines"))
     trace.add_argument(
         "--live",
         action="store_true",
         help=_("also read the incident from MDR and say whether it changed since it was reconciled"),
     )
-    trace.set_defaults(handler=command_trace)
 
 
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
+def add_incident_command(
+    commands: Any,
+    common: argparse.ArgumentParser,
+    name: str,
+    handler: Callable[[argparse.Namespace], int],
+    help_text: str,
+    description: str,
+) -> argparse.ArgumentParser:
+    """Register the command `name`, whose first argument is an MDR incident id and which `handler` runs."""
+    parser = commands.add_parser(name, parents=[common], help=help_text, description=description)
+    parser.add_argument("incident", type=incident_id_text, metavar="INCIDENT", help=_(INCIDENT_HELP))
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def add_connection_options(parser: argparse.ArgumentParser, wait: bool = True) -> None:
+    """Add --connection and, for commands that take the connection's lock, --wait."""
     parser.add_argument("--connection", help=_("name of the connection (needed if there are several)"))
+    if not wait:
+        return
     parser.add_argument(
         "--wait",
         type=wait_seconds,
@@ -410,10 +429,15 @@ def print_link(link: Any) -> None:
         mdr_status=link.mdr_status or "-", ticket_status=link.ticket_status or "-"))
 
 
-def print_items(items: list[Any]) -> None:
-    say(_("synced items, oldest first:"))
-    if not items:
+def say_heading(title: str, rows: list[Any]) -> None:
+    """Print the heading of one list of the trace, and `none` under it when the list is empty."""
+    say(title)
+    if not rows:
         say("  " + _("none"))
+
+
+def print_items(items: list[Any]) -> None:
+    say_heading(_("synced items, oldest first:"), items)
     for item in items:
         say("  " + _("{started}  {kind} {direction}  {source_id} -> {target_id}  {state}, done {done}, "
                      "source version {version}").format(
@@ -423,9 +447,7 @@ def print_items(items: list[Any]) -> None:
 
 
 def print_parked(parked: list[Any]) -> None:
-    say(_("parked:"))
-    if not parked:
-        say("  " + _("none"))
+    say_heading(_("parked:"), parked)
     for entry in parked:
         say("  " + _("{kind} {item_id}: {attempts} failed attempts since {first}, last {last}, next try {next_try}: "
                      "{reason}").format(
@@ -434,9 +456,7 @@ def print_parked(parked: list[Any]) -> None:
 
 
 def print_decisions(decisions: list[Any]) -> None:
-    say(_("response decisions:"))
-    if not decisions:
-        say("  " + _("none"))
+    say_heading(_("response decisions:"), decisions)
     for decision in decisions:
         say("  " + _("{decided}  {decision} {response_id} by {actor_name} ({actor_id}) from {source}: {outcome}, "
                      "sent {sent}; reason: {reason}").format(
@@ -448,9 +468,7 @@ def print_decisions(decisions: list[Any]) -> None:
 
 
 def print_cursors(trace: Any) -> None:
-    say(_("cursors of connection {connection}:").format(connection=trace.connection))
-    if not trace.cursors:
-        say("  " + _("none"))
+    say_heading(_("cursors of connection {connection}:").format(connection=trace.connection), trace.cursors)
     for cursor in trace.cursors:
         value = cursor.value
         if value.isdigit():

@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -152,6 +153,32 @@ class CommentView:
     def change_done(self, direction: str, key: str) -> bool:
         row = self.changes.get((direction, key))
         return row is not None and row.state == DONE
+
+    def copies_of_missing(self, direction: str, present: set[str]) -> dict[str, str]:
+        """Map the source ids missing from `present` to the ids of their copies in `direction`.
+
+        Copies whose deletion is already handled are left out.
+        """
+        copy_ids: dict[str, str] = {}
+        for item in self.copies:
+            if item.direction != direction or item.source_id in present:
+                continue
+            if self.change_done(direction, deletion_key(item.source_id)):
+                continue
+            copy_id = self.copy_id(item)
+            if copy_id is not None:
+                copy_ids[item.source_id] = copy_id
+        return copy_ids
+
+    def copy_id(self, item: SyncedItem) -> str | None:
+        """Return the id of the copy a ledger row names, also when the copy's reply was lost."""
+        if item.state == DONE:
+            return item.target_id
+        if item.direction == TICKET_TO_MDR:
+            in_mdr = self.in_mdr.get(item.source_id)
+            return in_mdr.comment_id if in_mdr is not None else None
+        on_ticket = self.on_ticket.get((MDR_ORIGIN, item.source_id))
+        return on_ticket.id if on_ticket is not None else None
 
 
 class CommentSync:
@@ -379,17 +406,7 @@ class CommentSync:
         )
 
     def _log_mirrored(self, direction: str, incident: Incident, ref: TicketRef, source_id: str, target_id: str) -> None:
-        log.info(
-            "sync.comment.mirrored",
-            extra={
-                "connection": self.name,
-                "direction": direction,
-                "incident_id": incident.incident_id,
-                "ticket_key": ref.key,
-                "comment_id": source_id,
-                "target_comment_id": target_id,
-            },
-        )
+        log.info("sync.comment.mirrored", extra=self._log_fields(direction, incident, ref, source_id, target_id))
 
     def _note_skipped(self, ref: TicketRef, comment: TicketComment, reason: str) -> None:
         """Log once per comment and process that the `to_mdr` rule keeps a comment on the ticket."""
@@ -484,7 +501,7 @@ class CommentSync:
         posted = await self._post_note_to_mdr(incident, key, text)
         log.info(
             "sync.comment.edit_noted",
-            extra=self._change_fields(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id),
+            extra=self._log_fields(TICKET_TO_MDR, incident, ref, comment.id, posted.comment_id),
         )
 
     async def _post_note_to_mdr(self, incident: Incident, key: str, text: str) -> Comment:
@@ -503,15 +520,7 @@ class CommentSync:
         if rule == "ignore":
             return []
         present = {comment.id for comment in view.ticket_comments}
-        copy_ids: dict[str, str] = {}
-        for item in view.copies:
-            if item.direction != TICKET_TO_MDR or item.source_id in present:
-                continue
-            if view.change_done(TICKET_TO_MDR, deletion_key(item.source_id)):
-                continue
-            copy_id = self._copy_in_mdr(item, view)
-            if copy_id is not None:
-                copy_ids[item.source_id] = copy_id
+        copy_ids = view.copies_of_missing(TICKET_TO_MDR, present)
         if not copy_ids:
             return []
 
@@ -526,14 +535,6 @@ class CommentSync:
             except ItemError as err:
                 failed.append(f"{self.tickets.system} comment {source_id} (deleted): {err}")
         return failed
-
-    @staticmethod
-    def _copy_in_mdr(item: SyncedItem, view: CommentView) -> str | None:
-        """Return the id of the MDR copy of a ticket comment, also when the copy's reply was lost."""
-        if item.state == DONE:
-            return item.target_id
-        landed = view.in_mdr.get(item.source_id)
-        return landed.comment_id if landed is not None else None
 
     async def _handle_ticket_deletion(
         self, incident: Incident, ref: TicketRef, view: CommentView, source_id: str, copy_id: str, rule: str
@@ -552,7 +553,7 @@ class CommentSync:
             # written under another Connection Name, so a note has to do.
             log.warning(
                 "sync.comment.copy_not_deletable",
-                extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, copy_id),
+                extra=self._log_fields(TICKET_TO_MDR, incident, ref, source_id, copy_id),
             )
 
         landed = view.in_mdr.get(key)
@@ -565,22 +566,14 @@ class CommentSync:
         posted = await self._post_note_to_mdr(incident, key, text)
         log.info(
             "sync.comment.deletion_noted",
-            extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, posted.comment_id),
+            extra=self._log_fields(TICKET_TO_MDR, incident, ref, source_id, posted.comment_id),
         )
 
     async def _delete_in_mdr(self, incident: Incident, ref: TicketRef, source_id: str, key: str, copy_id: str) -> None:
-        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, TICKET_TO_MDR, key)
-        try:
-            await self.mdr.delete_comment(copy_id)
-        except RejectedError as err:
-            # 404: deleted meanwhile. The list read just before showed the
-            # copy, so a wrong client id or URL is ruled out.
-            if err.status != 404:
-                raise
-        await self._finish_change(incident, TICKET_TO_MDR, key, copy_id)
-        log.info(
-            "sync.comment.deletion_mirrored",
-            extra=self._change_fields(TICKET_TO_MDR, incident, ref, source_id, copy_id),
+        # A 404 means the copy was deleted meanwhile. The list read just
+        # before showed the copy, so a wrong client id or URL is ruled out.
+        await self._mirror_deletion(
+            incident, ref, TICKET_TO_MDR, source_id, key, copy_id, lambda: self.mdr.delete_comment(copy_id)
         )
 
     # Deletions of MDR comments
@@ -591,15 +584,7 @@ class CommentSync:
         if rule == "ignore":
             return []
         present = {comment.comment_id for comment in view.mdr_comments}
-        copy_ids: dict[str, str] = {}
-        for item in view.copies:
-            if item.direction != MDR_TO_TICKET or item.source_id in present:
-                continue
-            if view.change_done(MDR_TO_TICKET, deletion_key(item.source_id)):
-                continue
-            copy_id = self._copy_on_ticket(item, view)
-            if copy_id is not None:
-                copy_ids[item.source_id] = copy_id
+        copy_ids = view.copies_of_missing(MDR_TO_TICKET, present)
         if not copy_ids:
             return []
 
@@ -615,14 +600,6 @@ class CommentSync:
             except ItemError as err:
                 failed.append(f"comment {source_id} (deleted in MDR): {err}")
         return failed
-
-    @staticmethod
-    def _copy_on_ticket(item: SyncedItem, view: CommentView) -> str | None:
-        """Return the id of the ticket copy of an MDR comment, also when the copy's reply was lost."""
-        if item.state == DONE:
-            return item.target_id
-        landed = view.on_ticket.get((MDR_ORIGIN, item.source_id))
-        return landed.id if landed is not None else None
 
     async def _handle_mdr_deletion(
         self, incident: Incident, ref: TicketRef, view: CommentView, source_id: str, copy_id: str, rule: str
@@ -640,7 +617,7 @@ class CommentSync:
             # An earlier service account wrote the copy, and only the author may edit it.
             log.warning(
                 "sync.comment.copy_not_editable",
-                extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
+                extra=self._log_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
             )
 
         landed = view.on_ticket.get((NOTICE_ORIGIN, key))
@@ -658,7 +635,7 @@ class CommentSync:
         self.stats.comment_notes += 1
         log.info(
             "sync.comment.deletion_noted",
-            extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, posted.id),
+            extra=self._log_fields(MDR_TO_TICKET, incident, ref, source_id, posted.id),
         )
 
     async def _blank_ticket_copy(self, incident: Incident, ref: TicketRef, source_id: str, key: str, copy_id: str) -> None:
@@ -668,18 +645,30 @@ class CommentSync:
             marker=SyncMarker(origin=MDR_ORIGIN, source_id=source_id),
             visibility=comment_visibility(self.mapping),
         )
-        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, MDR_TO_TICKET, key)
+        # A 404 means a person deleted the copy on the ticket, so no text is left to remove.
+        await self._mirror_deletion(
+            incident, ref, MDR_TO_TICKET, source_id, key, copy_id, lambda: self.tickets.edit_comment(ref, copy_id, draft)
+        )
+
+    async def _mirror_deletion(
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        direction: str,
+        source_id: str,
+        key: str,
+        copy_id: str,
+        write: Callable[[], Awaitable[object]],
+    ) -> None:
+        """Record the intent, run `write` on the copy, then record the change. A 404 from `write` counts as done."""
+        await self.store.start_item(self.name, incident.incident_id, COMMENT_CHANGE, direction, key)
         try:
-            await self.tickets.edit_comment(ref, copy_id, draft)
+            await write()
         except RejectedError as err:
-            # 404: a person deleted the copy on the ticket, so no text is left to remove.
             if err.status != 404:
                 raise
-        await self._finish_change(incident, MDR_TO_TICKET, key, copy_id)
-        log.info(
-            "sync.comment.deletion_mirrored",
-            extra=self._change_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
-        )
+        await self._finish_change(incident, direction, key, copy_id)
+        log.info("sync.comment.deletion_mirrored", extra=self._log_fields(direction, incident, ref, source_id, copy_id))
 
     # Ledger
 
@@ -693,7 +682,7 @@ class CommentSync:
     async def _finish_change(self, incident: Incident, direction: str, key: str, target_id: str) -> None:
         await self.store.finish_item(self.name, incident.incident_id, COMMENT_CHANGE, direction, key, target_id)
 
-    def _change_fields(
+    def _log_fields(
         self, direction: str, incident: Incident, ref: TicketRef, source_id: str, target_id: str
     ) -> dict[str, str]:
         return {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -132,7 +132,21 @@ async def harness(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[SyncHarness]:
     """An activated token chain, an empty ledger, and Jira Cloud with a 30-second search delay."""
-    jira = await start_jira(deployment="cloud", search_delay_seconds=30)
+    async with open_harness(tmp_path, mdr_sim, mdr_url, start_jira, monkeypatch, deployment="cloud") as opened:
+        yield opened
+
+
+@asynccontextmanager
+async def open_harness(
+    tmp_path: Path,
+    mdr_sim: MdrSimulator,
+    mdr_url: str,
+    start_jira: StartJira,
+    monkeypatch: pytest.MonkeyPatch,
+    deployment: str,
+) -> AsyncIterator[SyncHarness]:
+    """Start Jira of `deployment` with a 30-second search delay, activate the token chain and open an empty ledger."""
+    jira = await start_jira(deployment=deployment, search_delay_seconds=30)
     settings = harness_settings(tmp_path, mdr_url, jira, monkeypatch)
     async with MdrClient(settings.connections[0].mdr) as client:
         await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))

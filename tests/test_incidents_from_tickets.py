@@ -70,6 +70,29 @@ async def later_cycles(harness: SyncHarness, sync: Any, count: int = 3) -> None:
         await sync.run_cycle()
 
 
+class SimulatedCrash(BaseException):
+    """The process stopping at once, which no `except Exception` in the engine catches."""
+
+
+async def request_then_crash(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch, host: str) -> Any:
+    """Request an incident for `host`, then crash the cycle right after MDR creates it. Return the request's issue."""
+    enable_requests(harness)
+    asset = harness.mdr_sim.add_asset(MDR_CLIENT_ID, host)
+    sync = await harness.cycles(1)
+    real_create = sync.mdr.create_incident
+
+    async def create_then_crash(**kwargs: Any) -> Any:
+        await real_create(**kwargs)
+        raise SimulatedCrash
+
+    monkeypatch.setattr(sync.mdr, "create_incident", create_then_crash)
+    issue = request_issue(harness, f"{host}:{asset['asset_id']}")
+    harness.advance(31)
+    with pytest.raises(SimulatedCrash):
+        await sync.run_cycle()
+    return issue
+
+
 async def test_labelled_ticket_creates_one_incident(harness: SyncHarness) -> None:
     """A labelled ticket with hosts creates one incident over three cycles, is linked, and then syncs comments."""
     enable_requests(harness)
@@ -191,23 +214,7 @@ async def test_lost_create_reply_not_created_twice(harness: SyncHarness, monkeyp
 
 async def test_crash_after_create_resumes(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a crash between the create and its record, the restarted step finds the incident instead of creating it."""
-    enable_requests(harness)
-    asset = harness.mdr_sim.add_asset(MDR_CLIENT_ID, "WS-07")
-    sync = await harness.cycles(1)
-    real_create = sync.mdr.create_incident
-
-    class SimulatedCrash(BaseException):
-        pass
-
-    async def create_then_crash(**kwargs: Any) -> Any:
-        await real_create(**kwargs)
-        raise SimulatedCrash
-
-    monkeypatch.setattr(sync.mdr, "create_incident", create_then_crash)
-    issue = request_issue(harness, f"WS-07:{asset['asset_id']}")
-    harness.advance(31)
-    with pytest.raises(SimulatedCrash):
-        await sync.run_cycle()
+    issue = await request_then_crash(harness, monkeypatch, "WS-07")
     [intent] = await harness.store.get_items("main", request_scope(ref_of(issue)), REQUEST)
     assert intent.state != DONE
 
@@ -309,23 +316,7 @@ async def test_crash_then_mdr_search_first(
     harness: SyncHarness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The MDR search meeting an unfinished request's incident first: no second incident, no second ticket."""
-    enable_requests(harness)
-    asset = harness.mdr_sim.add_asset(MDR_CLIENT_ID, "WS-10")
-    sync = await harness.cycles(1)
-    real_create = sync.mdr.create_incident
-
-    class SimulatedCrash(BaseException):
-        pass
-
-    async def create_then_crash(**kwargs: Any) -> Any:
-        await real_create(**kwargs)
-        raise SimulatedCrash
-
-    monkeypatch.setattr(sync.mdr, "create_incident", create_then_crash)
-    issue = request_issue(harness, f"WS-10:{asset['asset_id']}")
-    harness.advance(31)
-    with pytest.raises(SimulatedCrash):
-        await sync.run_cycle()
+    issue = await request_then_crash(harness, monkeypatch, "WS-10")
 
     restarted = await harness.engine()
     await later_cycles(harness, restarted)

@@ -4,21 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures_jira import StartJira
 from fixtures_mdr import MDR_CLIENT_ID
-from fixtures_sync import SyncHarness, harness_settings
-
-from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.adapters.mdr.simulator import MdrSimulator
-from mdr_connector.connector.store import Store
+from fixtures_sync import SyncHarness, open_harness
 
 from mdr_connector.adapters.jira.simulator_state import HUMAN_NAME
 from mdr_connector.adapters.mdr.models import Response
+from mdr_connector.adapters.mdr.simulator import MdrSimulator
 from mdr_connector.connector.engine import INCIDENT
 from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError
 from mdr_connector.connector.responses import (
@@ -530,15 +526,8 @@ async def dc_harness(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[SyncHarness]:
     """The `harness` set-up with Jira Data Center, where accounts are named by user name."""
-    jira = await start_jira(deployment="datacenter", search_delay_seconds=30)
-    settings = harness_settings(tmp_path, mdr_url, jira, monkeypatch)
-    async with MdrClient(settings.connections[0].mdr) as client:
-        await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
-
-    store = await Store.open(settings.resolved_database_url())
-    async with AsyncExitStack() as stack:
-        yield SyncHarness(mdr_sim, jira, settings, store, stack)
-    await store.close()
+    async with open_harness(tmp_path, mdr_sim, mdr_url, start_jira, monkeypatch, deployment="datacenter") as opened:
+        yield opened
 
 
 async def test_data_center_user_name_authorises(dc_harness: SyncHarness) -> None:
