@@ -204,6 +204,9 @@ class CommentSync:
         self._read = read
         # ConnectionSync.open() sets it. Comments written by this account are echoes.
         self.own_account: TicketAccount | None = None
+        # ConnectionSync sets it to share the ticket's comment list with the
+        # other parts of a reconciliation.
+        self.read_ticket_comments: Callable[[TicketRef], Awaitable[list[TicketComment]]] | None = None
 
     async def sync_comments(self, incident: Incident, ref: TicketRef) -> None:
         """Copy the comments missing on either side, then handle edits and deletions of earlier copies.
@@ -225,10 +228,15 @@ class CommentSync:
         if failed:
             raise ItemError(f"{len(failed)} comment(s) of incident {incident.incident_id} failed: {'; '.join(failed)}")
 
+    async def _ticket_comments(self, ref: TicketRef) -> list[TicketComment]:
+        if self.read_ticket_comments is not None:
+            return await self.read_ticket_comments(ref)
+        return await self._read(lambda: self.tickets.list_comments(ref))
+
     async def _read_comments(self, incident: Incident, ref: TicketRef) -> CommentView:
         mdr_page, ticket_comments = await gather_or_cancel(
             self._read(lambda: self.mdr.list_comments(incident.incident_id)),
-            self._read(lambda: self.tickets.list_comments(ref)),
+            self._ticket_comments(ref),
         )
         copies = await self.store.get_items(self.name, incident.incident_id, COMMENT)
         changes = await self.store.get_items(self.name, incident.incident_id, COMMENT_CHANGE)

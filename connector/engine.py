@@ -146,6 +146,7 @@ class ConnectionSync:
             clock=lambda: self.clock(),
             spool_dir=spool_dir or Path("data") / "spool",
         )
+        self.comments.read_ticket_comments = self.context.ticket_comments
         self.parts: list[IncidentPart] = build_parts(self.context)
         self.cycle_steps: list[CycleStep] = build_cycle_steps(self.context)
         # Weak values: a lock lives only while a reconciliation holds or waits
@@ -608,38 +609,46 @@ class ConnectionSync:
                 return False
 
             ref = TicketRef(key=link.ticket_key or "", id=link.ticket_id or "", url=link.ticket_url or "")
-            failed: list[str] = []
-            # A field the ticket system rejects must not stop the comments,
-            # nor a bad comment the fields: both run, then one error parks
-            # the incident so the failed part is tried again.
             try:
-                await self.update_ticket_fields(incident, link, ref)
-            except ItemError as err:
-                failed.append(f"fields: {err}")
-            try:
-                await self.comments.sync_comments(incident, ref)
-            except ItemError as err:
-                failed.append(str(err))
-            for part in self.parts:
-                try:
-                    await part.sync(incident, link, ref)
-                except ItemError as err:
-                    failed.append(f"{part.label}: {err}")
-            if failed:
-                raise ItemError("; ".join(failed))
-
-            # The status part owns the recorded MDR status while statuses are
-            # synced; otherwise it is kept here, so retention knows which
-            # incidents are closed.
-            status_rules = self.mapping.status
-            status_synced = bool(status_rules.to_ticket) or status_rules.close_mdr.enabled
-            await self.store.record_mdr_reconciled(
-                self.name,
-                incident.incident_id,
-                incident.update_time,
-                mdr_status=None if status_synced else incident.status,
-            )
+                await self._sync_linked(incident, link, ref)
+            finally:
+                # The comment list shared by the parts belongs to this reconciliation only.
+                self.context.comment_snapshots.pop(ref.id, None)
             return True
+
+    async def _sync_linked(self, incident: Incident, link: Link, ref: TicketRef) -> None:
+        """Sync the fields, comments and every part of a linked incident; raise one ItemError naming what failed."""
+        failed: list[str] = []
+        # A field the ticket system rejects must not stop the comments,
+        # nor a bad comment the fields: both run, then one error parks
+        # the incident so the failed part is tried again.
+        try:
+            await self.update_ticket_fields(incident, link, ref)
+        except ItemError as err:
+            failed.append(f"fields: {err}")
+        try:
+            await self.comments.sync_comments(incident, ref)
+        except ItemError as err:
+            failed.append(str(err))
+        for part in self.parts:
+            try:
+                await part.sync(incident, link, ref)
+            except ItemError as err:
+                failed.append(f"{part.label}: {err}")
+        if failed:
+            raise ItemError("; ".join(failed))
+
+        # The status part owns the recorded MDR status while statuses are
+        # synced; otherwise it is kept here, so retention knows which
+        # incidents are closed.
+        status_rules = self.mapping.status
+        status_synced = bool(status_rules.to_ticket) or status_rules.close_mdr.enabled
+        await self.store.record_mdr_reconciled(
+            self.name,
+            incident.incident_id,
+            incident.update_time,
+            mdr_status=None if status_synced else incident.status,
+        )
 
     async def ensure_ticket(self, incident: Incident) -> Link | None:
         """Return the incident's link, creating the ticket if it has none.

@@ -370,7 +370,7 @@ class ResponseSync:
         context = self.context
         page, ticket_comments = await gather_or_cancel(
             context.read(lambda: context.mdr.list_responses(incident.incident_id)),
-            context.read(lambda: context.tickets.list_comments(ref)),
+            context.ticket_comments(ref),
         )
         failed = [f"response {record.record_id or '<without id>'}: {record.error}" for record in page.malformed]
         responses = {response.response_id: response for response in page.items}

@@ -17,7 +17,7 @@ from mdr_connector.adapters.mdr.models import Asset, Attachment, Comment, Histor
 from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.store import Link, Store
-from mdr_connector.connector.tickets import TicketAccount, TicketAdapter, TicketRef
+from mdr_connector.connector.tickets import TicketAccount, TicketAdapter, TicketComment, TicketRef
 
 T = TypeVar("T")
 
@@ -166,10 +166,25 @@ class SyncContext:
     # Large files are spooled here (inside the data folder) and removed afterwards.
     spool_dir: Path
     own_account: TicketAccount | None = None
+    # Ticket comments read once per reconciliation and shared by its parts,
+    # by ticket id; the engine drops an entry when the reconciliation ends.
+    comment_snapshots: dict[str, list[TicketComment]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.settings.name
+
+    async def ticket_comments(self, ref: TicketRef) -> list[TicketComment]:
+        """Return the ticket's comments as first read in this reconciliation, reading them when not read yet.
+
+        A comment added after that read changes the ticket's `updated`, so the
+        ticket change search brings the incident back; nothing is missed.
+        """
+        snapshot = self.comment_snapshots.get(ref.id)
+        if snapshot is None:
+            snapshot = await self.read(lambda: self.tickets.list_comments(ref))
+            self.comment_snapshots[ref.id] = snapshot
+        return snapshot
 
 
 class IncidentPart(Protocol):

@@ -783,3 +783,15 @@ async def test_rate_limited_create_keeps_intent(harness: SyncHarness, monkeypatc
     await harness.cycles(1, sync)
     assert len(harness.issues_for(incident_id)) == 1
     assert (await harness.store.get_link("main", incident_id)).state == LINKED
+
+
+async def test_ticket_comments_read_once_per_reconciliation(harness: SyncHarness) -> None:
+    """The comment sync and the response part share one read of the ticket's comments in each reconciliation."""
+    harness.seed()
+    harness.jira.sim.calls.clear()
+
+    sync = await harness.cycles(1)
+
+    # Two reconciliations in the cycle: the MDR change, and the ticket change the create caused.
+    assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 2
+    assert sync.context.comment_snapshots == {}
