@@ -86,7 +86,7 @@ T = TypeVar("T")
 
 
 def build_parts(context: SyncContext) -> list[IncidentPart]:
-    """The parts a reconciliation runs after the fields and comments, in order."""
+    """Build the parts a reconciliation runs after the fields and comments, in order."""
     parts: list[IncidentPart] = []
     parts.append(AttachmentSync(context))
     parts.append(ResponseSync(context))
@@ -95,7 +95,7 @@ def build_parts(context: SyncContext) -> list[IncidentPart]:
 
 
 def build_cycle_steps(context: SyncContext) -> list[CycleStep]:
-    """The steps a cycle runs after the change detection of both sides."""
+    """Build the steps a cycle runs after the change detection of both sides."""
     # Imported here because operations.py builds engines of its own.
     from mdr_connector.connector.operations import LedgerRetention
 
@@ -282,7 +282,7 @@ class ConnectionSync:
     async def sync_mdr_history(self) -> bool:
         """Reconcile every incident that has `incidents/history` records since the cursor.
 
-        The filters and `new_only` decide which incidents get a ticket; an
+        The filters and `new_only` decide which incidents get a ticket. An
         incident already linked keeps syncing whatever its status or tenant
         becomes, so its ticket follows it to the end.
 
@@ -360,7 +360,7 @@ class ConnectionSync:
         await self._reconcile_guarded(incident_id, snapshot)
 
     def _wanted(self, incident: Incident, creation_floor: int | None) -> bool:
-        """Tell whether the connection's filters and mode ask for a ticket for this incident."""
+        """Return whether the connection's filters and `new_only` floor select this incident for a ticket."""
         filters = self.settings.sync.filters
         return (
             (not filters.statuses or incident.status in filters.statuses)
@@ -370,13 +370,13 @@ class ConnectionSync:
         )
 
     async def mdr_cursor_value(self) -> int | None:
-        """The stored MDR change cursor of the configured change source, in epoch ms; None before the first cycle."""
+        """Read the stored MDR change cursor of the configured change source, in epoch ms, or None before the first cycle."""
         name = HISTORY_CURSOR if self.settings.sync.change_source == "history" else MDR_CURSOR
         stored = await self.store.get_cursor(self.name, name)
         return int(stored) if stored is not None else None
 
     async def _history_cursor(self) -> int:
-        """Return the history cursor; a connection that used `incidents/list` before starts from that cursor."""
+        """Return the history cursor, storing the `incidents/list` cursor as its start when there is none."""
         stored = await self.store.get_cursor(self.name, HISTORY_CURSOR)
         if stored is not None:
             return int(stored)
@@ -459,10 +459,10 @@ class ConnectionSync:
     async def _in_backoff(self, changes: dict[str, int], seen_until: int) -> set[str]:
         """Return the incidents parked with a later next try whose change a cycle before this one already saw.
 
-        The overlap re-reads such a change every cycle; reconciling it each
+        The overlap re-reads such a change every cycle, and reconciling it each
         time would fail it again and again, ignoring the parked backoff. A
-        change newer than the cursor is new information and is reconciled;
-        the rest wait for their retry in `retry_parked`.
+        change newer than the cursor is new information and is reconciled.
+        The rest wait for their retry in `retry_parked`.
         """
         old_changes = [incident_id for incident_id, moment in changes.items() if moment <= seen_until]
         if not old_changes:
@@ -617,11 +617,11 @@ class ConnectionSync:
             return True
 
     async def _sync_linked(self, incident: Incident, link: Link, ref: TicketRef) -> None:
-        """Sync the fields, comments and every part of a linked incident; raise one ItemError naming what failed."""
+        """Sync the fields, comments and every part of a linked incident, then raise one ItemError naming what failed."""
         failed: list[str] = []
-        # A field the ticket system rejects must not stop the comments,
-        # nor a bad comment the fields: both run, then one error parks
-        # the incident so the failed part is tried again.
+        # A field the ticket system rejects must not stop the comments, nor a
+        # bad comment the fields. Both run, then one error parks the incident
+        # so the failed part is tried again.
         try:
             await self.update_ticket_fields(incident, link, ref)
         except ItemError as err:
@@ -638,9 +638,8 @@ class ConnectionSync:
         if failed:
             raise ItemError("; ".join(failed))
 
-        # The status part owns the recorded MDR status while statuses are
-        # synced; otherwise it is kept here, so retention knows which
-        # incidents are closed.
+        # The status part records the MDR status while statuses are synced.
+        # Otherwise it is recorded here, so retention can find closed incidents.
         status_rules = self.mapping.status
         status_synced = bool(status_rules.to_ticket) or status_rules.close_mdr.enabled
         await self.store.record_mdr_reconciled(
@@ -756,8 +755,8 @@ class ConnectionSync:
 
         Fields that `field_owner` gives to the ticket are neither written nor
         part of the digest, so an analyst's edit of them stays. A ticket that
-        asked for its incident keeps its own summary and description too: the
-        requester wrote them, and MDR holds only a copy.
+        requested its incident also keeps its own summary and description,
+        because the requester wrote them and MDR stores only a copy.
         """
         route = match_route(self.mapping, incident)
         owned_by_ticket = self.mapping.owned_by_ticket()

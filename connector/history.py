@@ -1,11 +1,11 @@
 """Change detection through `incidents/history`: which incidents changed since the cursor.
 
 `incidents/history` pages each entity type separately (one search index per
-type on the service): page N holds up to `entity_type_page_size` records of
+type on the service). Page N holds up to `entity_type_page_size` records of
 every type, so a type with fewer records than that on a page has no more.
-A read of several pages therefore covers each type up to a different time;
-what is covered for all of them is the oldest of the newest times of the
-types that still have pages, and that is as far as the cursor may move.
+A read of several pages therefore covers each type up to a different time.
+All types are covered up to the oldest of the newest times of the types
+that still have pages, and the cursor moves no further than that.
 
 Only the incidents found here are reconciled, and each reconciliation reads
 the incident's full state, so an object whose change the history omits is
@@ -41,7 +41,7 @@ class ChangedIncident:
     kinds: set[str] = field(default_factory=set)
 
     def current_snapshot(self) -> Incident | None:
-        """The snapshot, when no record of another object is newer than it; else None, and details are read."""
+        """Return the snapshot when no record of another object is newer than it, else None so the details are read."""
         if self.snapshot is not None and self.snapshot_time >= self.newest_change:
             return self.snapshot
         return None
@@ -49,10 +49,10 @@ class ChangedIncident:
 
 @dataclass
 class HistoryWindow:
-    """What one read of the history found: the changed incidents, how far the read is complete, and bad records."""
+    """Result of one history read: the changed incidents, how far the read is complete, and malformed records."""
 
     changed: dict[str, ChangedIncident] = field(default_factory=dict)
-    # The newest record time up to which every entity type was read; None when nothing was read.
+    # The newest record time up to which every entity type was read, or None when nothing was read.
     covered_until: int | None = None
     complete: bool = False
     # Incidents whose newest snapshot in the window is malformed, with the error.
@@ -77,12 +77,12 @@ async def read_history_window(
     deep into the API's result window. Page numbers grow only while a page
     stays inside one millisecond. Pages that hold nothing newer than
     `free_until` (the overlap re-read before the stored cursor) do not count
-    against `max_pages`; were they counted, an overlap holding more records
+    against `max_pages`. If they counted, an overlap holding more records
     than the budget would be re-read every cycle and never passed.
 
-    A record newer than `horizon` (epoch ms) is bad data: its incident is
-    still returned, so its reconciliation parks it, but its time never
-    counts towards `covered_until`, it never makes a page count against
+    A record newer than `horizon` (epoch ms) is bad data. Its incident is
+    still returned, so its reconciliation parks it. Its time never counts
+    towards `covered_until`, it never makes a page count against
     `max_pages`, and its type is not paged further.
     """
     window = HistoryWindow()
@@ -173,7 +173,7 @@ def _note_entry(window: HistoryWindow, entry: HistoryEntry) -> None:
 
 
 def _drop_seen_malformed(window: HistoryWindow, free_until: int) -> None:
-    """Forget malformed snapshots from before the cursor: the cycle that read them first parked them."""
+    """Forget malformed snapshots from before the cursor, because the cycle that first read them parked them."""
     for incident_id, (changed_at, _) in list(window.malformed.items()):
         if changed_at <= free_until:
             del window.malformed[incident_id]

@@ -81,14 +81,15 @@ class CommentFormat(StrictModel):
     marker: str = Field(default="#mdr", min_length=1, max_length=64)
     # Deprecated spelling of `to_mdr: all`, kept for mappings written for 0.1.
     mirror_restricted: bool = False
-    # Who may read the comments the connector posts on the ticket; everyone when unset.
+    # Role or group that may read the comments the connector posts on the ticket.
+    # When unset, everyone may read them.
     visibility: Visibility | None = None
-    # What happens on the other side when a comment already copied is edited
-    # or deleted. MDR has no comment edit, so an edit of a ticket comment can
-    # only be sent as a note; a delete can remove the copy (`mirror`) because
+    # Action on the other side when a copied comment is edited or deleted.
+    # MDR has no comment edit, so a ticket comment edit can only be sent as a
+    # note. A ticket comment delete can remove the MDR copy (`mirror`) because
     # the connector wrote it. On the ticket, `mirror` replaces the text of the
-    # copy of an MDR comment deleted in MDR, because the connector may edit
-    # its own comments there.
+    # copy of a comment deleted in MDR, because the connector may edit its own
+    # comments there.
     on_ticket_edit: Literal["note", "ignore"] = "note"
     on_ticket_delete: Literal["mirror", "note", "ignore"] = "note"
     on_mdr_delete: Literal["mirror", "note", "ignore"] = "mirror"
@@ -100,14 +101,14 @@ class CommentFormat(StrictModel):
         return value
 
     def mirrors_to_mdr(self) -> str:
-        """The effective `to_mdr` rule, reading the deprecated `mirror_restricted` too."""
+        """Return the effective `to_mdr` rule, applying the deprecated `mirror_restricted`."""
         if self.mirror_restricted and self.to_mdr == "public":
             return "all"
         return self.to_mdr
 
 
 class FileFilter(StrictModel):
-    """Which attachments go in one direction: a size cap and extension lists (without the dot, any case)."""
+    """Attachment filter for one direction: a size cap and extension lists (without the dot, any case)."""
 
     max_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
     allow_extensions: list[str] = Field(default_factory=list)
@@ -122,13 +123,13 @@ class FileFilter(StrictModel):
         for extension in value:
             bare = extension.strip().lstrip(".").lower()
             if not bare or not re.fullmatch(r"[a-z0-9_+-]{1,16}", bare):
-                raise ValueError(f"{extension!r} is not a file extension; write it like pdf or tar.gz's gz")
+                raise ValueError(f"{extension!r} is not a file extension; write the last part without the dot, such as pdf, or gz for .tar.gz")
             cleaned.append(bare)
         return cleaned
 
 
 class AttachmentRules(StrictModel):
-    """The attachment sync, per direction."""
+    """Attachment sync settings, with one filter per direction."""
 
     enabled: bool = True
     to_ticket: FileFilter = Field(default_factory=FileFilter)
@@ -153,10 +154,11 @@ def check_account_id(approver: str) -> str:
 
 
 class ResponseRules(StrictModel):
-    """Who may confirm or decline MDR responses from the ticket, by stable account id or group name.
+    """Accounts and groups that may confirm or decline MDR responses from the ticket.
 
-    Both lists are empty by default, so nobody may decide from the ticket.
-    Jira Cloud accounts are named by accountId, Jira Data Center ones by user name.
+    Accounts are named by stable account id: accountId on Jira Cloud, user name
+    on Jira Data Center. Both lists are empty by default, so nobody may decide
+    from the ticket.
     """
 
     enabled: bool = True
@@ -166,7 +168,7 @@ class ResponseRules(StrictModel):
 
 
 class CloseRules(StrictModel):
-    """Closing the MDR incident when its ticket reaches a done status; off by default."""
+    """Rules for closing the MDR incident when its ticket reaches a done status, off by default."""
 
     enabled: bool = False
     done_statuses: list[str] = Field(default_factory=list)
@@ -195,7 +197,7 @@ class AssetRules(StrictModel):
 
     enabled: bool = True
     cache_seconds: int = Field(default=3600, ge=0)
-    # At most this many assets are read per incident; the rest are listed by name only.
+    # Maximum number of assets read per incident. The rest are listed by name only.
     max_assets: int = Field(default=20, ge=0, le=200)
 
 
@@ -227,7 +229,7 @@ class Route(StrictModel):
         return value
 
     def shadows(self, later: Route) -> bool:
-        """Tell whether this route matches every incident that `later` matches, so `later` is never used."""
+        """Return whether this route matches every incident that `later` matches, so `later` is never used."""
         if self.tenant != later.tenant:
             return False
         if not self.priorities:
@@ -236,12 +238,13 @@ class Route(StrictModel):
 
 
 class IncidentCreation(StrictModel):
-    """Opt-in: tickets with the label or issue type create MDR incidents (`incidents/create`)."""
+    """Opt-in creation of MDR incidents (`incidents/create`) from tickets with the label or issue type."""
 
     enabled: bool = False
     label: str | None = "mdr-create"
     issue_type: str | None = None
-    # The ticket field holding the affected hosts, one `HOSTNAME:asset_id` per line or comma.
+    # The ticket field that lists the affected hosts as `HOSTNAME:asset_id`,
+    # separated by newlines, commas or semicolons.
     hosts_field: str | None = None
     tenant_id: str = ""
 
@@ -257,8 +260,8 @@ class Mapping(StrictModel):
     labels: list[str] = Field(default_factory=list)
     components: list[str] = Field(default_factory=list)
     fields: dict[str, Any] = Field(default_factory=dict)
-    # Who owns each field after creation: `mdr` overwrites it on every MDR
-    # update, `ticket` sets it only at creation so an analyst's edit stays.
+    # Owner of each field after creation. `mdr` overwrites it on every MDR
+    # update, and `ticket` sets it only at creation so an analyst's edit stays.
     # Keys: summary, description, priority, labels, components, or a key of `fields`.
     field_owner: dict[str, Literal["mdr", "ticket"]] = Field(default_factory=dict)
     comments: CommentFormat = Field(default_factory=CommentFormat)
@@ -267,7 +270,7 @@ class Mapping(StrictModel):
     status: StatusRules = Field(default_factory=StatusRules)
     assets: AssetRules = Field(default_factory=AssetRules)
     routes: list[Route] = Field(default_factory=list)
-    # What happens to an incident no route matches: the top-level project and
+    # Handling of an incident that no route matches: the top-level project and
     # issue type take it (`default`), or it is parked with an error (`report`).
     unrouted: Literal["default", "report"] = "default"
     create_incidents: IncidentCreation = Field(default_factory=IncidentCreation)
@@ -350,7 +353,7 @@ class Mapping(StrictModel):
         return value
 
     def owned_by_ticket(self) -> frozenset[str]:
-        """The fields an MDR update must not overwrite."""
+        """Return the fields an MDR update must not overwrite."""
         return frozenset(name for name, owner in self.field_owner.items() if owner == "ticket")
 
     @field_validator("priority")

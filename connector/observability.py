@@ -2,7 +2,7 @@
 
 The runner reports each cycle's end here. Metrics use the Prometheus text
 format, written by hand because the set is small and fixed. The server
-listens on loopback unless `observability.host` says otherwise.
+listens on loopback unless `observability.host` sets another address.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class MetricRegistry:
 
 @dataclass
 class ConnectionHealth:
-    """What readiness needs to know about one connection."""
+    """Health of one connection: the inputs of its readiness check and the counters already reported."""
 
     interval_seconds: float
     running: bool = True
@@ -123,7 +123,7 @@ class ConnectionHealth:
 
 
 class Observer:
-    """Turns cycle outcomes into metrics and readiness."""
+    """Metrics and readiness state, updated from the outcome of each cycle."""
 
     def __init__(self, settings: ObservabilitySettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -183,7 +183,7 @@ class Observer:
             health.refresh_expires_at = refresh_expires_at
 
     def _count_items(self, name: str, health: ConnectionHealth, stats: SyncStats) -> None:
-        # SyncStats counts across cycles; the metric takes what is new since the last report.
+        # SyncStats counters grow across cycles, so the metric adds only the increase since the last report.
         for counter, (kind, direction) in SYNCED_COUNTERS.items():
             total = getattr(stats, counter)
             delta = total - health.reported.get(counter, 0)
@@ -196,7 +196,7 @@ class Observer:
             self.metrics.add("mdr_connector_errors_total", failures, connection=name, **{"class": "item"})
 
     def not_ready_reasons(self) -> list[str]:
-        """Say what keeps the service from being ready; empty when it is ready."""
+        """Return the reasons the service is not ready, or an empty list when it is ready."""
         now = self.clock()
         reasons = []
         for name, health in sorted(self.connections.items()):
@@ -240,7 +240,7 @@ def make_app(observer: Observer, store: Store) -> web.Application:
 
 @contextlib.asynccontextmanager
 async def serve_observability(settings: Settings, observer: Observer, store: Store) -> AsyncIterator[str | None]:
-    """Serve the endpoints while the block runs, when a port is configured; yield the base URL or None."""
+    """Serve the endpoints while the block runs and yield their base URL, or yield None when no port is set."""
     config = settings.observability
     if config.port is None:
         yield None

@@ -180,11 +180,11 @@ class ResponseDecision(Base):
     decision: Mapped[str] = mapped_column(String(16))
     actor_id: Mapped[str] = mapped_column(String(200))
     actor_name: Mapped[str] = mapped_column(String(200))
-    # `ticket` (a comment command; source_id is the comment id) or `cli`.
+    # `ticket` for a comment command, whose comment id is in `source_id`, or `cli`.
     source: Mapped[str] = mapped_column(String(32))
     source_id: Mapped[str | None] = mapped_column(String(200))
     reason: Mapped[str] = mapped_column(Text)
-    # pending until MDR answered; then sent, refused (not allowed) or failed.
+    # `pending` until MDR replies, then `sent`, `refused` (not allowed) or `failed`.
     outcome: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime)
@@ -661,7 +661,7 @@ class Store:
         return row
 
     async def finish_decision(self, decision_id: int, outcome: str, error: str | None = None) -> None:
-        """Record what MDR answered to a decision."""
+        """Record the outcome of sending a decision to MDR, with its error and send time."""
         async with self.sessions() as session, session.begin():
             row = await session.get(ResponseDecision, decision_id)
             if row is None:
@@ -726,13 +726,13 @@ class Store:
     # Reports
 
     async def count_parked(self, connection: str) -> int:
-        """Count the parked items of a connection; cheap whatever the size of the other tables."""
+        """Count the parked items of a connection with one query that reads no other table."""
         async with self.sessions() as session:
             query = select(func.count()).select_from(ParkedItem).where(ParkedItem.connection == connection)
             return int(await session.scalar(query) or 0)
 
     async def ping(self) -> None:
-        """Run a trivial query; raises when the database cannot be reached."""
+        """Run a trivial query, which raises when the database cannot be reached."""
         async with self.engine.connect() as connection:
             await connection.execute(select(1))
 
@@ -848,7 +848,7 @@ class Store:
         return deleted
 
     async def copy_connection(self, target: Store, connection: str, batch_size: int = 1000) -> dict[str, int]:
-        """Copy every ledger row of one connection into `target`, an empty ledger; return the rows copied per table.
+        """Copy every ledger row of one connection into `target`, an empty ledger, and return the rows copied per table.
 
         Nothing is written to this ledger. Each table is read by one query
         and inserted in batches of `batch_size`, so while another process

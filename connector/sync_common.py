@@ -149,7 +149,7 @@ class ReadWithRetry(Protocol):
 
 @dataclass
 class SyncContext:
-    """What every part of a reconciliation shares: settings, ledger, both sides, counters, clock.
+    """State that every part of a reconciliation shares: settings, ledger, both sides, counters and clock.
 
     ConnectionSync (engine.py) builds one per connection and sets
     `own_account` when it opens.
@@ -166,8 +166,8 @@ class SyncContext:
     # Large files are spooled here (inside the data folder) and removed afterwards.
     spool_dir: Path
     own_account: TicketAccount | None = None
-    # Ticket comments read once per reconciliation and shared by its parts,
-    # by ticket id; the engine drops an entry when the reconciliation ends.
+    # Ticket comments by ticket id, read once per reconciliation and shared by
+    # its parts. The engine drops an entry when the reconciliation ends.
     comment_snapshots: dict[str, list[TicketComment]] = field(default_factory=dict)
 
     @property
@@ -178,7 +178,7 @@ class SyncContext:
         """Return the ticket's comments as first read in this reconciliation, reading them when not read yet.
 
         A comment added after that read changes the ticket's `updated`, so the
-        ticket change search brings the incident back; nothing is missed.
+        ticket change search brings the incident back and no comment is missed.
         """
         snapshot = self.comment_snapshots.get(ref.id)
         if snapshot is None:
@@ -191,7 +191,7 @@ class IncidentPart(Protocol):
     """One kind of object reconciled for a linked incident: attachments, responses, status.
 
     `sync` raises ItemError when some of its items failed, after doing the
-    rest; the engine runs every part, then parks the incident once.
+    rest. The engine runs every part, then parks the incident once.
     """
 
     label: str

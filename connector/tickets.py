@@ -87,13 +87,13 @@ class TicketComment:
     # True when the ticket system limits who may read the comment (a Jira
     # comment visible to one role or group); such comments stay internal.
     restricted: bool = False
-    # The time of the last edit; None when the ticket system reports none.
+    # The time of the last edit, or None when the ticket system reports none.
     updated: datetime | None = None
 
 
 @dataclass(frozen=True)
 class CommentVisibility:
-    """Who may read a comment the connector posts: a Jira role or group, by name."""
+    """Jira role or group, by name, that may read a comment the connector posts."""
 
     type: Literal["role", "group"]
     value: str
@@ -110,7 +110,7 @@ class CommentDraft:
 
 @dataclass(frozen=True)
 class TicketAttachment:
-    """A file attached to a ticket, as listed; the bytes are read with `download_attachment`."""
+    """A file attached to a ticket, as listed. `download_attachment` reads its bytes."""
 
     id: str
     filename: str
@@ -122,7 +122,7 @@ class TicketAttachment:
 
 @dataclass(frozen=True)
 class AttachmentUpload:
-    """A file to attach to a ticket, spooled on disk; `filename` is already sanitised."""
+    """A file to attach to a ticket, spooled on disk. Its `filename` is already sanitised."""
 
     filename: str
     path: Path
@@ -144,7 +144,7 @@ class TicketState:
 
 @dataclass(frozen=True)
 class TicketQuery:
-    """Tickets that ask for a new MDR incident: by label, by issue type, or both."""
+    """Search for tickets that request a new MDR incident, by label, by issue type, or both."""
 
     project: str
     label: str | None = None
@@ -180,7 +180,7 @@ class TicketAdapter(Protocol):
     async def update_ticket(self, ref: TicketRef, fields: TicketFields, skip: frozenset[str] = frozenset()) -> None:
         """Write the mapped fields of an existing ticket, except those named in `skip`.
 
-        `skip` holds core names (summary, description, priority, labels,
+        `skip` contains core names (summary, description, priority, labels,
         components) and keys of `fields.extra` that the ticket owns after creation.
         """
 
@@ -200,7 +200,7 @@ class TicketAdapter(Protocol):
     async def check(self, issue_type: str, priorities: Iterable[str], project: str | None = None) -> list[str]:
         """Return what would stop ticket creation: a missing project, issue type or priority.
 
-        `project` defaults to the adapter's own project; routes name others.
+        `project` defaults to the adapter's own project, and routes name others.
         """
 
     def search_delay_seconds(self) -> float:
@@ -213,13 +213,13 @@ class TicketAdapter(Protocol):
         """Return every attachment of a ticket."""
 
     async def download_attachment(self, attachment: TicketAttachment, destination: Path) -> int:
-        """Stream an attachment into `destination` without holding it in memory; return the bytes written."""
+        """Stream an attachment into `destination` without holding it in memory, and return the bytes written."""
 
     async def upload_attachment(self, ref: TicketRef, upload: AttachmentUpload) -> TicketAttachment:
         """Stream a spooled file to the ticket as an attachment."""
 
     async def attachment_limit(self) -> int | None:
-        """The largest attachment the ticket system accepts, in bytes; None when attachments are off."""
+        """Return the largest attachment the ticket system accepts, in bytes, or None when attachments are off."""
 
     async def get_state(self, ref: TicketRef, field_ids: Iterable[str] = ()) -> TicketState:
         """Read the status of a ticket and the named field values."""
@@ -228,7 +228,7 @@ class TicketAdapter(Protocol):
         """Move the ticket to the status named `status` by one available transition.
 
         Raises RejectedError naming the statuses that can be reached when no
-        transition leads there; the engine never guesses a path.
+        transition leads there, so the engine never guesses a path.
         """
 
     async def find_tickets(self, query: TicketQuery, since: datetime) -> list[TicketRef]:
