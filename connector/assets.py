@@ -40,7 +40,7 @@ TABLE_COLUMNS = (
 
 
 def table_header() -> str:
-    """The table's header and separator lines, in the current language."""
+    """Return the table's header and separator lines in the current language."""
     names = " | ".join(_(name) for name in TABLE_COLUMNS)
     return f"| {names} |\n|{'---|' * len(TABLE_COLUMNS)}"
 

@@ -1,10 +1,10 @@
 """Safe file names for attachments copied between MDR and a ticket system.
 
-On both sides the uploader chooses the name, so a name may carry a path, control characters or bidi overrides that make
-`invoice.exe` look like `invoice.pdf`. The connector never stores a file
-under such a name (the spool uses generated names); it cleans the name
-before sending it to the other side, and keeps letters of every script,
-emoji included.
+On both sides the uploader chooses the name, so a name may carry a path,
+control characters or bidi overrides that make `invoice.exe` look like
+`invoice.pdf`. The spool uses generated names, so no file is stored under
+such a name. The connector cleans the name before sending it to the other
+side and keeps letters of every script, emoji included.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ async def test_overlap_pages_are_free(active_mdr_client: MdrClient, mdr_sim: Mdr
 
 
 async def test_many_records_in_one_millisecond(active_mdr_client: MdrClient, mdr_sim: MdrSimulator) -> None:
-    """More records in one millisecond than a page holds are read by page number, none skipped."""
+    """More records in one millisecond than fit on a page are read by page number, none skipped."""
     start = mdr_sim.now_ms()
     seeded = [mdr_sim.seed_incident(MDR_CLIENT_ID, update_time=start, creation_time=start) for _ in range(5)]
 

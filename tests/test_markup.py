@@ -383,8 +383,8 @@ def test_steps_share_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         (markup.jira_to_markdown, "[" * 10000 + "]" * 10000, {"TimeoutExpired"}),
         (markup.jira_to_markdown, "{" * 16000, {"TimeoutExpired"}),
-        # The reader is usually fast here and the tree too deep to read back
-        # in Python; on a loaded machine the reader may hit the timeout first.
+        # The reader is usually fast here, and the tree is too deep to read
+        # back in Python. On a loaded machine the reader may time out first.
         (markup.html_to_markdown, "<b><i>" * 10000 + "end", {"RecursionError", "TimeoutExpired"}),
     ],
     ids=["brackets", "braces", "nested-tags"],

@@ -155,7 +155,7 @@ async def test_endpoints_of_a_running_service(harness: SyncHarness) -> None:
 
 
 async def test_readyz_fails_without_database(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A database that cannot be reached makes /readyz answer 503 with the reason."""
+    """A database that cannot be reached makes /readyz return 503 with the reason."""
     harness.settings = harness.settings.model_copy(update={"observability": ObservabilitySettings(port=0)})
     observer = Observer(harness.settings.observability)
 

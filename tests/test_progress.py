@@ -38,7 +38,7 @@ NEVER = 3600.0
 
 
 class FakeTerminal(io.StringIO):
-    """A text stream that says it is a terminal and lets a test wait until some text is written."""
+    """A text stream that reports itself as a terminal and lets a test wait until some text is written."""
 
     def __init__(self, terminal: bool = True) -> None:
         super().__init__()
