@@ -54,6 +54,7 @@ from mdr_connector.connector.tickets import (
     SyncMarker,
     TicketAttachment,
     TicketRef,
+    system_title,
 )
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class AttachmentSync:
         if reason is not None:
             return reason
 
-        system = self.context.tickets.system.title()
+        system = system_title(self.context.tickets.system)
         if limit is None:
             return Message(N_("attachments are turned off in {system}"), system=system)
         if size > limit:
@@ -237,7 +238,7 @@ class AttachmentSync:
                 if err.status != HTTP_CONTENT_TOO_LARGE:
                     raise
                 return Message(
-                    N_("{system} rejected it as too large (HTTP 413)"), system=self.context.tickets.system.title()
+                    N_("{system} rejected it as too large (HTTP 413)"), system=system_title(self.context.tickets.system)
                 )
 
         await self._finish(incident, ATTACHMENT, MDR_TO_TICKET, attachment.attachment_id, landed.id)
@@ -376,11 +377,11 @@ class AttachmentSync:
                     "it is downloaded again on the next try"
                 )
 
-            caption = f"{attachment.author.display_name} ({system.title()} {ref.key})"
+            caption = f"{attachment.author.display_name} ({system_title(system)} {ref.key})"
             if filename != attachment.filename:
                 caption = _("{author} ({system} {ticket_key}), original name: {original_name}").format(
                     author=attachment.author.display_name,
-                    system=system.title(),
+                    system=system_title(system),
                     ticket_key=ref.key,
                     original_name=visible_name(attachment.filename),
                 )
@@ -437,7 +438,7 @@ class AttachmentSync:
             file_name=code_span(filename),
             size=format_size(attachment.size),
             author=escape_markdown(attachment.author.display_name),
-            system=system.title(),
+            system=system_title(system),
             ticket_key=ref.key,
             created=format_time(attachment.created),
             reason=reason,

@@ -16,6 +16,7 @@ from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.routing import check_destinations
 from mdr_connector.connector.service import build_ticket_adapter
+from mdr_connector.connector.tickets import system_title
 
 CheckLine = tuple[str, bool]
 # Permission bits that let group or others read or write a file.
@@ -99,11 +100,11 @@ async def check_tickets(connection: ConnectionSettings) -> list[CheckLine]:
     try:
         account = await adapter.open()
         lines = [(_("{system} at {url} accepts the credentials of {account}").format(
-            system=adapter.system.title(), url=connection.ticket.url, account=account.display_name), True)]
+            system=system_title(adapter.system), url=connection.ticket.url, account=account.display_name), True)]
         problems = await check_destinations(mapping, adapter)
     except ConnectorError as err:
         return [(_("{system} at {url}: {error}").format(
-            system=connection.ticket.system.title(), url=connection.ticket.url, error=err), False)]
+            system=system_title(connection.ticket.system), url=connection.ticket.url, error=err), False)]
     finally:
         await adapter.close()
 

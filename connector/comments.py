@@ -615,7 +615,8 @@ class CommentSync:
         assert self.own_account is not None
         key = deletion_key(source_id)
         ticket_copy = next((comment for comment in view.ticket_comments if comment.id == copy_id), None)
-        if rule == "mirror":
+        # Where comments cannot be edited (ServiceNow journal entries), `mirror` falls back to a note.
+        if rule == "mirror" and self.tickets.capabilities.edit_comments:
             # A copy missing from the list is still edited, because a list
             # read during another deletion can skip it. The adapter raises
             # a 404 when the copy is really gone.

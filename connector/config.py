@@ -209,7 +209,63 @@ class JiraSettings(TransportSettings):
     _check_url = field_validator("url")(check_service_url)
 
 
-TicketSettings = Annotated[JiraSettings, Field(discriminator="system")]
+class ServiceNowBasicAuth(StrictModel):
+    """ServiceNow: the service account's user name and password on every request."""
+
+    type: Literal["basic"]
+    username: str = Field(min_length=1)
+    password: SecretRef
+
+
+class ServiceNowOAuth(StrictModel):
+    """ServiceNow: an OAuth client credentials grant from `oauth_token.do`.
+
+    The account the instance maps the OAuth client to is the connector's own
+    account, so `username` must name it for echo suppression and the start-up checks.
+    """
+
+    type: Literal["oauth_client_credentials"]
+    client_id: str = Field(min_length=1)
+    client_secret: SecretRef
+    username: str = Field(min_length=1)
+    scope: str | None = None
+
+
+ServiceNowAuth = Annotated[ServiceNowBasicAuth | ServiceNowOAuth, Field(discriminator="type")]
+
+
+class ServiceNowSettings(TransportSettings):
+    """How to reach a ServiceNow instance and which table holds the tickets."""
+
+    system: Literal["servicenow"]
+    url: str
+    auth: ServiceNowAuth
+    table: str = Field(default="incident", pattern=r"^[a-z][a-z0-9_]{0,79}$")
+    # The close code and notes sent with a move to a resolved or closed
+    # state; instances enforce both with a data policy. Choice values differ
+    # per instance, so `check` compares them with the instance's sys_choice list.
+    close_code: str = "Solution provided"
+    close_notes: str = "Resolved in Kaspersky MDR."
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+
+    _check_url = field_validator("url")(check_service_url)
+
+
+class RedmineSettings(TransportSettings):
+    """How to reach a Redmine server through its REST API."""
+
+    system: Literal["redmine"]
+    url: str
+    api_key: SecretRef
+    # The issue custom field that carries the MDR incident id, by name. The
+    # REST API cannot create custom fields, so an administrator creates it once.
+    correlation_field: str = Field(default="MDR incident id", min_length=1)
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+
+    _check_url = field_validator("url")(check_service_url)
+
+
+TicketSettings = Annotated[JiraSettings | ServiceNowSettings | RedmineSettings, Field(discriminator="system")]
 
 
 class StartSettings(StrictModel):

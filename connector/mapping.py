@@ -25,6 +25,7 @@ from mdr_connector.connector.tickets import (
     SyncMarker,
     TicketDraft,
     TicketFields,
+    system_title,
 )
 
 CONNECTOR_LABEL = "mdr-connector"
@@ -202,7 +203,7 @@ def render_edit_note_for_mdr(
 ) -> str:
     """Render the MDR note that carries the new text of a ticket comment edited after it was copied."""
     header = _ticket_comment_header(mapping, author, edited, system, ticket_key)
-    edited_in = _("_Edited in {system}. The new text:_").format(system=system.title())
+    edited_in = _("_Edited in {system}. The new text:_").format(system=system_title(system))
     return f"{header}\n\n{edited_in}\n\n{body}\n\n{mdr_footer(system, note_id)}"
 
 
@@ -210,7 +211,7 @@ def render_deletion_note_for_mdr(*, system: str, ticket_key: str, comment_id: st
     """Render the MDR note saying that a ticket comment copied to the incident was deleted on the ticket."""
     text = _(
         "_{system} comment {comment_id} of {ticket_key}, copied to this incident earlier, was deleted in {system}._"
-    ).format(system=system.title(), comment_id=comment_id, ticket_key=ticket_key)
+    ).format(system=system_title(system), comment_id=comment_id, ticket_key=ticket_key)
     return f"{text}\n\n{mdr_footer(system, note_id)}"
 
 
@@ -239,7 +240,7 @@ def _ticket_comment_header(mapping: Mapping, author: str, created: datetime, sys
             "author": escape_markdown(author),
             "created": format_time(created),
             "ticket_key": ticket_key,
-            "system": system.title(),
+            "system": system_title(system),
         }
     )
 

@@ -63,10 +63,18 @@ COMMENT_TEMPLATE_FIELDS = {
 
 
 class Visibility(StrictModel):
-    """A Jira role or group that may read a comment."""
+    """Who may read a comment: a Jira role or group by name, or `internal` for a ServiceNow work note or a Redmine private note."""
 
-    type: Literal["role", "group"]
-    value: str = Field(min_length=1)
+    type: Literal["role", "group", "internal"]
+    value: str = ""
+
+    @model_validator(mode="after")
+    def _value_when_named(self) -> Visibility:
+        if self.type == "internal" and self.value:
+            raise ValueError(f"visibility type internal takes no value; remove value {self.value!r}")
+        if self.type != "internal" and not self.value:
+            raise ValueError(f"visibility type {self.type} needs the {self.type} name as value, for example value: Developers")
+        return self
 
 
 class CommentFormat(StrictModel):

@@ -64,6 +64,7 @@ from mdr_connector.connector.tickets import (
     TicketAccount,
     TicketAdapter,
     TicketAttachment,
+    TicketCapabilities,
     TicketChange,
     TicketComment,
     TicketDraft,
@@ -71,6 +72,7 @@ from mdr_connector.connector.tickets import (
     TicketQuery,
     TicketRef,
     TicketState,
+    system_title,
 )
 
 log = logging.getLogger(__name__)
@@ -323,6 +325,10 @@ class DryRunTickets:
     def system(self) -> str:
         return self.inner.system
 
+    @property
+    def capabilities(self) -> TicketCapabilities:
+        return self.inner.capabilities
+
     # Reads
 
     async def open(self) -> TicketAccount:
@@ -389,7 +395,7 @@ class DryRunTickets:
         self.recorder.record(
             TICKET_SIDE,
             "create_ticket",
-            system=self.system.title(),
+            system=system_title(self.system),
             ticket_key=ref.key,
             project=draft.project,
             issue_type=draft.issue_type,
@@ -648,7 +654,7 @@ async def link_incident(
             await tickets.open()
             ref = await tickets.get_ticket(ticket_key)
             if ref is None:
-                raise ItemError.from_template(TICKET_NOT_FOUND, system=tickets.system.title(), ticket_key=ticket_key)
+                raise ItemError.from_template(TICKET_NOT_FOUND, system=system_title(tickets.system), ticket_key=ticket_key)
             owners = await store.get_links_by_ticket_ids(connection.name, [ref.id])
             other = owners.get(ref.id)
             if other is not None and other.incident_id != incident_id:

@@ -13,6 +13,7 @@ The same decision path serves `mdr-connector responses confirm|decline`
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -48,6 +49,7 @@ from mdr_connector.connector.tickets import (
     TicketAdapter,
     TicketComment,
     TicketRef,
+    system_title,
 )
 
 log = logging.getLogger(__name__)
@@ -174,6 +176,12 @@ def _plain_reason(text: str) -> str:
 def response_version(response: Response) -> str:
     """Return the ledger version of a response view: its status and update time."""
     return f"{response.status[:MAX_STATUS_IN_VERSION]}@{response.update_time}"
+
+
+def view_marker_id(response_id: str, version: str) -> str:
+    """Return the marker id of one version's view, for ticket systems whose comments cannot be edited."""
+    digest = hashlib.sha256(version.encode("utf-8")).hexdigest()[:12]
+    return f"{response_id}.{digest}"
 
 
 def is_edited(comment: TicketComment) -> bool:
@@ -318,7 +326,7 @@ def mdr_comment(decision: ResponseDecision, system: str, ticket_key: str, *, res
             reason=decision.reason, actor_id=decision.actor_id
         )
     where = _("{actor} {actor_id} in {system} {ticket_key}").format(
-        actor=decision.actor_name, actor_id=decision.actor_id, system=system.title(), ticket_key=ticket_key
+        actor=decision.actor_name, actor_id=decision.actor_id, system=system_title(system), ticket_key=ticket_key
     )
     if restricted:
         return _("Decided by {decided_by}; the reason is in a restricted comment there.").format(decided_by=where)
@@ -403,23 +411,43 @@ class ResponseSync:
         host_names = host_names_by_asset(incident)
         failed: list[str] = []
 
+        editable = self.context.tickets.capabilities.edit_comments
         for response in sorted(responses, key=lambda r: (r.creation_time, r.response_id)):
             version = response_version(response)
             item = items.get(response.response_id)
             if item is not None and item.state == DONE and item.source_version == version:
                 continue
 
-            target = self._view_comment_id(item, landed.get(response.response_id), present)
+            # A ticket system without comment edits gets one view per version,
+            # each with its own marker, so a view posted before a crash is found again.
+            view_id = response.response_id if editable else view_marker_id(response.response_id, version)
+            landed_view = landed.get(view_id)
+            target = self._view_comment_id(item, landed_view, present) if editable else None
             draft = CommentDraft(
                 body=render_response(response, host_names, self.rules.command),
-                marker=SyncMarker(origin=RESPONSE_ORIGIN, source_id=response.response_id),
+                marker=SyncMarker(origin=RESPONSE_ORIGIN, source_id=view_id),
                 visibility=self.visibility,
             )
             try:
+                if not editable and landed_view is not None:
+                    await self._record_landed_view(incident, response, version, landed_view)
+                    continue
                 await self._write_view(incident, ref, response, version, target, draft)
             except ItemError as err:
                 failed.append(f"response {response.response_id}: {err}")
         return failed
+
+    async def _record_landed_view(self, incident: Incident, response: Response, version: str, view: TicketComment) -> None:
+        """Record a view of this version that landed before a crash, without posting it again."""
+        await self.context.store.finish_item(
+            self.name,
+            incident.incident_id,
+            RESPONSE,
+            MDR_TO_TICKET,
+            response.response_id,
+            view.id,
+            source_version=version,
+        )
 
     @staticmethod
     def _view_comment_id(item: SyncedItem | None, landed: TicketComment | None, present: set[str]) -> str | None:

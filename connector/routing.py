@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from mdr_connector.adapters.mdr.models import Incident
 from mdr_connector.connector.errors import ItemError
 from mdr_connector.connector.mappingfile import Mapping, Route
-from mdr_connector.connector.tickets import TicketAdapter
+from mdr_connector.connector.tickets import TicketAdapter, TicketCapabilities, system_title
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ async def check_destinations(mapping: Mapping, tickets: TicketAdapter) -> list[s
     """
     priorities = list(mapping.priority.values())
     top_level = await tickets.check(mapping.issue_type, priorities)
-    problems = list(top_level)
+    problems = unsupported_by(mapping, tickets.system, tickets.capabilities) + list(top_level)
 
     checked = {(mapping.project, mapping.issue_type)}
     for index, route in enumerate(mapping.routes, start=1):
@@ -86,3 +86,29 @@ async def check_destinations(mapping: Mapping, tickets: TicketAdapter) -> list[s
         # once for the top-level project, not again for each route.
         problems += [f"route {index} (tenant {route.tenant!r}): {problem}" for problem in found if problem not in top_level]
     return list(dict.fromkeys(problems))
+
+
+def unsupported_by(mapping: Mapping, system: str, capabilities: TicketCapabilities) -> list[str]:
+    """Return the mapping settings that ask the ticket system for something it cannot store."""
+    name = system_title(system)
+    problems: list[str] = []
+    route_labels = any(route.labels for route in mapping.routes)
+    if not capabilities.labels and (mapping.labels or route_labels):
+        problems.append(f"{name} tickets have no labels; remove `labels` from the mapping and its routes")
+    requests = mapping.create_incidents
+    if not capabilities.labels and requests.enabled and requests.label:
+        problems.append(
+            f"{name} tickets have no labels, so create_incidents cannot find requests by label "
+            f"{requests.label!r}; set `create_incidents.label: null` and name an `issue_type`"
+        )
+    route_components = any(route.components for route in mapping.routes)
+    if not capabilities.components and (mapping.components or route_components):
+        problems.append(f"{name} tickets have no components; remove `components` from the mapping and its routes")
+    visibility = mapping.comments.visibility
+    if visibility is not None and visibility.type not in capabilities.visibility_types:
+        known = ", ".join(sorted(capabilities.visibility_types)) or "none"
+        problems.append(
+            f"{name} does not support comment visibility type {visibility.type!r}; use one of: {known}, "
+            "or remove `comments.visibility`"
+        )
+    return problems

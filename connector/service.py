@@ -17,10 +17,19 @@ from mdr_connector.connector.tickets import TicketAdapter
 def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> TicketAdapter:
     """Create the adapter of the connection's ticket system."""
     ticket = connection.ticket
+    other_projects = mapping_projects(mapping)[1:]
     if ticket.system == "jira":
         from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
 
-        return JiraTicketAdapter(ticket, project=mapping.project, other_projects=mapping_projects(mapping)[1:])
+        return JiraTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
+    if ticket.system == "servicenow":
+        from mdr_connector.adapters.servicenow.adapter import ServiceNowTicketAdapter
+
+        return ServiceNowTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
+    if ticket.system == "redmine":
+        from mdr_connector.adapters.redmine.adapter import RedmineTicketAdapter
+
+        return RedmineTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
     raise AssertionError(f"unknown ticket system {ticket.system!r} passed config validation")
 
 

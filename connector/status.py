@@ -24,7 +24,7 @@ from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mapping import escape_markdown, mdr_footer, parse_mdr_footer
 from mdr_connector.connector.store import DONE, PENDING, TICKET_TO_MDR, Link
 from mdr_connector.connector.sync_common import SyncContext
-from mdr_connector.connector.tickets import TicketRef, TicketState
+from mdr_connector.connector.tickets import TicketRef, TicketState, system_title
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class StatusSync:
 
         resolution = self.resolution_for(state, ref)
         summary = self.close_rules.summary.format_map(
-            {"system": self.context.tickets.system.title(), "ticket_key": ref.key, "status": state.status}
+            {"system": system_title(self.context.tickets.system), "ticket_key": ref.key, "status": state.status}
         )
         await self.context.store.start_item(self.name, incident_id, CLOSE, TICKET_TO_MDR, ref.id)
         await self.context.mdr.close_incident(incident_id, resolution, summary)
@@ -331,7 +331,7 @@ class StatusSync:
         note = _(
             "{system} ticket {ticket_key} was reopened (status {status}). This MDR incident stays closed, because "
             "the MDR API cannot reopen an incident; reopen it in the MDR console if the SOC should look at it again."
-        ).format(system=system.title(), ticket_key=escape_markdown(ref.key), status=escape_markdown(state.status))
+        ).format(system=system_title(system), ticket_key=escape_markdown(ref.key), status=escape_markdown(state.status))
         text = f"{note}\n\n{mdr_footer(system, source_id)}"
         posted = await self.context.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
         await self._record_reopened(incident.incident_id, state, seen)

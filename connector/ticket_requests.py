@@ -49,6 +49,7 @@ from mdr_connector.connector.tickets import (
     TicketQuery,
     TicketRef,
     TicketState,
+    system_title,
 )
 
 log = logging.getLogger(__name__)
@@ -451,7 +452,7 @@ class TicketIncidentRequests:
         await self.context.store.park(self.name, PARKED_REQUEST, ref.id, f"ticket {ref.key}: {reason}", next_try)
 
     def _client_description(self, ref: TicketRef, description: str) -> str:
-        system = self.context.tickets.system.title()
+        system = system_title(self.context.tickets.system)
         requested = _("Requested in {system} ticket {ticket_key}.").format(system=system, ticket_key=ref.key)
         origin = f"{requested}\n{self._marker(ref)}"
         return f"{description}\n\n{origin}" if description else origin

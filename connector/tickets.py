@@ -26,6 +26,13 @@ RESPONSE_ORIGIN = "mdr-response"
 # work: a filtered attachment, a response decision, a refused command.
 NOTICE_ORIGIN = "mdr-notice"
 
+SYSTEM_TITLES = {"jira": "Jira", "servicenow": "ServiceNow", "redmine": "Redmine"}
+
+
+def system_title(system: str) -> str:
+    """Return the product name of a ticket system as people write it: ServiceNow, not Servicenow."""
+    return SYSTEM_TITLES.get(system, system.title())
+
 
 @dataclass(frozen=True)
 class TicketRef:
@@ -93,10 +100,34 @@ class TicketComment:
 
 @dataclass(frozen=True)
 class CommentVisibility:
-    """Jira role or group, by name, that may read a comment the connector posts."""
+    """Who may read a comment the connector posts.
 
-    type: Literal["role", "group"]
-    value: str
+    `role` and `group` name a Jira project role or group in `value`;
+    `internal` asks for the system's internal note (a ServiceNow work note,
+    a Redmine private note) and takes no value.
+    """
+
+    type: Literal["role", "group", "internal"]
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class TicketCapabilities:
+    """What a ticket system can store, so the engine and `check` never ask an adapter for more.
+
+    The engine reads these instead of the system's name: a comment that
+    cannot be edited is followed by a new one, and a mapping that asks for
+    labels, components or a visibility the system lacks is reported by `check`.
+    """
+
+    # Comments the connector wrote can be edited in place.
+    edit_comments: bool = True
+    # Tickets carry free-form labels, so mapping labels and label-based requests work.
+    labels: bool = True
+    # Tickets carry named components from the project.
+    components: bool = True
+    # The CommentVisibility types the system understands.
+    visibility_types: frozenset[str] = frozenset({"role", "group"})
 
 
 @dataclass(frozen=True)
@@ -164,6 +195,7 @@ class TicketAdapter(Protocol):
     """The operations the engine needs from a ticket system."""
 
     system: str
+    capabilities: TicketCapabilities
 
     async def open(self) -> TicketAccount:
         """Connect, check the credentials, and return the connector's own account."""

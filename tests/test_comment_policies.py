@@ -29,6 +29,7 @@ from mdr_connector.connector.store import DONE, MDR_TO_TICKET, TICKET_TO_MDR, St
 from mdr_connector.connector.sync_common import SyncStats
 from mdr_connector.connector.tickets import (
     NOTICE_ORIGIN,
+    TicketCapabilities,
     CommentDraft,
     CommentVisibility,
     TicketAccount,
@@ -573,6 +574,22 @@ async def test_mdr_delete_mirror_once(fakes: Fakes) -> None:
     assert copy.marker is not None
     assert copy.marker.source_id == soc.comment_id
     assert fakes.tickets.edits == [copy.id]
+
+
+async def test_mdr_delete_mirror_falls_back_to_note_without_comment_edits(fakes: Fakes) -> None:
+    """Where comments cannot be edited (ServiceNow journal entries), `mirror` adds one note and edits nothing."""
+    fakes.tickets.capabilities = TicketCapabilities(edit_comments=False)
+    soc = fakes.mdr.add_soc_comment("<p>wrong incident</p>")
+    await fakes.run()
+    fakes.mdr.delete_soc_comment(soc.comment_id)
+
+    await fakes.run(times=3)
+
+    comments = fakes.tickets.comments(fakes.ref.key)
+    assert len(comments) == 2
+    assert "wrong incident" in comments[0].body
+    assert "was deleted in MDR" in comments[1].body
+    assert fakes.tickets.edits == []
 
 
 async def test_mdr_delete_mirror_copy_gone(fakes: Fakes) -> None:

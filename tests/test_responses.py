@@ -12,6 +12,7 @@ from fixtures_jira import StartJira
 from fixtures_mdr import MDR_CLIENT_ID
 from fixtures_sync import SyncHarness, open_harness
 
+from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
 from mdr_connector.adapters.jira.simulator_state import HUMAN_NAME
 from mdr_connector.adapters.mdr.models import Response
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
@@ -25,7 +26,7 @@ from mdr_connector.connector.responses import (
     parse_command,
     render_response,
 )
-from mdr_connector.connector.tickets import NOTICE_ORIGIN, RESPONSE_ORIGIN
+from mdr_connector.connector.tickets import NOTICE_ORIGIN, RESPONSE_ORIGIN, TicketCapabilities
 
 ANALYST_ID = "557058:analyst"
 ANALYST_NAME = "SOC Analyst"
@@ -252,6 +253,43 @@ async def test_view_found_after_crash(harness: SyncHarness, monkeypatch: pytest.
     assert len(comments_with_origin(harness.issue_for(incident["incident_id"]), RESPONSE_ORIGIN)) == 1
     [item] = await harness.store.get_items("main", incident["incident_id"], RESPONSE)
     assert item.state == "done"
+
+
+async def test_status_change_without_comment_edits_posts_one_view_per_version(
+    harness: SyncHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where comments cannot be edited, each status gets one new view, found again by its marker after a crash."""
+    monkeypatch.setattr(JiraTicketAdapter, "capabilities", TicketCapabilities(edit_comments=False))
+    incident_id, response_id, sync = await linked_response(harness)
+    await sync.mdr.update_response(response_id, "Declined", "declined in the MDR console")
+    harness.advance(2)
+
+    real_finish = harness.store.finish_item
+    crashed: list[str] = []
+
+    class SimulatedCrash(BaseException):
+        pass
+
+    async def crash_once(connection, incident_id, kind, *args, **kwargs):
+        if kind == RESPONSE and not crashed:
+            crashed.append(kind)
+            raise SimulatedCrash
+        return await real_finish(connection, incident_id, kind, *args, **kwargs)
+
+    monkeypatch.setattr(harness.store, "finish_item", crash_once)
+    with pytest.raises(SimulatedCrash):
+        await harness.cycles(1, await harness.engine())
+    monkeypatch.setattr(harness.store, "finish_item", real_finish)
+    await harness.cycles(3, await harness.engine())
+
+    views = comments_with_origin(harness.issue_for(incident_id), RESPONSE_ORIGIN)
+    assert len(views) == 2
+    assert all(marker_of(view)["source_id"].startswith(f"{response_id}.") for view in views)
+    assert "status *Declined*" in views[1].body
+    assert comment_edits(harness) == 0
+    [item] = await harness.store.get_items("main", incident_id, RESPONSE)
+    assert item.target_id == str(views[1].id)
+    assert item.source_version.startswith("Declined@")
 
 
 async def test_confirm_by_approver_reaches_mdr_once(harness: SyncHarness) -> None:

@@ -16,7 +16,14 @@ from mdr_connector.connector.engine import INCIDENT
 from mdr_connector.connector.errors import ConfigError, ItemError
 from mdr_connector.connector.mapping import render_draft
 from mdr_connector.connector.mappingfile import Mapping, load_mapping
-from mdr_connector.connector.routing import check_destinations, destination_for, mapping_projects, match_route
+from mdr_connector.connector.routing import (
+    check_destinations,
+    destination_for,
+    mapping_projects,
+    match_route,
+    unsupported_by,
+)
+from mdr_connector.connector.tickets import TicketCapabilities
 from mdr_connector.connector.store import LINKED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,6 +172,9 @@ def test_narrower_route_first_is_valid() -> None:
 
 class CheckingTickets:
     """A ticket adapter's `check` over fixed projects and issue types, recording its calls."""
+
+    system = "jira"
+    capabilities = TicketCapabilities()
 
     def __init__(self, projects: dict[str, list[str]], priorities: list[str]) -> None:
         self.projects = projects
@@ -321,3 +331,32 @@ def test_builtin_mapping_has_no_routes() -> None:
 
     assert mapping.routes == []
     assert mapping.unrouted == "default"
+
+
+def test_unsupported_by_names_each_setting_the_system_lacks() -> None:
+    mapping = mapping_with(
+        labels=["soc"],
+        components=["SOC"],
+        comments={"visibility": {"type": "role", "value": "Developers"}},
+        create_incidents={"enabled": True, "label": "mdr-create"},
+    )
+    bare = TicketCapabilities(labels=False, components=False, visibility_types=frozenset({"internal"}))
+
+    problems = unsupported_by(mapping, "servicenow", bare)
+
+    assert len(problems) == 4
+    assert problems[0].startswith("ServiceNow tickets have no labels")
+    assert "create_incidents" in problems[1] and "'mdr-create'" in problems[1]
+    assert "components" in problems[2]
+    assert "'role'" in problems[3] and "internal" in problems[3]
+    assert unsupported_by(mapping, "jira", TicketCapabilities()) == []
+
+
+def test_internal_visibility_takes_no_value_and_named_ones_need_one() -> None:
+    internal = mapping_with(comments={"visibility": {"type": "internal"}})
+
+    assert internal.comments.visibility is not None and internal.comments.visibility.type == "internal"
+    with pytest.raises(ValidationError, match="takes no value"):
+        mapping_with(comments={"visibility": {"type": "internal", "value": "x"}})
+    with pytest.raises(ValidationError, match="needs the group name"):
+        mapping_with(comments={"visibility": {"type": "group"}})

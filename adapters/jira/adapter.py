@@ -68,6 +68,7 @@ from mdr_connector.connector.tickets import (
     SyncMarker,
     TicketAccount,
     TicketAttachment,
+    TicketCapabilities,
     TicketChange,
     TicketComment,
     TicketDraft,
@@ -131,6 +132,7 @@ class JiraTicketAdapter:
     """TicketAdapter for Jira; `project` is the project key of the connection's mapping."""
 
     system = "jira"
+    capabilities = TicketCapabilities()
 
     def __init__(self, settings: JiraSettings, project: str, other_projects: Iterable[str] = ()) -> None:
         """`other_projects` are further projects that tickets go to, such as the projects of the mapping's routes."""

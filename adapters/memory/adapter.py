@@ -45,6 +45,7 @@ from mdr_connector.connector.tickets import (
     SyncMarker,
     TicketAccount,
     TicketAttachment,
+    TicketCapabilities,
     TicketChange,
     TicketComment,
     TicketDraft,
@@ -173,10 +174,13 @@ class MemoryTicketAdapter:
         workflow: MemoryWorkflow | None = None,
         upload_limit: int | None = DEFAULT_UPLOAD_LIMIT,
         groups: dict[str, Iterable[str]] | None = None,
+        capabilities: TicketCapabilities | None = None,
     ) -> None:
         """Build the fake. `upload_limit` None disables attachments, and `groups` maps account ids to group names."""
         self.project = project
         self.account = account
+        # Tests pass a narrower set to play a system like ServiceNow or Redmine.
+        self.capabilities = capabilities or TicketCapabilities()
         self.search_delay = search_delay_seconds
         self.base_url = base_url
         self.known_projects = dict(projects) if projects is not None else None
