@@ -260,6 +260,10 @@ class RedmineSettings(TransportSettings):
     # The issue custom field that carries the MDR incident id, by name. The
     # REST API cannot create custom fields, so an administrator creates it once.
     correlation_field: str = Field(default="MDR incident id", min_length=1)
+    # Redmine's "Text formatting" setting, which the REST API does not show.
+    text_formatting: Literal["textile", "common_mark"] = "textile"
+    # Redmine's "Maximum attachment size", which only administrators can read.
+    attachment_max_kb: int = Field(default=5120, ge=1)
     max_concurrency: int = Field(default=4, ge=1, le=32)
 
     _check_url = field_validator("url")(check_service_url)

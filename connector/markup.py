@@ -1,4 +1,4 @@
-"""Convert bodies between MDR HTML, Markdown (GitHub flavour) and Jira wiki markup.
+"""Convert bodies between MDR HTML, Markdown (GitHub flavour), Jira wiki markup, Textile and plain text.
 
 The engine keeps every body as Markdown; adapters convert at their edge.
 Pandoc does the work. Pandoc 3.9 loses text silently on some input: its
@@ -78,6 +78,7 @@ _DROP = object()
 # Markdown link target still counts.
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s<>()\[\]]+|\bmailto:[^\s<>()\[\]]+")
 _WIKI_MACRO = re.compile(r"(?<![{\\])\{[A-Za-z]+(?::[^{}\n]*)?\}(?!\})")
+_TEXTILE_BLOCK_PREFIX = re.compile(r"^[ \t]*(?:h[1-6]|bq|bc|p|pre|fn\d+)(?:\([^)\n]*\)|\{[^}\n]*\}|[<>=]+)*\.\.? ", re.MULTILINE)
 _WIKI_BLOCK_PREFIX = re.compile(r"^[ \t]*(?:h[1-6]|bq)\.", re.MULTILINE)
 _WIKI_EMOTICON = re.compile(r"\((?:y|n|i|/|x|!|\+|-|\?|on|off|\*[rgby]?|flag|flagoff)\)")
 _WIKI_IMAGE_ATTRIBUTES = re.compile(r"(![^!\s|]+)\|[^!\n]*!")
@@ -136,6 +137,26 @@ def markdown_to_jira(source: str) -> str:
 def jira_to_markdown(source: str) -> str:
     """Convert Jira wiki markup to Markdown without raw HTML, or else to a fenced code block."""
     return _convert(clean_text(source), "jira-markdown")
+
+
+def plain_to_markdown(source: str) -> str:
+    """Render plain text, such as a ServiceNow journal entry, as Markdown that shows every character as written."""
+    return _markdown_escaped(clean_text(source))
+
+
+def markdown_to_textile(source: str) -> str:
+    """Convert Markdown to Textile, for Redmine; fall back to a `<pre>` block."""
+    return _convert(clean_text(source), "markdown-textile")
+
+
+def textile_to_markdown(source: str) -> str:
+    """Convert Redmine Textile to Markdown without raw HTML, or else to a fenced code block."""
+    return _convert(clean_text(source), "textile-markdown")
+
+
+def commonmark_to_markdown(source: str) -> str:
+    """Read Markdown written by people (Redmine's CommonMark) into Markdown without raw HTML."""
+    return _convert(clean_text(source), "commonmark-markdown")
 
 
 def _convert(source: str, route_name: str) -> str:
@@ -433,6 +454,16 @@ def _markdown_fallback(wiki: str) -> str:
     return f"{fence}\n{wiki}\n{fence}"
 
 
+def _textile_text(textile: str) -> str:
+    """Return the words of Textile, without block signatures, tags and URLs."""
+    without_blocks = _TEXTILE_BLOCK_PREFIX.sub("", textile)
+    return _HTML_TAG.sub(" ", _URL.sub(" ", without_blocks))
+
+
+def _textile_fallback(markdown: str) -> str:
+    return "<pre>\n" + html.escape(markdown, quote=False) + "\n</pre>"
+
+
 class _Route:
     """One conversion: pandoc formats, pre- and post-processing, checks and fallback."""
 
@@ -476,6 +507,29 @@ ROUTES = {
         text_of_result=_wiki_text,
         fallback=_jira_fallback,
         finish=_drop_heading_anchors,
+    ),
+    "markdown-textile": _Route(
+        reader="gfm-raw_html",
+        writer="textile",
+        text_of_source=_markdown_source_text,
+        text_of_result=_textile_text,
+        fallback=_textile_fallback,
+    ),
+    "textile-markdown": _Route(
+        reader="textile",
+        writer="gfm-raw_html",
+        text_of_source=_textile_text,
+        text_of_result=_markdown_result_text,
+        fallback=_markdown_fallback,
+        raw_html="text",
+    ),
+    "commonmark-markdown": _Route(
+        reader="gfm",
+        writer="gfm-raw_html",
+        text_of_source=_markdown_source_text,
+        text_of_result=_markdown_result_text,
+        fallback=_markdown_fallback,
+        raw_html="text",
     ),
     "jira-markdown": _Route(
         reader="jira",
