@@ -324,8 +324,20 @@ class ConnectionSettings(StrictModel):
     name: str = Field(pattern=CONNECTION_NAME_PATTERN)
     mdr: MdrSettings
     ticket: TicketSettings
+    # Unset, the built-in mapping of the ticket system: builtin:jira, builtin:servicenow or builtin:redmine.
     mapping: str = "builtin:jira"
     sync: SyncSettings = Field(default_factory=SyncSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping_of_system(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "mapping" in data:
+            return data
+        ticket = data.get("ticket")
+        system = ticket.get("system") if isinstance(ticket, dict) else getattr(ticket, "system", None)
+        if system in ("servicenow", "redmine"):
+            return {**data, "mapping": f"builtin:{system}"}
+        return data
 
 
 class LogSettings(StrictModel):

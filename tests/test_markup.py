@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -462,3 +463,58 @@ def test_conversions_clean_input(convert: Any) -> None:
     assert "\ufffd" in result
     assert "\x00" not in result
     result.encode("utf-8")
+
+
+# Textile and CommonMark for Redmine, plain text for ServiceNow
+
+RICH_MARKDOWN = "## Сводка\n\nHost **WS-01** isolated, see [the console](https://mdr.example/incidents/7) 🙂\n\n- one\n- two"
+
+
+def test_markdown_to_textile_keeps_structure_and_words() -> None:
+    """Markdown becomes Textile headings, strong text, links and lists, with Cyrillic and emoji intact."""
+    textile = markup.markdown_to_textile(RICH_MARKDOWN)
+
+    assert "h2" in textile and "Сводка" in textile
+    # Pandoc writes the hyphen as an entity, which Redmine renders as a hyphen.
+    assert "*WS&#45;01*" in textile
+    assert '"the console":https://mdr.example/incidents/7' in textile
+    assert "* one" in textile and "🙂" in textile
+
+
+def test_textile_round_trip_returns_the_markdown() -> None:
+    """Textile written from Markdown reads back as the same words and links."""
+    back = markup.textile_to_markdown(markup.markdown_to_textile(RICH_MARKDOWN))
+
+    assert "## Сводка" in back
+    assert "**WS-01**" in back
+    assert "[the console](https://mdr.example/incidents/7)" in back
+    assert "- two" in back
+
+
+@pytest.mark.parametrize(
+    "convert", [markup.textile_to_markdown, markup.commonmark_to_markdown], ids=["textile", "commonmark"]
+)
+def test_redmine_text_to_markdown_carries_no_raw_html(convert: Any) -> None:
+    """HTML typed into a Redmine note reaches MDR as visible text, never as markup."""
+    markdown = convert('before <img src=x onerror="alert(1)"> <script>alert(2)</script> after')
+
+    assert re.search(r"(?<!\\)<", markdown) is None
+    assert "\\<img" in markdown and "\\<script\\>" in markdown
+    assert "before" in markdown and "after" in markdown
+
+
+def test_markdown_to_textile_keeps_raw_html_as_written() -> None:
+    """Raw HTML in Markdown reaches Textile as typed; Redmine's Textile formatter escapes HTML when it renders."""
+    textile = markup.markdown_to_textile("text <b onclick=x>bold</b>")
+
+    assert textile == "text <b onclick=x>bold</b>"
+
+
+def test_plain_to_markdown_escapes_every_markup_character() -> None:
+    """A ServiceNow journal entry shows as written in MDR: no emphasis, links or headings appear."""
+    markdown = markup.plain_to_markdown("# not a heading\n*not bold* [not](a link)\n\nПривет")
+
+    assert markdown.startswith("\\# not a heading")
+    assert "\\*not bold\\*" in markdown
+    assert "\\[not\\]\\(a link\\)" in markdown
+    assert markdown.endswith("Привет")
