@@ -6,10 +6,11 @@ import os
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mdr_connector.connector.config import SecretRef, load_settings
+from mdr_connector.connector.config import ConnectionSettings, SecretRef, load_settings
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.mappingfile import load_mapping
 
@@ -458,3 +459,20 @@ def test_missing_ca_bundle_rejected_at_load(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"connections\[0\]\.mdr\.ca_bundle: .*corp-ca.pem is not a readable file"):
         load_settings(write(tmp_path / "config.yaml", config))
+
+
+@pytest.mark.parametrize(
+    ("ticket", "mapping"),
+    [
+        ({"system": "servicenow", "url": "https://example.service-now.com",
+          "auth": {"type": "basic", "username": "mdr.connector", "password": {"env": "SNOW_PASSWORD"}}}, "builtin:servicenow"),
+        ({"system": "redmine", "url": "https://redmine.example.internal", "api_key": {"env": "REDMINE_KEY"}}, "builtin:redmine"),
+    ],
+    ids=["servicenow", "redmine"],
+)
+def test_connection_without_mapping_gets_its_systems_mapping(tmp_path: Path, ticket: dict[str, Any], mapping: str) -> None:
+    """A ServiceNow or Redmine connection never falls back to the Jira mapping; an explicit mapping wins."""
+    raw = {"name": "main", "mdr": {"client_id": "c0ffee", "connection_name": "mdr", "token_dir": str(tmp_path)}, "ticket": ticket}
+
+    assert ConnectionSettings.model_validate(raw).mapping == mapping
+    assert ConnectionSettings.model_validate({**raw, "mapping": "builtin:jira"}).mapping == "builtin:jira"
