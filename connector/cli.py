@@ -302,14 +302,30 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=command_check)
 
     demo = commands.add_parser(
-        "demo", parents=[common], help=_("run a self-contained demo against the MDR and Jira simulators on loopback")
+        "demo", parents=[common], help=_("run a self-contained demo against the MDR simulator and a ticket system on loopback")
     )
     demo.add_argument("--incidents", type=int, default=5, help=_("number of incidents to seed (default: 5)"))
     demo.add_argument("--keep", action="store_true", help=_("keep the temporary folder with the database and logs"))
+    demo.add_argument(
+        "--ticket-system",
+        choices=("jira", "servicenow", "redmine"),
+        default="jira",
+        help=_("the ticket side: the Jira or ServiceNow simulator, or a Redmine server given by --redmine-url (default: jira)"),
+    )
+    demo.add_argument("--redmine-url", help=_("Redmine only: base URL of the Redmine server to use"))
+    demo.add_argument(
+        "--redmine-key-file", type=Path, help=_("Redmine only: file holding the API key of the connector's Redmine account")
+    )
+    demo.add_argument(
+        "--redmine-person-key-file",
+        type=Path,
+        help=_("Redmine only: file holding the API key of a second account that comments as a person (optional)"),
+    )
+    demo.add_argument("--redmine-project", default="sec", help=_("Redmine only: project identifier (default: sec)"))
     demo.set_defaults(handler=command_demo)
 
     simulate = commands.add_parser("simulate", parents=[common], help=_("run a simulator on loopback for manual testing"))
-    simulate.add_argument("system", choices=("mdr", "jira"), help=_("which simulator to run"))
+    simulate.add_argument("system", choices=("mdr", "jira", "servicenow"), help=_("which simulator to run"))
     simulate.add_argument("--host", default="127.0.0.1", help=_("address to listen on (default: 127.0.0.1)"))
     simulate.add_argument("--port", type=port_number, default=0, help=_("port to listen on (default: a free port)"))
     simulate.add_argument(
@@ -648,8 +664,32 @@ def command_demo(args: argparse.Namespace) -> int:
 
     if args.incidents < 1 or args.incidents > 500:
         raise ConfigError(_("--incidents must be between 1 and 500, got {value}").format(value=args.incidents))
+    tickets = demo_tickets(args)
     configure_logging(args.log_level or "WARNING", "text" if sys.stderr.isatty() else "json")
-    return run_async(lambda: run_demo(incidents=args.incidents, keep=args.keep))
+    return run_async(lambda: run_demo(incidents=args.incidents, keep=args.keep, tickets=tickets))
+
+
+def demo_tickets(args: argparse.Namespace) -> Any:
+    """Build the ticket side of the demo from the options, refusing Redmine options without Redmine."""
+    from mdr_connector.connector import demo
+
+    redmine_options = [args.redmine_url, args.redmine_key_file, args.redmine_person_key_file]
+    if args.ticket_system != "redmine":
+        if any(option is not None for option in redmine_options):
+            raise ConfigError(_("--redmine-* options apply only to `demo --ticket-system redmine`"))
+        return demo.JiraDemo() if args.ticket_system == "jira" else demo.ServiceNowDemo()
+
+    if args.redmine_url is None or args.redmine_key_file is None:
+        raise ConfigError(
+            _("the Redmine demo needs a running Redmine server: pass --redmine-url and --redmine-key-file "
+              "(the API key of the connector's account); docs/redmine.md says how to prepare one")
+        )
+    return demo.RedmineDemo(
+        url=args.redmine_url,
+        key_file=args.redmine_key_file,
+        person_key_file=args.redmine_person_key_file,
+        project=args.redmine_project,
+    )
 
 
 def command_simulate(args: argparse.Namespace) -> int:
@@ -670,6 +710,10 @@ def command_simulate(args: argparse.Namespace) -> int:
         from mdr_connector.adapters.mdr.simulator import serve as serve_mdr
 
         run_async(lambda: serve_mdr(args.host, args.port, **mdr_options))
+    elif args.system == "servicenow":
+        from mdr_connector.adapters.servicenow.simulator import serve as serve_servicenow
+
+        run_async(lambda: serve_servicenow(args.host, args.port))
     else:
         from mdr_connector.adapters.jira.simulator import serve as serve_jira
 

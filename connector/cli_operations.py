@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -67,6 +68,9 @@ POSITION_MESSAGES = {
 CHANGE_SOURCES = {"reconciled": N_("as reconciled"), "live": N_("as MDR returns it now")}
 INCIDENT_HELP = N_("MDR incident id; put an id that starts with - after --, as in `-- -AbC123`")
 
+# Jira keys, ServiceNow numbers and sys_ids, Redmine issue numbers: no paths, dots or spaces.
+TICKET_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+
 
 def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     """Register `resync`, `link`, `unlink` and `trace`."""
@@ -101,7 +105,7 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "copies the comments and files either side lacks; no second ticket is created."
         ),
     )
-    link.add_argument("ticket", type=ticket_key_text, metavar="TICKET", help=_("key of the ticket, such as SEC-12"))
+    link.add_argument("ticket", type=ticket_key_text, metavar="TICKET", help=_("key of the ticket, such as SEC-12, INC0010001 or 123"))
     add_connection_options(link)
 
     unlink = add_incident_command(
@@ -192,12 +196,15 @@ def incident_id_text(text: str) -> str:
 
 
 def ticket_key_text(text: str) -> str:
-    """argparse type of TICKET: an issue key such as SEC-12, returned in capitals."""
+    """argparse type of TICKET: a Jira key (SEC-12, returned in capitals), a ServiceNow number or a Redmine issue number (#123 or 123)."""
     from mdr_connector.connector.operations import is_issue_key
 
-    if not is_issue_key(text):
-        raise argparse.ArgumentTypeError(_("expected a ticket key such as SEC-12, got {value!r}").format(value=text))
-    return text.upper()
+    key = text.removeprefix("#")
+    if not TICKET_KEY.fullmatch(key):
+        raise argparse.ArgumentTypeError(
+            _("expected a ticket key such as SEC-12, INC0010001 or 123, got {value!r}").format(value=text)
+        )
+    return key.upper() if is_issue_key(key) else key
 
 
 def format_time(moment: datetime | None) -> str:

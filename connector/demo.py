@@ -1,4 +1,7 @@
-"""`mdr-connector demo`: the whole sync against the MDR and Jira simulators on loopback.
+"""`mdr-connector demo`: the whole sync against the MDR simulator and a ticket system on loopback.
+
+The ticket side is the Jira or ServiceNow simulator, or a Redmine server
+whose URL the user gives.
 
 The demo builds the same objects the service builds from config.yaml, so
 what it shows is the production code path: the token chain is activated
@@ -8,11 +11,16 @@ and the engine runs real cycles over HTTP.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from collections import Counter
+from datetime import datetime, timedelta, timezone
+from importlib import resources
 from pathlib import Path
+from typing import Protocol
 
+import aiohttp
 import yaml
 
 from mdr_connector.adapters.jira import simulator as jira_simulator
@@ -23,15 +31,19 @@ from mdr_connector.connector.config import (
     JiraApiTokenAuth,
     JiraSettings,
     MdrSettings,
+    RedmineSettings,
     SecretRef,
     Settings,
     SyncSettings,
+    TicketSettings,
 )
 from mdr_connector.connector.engine import ConnectionSync
+from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.i18n import _
 from mdr_connector.connector.service import open_connection
 from mdr_connector.connector.store import Store
 from mdr_connector.connector.sync_common import SyncStats
+from mdr_connector.connector.tickets import TicketRef
 
 CLIENT_ID = "demo0client0f1f1f1f1fc144a4b9a3af"
 CONNECTION_NAME = "mdr-connector demo"
@@ -47,11 +59,107 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-async def run_demo(*, incidents: int, keep: bool) -> int:
+class DemoTickets(Protocol):
+    """The ticket side of the demo: a simulator or a server, its settings, and a person's comment."""
+
+    title: str
+
+    def serve(self) -> contextlib.AbstractAsyncContextManager[str]:
+        """Start the ticket system when the demo runs it, and yield its base URL."""
+
+    def ticket_settings(self, workdir: Path, url: str) -> TicketSettings:
+        """Return the connection's `ticket` settings, with secrets in files under `workdir`."""
+
+    async def add_person_comment(self, ref: TicketRef, text: str) -> bool:
+        """Comment on the ticket as a person; return False when the demo has no person's account."""
+
+    def mapping(self, workdir: Path) -> str:
+        """Return the mapping reference of the demo connection."""
+
+
+class JiraDemo:
+    """The Jira simulator, as Jira Cloud."""
+
+    title = "Jira"
+
+    def __init__(self) -> None:
+        self.sim = jira_simulator.JiraSimulator(deployment="cloud")
+
+    def serve(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return jira_simulator.run_simulator(self.sim)
+
+    def ticket_settings(self, workdir: Path, url: str) -> TicketSettings:
+        token = write_secret(workdir / "jira-api-token", jira_simulator.SERVICE_TOKEN)
+        return JiraSettings(
+            system="jira",
+            url=url,
+            auth=JiraApiTokenAuth(type="api_token", email=jira_simulator.SERVICE_EMAIL, token=SecretRef(file=token)),
+            search_delay_seconds=0,
+        )
+
+    async def add_person_comment(self, ref: TicketRef, text: str) -> bool:
+        self.sim.add_comment(ref.key, text)
+        return True
+
+    def mapping(self, workdir: Path) -> str:
+        return "builtin:jira"
+
+
+class RedmineDemo:
+    """A Redmine server the user runs, reached with the connector's API key and, optionally, a person's."""
+
+    title = "Redmine"
+
+    def __init__(self, *, url: str, key_file: Path, person_key_file: Path | None, project: str) -> None:
+        self.url = url.rstrip("/")
+        self.key_file = key_file
+        self.person_key_file = person_key_file
+        self.project = project
+
+    def serve(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return contextlib.nullcontext(self.url)
+
+    def ticket_settings(self, workdir: Path, url: str) -> TicketSettings:
+        return RedmineSettings(system="redmine", url=url, api_key=SecretRef(file=self.key_file.resolve()))
+
+    async def add_person_comment(self, ref: TicketRef, text: str) -> bool:
+        if self.person_key_file is None:
+            return False
+        key = SecretRef(file=self.person_key_file.resolve()).read()
+        async with aiohttp.ClientSession() as session:
+            async with session.put(
+                f"{self.url}/issues/{ref.id}.json",
+                json={"issue": {"notes": text}},
+                headers={"X-Redmine-API-Key": key},
+                allow_redirects=False,
+            ) as reply:
+                if reply.status >= 300:
+                    raise ConfigError(
+                        _("Redmine refused the person's comment on {key} with HTTP {status}; check --redmine-person-key-file").format(
+                            key=ref.key, status=reply.status)
+                    )
+        return True
+
+    def mapping(self, workdir: Path) -> str:
+        """The built-in Redmine mapping, with the project the user named."""
+        raw = yaml.safe_load(resources.files("mdr_connector.mappings").joinpath("redmine.yaml").read_text(encoding="utf-8"))
+        raw["project"] = self.project
+        path = workdir / "mapping-redmine.yaml"
+        path.write_text(yaml.safe_dump(raw, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        return str(path)
+
+
+def write_secret(path: Path, value: str) -> Path:
+    path.write_text(value, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+async def run_demo(*, incidents: int, keep: bool, tickets: DemoTickets | None = None) -> int:
     """Run the demo and print its summary; return the exit code."""
     workdir = Path(tempfile.mkdtemp(prefix="mdr-connector-demo-"))
     try:
-        return await _run_demo(workdir, incidents)
+        return await _run_demo(workdir, incidents, tickets or JiraDemo())
     finally:
         if keep:
             say(_("Demo files kept in {path}").format(path=workdir))
@@ -59,22 +167,18 @@ async def run_demo(*, incidents: int, keep: bool) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run_demo(workdir: Path, incident_count: int) -> int:
+async def _run_demo(workdir: Path, incident_count: int, tickets: DemoTickets) -> int:
     mdr_sim = mdr_simulator.MdrSimulator(seed=2026)
-    jira_sim = jira_simulator.JiraSimulator(deployment="cloud")
 
-    async with (
-        mdr_simulator.run_simulator(mdr_sim) as mdr_url,
-        jira_simulator.run_simulator(jira_sim) as jira_url,
-    ):
+    async with mdr_simulator.run_simulator(mdr_sim) as mdr_url, tickets.serve() as ticket_url:
         say(_("MDR simulator:  {url}").format(url=mdr_url))
-        say(_("Jira simulator: {url}").format(url=jira_url))
+        say(_("{system}: {url}").format(system=tickets.title, url=ticket_url))
 
         mdr_sim.create_client(CLIENT_ID, connection_name=CONNECTION_NAME)
         seeded = mdr_sim.seed_demo_incidents(CLIENT_ID, incident_count)
         say(_("Seeded {count} MDR incidents with SOC comments").format(count=len(seeded)))
 
-        settings = demo_settings(workdir, mdr_url, jira_url)
+        settings = demo_settings(workdir, mdr_url, tickets.ticket_settings(workdir, ticket_url), tickets.mapping(workdir))
         connection = settings.connections[0]
         write_demo_config(workdir, settings)
 
@@ -82,29 +186,25 @@ async def _run_demo(workdir: Path, incident_count: int) -> int:
             status = await mdr.tokens.activate(mdr_sim.issue_console_token(CLIENT_ID))
         say(_("Token chain activated: {state}").format(state=_(status.state)))
 
+        started = datetime.now(timezone.utc) - timedelta(minutes=1)
         store = await Store.open(settings.resolved_database_url())
         try:
             async with open_connection(settings, connection, store) as sync:
                 await run_cycles(sync, 2)
-                first_ticket = add_new_comments(mdr_sim, jira_sim, seeded[0]["incident_id"])
-                say(_("Added an analyst comment in MDR and an engineer comment in Jira {key}").format(key=first_ticket))
+                await add_new_comments(mdr_sim, sync, tickets, seeded[0]["incident_id"])
                 await run_cycles(sync, 2)
                 stats = sync.stats
+                problems = await consistency_problems(mdr_sim, sync, len(seeded), started)
         finally:
             await store.close()
-
-        problems = consistency_problems(mdr_sim, jira_sim, len(seeded))
 
     print_summary(stats, problems)
     return 0 if not problems else 1
 
 
-def demo_settings(workdir: Path, mdr_url: str, jira_url: str) -> Settings:
+def demo_settings(workdir: Path, mdr_url: str, ticket: TicketSettings, mapping: str) -> Settings:
     token_dir = workdir / "tokens"
     token_dir.mkdir(mode=0o700)
-    jira_token = workdir / "jira-api-token"
-    jira_token.write_text(jira_simulator.SERVICE_TOKEN, encoding="utf-8")
-    jira_token.chmod(0o600)
 
     return Settings(
         data_dir=workdir,
@@ -117,17 +217,8 @@ def demo_settings(workdir: Path, mdr_url: str, jira_url: str) -> Settings:
                     connection_name=CONNECTION_NAME,
                     token_dir=token_dir,
                 ),
-                ticket=JiraSettings(
-                    system="jira",
-                    url=jira_url,
-                    auth=JiraApiTokenAuth(
-                        type="api_token",
-                        email=jira_simulator.SERVICE_EMAIL,
-                        token=SecretRef(file=jira_token),
-                    ),
-                    search_delay_seconds=0,
-                ),
-                mapping="builtin:jira",
+                ticket=ticket,
+                mapping=mapping,
                 sync=SyncSettings(interval_seconds=1),
             )
         ],
@@ -147,7 +238,7 @@ async def run_cycles(sync: ConnectionSync, count: int) -> None:
         before = (sync.stats.tickets_created, sync.stats.comments_to_ticket, sync.stats.comments_to_mdr)
         stats = await sync.run_cycle()
         say(
-            _("Cycle {cycle}: {created} tickets created, {to_ticket} comments to Jira, {to_mdr} comments to MDR").format(
+            _("Cycle {cycle}: {created} tickets created, {to_ticket} comments to the ticket system, {to_mdr} comments to MDR").format(
                 cycle=stats.cycles,
                 created=stats.tickets_created - before[0],
                 to_ticket=stats.comments_to_ticket - before[1],
@@ -156,36 +247,36 @@ async def run_cycles(sync: ConnectionSync, count: int) -> None:
         )
 
 
-def add_new_comments(
-    mdr_sim: mdr_simulator.MdrSimulator, jira_sim: jira_simulator.JiraSimulator, incident_id: str
-) -> str:
-    """Add an analyst comment in MDR and an engineer comment on the incident's Jira issue."""
+async def add_new_comments(
+    mdr_sim: mdr_simulator.MdrSimulator, sync: ConnectionSync, tickets: DemoTickets, incident_id: str
+) -> None:
+    """Add an analyst comment in MDR and, where the demo has a person's account, an engineer comment on the ticket."""
     mdr_sim.add_soc_comment(CLIENT_ID, incident_id, ANALYST_COMMENT, author=ANALYST)
-    issue = next(
-        issue for issue in jira_sim.issues.values() if f"mdr-{incident_id}" in issue.fields.get("labels", [])
-    )
-    jira_sim.add_comment(issue.key, ENGINEER_COMMENT)
-    return issue.key
+    ref = await sync.tickets.find_ticket(incident_id)
+    assert ref is not None, "the first two cycles created a ticket for every seeded incident"
+    if await tickets.add_person_comment(ref, ENGINEER_COMMENT):
+        say(_("Added an analyst comment in MDR and an engineer comment on {system} ticket {key}").format(
+            system=tickets.title, key=ref.key))
+    else:
+        say(_("Added an analyst comment in MDR; no person's account was given for a comment on {key}").format(key=ref.key))
 
 
-def consistency_problems(
-    mdr_sim: mdr_simulator.MdrSimulator, jira_sim: jira_simulator.JiraSimulator, incident_count: int
+async def consistency_problems(
+    mdr_sim: mdr_simulator.MdrSimulator, sync: ConnectionSync, incident_count: int, started: datetime
 ) -> list[str]:
-    """Count on both simulators: one issue per incident, no comment posted twice."""
+    """Count through the ticket adapter and on the MDR simulator: one ticket per incident, no comment posted twice."""
     problems = []
-    labels = Counter(
-        label for issue in jira_sim.issues.values() for label in issue.fields.get("labels", []) if label.startswith("mdr-") and label != "mdr-connector"
-    )
-    if len(labels) != incident_count or any(count != 1 for count in labels.values()):
-        problems.append(_("expected one Jira issue per incident, found {labels}").format(labels=dict(labels)))
+    changes = await sync.tickets.changed_tickets(started)
+    tickets = {change.ref.id: change.ref for change in changes}
+    if len(tickets) != incident_count:
+        problems.append(_("expected one ticket per incident ({expected}), found {found}").format(
+            expected=incident_count, found=len(tickets)))
 
-    for issue in jira_sim.issues.values():
-        sources = Counter(
-            comment.properties.get("mdr-connector", {}).get("source_id") for comment in issue.comments
-        )
-        sources.pop(None, None)
+    for ref in tickets.values():
+        comments = await sync.tickets.list_comments(ref)
+        sources = Counter((comment.marker.origin, comment.marker.source_id) for comment in comments if comment.marker)
         if any(count > 1 for count in sources.values()):
-            problems.append(_("duplicate comments on {key}").format(key=issue.key))
+            problems.append(_("duplicate comments on {key}").format(key=ref.key))
 
     for record in mdr_sim.incidents(CLIENT_ID):
         bodies = Counter(comment["text"] for comment in mdr_sim.comments(CLIENT_ID, record["incident_id"]))
@@ -199,8 +290,8 @@ def print_summary(stats: SyncStats, problems: list[str]) -> None:
     say(_("Summary"))
     say("  " + _("incidents seen:                 {count}").format(count=len(stats.incidents_seen)))
     say("  " + _("tickets created:                {count}").format(count=stats.tickets_created))
-    say("  " + _("comments mirrored MDR -> Jira:  {count}").format(count=stats.comments_to_ticket))
-    say("  " + _("comments mirrored Jira -> MDR:  {count}").format(count=stats.comments_to_mdr))
+    say("  " + _("comments mirrored to tickets:   {count}").format(count=stats.comments_to_ticket))
+    say("  " + _("comments mirrored to MDR:       {count}").format(count=stats.comments_to_mdr))
     say("  " + _("echoes suppressed:              {count}").format(count=len(stats.echoes_suppressed)))
     say("  " + _("failures:                       {count}").format(count=stats.failures))
     if problems:

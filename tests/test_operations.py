@@ -21,6 +21,7 @@ from mdr_connector.adapters.memory.adapter import MemoryTicketAdapter
 from mdr_connector.connector.cli import main
 from mdr_connector.connector.config import load_settings
 from mdr_connector.connector.engine import INCIDENT
+from mdr_connector.connector.cli_operations import ticket_key_text
 from mdr_connector.connector.errors import ConnectionBusyError, ItemError
 from mdr_connector.connector.locks import ConnectionLock
 from mdr_connector.connector.operations import (
@@ -391,12 +392,12 @@ async def test_unlink_cli_russian(activated_config: Path, mdr_sim: MdrSimulator)
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["link", "INC1", "SEC12"], "expected a ticket key such as SEC-12"),
-        (["link", "INC1", "SEC-12/../x"], "expected a ticket key such as SEC-12"),
+        (["link", "INC1", "SEC 12"], "expected a ticket key such as SEC-12, INC0010001 or 123"),
+        (["link", "INC1", "SEC-12/../x"], "expected a ticket key such as SEC-12, INC0010001 or 123"),
         (["resync", "two words"], "expected an MDR incident id"),
         (["link", "INC1"], "TICKET"),
     ],
-    ids=["no-dash", "path", "space", "missing"],
+    ids=["space-in-key", "path", "space", "missing"],
 )
 def test_operation_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     """An invalid argument exits 2 and names what was expected."""
@@ -415,6 +416,15 @@ def test_operation_commands_have_help(command: str, capsys: pytest.CaptureFixtur
 
     assert caught.value.code == 0
     assert f"usage: mdr-connector {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("sec-12", "SEC-12"), ("INC0010001", "INC0010001"), ("#123", "123"), ("123", "123"), ("9d385017c611228701d22104cc95c371", "9d385017c611228701d22104cc95c371")],
+)
+def test_ticket_key_forms_of_every_system(text: str, key: str) -> None:
+    """Jira keys are written in capitals; ServiceNow numbers and sys_ids and Redmine numbers are kept as typed."""
+    assert ticket_key_text(text) == key
 
 
 async def test_memory_adapter_gets_ticket_by_key() -> None:
