@@ -7,17 +7,21 @@
 
 Redmine comes from the Debian packages `redmine`, `redmine-sqlite` and
 `ruby-webrick`, so no gem is downloaded. The script runs its own Redmine
-instance (Debian's multi-instance layout, name INSTANCE below) with its own
-SQLite database, so the package's "default" instance stays untouched.
+instance in Debian's multi-instance layout (MDR_REDMINE_INSTANCE, default
+"mdrtest") with its own SQLite database, so the package's "default" instance
+stays untouched.
 WEBrick listens on 127.0.0.1 only, on REDMINE_PORT (default 3380).
 
 The users, API keys, project and custom field ids go to a JSON file that the
 tests read: REDMINE_STATE, default /tmp/mdr-connector-redmine/state.json, mode
-0600. When the server already answers with the key from that file, the script
-returns at once.
+0600. When the server already accepts the service user's key from that file,
+the script returns at once.
 
 Setting up needs root, because it installs packages and writes below
-/usr/share/redmine and /var/lib/redmine. Redmine itself runs as www-data.
+/usr/share/redmine and /var/lib/redmine. Without root the script runs itself
+again through passwordless sudo when that is available. Redmine itself runs
+as www-data. /usr/share/redmine/Gemfile.local serves every instance, so
+--reset keeps it.
 Only the Python standard library is used, so it runs before the venv exists.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -40,7 +45,8 @@ PACKAGES = ("redmine", "redmine-sqlite", "ruby-webrick")
 REDMINE_ROOT = Path("/usr/share/redmine")
 GEMFILE_LOCAL = REDMINE_ROOT / "Gemfile.local"
 GEMFILE_LOCAL_TEXT = '# Written by mdr-connector .ci/redmine.py: serve Redmine with WEBrick.\ngem "webrick"\n'
-INSTANCE = "mdrtest"
+INSTANCE = os.environ.get("MDR_REDMINE_INSTANCE") or "mdrtest"
+INSTANCE_NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 INSTANCE_DIR = Path("/var/lib/redmine") / INSTANCE
 DATABASE = INSTANCE_DIR / "db" / "redmine.sqlite3"
 PID_FILE = INSTANCE_DIR / "tmp" / "pids" / "server.pid"
@@ -52,8 +58,9 @@ DEFAULT_STATE = "/tmp/mdr-connector-redmine/state.json"
 STATE_MARKER = "MDR_REDMINE_STATE "
 START_TIMEOUT_S = 180.0
 
-# The package asks dbconfig-common questions. Preseeding them keeps the
-# default instance on SQLite even when a MySQL or PostgreSQL client exists.
+# The package's postinst prompts for dbconfig-common settings. Preseeding them
+# keeps the default instance on SQLite even when a MySQL or PostgreSQL client
+# is installed.
 DEBCONF_PRESEED = """\
 redmine redmine/instances/default/dbconfig-install boolean true
 redmine redmine/instances/default/database-type select sqlite3
@@ -77,7 +84,7 @@ def base_url() -> str:
 
 
 def get_status(url: str, api_key: str | None = None, timeout: float = 5.0) -> int | None:
-    """Return the HTTP status of GET url, or None when nothing answers."""
+    """Return the HTTP status of GET url, or None when the connection fails."""
     request = urllib.request.Request(url)
     if api_key:
         request.add_header("X-Redmine-API-Key", api_key)
@@ -99,7 +106,7 @@ def read_state() -> dict | None:
 
 def state_is_live() -> bool:
     state = read_state()
-    if not state or state.get("url") != base_url():
+    if not state or state.get("url") != base_url() or state.get("instance") != INSTANCE:
         return False
     return get_status(f"{state['url']}/users/current.json", state["service_user"]["api_key"]) == 200
 
@@ -120,6 +127,9 @@ def packages_installed() -> bool:
 def install_packages() -> None:
     if packages_installed():
         return
+
+    if shutil.which("apt-get") is None:
+        raise SystemExit(f"redmine.py: apt-get not found; install {' '.join(PACKAGES)} from Debian 12 packages by hand")
 
     started = time.monotonic()
     say(f"installing {' '.join(PACKAGES)} with apt-get")
@@ -200,29 +210,46 @@ def migrate_database() -> None:
 
 
 def server_pid() -> int | None:
+    """Return the pid of the server this script started, or None when it is not running.
+
+    The pid counts only while its command line names PID_FILE, so a reused
+    pid of another program is never signalled.
+    """
     try:
         pid = int(PID_FILE.read_text().strip())
-        os.kill(pid, 0)
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
+        return None
+    if str(PID_FILE).encode() not in command_line.split(b"\0"):
         return None
     return pid
 
 
-def start_server(log_file: Path) -> None:
-    if get_status(f"{base_url()}/") is not None:
-        if server_pid() is None:
-            raise SystemExit(
-                f"redmine.py: port {server_port()} is taken by another program; set REDMINE_PORT to a free port"
-            )
-        return
+def start_server(log_file: Path) -> subprocess.Popen | None:
+    """Start WEBrick in its own session; return None when our server already runs."""
+    answers = get_status(f"{base_url()}/") is not None
+    pid = server_pid()
+    if answers and pid is not None:
+        return None
+    if answers:
+        raise SystemExit(
+            f"redmine.py: port {server_port()} is taken by another program; set REDMINE_PORT to a free port"
+        )
+    if pid is not None:
+        # Our server runs but does not respond on this port, because it was
+        # started with another REDMINE_PORT or hangs. One server per instance.
+        stop_server()
 
     say(f"starting WEBrick on {base_url()}, log in {log_file}")
     PID_FILE.unlink(missing_ok=True)
     with log_file.open("ab") as log:
-        subprocess.Popen(
+        return subprocess.Popen(
+            # rackup, unlike `rails server`, does not try to create tmp/ in
+            # the read-only package tree.
             redmine_command(
-                "ruby", "bin/rails", "server", "-u", "webrick", "-e", "production",
-                "-b", "127.0.0.1", "-p", str(server_port()), "-P", str(PID_FILE),
+                "rackup", "--server", "webrick", "--env", "production",
+                "--host", "127.0.0.1", "--port", str(server_port()), "--pid", str(PID_FILE),
+                "config.ru",
             ),
             cwd=REDMINE_ROOT,
             stdin=subprocess.DEVNULL,
@@ -232,15 +259,19 @@ def start_server(log_file: Path) -> None:
         )
 
 
-def wait_for_server(log_file: Path) -> None:
+def wait_for_server(server: subprocess.Popen | None, log_file: Path) -> None:
     started = time.monotonic()
     deadline = started + START_TIMEOUT_S
     while time.monotonic() < deadline:
+        if server is not None and server.poll() is not None:
+            raise SystemExit(f"redmine.py: the Redmine server exited with code {server.returncode}; see {log_file}")
         if get_status(f"{base_url()}/", timeout=2.0) is not None:
-            say(f"Redmine answers at {base_url()} after {time.monotonic() - started:.0f} s")
+            say(f"Redmine responds at {base_url()} after {time.monotonic() - started:.0f} s")
             return
         time.sleep(0.5)
-    raise SystemExit(f"redmine.py: Redmine did not answer at {base_url()} within {START_TIMEOUT_S:.0f} s; see {log_file}")
+    raise SystemExit(
+        f"redmine.py: Redmine did not respond at {base_url()} within {START_TIMEOUT_S:.0f} s; see {log_file}"
+    )
 
 
 def stop_server() -> None:
@@ -253,6 +284,8 @@ def stop_server() -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and server_pid() == pid:
         time.sleep(0.2)
+    if server_pid() == pid:
+        raise SystemExit(f"redmine.py: the Redmine server (pid {pid}) did not stop within 30 s of SIGTERM")
     say(f"stopped the Redmine server (pid {pid})")
 
 
@@ -270,9 +303,9 @@ def configure_redmine() -> dict:
     raise SystemExit("redmine.py: the setup script printed no state line")
 
 
-def write_state(state: dict) -> None:
+def write_state(state: dict, owns_directory: bool) -> None:
+    """Write the state file; owns_directory tells whether this run created its directory."""
     path = state_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.unlink(missing_ok=True)
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -283,8 +316,23 @@ def write_state(state: dict) -> None:
 
     # Under sudo, let the calling user's tests read the file.
     if os.environ.get("SUDO_UID") and os.environ.get("SUDO_GID"):
-        os.chown(path, int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"]))
+        owner = (int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"]))
+        if owns_directory:
+            os.chown(path.parent, *owner)
+        os.chown(path, *owner)
     say(f"state written to {path}")
+
+
+def rerun_with_sudo() -> None:
+    """Run this script again as root through passwordless sudo, as CI runners offer, or exit."""
+    sudo = shutil.which("sudo")
+    if sudo is None or subprocess.run([sudo, "-n", "true"], capture_output=True).returncode != 0:
+        raise SystemExit("redmine.py: setting up Redmine needs root; run `sudo python3 .ci/redmine.py`")
+
+    say("setting up Redmine needs root, running again with sudo")
+    preserved = "REDMINE_PORT,REDMINE_STATE,MDR_REDMINE_INSTANCE,CI"
+    command = [sudo, "-n", f"--preserve-env={preserved}", sys.executable, str(Path(__file__).resolve())]
+    raise SystemExit(subprocess.run(command).returncode)
 
 
 def set_up() -> None:
@@ -292,18 +340,20 @@ def set_up() -> None:
         say(f"Redmine already runs at {base_url()} with the state in {state_path()}")
         return
     if os.geteuid() != 0:
-        raise SystemExit("redmine.py: setting up Redmine needs root; run it with sudo")
+        rerun_with_sudo()
 
     started = time.monotonic()
     install_packages()
     create_instance()
     migrate_database()
 
-    log_file = state_path().parent / "server.log"
-    log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    start_server(log_file)
+    state_directory = state_path().parent
+    owns_directory = not state_directory.exists()
+    state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_file = state_directory / "server.log"
+    server = start_server(log_file)
     settings = configure_redmine()
-    wait_for_server(log_file)
+    wait_for_server(server, log_file)
 
     state = {
         "url": base_url(),
@@ -315,9 +365,9 @@ def set_up() -> None:
         "pid_file": str(PID_FILE),
         **settings,
     }
-    write_state(state)
+    write_state(state, owns_directory)
     if not state_is_live():
-        raise SystemExit("redmine.py: Redmine answers, but not to the service user's API key")
+        raise SystemExit("redmine.py: Redmine responds, but rejects the service user's API key")
     say(f"Redmine ready in {time.monotonic() - started:.0f} s")
 
 
@@ -333,6 +383,12 @@ def reset() -> None:
 
 
 def main() -> None:
+    if not INSTANCE_NAME_PATTERN.fullmatch(INSTANCE) or INSTANCE == "default":
+        raise SystemExit(
+            f"redmine.py: invalid MDR_REDMINE_INSTANCE {INSTANCE!r}; use lowercase letters, digits, '-' or '_', "
+            "not the package's 'default' instance"
+        )
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--stop", action="store_true", help="stop the server this script started")

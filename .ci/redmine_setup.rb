@@ -33,7 +33,7 @@ def ensure_user(login, firstname, lastname, admin:)
   user.status = User::STATUS_ACTIVE
   user.mail_notification = 'none'
   if user.new_record?
-    # Nobody logs in with a password; the tests use API keys only.
+    # No one logs in with this random password, because the tests use API keys.
     user.password = SecureRandom.hex(24)
     user.password_confirmation = user.password
   end
