@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 from mdr_connector.adapters.jira import simulator as jira_simulator
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
 from mdr_connector.adapters.mdr import simulator as mdr_simulator
+from mdr_connector.adapters.servicenow import simulator as servicenow_simulator
 from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
 from mdr_connector.connector.cli_status import REFRESH_EXPIRING, TOKEN_EXPIRED, TOKEN_PENDING, TOKEN_UNREADABLE
 from mdr_connector.connector.config import (
@@ -280,6 +281,7 @@ def control_routes(app: web.Application) -> set[tuple[str, str]]:
 SIMULATOR_ROUTES = {
     "mdr": control_routes(mdr_simulator.make_app(mdr_simulator.MdrSimulator())),
     "jira": control_routes(jira_simulator.make_app(jira_simulator.JiraSimulator())),
+    "servicenow": control_routes(servicenow_simulator.make_app(servicenow_simulator.ServiceNowSimulator())),
 }
 
 
@@ -295,16 +297,16 @@ def matching_route(path: str, routes: set[tuple[str, str]]) -> set[str]:
 
 
 def table_routes(text: str) -> dict[str, set[tuple[str, str]]]:
-    """Return the control routes listed in the tables of each `## ... MDR ...` and `## ... Jira ...` section."""
-    listed: dict[str, set[tuple[str, str]]] = {"mdr": set(), "jira": set()}
+    """Return the control routes listed in the tables of each `## ... MDR ...`, `## ... Jira ...` and `## ... ServiceNow ...` section."""
+    listed: dict[str, set[tuple[str, str]]] = {name: set() for name in SIMULATOR_ROUTES}
     section = None
     for line in text.splitlines():
         if line.startswith("## "):
-            names = [name for name in ("mdr", "jira") if name in line.lower()]
+            names = [name for name in SIMULATOR_ROUTES if name in line.lower()]
             section = names[0] if len(names) == 1 else None
         row = ROUTE_ROW.match(line)
         if row:
-            assert section is not None, f"route row outside an MDR or Jira section: {line}"
+            assert section is not None, f"route row outside an MDR, Jira or ServiceNow section: {line}"
             listed[section].add((row.group(1), row.group(2)))
     return listed
 
@@ -348,6 +350,7 @@ def test_simulator_doc_tables_match_routers(name: str) -> None:
 
     assert listed["mdr"] == SIMULATOR_ROUTES["mdr"]
     assert listed["jira"] == SIMULATOR_ROUTES["jira"]
+    assert listed["servicenow"] == SIMULATOR_ROUTES["servicenow"]
 
 
 @pytest.mark.parametrize("name", SIMULATOR_DOCS)
@@ -356,7 +359,7 @@ def test_simulator_doc_curls_hit_routes(name: str) -> None:
     path = ROOT / name
     ports = simulator_ports(path)
     requests = curl_requests(path)
-    assert sorted(ports.values()) == ["jira", "mdr"]
+    assert sorted(ports.values()) == ["jira", "mdr", "servicenow"]
     assert len(requests) > 20, "the curl scan found too few examples"
 
     unknown = [
@@ -371,7 +374,7 @@ def test_simulator_doc_curls_hit_routes(name: str) -> None:
 @pytest.mark.parametrize("name", SIMULATOR_DOCS)
 def test_simulator_doc_paths_exist(name: str) -> None:
     """Every `/_sim/` path named anywhere in the page, prose included, is a route of one of the simulators."""
-    every_route = SIMULATOR_ROUTES["mdr"] | SIMULATOR_ROUTES["jira"]
+    every_route = set().union(*SIMULATOR_ROUTES.values())
     paths = set(SIM_PATH.findall((ROOT / name).read_text(encoding="utf-8")))
     assert len(paths) > 10, "the path scan found too few paths"
 
@@ -430,6 +433,11 @@ def test_simulator_doc_names_credentials(name: str) -> None:
         jira_simulator.SERVICE_NAME,
         jira_simulator.HUMAN_NAME,
         inspect.signature(mdr_simulator.serve).parameters["client_id"].default,
+        servicenow_simulator.SERVICE_USER,
+        servicenow_simulator.SERVICE_PASSWORD,
+        servicenow_simulator.OAUTH_CLIENT_ID,
+        servicenow_simulator.OAUTH_CLIENT_SECRET,
+        servicenow_simulator.HUMAN_USER,
     ):
         assert f"`{credential}`" in text, credential
 
@@ -439,10 +447,10 @@ MDR_SETTING_TYPE_WORDS = {
     "docs/simulators.md": {int: "integer", float: "number", bool: "boolean", str: "string"},
     "docs/ru/simulators.md": {int: "целое", float: "число", bool: "логическое", str: "строка"},
 }
-# The heading of each settings section: (MDR, Jira) per page.
+# The heading of each settings section: (MDR, Jira, ServiceNow) per page.
 SETTINGS_HEADINGS = {
-    "docs/simulators.md": ("### MDR settings", "### Jira settings"),
-    "docs/ru/simulators.md": ("### Настройки MDR", "### Настройки Jira"),
+    "docs/simulators.md": ("### MDR settings", "### Jira settings", "### ServiceNow settings"),
+    "docs/ru/simulators.md": ("### Настройки MDR", "### Настройки Jira", "### Настройки ServiceNow"),
 }
 
 
@@ -477,6 +485,40 @@ def test_simulator_doc_jira_settings_listed(name: str) -> None:
     rows = section_rows((ROOT / name).read_text(encoding="utf-8"), SETTINGS_HEADINGS[name][1])
 
     assert set(rows) == set(vars(jira_simulator.JiraSimulator().settings))
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_servicenow_settings_listed(name: str) -> None:
+    """The ServiceNow settings table lists exactly the settings that `PUT /_sim/settings` accepts."""
+    rows = section_rows((ROOT / name).read_text(encoding="utf-8"), SETTINGS_HEADINGS[name][2])
+
+    assert set(rows) == set(vars(servicenow_simulator.ServiceNowSimulator().settings))
+
+
+@pytest.mark.parametrize("name", SIMULATOR_DOCS)
+def test_simulator_doc_servicenow_config_loads(name: str, tmp_path: Path) -> None:
+    """The page's ServiceNow `ticket` section, and its OAuth `auth` block, load with the simulator's credentials."""
+    blocks = yaml_blocks(ROOT / name)
+    config, ticket, oauth = blocks[0], blocks[2], blocks[3]
+    jira_ticket = re.search(r"^    ticket:\n(?:      .*\n)+", config, re.MULTILINE)
+    basic_auth = re.search(r"^      auth:\n(?:        .*\n)+", ticket, re.MULTILINE)
+    assert jira_ticket is not None
+    assert basic_auth is not None
+    basic_path = tmp_path / "basic.yaml"
+    basic_path.write_text(config.replace(jira_ticket.group(0), ticket), encoding="utf-8")
+    oauth_path = tmp_path / "oauth.yaml"
+    oauth_path.write_text(config.replace(jira_ticket.group(0), ticket.replace(basic_auth.group(0), oauth)), encoding="utf-8")
+
+    basic = load_settings(basic_path).connection(None).ticket
+    client = load_settings(oauth_path).connection(None).ticket
+
+    assert basic.system == "servicenow"
+    assert basic.url == "http://127.0.0.1:8090"
+    assert basic.auth.username == servicenow_simulator.SERVICE_USER
+    assert basic.auth.password.file == tmp_path / "servicenow-password"
+    assert client.auth.type == "oauth_client_credentials"
+    assert client.auth.client_id == servicenow_simulator.OAUTH_CLIENT_ID
+    assert client.auth.username == servicenow_simulator.SERVICE_USER
 
 
 # The configuration reference: every key of the config and mapping models, in
