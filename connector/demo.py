@@ -15,7 +15,7 @@ import contextlib
 import shutil
 import tempfile
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -26,12 +26,16 @@ import yaml
 from mdr_connector.adapters.jira import simulator as jira_simulator
 from mdr_connector.adapters.mdr import simulator as mdr_simulator
 from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.adapters.servicenow import simulator as servicenow_simulator
+from mdr_connector.adapters.servicenow import simulator_state as servicenow_state
 from mdr_connector.connector.config import (
     ConnectionSettings,
     JiraApiTokenAuth,
     JiraSettings,
     MdrSettings,
     RedmineSettings,
+    ServiceNowBasicAuth,
+    ServiceNowSettings,
     SecretRef,
     Settings,
     SyncSettings,
@@ -39,7 +43,7 @@ from mdr_connector.connector.config import (
 )
 from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.errors import ConfigError
-from mdr_connector.connector.i18n import _
+from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.service import open_connection
 from mdr_connector.connector.store import Store
 from mdr_connector.connector.sync_common import SyncStats
@@ -63,6 +67,8 @@ class DemoTickets(Protocol):
     """The ticket side of the demo: a simulator or a server, its settings, and a person's comment."""
 
     title: str
+    # The line that shows where the ticket system runs, untranslated.
+    url_line: str
 
     def serve(self) -> contextlib.AbstractAsyncContextManager[str]:
         """Start the ticket system when the demo runs it, and yield its base URL."""
@@ -81,6 +87,7 @@ class JiraDemo:
     """The Jira simulator, as Jira Cloud."""
 
     title = "Jira"
+    url_line = N_("Jira simulator: {url}")
 
     def __init__(self) -> None:
         self.sim = jira_simulator.JiraSimulator(deployment="cloud")
@@ -105,10 +112,39 @@ class JiraDemo:
         return "builtin:jira"
 
 
+class ServiceNowDemo:
+    """The ServiceNow simulator, reached with Basic auth."""
+
+    title = "ServiceNow"
+    url_line = N_("ServiceNow simulator: {url}")
+
+    def __init__(self) -> None:
+        self.sim = servicenow_simulator.ServiceNowSimulator()
+
+    def serve(self) -> contextlib.AbstractAsyncContextManager[str]:
+        return servicenow_simulator.run_simulator(self.sim)
+
+    def ticket_settings(self, workdir: Path, url: str) -> TicketSettings:
+        password = write_secret(workdir / "servicenow-password", servicenow_state.SERVICE_PASSWORD)
+        return ServiceNowSettings(
+            system="servicenow",
+            url=url,
+            auth=ServiceNowBasicAuth(type="basic", username=servicenow_state.SERVICE_USER, password=SecretRef(file=password)),
+        )
+
+    async def add_person_comment(self, ref: TicketRef, text: str) -> bool:
+        self.sim.add_human_comment(ref.key, text)
+        return True
+
+    def mapping(self, workdir: Path) -> str:
+        return "builtin:servicenow"
+
+
 class RedmineDemo:
     """A Redmine server the user runs, reached with the connector's API key and, optionally, a person's."""
 
     title = "Redmine"
+    url_line = N_("Redmine server: {url}")
 
     def __init__(self, *, url: str, key_file: Path, person_key_file: Path | None, project: str) -> None:
         self.url = url.rstrip("/")
@@ -172,7 +208,7 @@ async def _run_demo(workdir: Path, incident_count: int, tickets: DemoTickets) ->
 
     async with mdr_simulator.run_simulator(mdr_sim) as mdr_url, tickets.serve() as ticket_url:
         say(_("MDR simulator:  {url}").format(url=mdr_url))
-        say(_("{system}: {url}").format(system=tickets.title, url=ticket_url))
+        say(_(tickets.url_line).format(url=ticket_url))
 
         mdr_sim.create_client(CLIENT_ID, connection_name=CONNECTION_NAME)
         seeded = mdr_sim.seed_demo_incidents(CLIENT_ID, incident_count)
@@ -186,7 +222,8 @@ async def _run_demo(workdir: Path, incident_count: int, tickets: DemoTickets) ->
             status = await mdr.tokens.activate(mdr_sim.issue_console_token(CLIENT_ID))
         say(_("Token chain activated: {state}").format(state=_(status.state)))
 
-        started = datetime.now(timezone.utc) - timedelta(minutes=1)
+        # Tickets changed from here on are this run's: a Redmine server may keep those of earlier runs.
+        started = datetime.now(timezone.utc).replace(microsecond=0)
         store = await Store.open(settings.resolved_database_url())
         try:
             async with open_connection(settings, connection, store) as sync:

@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 from fixtures_jira import RunningJira, StartJira
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_redmine import RedmineServer
 
 from mdr_connector.adapters.jira.simulator import SERVICE_EMAIL, SERVICE_PAT, SERVICE_TOKEN
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
@@ -365,14 +366,40 @@ async def test_db_upgrade(tmp_path: Path, mdr_url: str, jira: RunningJira) -> No
     assert "database schema is at revision 0002" in out
 
 
-async def test_demo_runs() -> None:
-    """The demo syncs both ways against the simulators and exits 0."""
-    code, out, err = await run_cli("demo", "--incidents", "3", timeout=120)
+@pytest.mark.parametrize("system", ["jira", "servicenow"])
+async def test_demo_runs(system: str) -> None:
+    """The demo syncs both ways against the MDR simulator and a ticket simulator, and exits 0."""
+    code, out, err = await run_cli("demo", "--incidents", "3", "--ticket-system", system, timeout=120)
 
     assert code == 0, out + err
     assert "tickets created:                3" in out
-    assert "comments mirrored Jira -> MDR:  1" in out
+    assert "comments mirrored to MDR:       1" in out
     assert "check: one ticket per incident, no comment duplicated on either side" in out
+
+
+async def test_demo_runs_against_real_redmine(redmine_server: RedmineServer, tmp_path: Path) -> None:
+    """With a Redmine URL and keys the demo syncs against the real server; a second run adds no ticket or comment."""
+    key_file = tmp_path / "redmine-key"
+    key_file.write_text(redmine_server.service_key)
+    person_key_file = tmp_path / "person-key"
+    person_key_file.write_text(redmine_server.human_key)
+    options = [
+        "demo", "--incidents", "3", "--ticket-system", "redmine", "--redmine-url", redmine_server.url,
+        "--redmine-key-file", str(key_file), "--redmine-person-key-file", str(person_key_file),
+        "--redmine-project", redmine_server.project,
+    ]
+
+    code, out, err = await run_cli(*options, timeout=180)
+
+    assert code == 0, out + err
+    assert "comments mirrored to MDR:       1" in out
+    assert "check: one ticket per incident, no comment duplicated on either side" in out
+
+
+def test_demo_redmine_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+    """The Redmine demo without a URL stops with a message that says what to pass."""
+    assert main(["demo", "--ticket-system", "redmine"]) == 1
+    assert "pass --redmine-url and --redmine-key-file" in capsys.readouterr().err
 
 
 async def test_busy_message_in_russian(activated_config: Path, tmp_path: Path) -> None:
