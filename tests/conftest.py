@@ -1,6 +1,6 @@
 """Shared pytest configuration: the simulator fixtures live in plugin modules."""
 
-pytest_plugins = ["fixtures_mdr", "fixtures_jira", "fixtures_sync", "fixtures_tls", "fixtures_redmine"]
+pytest_plugins = ["fixtures_mdr", "fixtures_jira", "fixtures_sync", "fixtures_tls", "fixtures_redmine", "fixtures_servicenow"]
 
 import pytest
 
