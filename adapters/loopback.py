@@ -6,8 +6,10 @@ listen where another machine could reach them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -31,3 +33,19 @@ async def serve_on_loopback(app: web.Application, host: str = "127.0.0.1", port:
         yield f"http://{url_host}:{bound_port}"
     finally:
         await runner.cleanup()
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+async def run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `body` with an event that SIGINT or SIGTERM sets, for `mdr-connector simulate`; restore the handlers after."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await body(stop)
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import secrets
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -72,7 +71,7 @@ from mdr_connector.adapters.jira.simulator_state import (
 )
 from mdr_connector.adapters.jira.simulator_files import CHUNK_BYTES, SimAttachment
 from mdr_connector.adapters.jira.simulator_workflow import CATEGORY_JSON, SimTransition
-from mdr_connector.adapters.loopback import serve_on_loopback
+from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
 
 __all__ = [
     "HUMAN_NAME",
@@ -97,7 +96,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API = "/rest/api/2"
 # Signals that stop `serve` cleanly: Ctrl-C, and the stop request of a service manager or container runtime.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -1104,16 +1102,8 @@ async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | 
 
     On each of them the simulator logs its stop and removes its attachment folder.
     """
-    sim = sim or JiraSimulator()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await _serve_until(sim, host, port, stop)
-    finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
+    running = sim or JiraSimulator()
+    await run_until_signal(lambda stop: _serve_until(running, host, port, stop))
 
 
 async def _serve_until(sim: JiraSimulator, host: str, port: int, stop: asyncio.Event) -> None:

@@ -27,7 +27,6 @@ import binascii
 import json
 import logging
 import math
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from mdr_connector.adapters.loopback import serve_on_loopback
+from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
 from mdr_connector.adapters.servicenow.simulator_files import CHUNK_BYTES, SimAttachment, SpoolWriter
 from mdr_connector.adapters.servicenow.simulator_schema import ATTACHMENT_TABLE, Row, SimTable
 from mdr_connector.adapters.servicenow.simulator_state import (
@@ -76,7 +75,6 @@ TOKEN_PATH = "/oauth_token.do"
 DEFAULT_TABLE_LIMIT = 10000
 DEFAULT_ATTACHMENT_LIMIT = 1000
 # Signals that stop `serve` cleanly: Ctrl-C, and the stop request of a service manager or container runtime.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -792,16 +790,8 @@ async def serve(host: str = "127.0.0.1", port: int = 8090, sim: ServiceNowSimula
 
     On each of them the simulator logs its stop and removes its attachment folder.
     """
-    sim = sim or ServiceNowSimulator()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stop.set)
-    try:
-        await _serve_until(sim, host, port, stop)
-    finally:
-        for signum in STOP_SIGNALS:
-            loop.remove_signal_handler(signum)
+    running = sim or ServiceNowSimulator()
+    await run_until_signal(lambda stop: _serve_until(running, host, port, stop))
 
 
 async def _serve_until(sim: ServiceNowSimulator, host: str, port: int, stop: asyncio.Event) -> None:

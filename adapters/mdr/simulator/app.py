@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import json
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mdr_connector.adapters.loopback import serve_on_loopback
+from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
 from mdr_connector.adapters.mdr.simulator.blobs import write_filler
 from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
 from mdr_connector.adapters.mdr.simulator.protocol import API_PREFIX, CONTROL_PREFIX, Params, SimError
@@ -403,34 +402,32 @@ async def serve(
     sim.create_client(client_id, connection_name=connection_name)
     sim.seed_demo_incidents(client_id, demo_incidents)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    async def serve_until(stop: asyncio.Event) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(sim.close)
+            base_url = await stack.enter_async_context(run_simulator(sim, host, port))
+            origin = base_url.removesuffix(API_PREFIX)
+            token_url = f"{origin}{CONTROL_PREFIX}/clients/{client_id}/console-token"
+            # The control route replies {"refresh_token": "eyJ..."}, and `token activate` takes only the token.
+            extract = """python3 -c 'import json, sys; print(json.load(sys.stdin)["refresh_token"])'"""
+            lines = [
+                f"MDR simulator running at {base_url}",
+                "Settings for the mdr section of a connection in config.yaml:",
+                f"  base_url: {base_url}",
+                f"  client_id: {client_id}",
+                f"  connection_name: {connection_name}",
+                "Get a console token (valid 24 hours, works once) and activate it. The reply is JSON,",
+                "so keep only the value of refresh_token:",
+                f"  curl -s -X POST {token_url} | {extract} > console-token.txt",
+                "  mdr-connector token activate --token-file console-token.txt && rm console-token.txt",
+                f"Control API under {origin}{CONTROL_PREFIX}/: see docs/simulators.md",
+                "Stop with Ctrl-C.",
+            ]
+            print("\n".join(lines), flush=True)
+            log.info("mdr_sim.started", extra={"url": base_url, "client_id": client_id})
+            await stop.wait()
 
-    async with contextlib.AsyncExitStack() as stack:
-        stack.callback(sim.close)
-        base_url = await stack.enter_async_context(run_simulator(sim, host, port))
-        origin = base_url.removesuffix(API_PREFIX)
-        token_url = f"{origin}{CONTROL_PREFIX}/clients/{client_id}/console-token"
-        # The control route replies {"refresh_token": "eyJ..."}, and `token activate` takes only the token.
-        extract = """python3 -c 'import json, sys; print(json.load(sys.stdin)["refresh_token"])'"""
-        lines = [
-            f"MDR simulator running at {base_url}",
-            "Settings for the mdr section of a connection in config.yaml:",
-            f"  base_url: {base_url}",
-            f"  client_id: {client_id}",
-            f"  connection_name: {connection_name}",
-            "Get a console token (valid 24 hours, works once) and activate it. The reply is JSON,",
-            "so keep only the value of refresh_token:",
-            f"  curl -s -X POST {token_url} | {extract} > console-token.txt",
-            "  mdr-connector token activate --token-file console-token.txt && rm console-token.txt",
-            f"Control API under {origin}{CONTROL_PREFIX}/: see docs/simulators.md",
-            "Stop with Ctrl-C.",
-        ]
-        print("\n".join(lines), flush=True)
-        log.info("mdr_sim.started", extra={"url": base_url, "client_id": client_id})
-        await stop.wait()
+    await run_until_signal(serve_until)
 
 
 def main(argv: list[str] | None = None) -> int:
