@@ -118,6 +118,21 @@ end
 Setting.rest_api_enabled = '1'
 Setting.issue_group_assignment = '1'
 
+# A person's issue in the project, as any Redmine in use has: a custom field
+# for all projects shows to a non-admin only on issues, and the connector
+# finds its correlation field that way on a server without other issues.
+def ensure_welcome_issue(project, author)
+  return if Issue.where(project_id: project.id).exists?
+
+  Issue.create!(
+    project: project,
+    tracker: project.trackers.first,
+    author: author,
+    subject: 'Welcome to the SOC project',
+    description: 'Created by the test set-up, so the project is not empty.'
+  )
+end
+
 service = ensure_user('mdr-connector', 'MDR', 'Connector', admin: false)
 human = ensure_user('soc-analyst', 'SOC', 'Analyst', admin: false)
 admin = ensure_user('mdr-test-admin', 'Test', 'Admin', admin: true)
@@ -128,6 +143,7 @@ project = ensure_project
 group = ensure_group(GROUP_NAME, [human])
 [service, human, group].each { |principal| ensure_member(project, principal, role) }
 field = ensure_custom_field
+ensure_welcome_issue(project, human)
 
 state = {
   redmine_version: Redmine::VERSION.to_s,

@@ -55,8 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "README.ru.md")
 USER_DOCS = (
     *READMES,
-    *(f"docs/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
-    *(f"docs/ru/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *(f"docs/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "redmine.md", "security.md", "servicenow.md", "simulators.md", "testing.md")),
+    *(f"docs/ru/{name}" for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "redmine.md", "security.md", "servicenow.md", "simulators.md", "testing.md")),
 )
 # An `mdr-connector` call in a shell line: at the start, after a pipe, or as a path ending in /bin/.
 CLI_CALL = re.compile(r"(?:^|\|\s*|/bin/)mdr-connector\s+(\S.*)$")
@@ -192,7 +192,7 @@ def test_doc_links_resolve(name: str) -> None:
 # Each English user doc with its Russian twin.
 DOC_TWINS = [
     ("README.md", "README.ru.md"),
-    *((f"docs/{name}", f"docs/ru/{name}") for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "security.md", "simulators.md")),
+    *((f"docs/{name}", f"docs/ru/{name}") for name in ("benchmarks.md", "configuration.md", "how-it-works.md", "jira.md", "operations.md", "redmine.md", "security.md", "servicenow.md", "simulators.md", "testing.md")),
 ]
 
 
@@ -763,7 +763,7 @@ ERROR_EXAMPLES = (
     RuntimeError("a bug"),
 )
 # Modules whose log events the operations page lists: the service, not the simulators or the test fake.
-LOGGING_SOURCES = ("connector", "adapters/mdr", "adapters/jira")
+LOGGING_SOURCES = ("connector", "adapters/mdr", "adapters/jira", "adapters/servicenow", "adapters/redmine")
 NOT_SERVICE_MODULES = ("simulator", "jql.py")
 LOG_METHODS = frozenset({"debug", "info", "warning", "error", "exception", "critical"})
 # An event name stored in a variable, as in `event = "sync.ticket.found"`: dotted lowercase words.
