@@ -17,7 +17,7 @@ import re
 from mdr_connector.connector.tickets import SyncMarker
 
 MARKER_PREFIX = "[mdr-connector "
-# Origins are short words; source ids are MDR or ticket ids with the
+# Origins are short words. Source ids are MDR or ticket ids with the
 # connector's own suffixes (`:deleted`, `attachment:`, response versions).
 _ORIGIN = r"[a-z][a-z-]{0,31}"
 _SOURCE_ID = r"[A-Za-z0-9._:@-]{1,200}"

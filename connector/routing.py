@@ -89,7 +89,7 @@ async def check_destinations(mapping: Mapping, tickets: TicketAdapter) -> list[s
 
 
 def unsupported_by(mapping: Mapping, system: str, capabilities: TicketCapabilities) -> list[str]:
-    """Return the mapping settings that ask the ticket system for something it cannot store."""
+    """Return the mapping settings that request something the ticket system cannot store."""
     name = system_title(system)
     problems: list[str] = []
     route_labels = any(route.labels for route in mapping.routes)

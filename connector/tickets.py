@@ -102,8 +102,8 @@ class TicketComment:
 class CommentVisibility:
     """Who may read a comment the connector posts.
 
-    `role` and `group` name a Jira project role or group in `value`;
-    `internal` asks for the system's internal note (a ServiceNow work note,
+    `role` and `group` name a Jira project role or group in `value`.
+    `internal` requests the system's internal note (a ServiceNow work note,
     a Redmine private note) and takes no value.
     """
 
@@ -116,8 +116,8 @@ class TicketCapabilities:
     """What a ticket system can store, so the engine and `check` never ask an adapter for more.
 
     The engine reads these instead of the system's name: a comment that
-    cannot be edited is followed by a new one, and a mapping that asks for
-    labels, components or a visibility the system lacks is reported by `check`.
+    cannot be edited is followed by a new one, and `check` reports a mapping
+    that requests labels, components or a visibility the system lacks.
     """
 
     # Comments the connector wrote can be edited in place.
