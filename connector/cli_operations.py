@@ -68,7 +68,7 @@ POSITION_MESSAGES = {
 CHANGE_SOURCES = {"reconciled": N_("as reconciled"), "live": N_("as MDR returns it now")}
 INCIDENT_HELP = N_("MDR incident id; put an id that starts with - after --, as in `-- -AbC123`")
 
-# Jira keys, ServiceNow numbers and sys_ids, Redmine issue numbers: no paths, dots or spaces.
+# Jira keys, ServiceNow numbers and sys_ids, and Redmine issue numbers, without paths, dots or spaces.
 TICKET_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
 

@@ -235,14 +235,14 @@ ServiceNowAuth = Annotated[ServiceNowBasicAuth | ServiceNowOAuth, Field(discrimi
 
 
 class ServiceNowSettings(TransportSettings):
-    """How to reach a ServiceNow instance and which table holds the tickets."""
+    """How to reach a ServiceNow instance, and the table that contains the tickets."""
 
     system: Literal["servicenow"]
     url: str
     auth: ServiceNowAuth
     table: str = Field(default="incident", pattern=r"^[a-z][a-z0-9_]{0,79}$")
     # The close code and notes sent with a move to a resolved or closed
-    # state; instances enforce both with a data policy. Choice values differ
+    # state, because instances enforce both with a data policy. Choice values differ
     # per instance, so `check` compares them with the instance's sys_choice list.
     close_code: str = "Solution provided"
     close_notes: str = "Resolved in Kaspersky MDR."

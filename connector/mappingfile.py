@@ -63,7 +63,7 @@ COMMENT_TEMPLATE_FIELDS = {
 
 
 class Visibility(StrictModel):
-    """Who may read a comment: a Jira role or group by name, or `internal` for a ServiceNow work note or a Redmine private note."""
+    """The readers of a comment: a Jira role or group by name, or `internal` for a ServiceNow work note or a Redmine private note."""
 
     type: Literal["role", "group", "internal"]
     value: str = ""

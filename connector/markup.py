@@ -145,7 +145,7 @@ def plain_to_markdown(source: str) -> str:
 
 
 def markdown_to_textile(source: str) -> str:
-    """Convert Markdown to Textile, for Redmine; fall back to a `<pre>` block."""
+    """Convert Markdown to Textile for Redmine, or else to a `<pre>` block."""
     return _convert(clean_text(source), "markdown-textile")
 
 
