@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.connector.config import ConnectionSettings, SecretRef, Settings
 from mdr_connector.connector.errors import ConnectorError
-from mdr_connector.connector.i18n import _
+from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.routing import check_destinations
 from mdr_connector.connector.service import build_ticket_adapter
@@ -94,6 +94,14 @@ async def check_mdr(connection: ConnectionSettings) -> list[CheckLine]:
         return lines
 
 
+# What a mapping's `project` and `issue_type` name in each ticket system.
+DESTINATION_FOUND = {
+    "jira": N_("project {project}, issue type {issue_type} and priorities exist"),
+    "servicenow": N_("assignment group {project}, category {issue_type} and priorities exist"),
+    "redmine": N_("project {project}, tracker {issue_type} and priorities exist"),
+}
+
+
 async def check_tickets(connection: ConnectionSettings) -> list[CheckLine]:
     mapping = load_mapping(connection.mapping)
     adapter = build_ticket_adapter(connection, mapping)
@@ -110,6 +118,6 @@ async def check_tickets(connection: ConnectionSettings) -> list[CheckLine]:
 
     lines += [(problem, False) for problem in problems]
     if not problems:
-        lines.append((_("project {project}, issue type {issue_type} and priorities exist").format(
-            project=mapping.project, issue_type=mapping.issue_type), True))
+        template = DESTINATION_FOUND.get(connection.ticket.system, DESTINATION_FOUND["jira"])
+        lines.append((_(template).format(project=mapping.project, issue_type=mapping.issue_type), True))
     return lines

@@ -49,6 +49,8 @@ EXIT_USAGE = 2
 # EX_TEMPFAIL from sysexits.h: "try again later", which is what a cron job
 # that found the connection busy should hear.
 EXIT_BUSY = 75
+# 128 + SIGPIPE, as a shell reports a command killed by a closed pipe.
+EXIT_BROKEN_PIPE = 141
 DEFAULT_CONFIG = "config.yaml"
 MAX_TOKEN_FILE_BYTES = 64 * 1024
 # Permission bits that let group or others read a file.
@@ -86,6 +88,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = str(getattr(err, "orig", None) or err).splitlines()[0]
         print_error(_("database error: {reason}").format(reason=reason))
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of the output went away (`status | head -1`): stop quietly,
+        # and keep Python from failing again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as err:
         print_error(str(err))
         return EXIT_FAILED
@@ -305,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help=_("run a self-contained demo against the MDR simulator and a ticket system on loopback")
     )
     demo.add_argument("--incidents", type=int, default=5, help=_("number of incidents to seed (default: 5)"))
-    demo.add_argument("--keep", action="store_true", help=_("keep the temporary folder with the database and logs"))
+    demo.add_argument("--keep", action="store_true", help=_("keep the temporary folder with the database, the config and the mapping"))
     demo.add_argument(
         "--ticket-system",
         choices=("jira", "servicenow", "redmine"),
@@ -642,21 +649,38 @@ def command_check(args: argparse.Namespace) -> int:
 
     settings = load_config(args)
     connections = selected(settings, args.connection)
+    failures = 0
+    # The online check finds these again, and each is shown once.
+    reported: set[str] = set()
     for connection in connections:
-        load_mapping(connection.mapping)
+        mapping = load_mapping(connection.mapping)
         print(_("{name}: configuration and mapping are valid").format(name=connection.name))
+        for problem in unsupported_settings(connection, mapping):
+            print(f"  [{_('FAILED')}] {safe_text(problem)}")
+            reported.add(problem)
+            failures += 1
     for warning in secret_file_warnings(settings, connections):
         print(f"  [warn] {safe_text(warning)}")
     if args.offline:
-        return EXIT_OK
+        return EXIT_OK if failures == 0 else EXIT_FAILED
 
-    failures = 0
     for connection in connections:
         for line, ok in run_async(lambda: check_connection(connection)):
+            if line in reported:
+                continue
             mark = "ok" if ok else _("FAILED")
             print(f"  [{mark}] {safe_text(line)}")
             failures += 0 if ok else 1
     return EXIT_OK if failures == 0 else EXIT_FAILED
+
+
+def unsupported_settings(connection: Any, mapping: Any) -> list[str]:
+    """Return the mapping settings that the connection's ticket system cannot store, known without contacting it."""
+    from mdr_connector.connector.routing import unsupported_by
+    from mdr_connector.connector.service import ticket_adapter_class
+
+    system = connection.ticket.system
+    return unsupported_by(mapping, system, ticket_adapter_class(system).capabilities)
 
 
 def command_demo(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ from mdr_connector.connector.i18n import N_, _
 # placeholders are the keys of PlannedWrite.detail.
 WRITE_MESSAGES = {
     ("ticket", "create_ticket"): N_(
-        "would create {system} ticket {ticket_key} in project {project} ({issue_type}) "
+        "would create {system} ticket {ticket_key} in {project} ({issue_type}) "
         "for MDR incident {incident_id}: {summary}"
     ),
     ("ticket", "update_ticket"): N_("would update {fields} of {ticket_key}"),

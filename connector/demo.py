@@ -295,7 +295,8 @@ async def add_new_comments(
         say(_("Added an analyst comment in MDR and an engineer comment on {system} ticket {key}").format(
             system=tickets.title, key=ref.key))
     else:
-        say(_("Added an analyst comment in MDR; no person's account was given for a comment on {key}").format(key=ref.key))
+        say(_("Added an analyst comment in MDR and none on {system} ticket {key}: no person's account was given").format(
+            system=tickets.title, key=ref.key))
 
 
 async def consistency_problems(

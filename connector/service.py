@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.connector.config import ConnectionSettings, Settings
@@ -14,23 +15,27 @@ from mdr_connector.connector.store import Store
 from mdr_connector.connector.tickets import TicketAdapter
 
 
-def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> TicketAdapter:
-    """Create the adapter of the connection's ticket system."""
-    ticket = connection.ticket
-    other_projects = mapping_projects(mapping)[1:]
-    if ticket.system == "jira":
+def ticket_adapter_class(system: str) -> type[TicketAdapter]:
+    """Return the adapter class of a ticket system, imported only when a connection uses it."""
+    if system == "jira":
         from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
 
-        return JiraTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
-    if ticket.system == "servicenow":
+        return JiraTicketAdapter
+    if system == "servicenow":
         from mdr_connector.adapters.servicenow.adapter import ServiceNowTicketAdapter
 
-        return ServiceNowTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
-    if ticket.system == "redmine":
+        return ServiceNowTicketAdapter
+    if system == "redmine":
         from mdr_connector.adapters.redmine.adapter import RedmineTicketAdapter
 
-        return RedmineTicketAdapter(ticket, project=mapping.project, other_projects=other_projects)
-    raise AssertionError(f"unknown ticket system {ticket.system!r} passed config validation")
+        return RedmineTicketAdapter
+    raise AssertionError(f"unknown ticket system {system!r} passed config validation")
+
+
+def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> TicketAdapter:
+    """Create the adapter of the connection's ticket system."""
+    adapter_class: Any = ticket_adapter_class(connection.ticket.system)
+    return adapter_class(connection.ticket, project=mapping.project, other_projects=mapping_projects(mapping)[1:])
 
 
 @contextlib.asynccontextmanager

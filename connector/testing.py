@@ -47,6 +47,7 @@ from mdr_connector.connector.config import (
 from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.store import Store
+from mdr_connector.connector.tickets import TicketCapabilities
 
 __all__ = [
     "CLIENT_ID",
@@ -131,7 +132,9 @@ async def mdr_simulator(tmp_path: Path) -> AsyncIterator[RunningMdr]:
 @pytest_asyncio.fixture(loop_scope="function")
 async def memory_tickets(mdr_connector_mapping: str) -> AsyncIterator[MemoryTicketAdapter]:
     """An opened in-memory ticket system whose project is the mapping's project, with no search delay."""
-    adapter = MemoryTicketAdapter(project=load_mapping(mdr_connector_mapping).project)
+    # The fake stands in for every ticket system, so it accepts each system's comment visibility.
+    capabilities = TicketCapabilities(visibility_types=frozenset({"role", "group", "internal"}))
+    adapter = MemoryTicketAdapter(project=load_mapping(mdr_connector_mapping).project, capabilities=capabilities)
     await adapter.open()
     try:
         yield adapter

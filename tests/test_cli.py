@@ -11,6 +11,7 @@ import secrets
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator
@@ -945,3 +946,50 @@ async def test_options_after_token_word(tmp_path: Path, mdr_url: str, jira: Runn
 
     assert code == 1, err
     assert "main: Pending activation" in out
+
+
+def test_offline_check_reports_settings_the_system_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`check --offline` knows the ticket system from the config, so it reports labels and a Jira visibility for Redmine."""
+    mapping = yaml.safe_load((Path(__file__).resolve().parent.parent / "mappings" / "redmine.yaml").read_text(encoding="utf-8"))
+    mapping["labels"] = ["mdr"]
+    mapping["comments"]["visibility"] = {"type": "role", "value": "Developers"}
+    mapping_path = tmp_path / "mapping.yaml"
+    mapping_path.write_text(yaml.safe_dump(mapping), encoding="utf-8")
+    token_dir = tmp_path / "tokens"
+    token_dir.mkdir(mode=0o700)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"connections": [{
+        "name": "main",
+        "mdr": {"client_id": MDR_CLIENT_ID, "connection_name": MDR_CONNECTION_NAME, "token_dir": str(token_dir)},
+        "ticket": {"system": "redmine", "url": "https://redmine.example.internal", "api_key": {"env": "UNUSED_REDMINE_KEY"}},
+        "mapping": str(mapping_path),
+    }]}), encoding="utf-8")
+
+    code = main(["--config", str(config), "check", "--offline"])
+
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "  [FAILED] Redmine tickets have no labels; remove `labels` from the mapping and its routes" in out
+    assert "Redmine does not support comment visibility type 'role'; use one of: internal" in out
+
+
+def test_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """A reader that closes the pipe early gets no error line on stderr, and the exit code is 141."""
+    script = (
+        "import sys\n"
+        "from mdr_connector.connector import cli\n"
+        "def flood(args):\n"
+        "    for number in range(200000):\n"
+        "        print('line', number)\n"
+        "    return 0\n"
+        "cli.command_demo = flood\n"
+        "sys.exit(cli.main(['demo']))\n"
+    )
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    writer = subprocess.run([sys.executable, "-c", script], stdout=reader.stdin, stderr=subprocess.PIPE, timeout=60)
+    reader.stdin.close()
+    reader.wait(timeout=10)
+
+    assert writer.returncode == 141
+    assert b"Broken pipe" not in writer.stderr
+    assert writer.stderr == b""

@@ -20,7 +20,7 @@ from mdr_connector.adapters.jira import simulator as jira_simulator
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH
 from mdr_connector.adapters.mdr import simulator as mdr_simulator
 from mdr_connector.adapters.servicenow import simulator as servicenow_simulator
-from mdr_connector.connector.cli import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
+from mdr_connector.connector.cli import EXIT_BROKEN_PIPE, EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE, build_parser
 from mdr_connector.connector.cli_status import REFRESH_EXPIRING, TOKEN_EXPIRED, TOKEN_PENDING, TOKEN_UNREADABLE
 from mdr_connector.connector.config import (
     MAX_SECRET_BYTES,
@@ -242,7 +242,7 @@ def test_readme_exit_codes_match_cli(name: str) -> None:
     """The exit code table of each README lists the codes the CLI returns."""
     rows = re.findall(r"^\| (\d+) \|", (ROOT / name).read_text(encoding="utf-8"), re.MULTILINE)
 
-    assert [int(code) for code in rows] == [EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, 130]
+    assert [int(code) for code in rows] == [EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BUSY, 130, EXIT_BROKEN_PIPE]
 
 
 def test_mapping_shows_mirror_restricted() -> None:

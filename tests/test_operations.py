@@ -151,7 +151,7 @@ async def test_dry_run_cli_prints_writes(activated_config: Path, mdr_sim: MdrSim
     assert code == 0, err
     lines = out.splitlines()
     assert (
-        f"main: would create Jira ticket SEC-NEW1 in project SEC (Task) for MDR incident {incident['incident_id']}: "
+        f"main: would create Jira ticket SEC-NEW1 in SEC (Task) for MDR incident {incident['incident_id']}: "
         f"[MDR-{incident['incident_number']}] Beacon to a known C2"
     ) in lines
     assert any(line.startswith("main: would add a comment to SEC-NEW1 (marker mdr ") for line in lines)
