@@ -351,6 +351,32 @@ class CpuMeter:
         return {name: value - self.marks[name] for name, value in self.read().items()}
 
 
+@dataclass
+class PandocCounter:
+    """Counts the pandoc processes this process starts through `connector/markup.py` while it is active."""
+
+    runs: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[PandocCounter]:
+        """Count every pandoc run inside the block; conversions run in worker threads, hence the lock."""
+        from mdr_connector.connector import markup
+
+        original = markup._run_pandoc
+
+        def counted(*args: Any, **kwargs: Any) -> str:
+            with self.lock:
+                self.runs += 1
+            return original(*args, **kwargs)
+
+        markup._run_pandoc = counted
+        try:
+            yield self
+        finally:
+            markup._run_pandoc = original
+
+
 def cpu_line(spent: dict[str, float], seconds: float) -> str:
     """Describe the CPU seconds per process, their sum and the wall time they were spent in."""
     parts = ", ".join(f"{name} {value:.1f}" for name, value in spent.items())

@@ -311,6 +311,11 @@ class SyncSettings(StrictModel):
     # look like the last one, so larger values are not accepted.
     page_size: int = Field(default=100, ge=1, le=100)
     max_pages_per_cycle: int = Field(default=20, ge=1)
+    # Incidents reconciled at once. Each incident's calls still wait for the
+    # `max_concurrency` of the system they go to, so this bounds the work in
+    # progress (ledger sessions, spooled files, memory), not the load on MDR
+    # or the ticket system.
+    max_incidents_in_flight: int = Field(default=16, ge=1, le=256)
     retry_base_seconds: float = Field(default=60, gt=0)
     retry_max_seconds: float = Field(default=3600, gt=0)
     # Days after which the ledger rows of an incident closed in MDR are

@@ -152,9 +152,9 @@ class ConnectionSync:
         # Weak values: a lock lives only while a reconciliation holds or waits
         # for it, so the map does not grow with every incident ever seen.
         self._incident_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-        self._concurrency = asyncio.Semaphore(
-            min(settings.mdr.max_concurrency, settings.ticket.max_concurrency)
-        )
+        # The clients bound the calls to each system (`max_concurrency`), so
+        # this bounds only how many incidents are reconciled at once.
+        self._concurrency = asyncio.Semaphore(settings.sync.max_incidents_in_flight)
 
     @property
     def own_account(self) -> TicketAccount | None:

@@ -122,6 +122,16 @@ OWN_COLUMNS = frozenset(
 )
 # Contract field ids that name another column in ServiceNow.
 FIELD_COLUMNS = {"summary": "short_description", "priority": "impact"}
+# An instance renders the text between `[code]` and `[/code]` in a journal entry as HTML while
+# glide.ui.security.allow_codetag is true, its default. Spaces and case are matched loosely,
+# because how an instance parses the tag is not documented.
+CODE_TAG = re.compile(r"\[(\s*/?\s*code\s*\])", re.IGNORECASE)
+# U+FF3B FULLWIDTH LEFT SQUARE BRACKET: the tag stays readable but is no longer a tag.
+CODE_TAG_BRACKET = "\uff3b"
+# Characters that take 4 bytes in UTF-8, such as emoji. ServiceNow's KB0621602 describes String
+# and journal fields that lose all text from the first of them on an instance on MySQL, and
+# that show `?` in their place on MariaDB. A cut journal entry loses its marker line.
+FOUR_BYTE_CHARACTER = re.compile("[\U00010000-\U0010ffff]")
 
 RowFetcher = Callable[[str, int], Awaitable[Page]]
 
@@ -161,6 +171,8 @@ class ServiceNowTicketAdapter:
         self.account: TicketAccount | None = None
         # Whether a journal entry was read from sys_journal_field since the connection opened.
         self.journal_verified = False
+        # Whether the instance cut a journal entry at a 4-byte character, so such characters are replaced from then on.
+        self.replaces_four_byte_characters = False
         self._clock = clock
         self._display_names: dict[str, str] = {}
         self._choices: dict[str, dict[str, str]] = {}
@@ -408,25 +420,17 @@ class ServiceNowTicketAdapter:
 
         `visibility` internal writes a work note, none writes an Additional
         comment. An entry that cannot be read back raises MisconfiguredError.
+        An entry that the instance cut at a 4-byte character is written once
+        more with U+FFFD in their place, as every later text is.
         """
         element = _journal_element(draft.visibility)
-        try:
-            text = with_marker(markup.clean_text(draft.body), draft.marker)
-        except ValueError as err:
-            raise InvalidPayloadError(str(err)) from err
-
-        reply = await self.client.update_row(
-            "add_comment", self.table, _sys_id(ref), {element: text}, "sys_id,sys_updated_on", write=True
-        )
-        try:
-            entry = await self._read_back(ref, element, draft.marker, reply.get("sys_updated_on"))
-        except RetriableError as err:
-            # The entry was written, so sending it again could post it twice.
-            raise OutcomeUnknownError(
-                f"ServiceNow took the journal entry for {ref.key}, but reading it back failed: {err}"
-            ) from err
-        except RejectedError as err:
-            raise self._journal_unreadable(f"reading back the entry just written on {ref.key} was rejected: {err}") from err
+        entry = await self._append_entry(ref, element, draft)
+        if entry is None:
+            self.replaces_four_byte_characters = True
+            log.warning("servicenow.journal.text_cut", extra={"ticket_key": ref.key, "source_id": draft.marker.source_id})
+            entry = await self._append_entry(ref, element, draft)
+        if entry is None:
+            raise self._journal_unreadable(f"the entry just written on {ref.key} is not among the entries it returned")
         comment = TicketComment(
             id=_required_text(entry, "sys_id", "journal entry"),
             author=self._own_account(),
@@ -440,6 +444,26 @@ class ServiceNowTicketAdapter:
             extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id, "element": element},
         )
         return comment
+
+    async def _append_entry(self, ref: TicketRef, element: str, draft: CommentDraft) -> dict[str, Any] | None:
+        """Write one journal entry and return its sys_journal_field row, or None when the instance cut it short."""
+        try:
+            text = with_marker(_without_code_tags(self._storable_text(draft.body)), draft.marker)
+        except ValueError as err:
+            raise InvalidPayloadError(str(err)) from err
+
+        reply = await self.client.update_row(
+            "add_comment", self.table, _sys_id(ref), {element: text}, "sys_id,sys_updated_on", write=True
+        )
+        try:
+            return await self._read_back(ref, element, text, draft.marker, reply.get("sys_updated_on"))
+        except RetriableError as err:
+            # The entry was written, so sending it again could post it twice.
+            raise OutcomeUnknownError(
+                f"ServiceNow took the journal entry for {ref.key}, but reading it back failed: {err}"
+            ) from err
+        except RejectedError as err:
+            raise self._journal_unreadable(f"reading back the entry just written on {ref.key} was rejected: {err}") from err
 
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         """Raise RejectedError: ServiceNow journal entries cannot be edited through the API."""
@@ -477,6 +501,7 @@ class ServiceNowTicketAdapter:
             raise InvalidPayloadError(f"ServiceNow attachment {attachment.id} has no readable size_bytes")
         if not isinstance(link, str) or not link:
             link = f"{self.client.base_url}/api/now/attachment/{attachment.id}/file"
+        self.client.check_download_link(link, attachment.id)
 
         try:
             written = await self.client.download("download_attachment", link, destination, size)
@@ -629,8 +654,10 @@ class ServiceNowTicketAdapter:
 
         A readable entry proves access. Without one, the recent tickets are
         read with display values, where comments and work notes come back as
-        text through the ticket's own field ACLs: text there while
-        sys_journal_field is empty means its read ACL hides the entries.
+        text through the ticket's own field ACLs. Text there while
+        sys_journal_field returns none of that ticket's entries means its
+        read ACL hides the entries. An empty first probe alone proves
+        nothing, because an instance applies the page limit before the ACL.
         NOTE: on an instance where neither shows any entry the check cannot
         decide, and the first `add_comment`, which reads its entry back,
         fails instead.
@@ -659,13 +686,40 @@ class ServiceNowTicketAdapter:
             display_value=True,
         )
         for row in recent.rows:
-            if _display_text(row.get(PUBLIC_ELEMENT)) or _display_text(row.get(INTERNAL_ELEMENT)):
-                ticket = row.get("number") or row.get("sys_id")
-                raise self._journal_unreadable(f"the table returned no entry, but ticket {ticket} shows comments or work notes")
+            if not (_display_text(row.get(PUBLIC_ELEMENT)) or _display_text(row.get(INTERNAL_ELEMENT))):
+                continue
+            # The read ACL may have emptied the probe's page while entries of tickets the account reads stay readable.
+            if await self._ticket_journal_readable(_display_text(row.get("sys_id"))):
+                self.journal_verified = True
+                log.debug("servicenow.journal_check.passed", extra={"table": self.table})
+                return
+            ticket = row.get("number") or row.get("sys_id")
+            raise self._journal_unreadable(f"the table returned no entry, but ticket {ticket} shows comments or work notes")
         log.info("servicenow.journal_check.deferred", extra={"table": self.table})
 
-    async def _read_back(self, ref: TicketRef, element: str, marker: SyncMarker, written_at: Any) -> dict[str, Any]:
-        """Find the entry `add_comment` just wrote, by its marker, among the ticket's recent entries of `element`."""
+    async def _ticket_journal_readable(self, sys_id: str) -> bool:
+        if not SYS_ID_PATTERN.fullmatch(sys_id):
+            return False
+        try:
+            page = await self.client.list_rows(
+                "open",
+                JOURNAL_TABLE,
+                query=f"element_id={sys_id}^elementIN{PUBLIC_ELEMENT},{INTERNAL_ELEMENT}",
+                fields="sys_id",
+                limit=JOURNAL_PROBE_ROWS,
+            )
+        except RejectedError:
+            return False
+        return bool(page.rows)
+
+    async def _read_back(
+        self, ref: TicketRef, element: str, text: str, marker: SyncMarker, written_at: Any
+    ) -> dict[str, Any] | None:
+        """Find the entry `add_comment` just wrote, by its marker, among the ticket's recent entries of `element`.
+
+        Return None when the connector's only new entry is `text` cut at its
+        first 4-byte character, where an instance on MySQL stops storing.
+        """
         own = self._own_account()
         conditions = f"element_id={_sys_id(ref)}^element={element}"
         since = _read_back_start(written_at)
@@ -683,6 +737,8 @@ class ServiceNowTicketAdapter:
                 f"not by {own.id!r}: set ticket.auth.username to the user that the credentials act as, "
                 "or the connector cannot tell its own comments from people's"
             )
+        if _cut_at_four_byte_character(text, [str(row.get("value") or "") for row in rows if row.get("sys_created_by") == own.id]):
+            return None
         raise self._journal_unreadable(f"the entry just written on {ref.key} is not among the entries it returned")
 
     def _journal_unreadable(self, evidence: str) -> MisconfiguredError:
@@ -759,15 +815,18 @@ class ServiceNowTicketAdapter:
     async def _choice_list(self, operation: str, element: str) -> dict[str, str]:
         """Return the active choices of a column as value -> label, in their sequence.
 
-        Choices of the ticket table win; without any, those of `task`, which
-        incident extends and which defines impact and urgency on many instances.
+        Choices of the ticket table win. Without any come those of
+        `incident`, from which a child table inherits state, category and
+        close_code, and then those of `task`, which defines impact and
+        urgency on many instances.
+        NOTE: a table that extends task directly falls back to incident's choices too.
         """
         cached = self._choices.get(element)
         if cached is not None:
             return cached
 
         choices: dict[str, str] = {}
-        for table in dict.fromkeys([self.table, "task"]):
+        for table in dict.fromkeys([self.table, "incident", "task"]):
             query = f"name={table}^element={query_value(element, 'column')}^ORDERBYsequence"
             page = await self.client.list_rows(
                 operation, "sys_choice", query=query, fields="value,label,inactive,language", limit=1000
@@ -837,9 +896,9 @@ class ServiceNowTicketAdapter:
     async def _field_values(self, fields: TicketFields, skip: frozenset[str]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         if "summary" not in skip:
-            values["short_description"] = _short_description(fields.summary)
+            values["short_description"] = _short_description(self._storable_text(fields.summary))
         if "description" not in skip:
-            values["description"] = markup.clean_text(fields.description)
+            values["description"] = self._storable_text(fields.description)
         if fields.priority and "priority" not in skip:
             impact = await self._impact_value(fields.priority)
             values["impact"] = impact
@@ -868,6 +927,13 @@ class ServiceNowTicketAdapter:
             impacts = await self._choice_list("get_state", "impact")
             return impacts.get(str(value), str(value))
         return value
+
+    def _storable_text(self, text: str) -> str:
+        """Remove control characters, and replace 4-byte characters with U+FFFD once the instance was seen to cut text at them."""
+        text = markup.clean_text(text)
+        if self.replaces_four_byte_characters:
+            text = FOUR_BYTE_CHARACTER.sub("\ufffd", text)
+        return text
 
     def _journal_body(self, row: dict[str, Any], own: TicketAccount) -> tuple[str, SyncMarker | None]:
         """Return an entry's body as Markdown and its marker, trusted only on the connector's own entries."""
@@ -973,9 +1039,23 @@ def _active_choices(rows: list[dict[str, Any]]) -> dict[str, str]:
     return {str(row["value"]): str(row.get("label") or row["value"]) for row in english or active}
 
 
+def _cut_at_four_byte_character(text: str, values: list[str]) -> bool:
+    """Tell whether one of `values` is `text` without everything from its first 4-byte character on."""
+    first = FOUR_BYTE_CHARACTER.search(text)
+    if first is None:
+        return False
+    head = text[: first.start()].rstrip()
+    return any(value.rstrip() == head for value in values)
+
+
+def _without_code_tags(text: str) -> str:
+    """Replace the `[` of each `[code]` and `[/code]` tag with a look-alike, so the instance shows the text instead of rendering it."""
+    return CODE_TAG.sub(lambda match: CODE_TAG_BRACKET + match.group(1), text)
+
+
 def _short_description(text: str) -> str:
     """Make one line of at most 160 characters, ending with … when cut."""
-    line = " ".join(markup.clean_text(text).split())
+    line = " ".join(text.split())
     if len(line) <= MAX_SHORT_DESCRIPTION:
         return line
     return line[: MAX_SHORT_DESCRIPTION - 1] + "…"

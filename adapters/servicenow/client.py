@@ -19,8 +19,9 @@ PATCH of a journal field. A PATCH that only sets field values can be sent
 again safely, so its lost reply is RemoteUnavailableError, like a read's.
 
 OAuth uses the client credentials grant of `/oauth_token.do`. The token is
-fetched again 60 s before the expiry that the token reply states, and once
-after a 401, because an instance can revoke a token early.
+fetched again 60 s before the expiry that the token reply states (after half
+its lifetime when it lives less than 120 s), and once after a 401, because
+an instance can revoke a token early.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/oauth_token.do"
 # A token is replaced this long before the expiry its reply states, so no request goes out with a token about to lapse.
+# A token that lives less than twice as long is replaced after half its lifetime instead.
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
 MAX_ERROR_TEXT = 300
 # An error reply is read only up to this size, because ServiceNow's JSON errors are far smaller.
@@ -99,7 +102,8 @@ class ServiceNowClient:
         self._basic: aiohttp.BasicAuth | None = None
         self._client_secret: str | None = None
         self._token: str | None = None
-        self._token_expiry = 0.0
+        # The monotonic time after which the token is replaced before use.
+        self._token_renewal = 0.0
         self._token_lock = asyncio.Lock()
 
     @property
@@ -244,6 +248,22 @@ class ServiceNowClient:
                 "so it was not followed: the connector sends its credentials only to the configured instance"
             )
 
+    def check_download_link(self, url: str, attachment_id: str) -> None:
+        """Raise InvalidPayloadError unless `url` is the file of attachment `attachment_id` on the configured instance.
+
+        The credentials go with the request, so a link with user info, a
+        query, or another path is not followed, even on the instance itself.
+        """
+        self.check_origin(url)
+        parts = urlsplit(url)
+        base_path = urlsplit(self.base_url).path.rstrip("/")
+        own_file = re.fullmatch(re.escape(base_path) + r"/api/now(?:/v1)?/attachment/" + re.escape(attachment_id) + "/file", parts.path)
+        if own_file is None or "@" in parts.netloc or parts.query or parts.fragment:
+            raise InvalidPayloadError(
+                f"ServiceNow named a download link with the path {parts.path[:200]!r} for attachment {attachment_id}, "
+                "which is not the attachment's own file on the instance, so it was not followed"
+            )
+
     # Transport
 
     async def _call(
@@ -342,7 +362,7 @@ class ServiceNowClient:
     async def _authorization(self) -> str:
         if self._basic is not None:
             return self._basic.encode()
-        if self._token is None or self._clock() >= self._token_expiry - TOKEN_REFRESH_MARGIN_SECONDS:
+        if self._token is None or self._clock() >= self._token_renewal:
             await self._fetch_token(None)
         assert self._token is not None
         return f"Bearer {self._token}"
@@ -356,11 +376,11 @@ class ServiceNowClient:
         async with self._token_lock:
             if rejected is not None and self._token is not None and rejected != f"Bearer {self._token}":
                 return
-            if rejected is None and self._token is not None and self._clock() < self._token_expiry - TOKEN_REFRESH_MARGIN_SECONDS:
+            if rejected is None and self._token is not None and self._clock() < self._token_renewal:
                 return
             token, lifetime = await self._token_request()
             self._token = token
-            self._token_expiry = self._clock() + lifetime
+            self._token_renewal = self._clock() + lifetime - min(TOKEN_REFRESH_MARGIN_SECONDS, lifetime / 2)
         log.info("servicenow.oauth.token_fetched", extra={"expires_in": lifetime})
 
     async def _token_request(self) -> tuple[str, float]:
