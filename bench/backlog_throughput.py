@@ -1,7 +1,7 @@
 """Measure how fast the connector syncs a backlog from empty, against a one-call-at-a-time baseline script.
 
     .venv/bin/python bench/backlog_throughput.py [--incidents 2000] [--comments 3] [--baseline-incidents 500]
-        [--mdr-concurrency 4] [--ticket-concurrency 4] [--latency-ms 20] [--skip-baseline]
+        [--mdr-concurrency 4] [--ticket-concurrency 4] [--in-flight 16] [--latency-ms 20] [--skip-baseline]
 
 Each run starts fresh MDR and Jira simulators in child processes and seeds
 MDR with the incidents, each with `--comments` SOC comments of unique text.
@@ -23,6 +23,8 @@ MDR with the incidents, each with `--comments` SOC comments of unique text.
 Both results are checked on the Jira simulator: one issue per incident
 with one copy of each comment. The figures are incidents per second for
 each and their ratio. The target is at least 3 times the baseline.
+Calls, CPU seconds and pandoc runs are also given per incident, because
+on a shared machine they vary far less than the rates do.
 The baseline runs one call at a time, so its rate does not depend on the
 backlog size, and `--baseline-incidents` can be smaller than `--incidents`
 to keep the run short.
@@ -60,6 +62,7 @@ class RunResult:
     calls: Counter[str]
     problems: list[str]
     cpu: dict[str, float]
+    pandoc_runs: int = 0
     cycles: int = 0
     follow_up_seconds: float = 0.0
     follow_up_calls: int = 0
@@ -96,7 +99,11 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
     with (work / "simulators.log").open("w", encoding="utf-8") as log_file, common.simulators(args.latency, log_file) as sims:
         backlog = await sims.mdr.acall("seed", count=args.incidents, comments=args.comments)
         settings = common.connection_settings(
-            work, sims, mdr_concurrency=args.mdr_concurrency, ticket_concurrency=args.ticket_concurrency
+            work,
+            sims,
+            mdr_concurrency=args.mdr_concurrency,
+            ticket_concurrency=args.ticket_concurrency,
+            max_incidents_in_flight=args.in_flight,
         )
         await common.activate_token(settings, sims.mdr.details["console_token"])
         expected_comments = args.incidents * args.comments
@@ -106,11 +113,13 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
             meter = common.CpuMeter(sims)
             meter.start()
             started = time.perf_counter()
+            pandoc = common.PandocCounter()
             async with common.connection_sync(settings, store) as sync:
                 stats = sync.stats
                 while stats.tickets_created < args.incidents or stats.comments_to_ticket < expected_comments:
                     before = (stats.tickets_created, stats.comments_to_ticket)
-                    await sync.run_cycle()
+                    with pandoc.active():
+                        await sync.run_cycle()
                     if (stats.tickets_created, stats.comments_to_ticket) == before:
                         break
                 seconds = time.perf_counter() - started
@@ -128,7 +137,9 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
         problems = check_issues(await sims.jira.acall("issues"), backlog, args.comments)
         if failures:
             problems.append(f"{failures} incidents failed during the cycles; see the log on stderr")
-    return RunResult("connector", args.incidents, seconds, calls, problems, cpu, cycles, follow_up_seconds, follow_up_calls)
+    return RunResult(
+        "connector", args.incidents, seconds, calls, problems, cpu, pandoc.runs, cycles, follow_up_seconds, follow_up_calls
+    )
 
 
 # The baseline
@@ -144,12 +155,13 @@ async def run_baseline(args: argparse.Namespace, work: Path) -> RunResult:
         meter = common.CpuMeter(sims)
         meter.start()
         started = time.perf_counter()
-        await copy_backlog(settings.connections[0], sims.jira.url)
+        with common.PandocCounter().active() as pandoc:
+            await copy_backlog(settings.connections[0], sims.jira.url)
         seconds = time.perf_counter() - started
         cpu = meter.spent()
         calls = Counter(sims.calls())
         problems = check_issues(await sims.jira.acall("issues"), backlog, args.comments)
-    return RunResult("baseline", args.baseline_incidents, seconds, calls, problems, cpu)
+    return RunResult("baseline", args.baseline_incidents, seconds, calls, problems, cpu, pandoc.runs)
 
 
 async def copy_backlog(connection: Any, jira_url: str) -> None:
@@ -226,6 +238,11 @@ def print_result(result: RunResult) -> None:
     for method, count in sorted(result.calls.items(), key=lambda item: -item[1]):
         print(f"           {count:>6}  {method}")
     print(f"           {common.cpu_line(result.cpu, result.seconds)}")
+    print(
+        f"           per incident: {sum(result.cpu.values()) / result.incidents * 1000:.0f} ms CPU in all, "
+        f"{result.cpu['connector process'] / result.incidents * 1000:.0f} ms in the connector's process, "
+        f"{result.pandoc_runs / result.incidents:.1f} pandoc runs"
+    )
     if result.cycles:
         print(
             f"           {result.cycles} cycles; the cycle after them took {result.follow_up_seconds:.1f} s "
@@ -264,11 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mdr-concurrency", type=int, default=4, help="the connection's mdr.max_concurrency (default: 4)")
     parser.add_argument("--ticket-concurrency", type=int, default=4,
                         help="the connection's ticket.max_concurrency (default: 4)")
+    parser.add_argument("--in-flight", type=int, default=16,
+                        help="the connection's sync.max_incidents_in_flight (default: 16)")
     parser.add_argument("--skip-baseline", action="store_true", help="run the connector only")
     common.add_latency_option(parser)
     args = parser.parse_args(argv)
-    if min(args.incidents, args.baseline_incidents) < 1 or args.comments < 0:
-        parser.error("--incidents and --baseline-incidents must be at least 1, and --comments at least 0")
+    if min(args.incidents, args.baseline_incidents, args.in_flight) < 1 or args.comments < 0:
+        parser.error("--incidents, --baseline-incidents and --in-flight must be at least 1, and --comments at least 0")
     args.latency = args.latency_ms / 1000
 
     common.configure_logging()
@@ -276,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "Backlog throughput: first sync of a backlog, connector against a sequential baseline",
         f"{args.incidents} incidents (baseline {args.baseline_incidents}) with {args.comments} comments each, "
         f"mdr.max_concurrency {args.mdr_concurrency}, ticket.max_concurrency {args.ticket_concurrency}, "
-        f"latency {args.latency_ms:g} ms",
+        f"sync.max_incidents_in_flight {args.in_flight}, latency {args.latency_ms:g} ms",
     )
     try:
         return asyncio.run(run(args))

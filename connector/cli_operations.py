@@ -68,6 +68,8 @@ POSITION_MESSAGES = {
 CHANGE_SOURCES = {"reconciled": N_("as reconciled"), "live": N_("as MDR returns it now")}
 INCIDENT_HELP = N_("MDR incident id; put an id that starts with - after --, as in `-- -AbC123`")
 
+# Link states as the ledger stores them, shown in the user's language.
+LINK_STATE_NAMES = {"linked": N_("linked"), "pending": N_("pending")}
 # Jira keys, ServiceNow numbers and sys_ids, and Redmine issue numbers, without paths, dots or spaces.
 TICKET_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 
@@ -342,7 +344,7 @@ def command_unlink(args: argparse.Namespace) -> int:
     )
     for link in deleted.links:
         say(_("removed the link of MDR incident {incident_id} to {ticket_key} (state {state})").format(
-            state=link.state, incident_id=link.incident_id, ticket_key=link.ticket_key or "-"))
+            state=_(LINK_STATE_NAMES.get(link.state, link.state)), incident_id=link.incident_id, ticket_key=link.ticket_key or "-"))
     for item in deleted.items:
         say(_("removed synced item: {kind} {direction} {source_id} -> {target_id} ({state})").format(
             kind=item.kind, direction=item.direction, source_id=item.source_id, target_id=item.target_id or "-",
@@ -422,7 +424,7 @@ def print_link(link: Any) -> None:
         say(_("link: none; the connector has not created or found a ticket for this incident"))
         return
     say(_("link: {state}, ticket {ticket_key} (id {ticket_id}) {ticket_url}").format(
-        state=link.state, ticket_key=link.ticket_key or "-", ticket_id=link.ticket_id or "-",
+        state=_(LINK_STATE_NAMES.get(link.state, link.state)), ticket_key=link.ticket_key or "-", ticket_id=link.ticket_id or "-",
         ticket_url=link.ticket_url or ""))
     say("  " + _("created {created}, last changed {updated}").format(
         created=format_time(link.created_at), updated=format_time(link.updated_at)))

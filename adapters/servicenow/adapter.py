@@ -421,7 +421,7 @@ class ServiceNowTicketAdapter:
         `visibility` internal writes a work note, none writes an Additional
         comment. An entry that cannot be read back raises MisconfiguredError.
         An entry that the instance cut at a 4-byte character is written once
-        more with U+FFFD in their place, as every later text is.
+        more with U+FFFD in place of such characters, as every later text is.
         """
         element = _journal_element(draft.visibility)
         entry = await self._append_entry(ref, element, draft)
@@ -717,8 +717,8 @@ class ServiceNowTicketAdapter:
     ) -> dict[str, Any] | None:
         """Find the entry `add_comment` just wrote, by its marker, among the ticket's recent entries of `element`.
 
-        Return None when the connector's only new entry is `text` cut at its
-        first 4-byte character, where an instance on MySQL stops storing.
+        Return None when, instead of it, the connector's entries hold `text`
+        cut at its first 4-byte character, where an instance on MySQL stops storing.
         """
         own = self._own_account()
         conditions = f"element_id={_sys_id(ref)}^element={element}"
@@ -737,7 +737,8 @@ class ServiceNowTicketAdapter:
                 f"not by {own.id!r}: set ticket.auth.username to the user that the credentials act as, "
                 "or the connector cannot tell its own comments from people's"
             )
-        if _cut_at_four_byte_character(text, [str(row.get("value") or "") for row in rows if row.get("sys_created_by") == own.id]):
+        own_values = [str(row.get("value") or "") for row in rows if row.get("sys_created_by") == own.id]
+        if _cut_at_four_byte_character(text, own_values):
             return None
         raise self._journal_unreadable(f"the entry just written on {ref.key} is not among the entries it returned")
 

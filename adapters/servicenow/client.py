@@ -257,8 +257,8 @@ class ServiceNowClient:
         self.check_origin(url)
         parts = urlsplit(url)
         base_path = urlsplit(self.base_url).path.rstrip("/")
-        own_file = re.fullmatch(re.escape(base_path) + r"/api/now(?:/v1)?/attachment/" + re.escape(attachment_id) + "/file", parts.path)
-        if own_file is None or "@" in parts.netloc or parts.query or parts.fragment:
+        file_path = re.escape(base_path) + r"/api/now(?:/v1)?/attachment/" + re.escape(attachment_id) + "/file"
+        if re.fullmatch(file_path, parts.path) is None or "@" in parts.netloc or parts.query or parts.fragment:
             raise InvalidPayloadError(
                 f"ServiceNow named a download link with the path {parts.path[:200]!r} for attachment {attachment_id}, "
                 "which is not the attachment's own file on the instance, so it was not followed"
