@@ -26,6 +26,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from mdr_connector.adapters.redmine import formatting
 from mdr_connector.adapters.redmine.client import Params, RedmineClient
 from mdr_connector.adapters.redmine.records import (
     account_of,
@@ -240,10 +241,13 @@ class RedmineTicketAdapter:
 
         Redmine drops a custom field that is not enabled for the tracker
         without an error, so the reply is checked for the value, and its
-        absence stops the connection with MisconfiguredError.
+        absence stops the connection with MisconfiguredError. A tracker that
+        is not enabled in the project is RejectedError before anything is
+        sent, because Redmine would use the project's first tracker instead.
         """
         _check_incident_id(draft.incident_id)
         self._add_project(_checked_project(draft.project))
+        await self._check_tracker_enabled(draft.project, draft.issue_type)
         issue: dict[str, Any] = {
             "project_id": draft.project,
             "tracker_id": await self._tracker_id(draft.issue_type),
@@ -284,12 +288,13 @@ class RedmineTicketAdapter:
     async def changed_tickets(self, since: datetime) -> list[TicketChange]:
         """Return issues updated at or after `since` that carry the correlation field or that the connector wrote.
 
-        Two queries per searched project are merged: issues with any value in
-        the field, and issues whose author is the connector's account, so an
-        issue whose field a person cleared is still found. Editing a note
-        does not change an issue's `updated_on` in Redmine 5.0, so such an
-        edit is found only with the issue's next change. The reported times
-        follow `settled_time`.
+        The queries are merged: per searched project, issues with any value
+        in the field, and in every project the account sees, issues whose
+        author is the connector's account. So an issue whose field a person
+        cleared, or that a person moved to another project, is still found.
+        Editing a note does not change an issue's `updated_on` in Redmine
+        5.0, so such an edit is found only with the issue's next change. The
+        reported times follow `settled_time`.
         """
         if since.tzinfo is None:
             raise ValueError("since must be timezone-aware")
@@ -298,12 +303,15 @@ class RedmineTicketAdapter:
         account = self._own_account()
         searched_at = datetime.now(timezone.utc)
 
+        queries = [
+            [("project_id", project), *filter_params(self._field_name(), "*")] for project in self.searched_projects
+        ]
+        # No project: a person may move an issue to any project, and the field filter may not exist there.
+        queries.append(filter_params("author_id", "=", account.id))
         issues: dict[int, dict[str, Any]] = {}
-        for project in self.searched_projects:
-            for condition in (filter_params(self._field_name(), "*"), filter_params("author_id", "=", account.id)):
-                params = [("project_id", project), *condition, *updated, ("sort", "id")]
-                for issue in await self._all_issues(params):
-                    issues.setdefault(item_id(issue, "an issue"), issue)
+        for condition in queries:
+            for issue in await self._all_issues([*condition, *updated, ("sort", "id")]):
+                issues.setdefault(item_id(issue, "an issue"), issue)
 
         changes = [self._change_of(issue) for issue in issues.values()]
         changes = [
@@ -666,6 +674,18 @@ class RedmineTicketAdapter:
             values["priority_id"] = await self._priority_id(fields.priority)
         return values
 
+    async def _check_tracker_enabled(self, project: str, tracker: str) -> None:
+        found = await self._read_project(project)
+        if found is None:
+            raise RejectedError(f"Redmine project {project!r} does not exist or is not visible to the connector's account")
+        enabled = [str(item.get("name")) for item in found.get("trackers") or [] if isinstance(item, dict)]
+        if tracker not in enabled:
+            raise RejectedError(
+                f"tracker {tracker!r} is not enabled in Redmine project {project} (enabled: {', '.join(enabled) or 'none'}), "
+                "and Redmine would create the issue with another tracker. Enable it in the project's settings "
+                "(Settings → Issue tracking) or map the incident to an enabled tracker"
+            )
+
     def _add_project(self, identifier: str) -> None:
         if identifier not in self.searched_projects:
             self.searched_projects[identifier] = None
@@ -979,10 +999,10 @@ class RedmineTicketAdapter:
     # Helpers: markup
 
     async def _to_redmine(self, markdown: str) -> str:
-        """Convert a Markdown body to the configured text formatting."""
+        """Convert a Markdown body to the configured text formatting, with nothing in it that Redmine runs or loads."""
         if self.settings.text_formatting == "common_mark":
-            return markup.clean_text(markdown)
-        return await asyncio.to_thread(markup.markdown_to_textile, markdown)
+            return await asyncio.to_thread(formatting.markdown_to_commonmark, markdown)
+        return await asyncio.to_thread(formatting.markdown_to_textile, markdown)
 
     async def _to_markdown(self, text: str) -> str:
         return await asyncio.to_thread(self._markdown_of, text)
@@ -990,7 +1010,7 @@ class RedmineTicketAdapter:
     def _markdown_of(self, text: str) -> str:
         if self.settings.text_formatting == "common_mark":
             return markup.commonmark_to_markdown(text)
-        return markup.textile_to_markdown(text)
+        return markup.textile_to_markdown(formatting.textile_for_reading(text))
 
     def _own_account(self) -> TicketAccount:
         if self.account is None:

@@ -3,7 +3,7 @@
 Requests carry the API key in the `X-Redmine-API-Key` header and never
 follow a redirect. Replies map like this:
 
-    401                         CredentialsRejectedError: the key is wrong or the REST API is off
+    401                         CredentialsRejectedError: the key is wrong, its account locked, or the REST API off
     400, 403, 404, 422, 413     RejectedError with the status and Redmine's `errors` list
     3xx                         RejectedError: a redirect means `ticket.url` is not the API's URL
     429, 503 with Retry-After   RateLimitedError
@@ -257,8 +257,8 @@ def raise_for_status(method: str, path: str, reply: _Reply, *, write: bool) -> N
     if status == 401:
         raise CredentialsRejectedError(
             f"{request} returned HTTP 401: Redmine rejected the API key in ticket.api_key. Check the key "
-            "(My account → API access key of the connector's account) and that the REST API is enabled "
-            "(Administration → Settings → API)"
+            "(My account → API access key of the connector's account), that an administrator has not locked "
+            "the account (Administration → Users), and that the REST API is enabled (Administration → Settings → API)"
         )
     if status == 429 or (status == 503 and "Retry-After" in reply.headers):
         retry_after = parse_retry_after(reply.headers.get("Retry-After"), reply.headers.get("Date"))
