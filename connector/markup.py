@@ -144,11 +144,6 @@ def plain_to_markdown(source: str) -> str:
     return _markdown_escaped(clean_text(source))
 
 
-def markdown_to_textile(source: str) -> str:
-    """Convert Markdown to Textile for Redmine, or else to a `<pre>` block."""
-    return _convert(clean_text(source), "markdown-textile")
-
-
 def textile_to_markdown(source: str) -> str:
     """Convert Redmine Textile to Markdown without raw HTML, or else to a fenced code block."""
     return _convert(clean_text(source), "textile-markdown")
@@ -222,6 +217,14 @@ def _pandoc_convert(text: str, route: _Route) -> str:
     markdown = _run_pandoc(json.dumps(document), "json", route.writer, deadline)
     _check_markdown(markdown, deadline)
     return markdown
+
+
+def run_pandoc(text: str, reader: str, writer: str) -> str:
+    """Run one pandoc conversion within PANDOC_TIMEOUT_SECONDS, for adapters that post-process pandoc's document tree.
+
+    Raises OSError, RuntimeError or subprocess.SubprocessError when pandoc cannot run, fails or times out.
+    """
+    return _run_pandoc(text, reader, writer, time.monotonic() + PANDOC_TIMEOUT_SECONDS)
 
 
 def _run_pandoc(text: str, reader: str, writer: str, deadline: float) -> str:
@@ -460,10 +463,6 @@ def _textile_text(textile: str) -> str:
     return _HTML_TAG.sub(" ", _URL.sub(" ", without_blocks))
 
 
-def _textile_fallback(markdown: str) -> str:
-    return "<pre>\n" + html.escape(markdown, quote=False) + "\n</pre>"
-
-
 class _Route:
     """One conversion: pandoc formats, pre- and post-processing, checks and fallback."""
 
@@ -507,13 +506,6 @@ ROUTES = {
         text_of_result=_wiki_text,
         fallback=_jira_fallback,
         finish=_drop_heading_anchors,
-    ),
-    "markdown-textile": _Route(
-        reader="gfm-raw_html",
-        writer="textile",
-        text_of_source=_markdown_source_text,
-        text_of_result=_textile_text,
-        fallback=_textile_fallback,
     ),
     "textile-markdown": _Route(
         reader="textile",

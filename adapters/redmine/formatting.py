@@ -42,10 +42,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
-
-import pypandoc
 
 from mdr_connector.connector import markup
 
@@ -197,24 +194,11 @@ def _read_markdown(source: str) -> dict[str, Any]:
     return document
 
 
-@lru_cache(maxsize=1)
-def _pandoc_path() -> str:
-    return pypandoc.get_pandoc_path()
-
-
 def _run_pandoc(text: str, reader: str, writer: str) -> str:
-    # NOTE: this repeats markup's pandoc call, because markup offers no
-    # function that returns pandoc's document tree.
-    command = [_pandoc_path(), "--from", reader, "--to", writer, "--wrap=none", "--sandbox"]
     try:
-        completed = subprocess.run(
-            command, input=text.encode("utf-8"), capture_output=True, timeout=markup.PANDOC_TIMEOUT_SECONDS, check=False
-        )
-    except (OSError, subprocess.SubprocessError) as err:
+        return markup.run_pandoc(text, reader, writer)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         raise PandocFailed(type(err).__name__) from err
-    if completed.returncode != 0:
-        raise PandocFailed(f"ExitStatus{completed.returncode}")
-    return completed.stdout.decode("utf-8").rstrip("\n")
 
 
 # Text escaping
