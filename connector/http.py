@@ -15,17 +15,24 @@ redirect from an API endpoint is a misconfiguration worth failing on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 import requests
 from mdr_connector.connector.config import TransportSettings, is_loopback_host
-from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.errors import ConfigError, InvalidPayloadError, OutcomeUnknownError, RemoteUnavailableError
 
 log = logging.getLogger(__name__)
+
+TRANSFER_CHUNK_BYTES = 256 * 1024
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 # OpenSSL verify codes X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -144,3 +151,66 @@ def certificate_problem(host: str | None, err: BaseException) -> str:
 def post_options() -> dict[str, Any]:
     """Keyword arguments every authenticated POST passes to `ClientSession.post`."""
     return {"allow_redirects": False}
+
+
+def describe_error(err: BaseException) -> str:
+    """Describe a transport error by its type and message."""
+    text = str(err)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def transport_errors(request: str, *, write: bool) -> Iterator[None]:
+    """Turn aiohttp and timeout errors of one request into the connector's errors.
+
+    `request` names the call in messages, such as `MDR comments/list` or
+    `Redmine GET /issues.json`. A write that fails after it may have been
+    sent raises OutcomeUnknownError, so the caller looks it up before sending it again.
+    """
+    try:
+        yield
+    except aiohttp.ClientConnectorCertificateError as err:
+        # The handshake failed, so the request was not sent, write or not.
+        raise RemoteUnavailableError(f"{request} failed: {certificate_problem(err.host, err.certificate_error)}") from err
+    except aiohttp.ClientConnectorError as err:
+        raise RemoteUnavailableError(f"{request}: cannot connect: {describe_error(err)}") from err
+    except aiohttp.ConnectionTimeoutError as err:
+        raise RemoteUnavailableError(f"{request}: connecting timed out") from err
+    except (aiohttp.ClientError, TimeoutError) as err:
+        if write:
+            raise OutcomeUnknownError(
+                f"{request}: no reply, so the write may have been applied: {describe_error(err)}"
+            ) from err
+        raise RemoteUnavailableError(f"{request} failed: {describe_error(err)}") from err
+
+
+async def write_body_to_file(response: aiohttp.ClientResponse, destination: Path, expected: int, request: str) -> int:
+    """Stream a download body to a temporary file beside `destination`, rename it, and return the byte count.
+
+    The temporary file is removed on any failure. A body longer than
+    `expected` stops at once with InvalidPayloadError, and a shorter one
+    raises RemoteUnavailableError, which is retriable. `request` names the
+    download in messages.
+    """
+    descriptor, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=".download-", suffix=".part")
+    temporary = Path(temporary_name)
+    written = 0
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            try:
+                async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
+                    written += len(chunk)
+                    if written > expected:
+                        raise InvalidPayloadError(f"{request} sent more than the {expected} bytes the attachment is listed with")
+                    await asyncio.to_thread(handle.write, chunk)
+            except aiohttp.ClientPayloadError as err:
+                raise RemoteUnavailableError(
+                    f"{request} broke off after {written} of {expected} bytes: {describe_error(err)}"
+                ) from err
+        if written < expected:
+            raise RemoteUnavailableError(f"{request} ended after {written} of {expected} bytes")
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return written

@@ -36,10 +36,8 @@ import contextlib
 import email.utils
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timezone
 from pathlib import Path
@@ -73,7 +71,14 @@ from mdr_connector.connector.errors import (
     RemoteUnavailableError,
     TokenExpiredError,
 )
-from mdr_connector.connector.http import CONNECT_TIMEOUT_SECONDS, certificate_problem, create_session, post_options
+from mdr_connector.connector.http import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_CHUNK_BYTES,
+    create_session,
+    post_options,
+    transport_errors,
+    write_body_to_file,
+)
 from multidict import CIMultiDictProxy
 
 log = logging.getLogger(__name__)
@@ -83,7 +88,6 @@ AUTH_STATUSES = (401, 403)
 MAX_ERROR_TEXT = 200
 # An error reply is read only up to this size, because MDR's JSON errors are far smaller.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-TRANSFER_CHUNK_BYTES = 256 * 1024
 RESPONSES_PAGE_SIZE = 100
 # The service caps deep paging at page * page_size <= 10 000 (INFERRED), so
 # more pages than this cannot be read at RESPONSES_PAGE_SIZE anyway.
@@ -344,7 +348,9 @@ class MdrClient:
                     f"MDR {path} announced {announced} bytes for attachment {attachment_id}, "
                     f"which is listed with file_size {expected}"
                 )
-            written = await write_body_to_file(response, destination, attachment_id, expected)
+            written = await write_body_to_file(
+                response, destination, expected, f"MDR attachments/download of attachment {attachment_id}"
+            )
 
         log.debug(
             "mdr.attachment.downloaded",
@@ -647,7 +653,7 @@ class MdrClient:
             options["timeout"] = timeout
 
         async with self._limit:
-            with transport_errors(path, write=write):
+            with transport_errors(f"MDR {path}", write=write):
                 async with self._session.post(
                     f"{self._base}/{path}", headers=headers, **options, **post_options()
                 ) as response:
@@ -659,29 +665,6 @@ class MdrClient:
         return aiohttp.ClientTimeout(
             total=None, sock_connect=min(CONNECT_TIMEOUT_SECONDS, seconds), sock_read=seconds
         )
-
-
-@contextlib.contextmanager
-def transport_errors(path: str, *, write: bool) -> Iterator[None]:
-    """Turn aiohttp and timeout errors of one MDR request into the connector's errors."""
-    try:
-        yield
-    except aiohttp.ClientConnectorCertificateError as err:
-        # The handshake failed, so the request was not sent, write or not.
-        raise RemoteUnavailableError(
-            f"MDR {path} failed: {certificate_problem(err.host, err.certificate_error)}"
-        ) from err
-    except aiohttp.ClientConnectorError as err:
-        raise RemoteUnavailableError(f"MDR {path}: cannot connect: {describe_error(err)}") from err
-    except aiohttp.ConnectionTimeoutError as err:
-        raise RemoteUnavailableError(f"MDR {path}: connecting timed out") from err
-    except (aiohttp.ClientError, TimeoutError) as err:
-        # The request may have reached MDR before the failure.
-        if write:
-            raise OutcomeUnknownError(
-                f"MDR {path}: no reply, the write may have been applied: {describe_error(err)}"
-            ) from err
-        raise RemoteUnavailableError(f"MDR {path} failed: {describe_error(err)}") from err
 
 
 def multipart_upload(handle: IO[bytes], filename: str, meta: str) -> aiohttp.MultipartWriter:
@@ -702,46 +685,6 @@ def multipart_upload(handle: IO[bytes], filename: str, meta: str) -> aiohttp.Mul
     file_part.headers[aiohttp.hdrs.CONTENT_DISPOSITION] = f'form-data; name="file"; filename="{quoted}"'
     writer.append_payload(file_part)
     return writer
-
-
-async def write_body_to_file(
-    response: aiohttp.ClientResponse, destination: Path, attachment_id: str, expected: int
-) -> int:
-    """Copy a download body to a temporary file beside `destination`, rename it, and return the byte count.
-
-    The temporary file is removed on any failure. A body that passes
-    `expected` bytes stops at once with InvalidPayloadError, and one that
-    ends short raises RemoteUnavailableError.
-    """
-    descriptor, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=".mdr-download-", suffix=".part")
-    temporary = Path(temporary_name)
-    written = 0
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            try:
-                async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > expected:
-                        raise InvalidPayloadError(
-                            f"MDR attachments/download sent more than the {expected} bytes listed as file_size "
-                            f"of attachment {attachment_id}"
-                        )
-                    await asyncio.to_thread(handle.write, chunk)
-            except aiohttp.ClientPayloadError as err:
-                raise RemoteUnavailableError(
-                    f"MDR attachments/download of attachment {attachment_id} broke off after {written} of "
-                    f"{expected} bytes: {describe_error(err)}"
-                ) from err
-        if written < expected:
-            raise RemoteUnavailableError(
-                f"MDR attachments/download of attachment {attachment_id} ended after {written} of "
-                f"{expected} bytes listed as file_size"
-            )
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return written
 
 
 def parse_comment_page(raw: list[Any], incident_id: str) -> CommentPage:
@@ -904,7 +847,3 @@ def parse_http_date(text: str) -> float | None:
     return moment.timestamp()
 
 
-def describe_error(err: BaseException) -> str:
-    """Describe a transport error by its type and message."""
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -24,9 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from mdr_connector.adapters.mdr.client import describe_error, parse_retry_after
+from mdr_connector.adapters.mdr.client import parse_retry_after
 from mdr_connector.connector.config import RedmineSettings
 from mdr_connector.connector.errors import (
     CredentialsRejectedError,
@@ -45,12 +43,17 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
-from mdr_connector.connector.http import CONNECT_TIMEOUT_SECONDS, certificate_problem, create_session
+from mdr_connector.connector.http import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_CHUNK_BYTES,
+    create_session,
+    transport_errors,
+    write_body_to_file,
+)
 
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-Redmine-API-Key"
-TRANSFER_CHUNK_BYTES = 256 * 1024
 # An error reply is read only up to this size, because Redmine's JSON errors are far smaller.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 MAX_ERROR_TEXT = 500
@@ -159,7 +162,7 @@ class RedmineClient:
                 raise InvalidPayloadError(
                     f"Redmine GET {path} announced {announced} bytes for a file listed with {expected} bytes"
                 )
-            return await write_body(response, destination, path, expected)
+            return await write_body_to_file(response, destination, expected, f"Redmine GET {path}")
 
     def same_origin(self, url: str) -> bool:
         """Tell whether `url` has the scheme, host and port of `ticket.url`."""
@@ -213,7 +216,7 @@ class RedmineClient:
         path = urlsplit(url).path
 
         async with self._limit:
-            with transport_errors(method, path, write=write):
+            with transport_errors(f"Redmine {method} {path}", write=write):
                 async with self._session.request(
                     method, url, headers=headers, allow_redirects=False, **options
                 ) as response:
@@ -222,29 +225,6 @@ class RedmineClient:
     def _transfer_timeout(self) -> aiohttp.ClientTimeout:
         seconds = self.settings.timeout_seconds
         return aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_SECONDS, seconds), sock_read=seconds)
-
-
-@contextlib.contextmanager
-def transport_errors(method: str, path: str, *, write: bool) -> Iterator[None]:
-    """Turn aiohttp and timeout errors of one Redmine request into the connector's errors."""
-    try:
-        yield
-    except aiohttp.ClientConnectorCertificateError as err:
-        # The handshake failed, so nothing was sent.
-        raise RemoteUnavailableError(
-            f"Redmine {method} {path} failed: {certificate_problem(err.host, err.certificate_error)}"
-        ) from err
-    except aiohttp.ClientConnectorError as err:
-        raise RemoteUnavailableError(f"Redmine {method} {path}: cannot connect: {describe_error(err)}") from err
-    except aiohttp.ConnectionTimeoutError as err:
-        raise RemoteUnavailableError(f"Redmine {method} {path}: connecting timed out") from err
-    except (aiohttp.ClientError, TimeoutError) as err:
-        # The request may have reached Redmine before the failure.
-        if write:
-            raise OutcomeUnknownError(
-                f"Redmine {method} {path}: no reply, the write may have been applied: {describe_error(err)}"
-            ) from err
-        raise RemoteUnavailableError(f"Redmine {method} {path} failed: {describe_error(err)}") from err
 
 
 def raise_for_status(method: str, path: str, reply: _Reply, *, write: bool) -> None:
@@ -319,39 +299,6 @@ async def read_error_reply(response: aiohttp.ClientResponse) -> _Reply:
         if len(body) >= MAX_ERROR_BODY_BYTES:
             break
     return _Reply(response.status, response.headers, bytes(body))
-
-
-async def write_body(response: aiohttp.ClientResponse, destination: Path, path: str, expected: int) -> int:
-    """Copy a download body to a temporary file beside `destination`, rename it, and return the byte count.
-
-    The temporary file is removed on any failure. A body longer than
-    `expected` stops at once with InvalidPayloadError, and a shorter one
-    raises RemoteUnavailableError, which is retriable.
-    """
-    descriptor, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=".redmine-download-", suffix=".part")
-    temporary = Path(temporary_name)
-    written = 0
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            try:
-                async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > expected:
-                        raise InvalidPayloadError(
-                            f"Redmine GET {path} sent more than the {expected} bytes the attachment is listed with"
-                        )
-                    await asyncio.to_thread(handle.write, chunk)
-            except aiohttp.ClientPayloadError as err:
-                raise RemoteUnavailableError(
-                    f"Redmine GET {path} broke off after {written} of {expected} bytes: {describe_error(err)}"
-                ) from err
-        if written < expected:
-            raise RemoteUnavailableError(f"Redmine GET {path} ended after {written} of {expected} bytes")
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return written
 
 
 def _origin(url: str) -> str:

@@ -30,11 +30,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import re
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +51,13 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
-from mdr_connector.connector.http import CONNECT_TIMEOUT_SECONDS, certificate_problem, create_session
+from mdr_connector.connector.http import (
+    CONNECT_TIMEOUT_SECONDS,
+    TRANSFER_CHUNK_BYTES,
+    create_session,
+    transport_errors,
+    write_body_to_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,6 @@ TOKEN_REFRESH_MARGIN_SECONDS = 60.0
 MAX_ERROR_TEXT = 300
 # An error reply is read only up to this size, because ServiceNow's JSON errors are far smaller.
 MAX_ERROR_BODY_BYTES = 64 * 1024
-TRANSFER_CHUNK_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ class ServiceNowClient:
                 raise InvalidPayloadError(
                     f"ServiceNow {operation} announced {announced} bytes, but the attachment record lists {expected}"
                 )
-            return await write_body_to_file(operation, response, destination, expected)
+            return await write_body_to_file(response, destination, expected, f"ServiceNow {operation}")
 
     def check_origin(self, url: str) -> None:
         """Raise InvalidPayloadError unless `url` has the scheme, host and port of the configured instance.
@@ -355,7 +358,7 @@ class ServiceNowClient:
         if timeout is not None:
             request["timeout"] = timeout
         async with self._limit:
-            with transport_errors(operation, write=write):
+            with transport_errors(f"ServiceNow {operation}", write=write):
                 async with self._session.request(method, url, headers=headers, allow_redirects=False, **request) as response:
                     yield response
 
@@ -394,7 +397,7 @@ class ServiceNowClient:
 
         operation = "oauth_token"
         async with self._limit:
-            with transport_errors(operation, write=False):
+            with transport_errors(f"ServiceNow {operation}", write=False):
                 async with self._session.post(
                     f"{self.base_url}{TOKEN_PATH}", data=form, headers={"Accept": "application/json"}, allow_redirects=False
                 ) as response:
@@ -430,29 +433,6 @@ class ServiceNowClient:
         """Bound a file transfer by each wait for data, not by its total time, which grows with the file."""
         seconds = self.settings.timeout_seconds
         return aiohttp.ClientTimeout(total=None, sock_connect=min(CONNECT_TIMEOUT_SECONDS, seconds), sock_read=seconds)
-
-
-@contextlib.contextmanager
-def transport_errors(operation: str, *, write: bool) -> Iterator[None]:
-    """Turn aiohttp and timeout errors of one ServiceNow request into the connector's errors."""
-    try:
-        yield
-    except aiohttp.ClientConnectorCertificateError as err:
-        # The handshake failed, so the request was not sent, write or not.
-        raise RemoteUnavailableError(
-            f"ServiceNow {operation} failed: {certificate_problem(err.host, err.certificate_error)}"
-        ) from err
-    except aiohttp.ClientConnectorError as err:
-        raise RemoteUnavailableError(f"ServiceNow {operation}: cannot connect: {describe_error(err)}") from err
-    except aiohttp.ConnectionTimeoutError as err:
-        raise RemoteUnavailableError(f"ServiceNow {operation}: connecting timed out") from err
-    except (aiohttp.ClientError, TimeoutError) as err:
-        # The request may have reached the instance before the failure.
-        if write:
-            raise OutcomeUnknownError(
-                f"ServiceNow {operation}: no reply, so the write may have been applied: {describe_error(err)}"
-            ) from err
-        raise RemoteUnavailableError(f"ServiceNow {operation} failed: {describe_error(err)}") from err
 
 
 def raise_for_status(operation: str, reply: _Reply, *, write: bool) -> None:
@@ -549,35 +529,3 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return scheme, (parts.hostname or "").lower(), port
 
 
-async def write_body_to_file(operation: str, response: aiohttp.ClientResponse, destination: Path, expected: int) -> int:
-    """Copy a download body to a temporary file beside `destination`, rename it, and return the byte count."""
-    descriptor, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=".servicenow-download-", suffix=".part")
-    temporary = Path(temporary_name)
-    written = 0
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            try:
-                async for chunk in response.content.iter_chunked(TRANSFER_CHUNK_BYTES):
-                    written += len(chunk)
-                    if written > expected:
-                        raise InvalidPayloadError(
-                            f"ServiceNow {operation} sent more than the {expected} bytes that the attachment record lists"
-                        )
-                    await asyncio.to_thread(handle.write, chunk)
-            except aiohttp.ClientPayloadError as err:
-                raise RemoteUnavailableError(
-                    f"ServiceNow {operation} broke off after {written} of {expected} bytes: {describe_error(err)}"
-                ) from err
-        if written < expected:
-            raise RemoteUnavailableError(f"ServiceNow {operation} ended after {written} of {expected} bytes")
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return written
-
-
-def describe_error(err: BaseException) -> str:
-    """Describe a transport error by its type and message."""
-    text = str(err)
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
