@@ -353,7 +353,7 @@ class CpuMeter:
 
 @dataclass
 class PandocCounter:
-    """Counts the pandoc processes this process starts through `connector/markup.py` while it is active."""
+    """A count of the pandoc processes that this process starts through `connector/markup.py` while `active`."""
 
     runs: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)

@@ -105,6 +105,9 @@ class AttachmentSync:
         # because the ledger sets below are read once per reconciliation.
         mdr_files = _first_of_each(mdr_page.items, lambda attachment: attachment.attachment_id)
         ticket_files = _first_of_each(ticket_files, lambda attachment: attachment.id)
+        if not mdr_files and not ticket_files and not mdr_page.malformed:
+            # Both directions only go through the files, so the ledger need not be read.
+            return
         items = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT)
         notices = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT_NOTICE)
         failed = [f"attachment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from mdr_connector.adapters.mdr.models import Incident
 from mdr_connector.connector.assets import AssetDetails, assets_wanted
@@ -61,6 +61,8 @@ from mdr_connector.connector.sync_common import (
     MdrApi,
     SyncContext,
     SyncStats,
+    TicketWatch,
+    WatchedTickets,
     gather_or_cancel,
 )
 from mdr_connector.connector.ticket_requests import TicketIncidentRequests, requested_ticket_id
@@ -129,18 +131,22 @@ class ConnectionSync:
         self.clock = clock or (lambda: datetime.now(timezone.utc))
         self.read_policy = read_policy or RetryPolicy()
         self.stats = SyncStats()
+        # Every ticket call of a reconciliation goes through the watch, which
+        # records what it read and wrote (see `_own_writes_only`).
+        self.watched = WatchedTickets(tickets)
+        watched = cast(TicketAdapter, self.watched)
         # The bound `_read` looks up `self.read_policy` on each call, so a policy
         # set after construction applies to comment reads too.
         # NOTE: the comment sync keeps its own references to the settings,
         # mapping, store and both clients, so replacing one of these attributes
         # here after construction does not reach it.
-        self.comments = CommentSync(settings, mapping, store, mdr, tickets, self.stats, self._read)
+        self.comments = CommentSync(settings, mapping, store, mdr, watched, self.stats, self._read)
         self.context = SyncContext(
             settings=settings,
             mapping=mapping,
             store=store,
             mdr=mdr,
-            tickets=tickets,
+            tickets=watched,
             stats=self.stats,
             read=self._read,
             clock=lambda: self.clock(),
@@ -526,7 +532,9 @@ class ConnectionSync:
             await self.store.set_cursor(self.name, TICKET_CURSOR, newest.isoformat())
 
     async def _reconcile_ticket_change(self, link: Link, change: TicketChange) -> None:
-        if not await self._reconcile_guarded(link.incident_id, None):
+        if await self._own_writes_only(link, change):
+            self.stats.own_writes_confirmed += 1
+        elif not await self._reconcile_guarded(link.incident_id, None):
             return
         if change.updated > self.clock() + FUTURE_TOLERANCE:
             # Recording a time far ahead would hide every later change of this ticket.
@@ -536,6 +544,42 @@ class ConnectionSync:
             )
             return
         await self.store.record_ticket_reconciled(self.name, link.incident_id, change.updated)
+
+    async def _own_writes_only(self, link: Link, change: TicketChange) -> bool:
+        """Tell whether a ticket change is only the writes of the incident's last reconciliation, so none is due.
+
+        The ticket is read again after the change search. When the comments,
+        and the attachments and state if that reconciliation read them, are
+        exactly what it read plus what it wrote, nobody else changed them up
+        to `change.updated`: a change made before the search would show in
+        this read, and a later one moves `updated` past the time recorded.
+        Any difference, or a read that fails, leaves the decision to a full
+        reconciliation. Changes on the MDR side are not looked for here,
+        because the MDR change detection finds them.
+        """
+        lock = self._incident_locks.get(link.incident_id)
+        if lock is None:
+            lock = self._incident_locks[link.incident_id] = asyncio.Lock()
+        async with self._concurrency, lock:
+            watch = self.watched.take_kept(link.incident_id)
+            if watch is None or watch.ticket_id != change.ref.id or watch.comments is None or watch.unpredictable:
+                return False
+            ref = change.ref
+            tickets = self.watched.inner
+            try:
+                comments, attachments, state = await gather_or_cancel(
+                    self._read(lambda: tickets.list_comments(ref)),
+                    self._read_if(watch.attachments is not None, lambda: tickets.list_attachments(ref)),
+                    self._read_if(watch.state is not None, lambda: tickets.get_state(ref, watch.state_fields)),
+                )
+            except ConnectionFatalError:
+                raise
+            except ConnectorError:
+                return False
+            return watch.shows_only_own_writes(comments, attachments, state)
+
+    async def _read_if(self, needed: bool, call: Callable[[], Awaitable[T]]) -> T | None:
+        return await self._read(call) if needed else None
 
     # Parked incidents
 
@@ -596,25 +640,35 @@ class ConnectionSync:
         if lock is None:
             lock = self._incident_locks[incident_id] = asyncio.Lock()
         async with lock:
-            if incident is None:
-                incident = await self._read(lambda: self.mdr.get_incident(incident_id))
-            if incident.update_time > self._future_horizon_ms():
-                raise InvalidPayloadError(
-                    f"MDR incident {incident_id} has update_time {incident.update_time}, more than "
-                    f"{FUTURE_TOLERANCE} ahead of this machine's clock; check the clock, or report the record to Kaspersky"
-                )
-
-            link = await self.ensure_ticket(incident)
-            if link is None:
-                return False
-
-            ref = TicketRef(key=link.ticket_key or "", id=link.ticket_id or "", url=link.ticket_url or "")
+            watch = self.watched.start_watch(incident_id)
+            done = False
             try:
-                await self._sync_linked(incident, link, ref)
+                done = await self._reconcile_watched(incident_id, incident, watch)
             finally:
-                # The comment list shared by the parts belongs to this reconciliation only.
-                self.context.comment_snapshots.pop(ref.id, None)
-            return True
+                self.watched.end_watch(watch, keep=done)
+            return done
+
+    async def _reconcile_watched(self, incident_id: str, incident: Incident | None, watch: TicketWatch) -> bool:
+        if incident is None:
+            incident = await self._read(lambda: self.mdr.get_incident(incident_id))
+        if incident.update_time > self._future_horizon_ms():
+            raise InvalidPayloadError(
+                f"MDR incident {incident_id} has update_time {incident.update_time}, more than "
+                f"{FUTURE_TOLERANCE} ahead of this machine's clock; check the clock, or report the record to Kaspersky"
+            )
+
+        link = await self.ensure_ticket(incident)
+        if link is None:
+            return False
+
+        ref = TicketRef(key=link.ticket_key or "", id=link.ticket_id or "", url=link.ticket_url or "")
+        self.watched.bind(watch, ref.id)
+        try:
+            await self._sync_linked(incident, link, ref)
+        finally:
+            # The comment list shared by the parts belongs to this reconciliation only.
+            self.context.comment_snapshots.pop(ref.id, None)
+        return True
 
     async def _sync_linked(self, incident: Incident, link: Link, ref: TicketRef) -> None:
         """Sync the fields, comments and every part of a linked incident, then raise one ItemError naming what failed."""
@@ -724,7 +778,7 @@ class ConnectionSync:
         )
         await self.store.start_create(self.name, incident.incident_id, incident.incident_number)
         try:
-            ref = await self.tickets.create_ticket(draft)
+            ref = await self.watched.create_ticket(draft)
         except (ItemError, ConfigError):
             # The ticket system refused the create itself, so nothing exists
             # to look up. Any other failure (a 503 or 429 that the server may
@@ -773,7 +827,7 @@ class ConnectionSync:
             route=route,
             assets=await self._asset_table(incident, owned_by_ticket),
         )
-        await self.tickets.update_ticket(ref, fields, skip=owned_by_ticket)
+        await self.watched.update_ticket(ref, fields, skip=owned_by_ticket)
         await self.store.record_fields_written(self.name, incident.incident_id, digest)
         self.stats.tickets_updated += 1
         log.info(

@@ -380,6 +380,9 @@ class ResponseSync:
             context.read(lambda: context.mdr.list_responses(incident.incident_id)),
             context.ticket_comments(ref),
         )
+        if not page.items and not page.malformed and all(self._written_by_connector(comment) for comment in ticket_comments):
+            # No response to show and no comment that could be a command, so the ledger need not be read.
+            return
         failed = [f"response {record.record_id or '<without id>'}: {record.error}" for record in page.malformed]
         responses = {response.response_id: response for response in page.items}
 

@@ -28,6 +28,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -113,6 +114,11 @@ RECENT_WRITE_SECONDS = 600.0
 # a safe lower bound when the account's zone is unknown.
 MAX_ZONE_OFFSET = timedelta(hours=14)
 CORE_FIELDS = frozenset({"project", "issuetype", "summary", "description", "priority", "labels", "components"})
+# Comment texts whose Markdown the adapter keeps, counted in characters of
+# wiki markup and Markdown together. NOTE: that is at most about 16 MB for
+# texts without characters outside the Basic Multilingual Plane (emoji),
+# which Python stores in 4 bytes instead of 2.
+MAX_WRITTEN_CHARACTERS = 8_000_000
 # Jira Service Management marks a comment internal to its agents with this comment property.
 JSM_PUBLIC_PROPERTY = "sd.public.comment"
 PROJECT_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -126,6 +132,42 @@ def correlation_label(incident_id: str) -> str:
             f"MDR incident id {incident_id!r} has characters other than letters, digits, '-' and '_'"
         )
     return f"mdr-{incident_id}"
+
+
+class WrittenTexts:
+    """Comment texts this adapter wrote, as wiki markup, each with the Markdown it was converted from.
+
+    Reading a comment back converts its wiki markup to Markdown with three
+    pandoc runs. For a text the adapter wrote itself the Markdown is known,
+    so `list_comments` takes it from here. The least recently used texts
+    are forgotten first once the texts hold more than `max_characters`,
+    and a forgotten text is converted again when it is read.
+    """
+
+    def __init__(self, max_characters: int) -> None:
+        self.max_characters = max_characters
+        self._markdown: OrderedDict[str, str] = OrderedDict()
+        self._characters = 0
+
+    def get(self, wiki: str) -> str | None:
+        """Return the Markdown that `wiki` was written from, or None when it is not known."""
+        markdown = self._markdown.get(wiki)
+        if markdown is not None:
+            self._markdown.move_to_end(wiki)
+        return markdown
+
+    def remember(self, wiki: str, markdown: str) -> None:
+        size = len(wiki) + len(markdown)
+        if size > self.max_characters:
+            return
+        previous = self._markdown.pop(wiki, None)
+        if previous is not None:
+            self._characters -= len(wiki) + len(previous)
+        self._markdown[wiki] = markdown
+        self._characters += size
+        while self._characters > self.max_characters:
+            oldest, oldest_markdown = self._markdown.popitem(last=False)
+            self._characters -= len(oldest) + len(oldest_markdown)
 
 
 class JiraTicketAdapter:
@@ -153,6 +195,7 @@ class JiraTicketAdapter:
         self._client_arguments: dict[str, Any] | None = None
         self._server_info: dict[str, Any] | None = None
         self._recent_writes: dict[int, float] = {}
+        self._written = WrittenTexts(MAX_WRITTEN_CHARACTERS)
 
     # Lifecycle
 
@@ -315,12 +358,29 @@ class JiraTicketAdapter:
     # Comments
 
     async def list_comments(self, ref: TicketRef) -> list[TicketComment]:
-        """Return every comment, oldest first, with bodies converted to Markdown."""
+        """Return every comment, oldest first, with bodies converted to Markdown.
+
+        A comment of the connector (its account and its marker) whose text
+        this adapter wrote gets back the Markdown it was written from,
+        without the three pandoc runs of a conversion (see WrittenTexts).
+        """
         raw_comments = await self._call("list_comments", _all_comments, ref.id)
+        texts = [item.get("body") or "" for item in raw_comments]
+        markers = [_marker_of(item, ref) for item in raw_comments]
+        known = [
+            self._written.get(text) if isinstance(text, str) and self._is_own(item, marker) else None
+            for item, text, marker in zip(raw_comments, texts, markers, strict=True)
+        ]
         bodies = await asyncio.to_thread(
-            lambda: [markup.jira_to_markdown(item.get("body") or "") for item in raw_comments]
+            lambda: [
+                markdown if markdown is not None else markup.jira_to_markdown(text)
+                for text, markdown in zip(texts, known, strict=True)
+            ]
         )
-        comments = [self._comment_of(item, body, ref) for item, body in zip(raw_comments, bodies, strict=True)]
+        comments = [
+            self._comment_of(item, body, ref, marker)
+            for item, body, marker in zip(raw_comments, bodies, markers, strict=True)
+        ]
         return sorted(comments, key=lambda comment: (comment.created, _numeric(comment.id)))
 
     async def add_comment(self, ref: TicketRef, draft: CommentDraft) -> TicketComment:
@@ -329,7 +389,8 @@ class JiraTicketAdapter:
         The returned body is the draft's Markdown, not a re-conversion of
         what Jira stored.
         """
-        wiki = await _jira_text(draft.body, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
+        converted = await _wiki_of(draft.body)
+        wiki = _fitted(converted, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
         marker = {"origin": draft.marker.origin, "source_id": draft.marker.source_id}
         body: dict[str, Any] = {"body": wiki, "properties": [{"key": PROPERTY_KEY, "value": marker}]}
         if draft.visibility is not None:
@@ -354,6 +415,7 @@ class JiraTicketAdapter:
             ) from err
 
         self._remember_write(ref.id)
+        self._remember_text(wiki, converted, draft.body)
         log.info(
             "jira.comment.created",
             extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
@@ -369,7 +431,8 @@ class JiraTicketAdapter:
         """
         if not comment_id.isdigit():
             raise InvalidPayloadError(f"Jira comment id {comment_id!r} is not a number")
-        wiki = await _jira_text(draft.body, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
+        converted = await _wiki_of(draft.body)
+        wiki = _fitted(converted, "comment", ticket_key=ref.key, source_id=draft.marker.source_id)
         body: dict[str, Any] = {"body": wiki}
         if draft.visibility is not None:
             body["visibility"] = {"type": draft.visibility.type, "value": draft.visibility.value}
@@ -390,6 +453,7 @@ class JiraTicketAdapter:
             raise InvalidPayloadError(f"Jira's reply to the edit of comment {comment_id} of {ref.key} has no id or created time") from err
 
         self._remember_write(ref.id)
+        self._remember_text(wiki, converted, draft.body)
         log.info(
             "jira.comment.edited",
             extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
@@ -818,14 +882,25 @@ class JiraTicketAdapter:
         except (KeyError, TypeError) as err:
             raise InvalidPayloadError(f"Jira search returned an issue without key, id or updated: {err!r}") from err
 
-    def _comment_of(self, item: dict[str, Any], body: str, ref: TicketRef) -> TicketComment:
+    def _is_own(self, item: dict[str, Any], marker: SyncMarker | None) -> bool:
+        """Tell whether a raw comment carries the connector's marker and was written by the connector's account."""
+        if marker is None or self.account is None or not self.account.id:
+            return False
+        return self._account_of(item.get("author") or {}).id == self.account.id
+
+    def _remember_text(self, wiki: str, converted: str, markdown: str) -> None:
+        """Remember the Markdown of a comment text this adapter wrote, unless the text was cut to fit Jira."""
+        if wiki == converted:
+            self._written.remember(wiki, markdown)
+
+    def _comment_of(self, item: dict[str, Any], body: str, ref: TicketRef, marker: SyncMarker | None) -> TicketComment:
         try:
             return TicketComment(
                 id=str(item["id"]),
                 author=self._account_of(item.get("author") or {}),
                 created=_parse_time(item["created"]),
                 body=body,
-                marker=_marker_of(item, ref),
+                marker=marker,
                 restricted=_restricted(item),
                 updated=_optional_time(item.get("updated")),
             )
@@ -1096,7 +1171,16 @@ def _apply_server_info(client: JIRA, info: dict[str, Any], deployment: Deploymen
 
 async def _jira_text(markdown: str, field: str, **ids: str) -> str:
     """Convert Markdown to wiki markup that Jira accepts as a description or comment body."""
-    wiki = markup.clean_text(await asyncio.to_thread(markup.markdown_to_jira, markdown))
+    return _fitted(await _wiki_of(markdown), field, **ids)
+
+
+async def _wiki_of(markdown: str) -> str:
+    """Convert Markdown to wiki markup, whatever its length."""
+    return markup.clean_text(await asyncio.to_thread(markup.markdown_to_jira, markdown))
+
+
+def _fitted(wiki: str, field: str, **ids: str) -> str:
+    """Return wiki markup cut to the length Jira accepts, with the truncation note when it was cut."""
     length = _utf16_length(wiki)
     if length <= MAX_TEXT_LENGTH:
         return wiki
