@@ -64,9 +64,9 @@ CLIENT_ID = "c1ca11ab1e0c144a4b9a3af0c1ca11ab1e"
 CONNECTION_NAME = "mdr-connector tests"
 # The simulator's random data, fixed so that every run seeds the same incidents.
 SIMULATOR_SEED = 2026
-# The engine reads only `max_concurrency` from the ticket settings, because
-# the memory adapter takes the place of the adapter these settings describe.
-# Nothing listens on port 9 (discard), and the secret is never read.
+# The engine reads nothing from these ticket settings, because the memory
+# adapter takes the place of the adapter they describe. Nothing listens on
+# port 9 (discard), and the secret is never read.
 UNUSED_TICKET_SETTINGS = JiraSettings(
     system="jira",
     url="http://127.0.0.1:9",
