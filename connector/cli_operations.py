@@ -122,8 +122,9 @@ def add_operation_commands(commands: Any, common: argparse.ArgumentParser) -> No
             "stay as the audit record. The ticket keeps the incident's marker, so the incident's next "
             "reconciliation links the same ticket again: its comments are matched by their markers and not "
             "copied twice, but files carry no marker and are copied again. Run `link` after this command to "
-            "pair the incident with another ticket; remove the old ticket's mdr-<incident id> label and "
-            "mdr-connector property by hand if the old pairing must never come back."
+            "pair the incident with another ticket. If the old pairing must never come back, remove the "
+            "incident's marker from the old ticket by hand: the mdr-<incident id> label and mdr-connector "
+            "property in Jira, correlation_id in ServiceNow, the correlation custom field in Redmine."
         ),
     )
     unlink.add_argument(
