@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
@@ -49,3 +50,24 @@ async def run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> 
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
+
+
+async def write_file_body(
+    request: web.Request, response: web.StreamResponse, path: Path, cut_bytes: int, chunk_bytes: int
+) -> bool:
+    """Write a prepared response's body from `path`; with `cut_bytes` set, stop there and drop the connection.
+
+    Returns True when the body was cut, so the caller can log the fault.
+    """
+    sent = 0
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            if cut_bytes and sent + len(chunk) >= cut_bytes:
+                await response.write(chunk[: cut_bytes - sent])
+                if request.transport is not None:
+                    request.transport.close()
+                return True
+            await response.write(chunk)
+            sent += len(chunk)
+    await response.write_eof()
+    return False

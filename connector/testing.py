@@ -132,7 +132,7 @@ async def mdr_simulator(tmp_path: Path) -> AsyncIterator[RunningMdr]:
 @pytest_asyncio.fixture(loop_scope="function")
 async def memory_tickets(mdr_connector_mapping: str) -> AsyncIterator[MemoryTicketAdapter]:
     """An opened in-memory ticket system whose project is the mapping's project, with no search delay."""
-    # The fake stands in for every ticket system, so it accepts each system's comment visibility.
+    # The fake replaces any ticket system, so it accepts each system's comment visibility.
     capabilities = TicketCapabilities(visibility_types=frozenset({"role", "group", "internal"}))
     adapter = MemoryTicketAdapter(project=load_mapping(mdr_connector_mapping).project, capabilities=capabilities)
     await adapter.open()

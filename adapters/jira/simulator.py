@@ -71,7 +71,7 @@ from mdr_connector.adapters.jira.simulator_state import (
 )
 from mdr_connector.adapters.jira.simulator_files import CHUNK_BYTES, SimAttachment
 from mdr_connector.adapters.jira.simulator_workflow import CATEGORY_JSON, SimTransition
-from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
+from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback, write_file_body
 
 __all__ = [
     "HUMAN_NAME",
@@ -500,18 +500,8 @@ class _Api:
         )
         await response.prepare(request)
         cut = self.sim.settings.download_cut_bytes
-        sent = 0
-        with attachment.path.open("rb") as file:
-            while chunk := file.read(CHUNK_BYTES):
-                if cut and sent + len(chunk) >= cut:
-                    await response.write(chunk[: cut - sent])
-                    log.info("jira_sim.download.cut", extra={"attachment_id": attachment.id, "bytes": cut})
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-                await response.write(chunk)
-                sent += len(chunk)
-        await response.write_eof()
+        if await write_file_body(request, response, attachment.path, cut, CHUNK_BYTES):
+            log.info("jira_sim.download.cut", extra={"attachment_id": attachment.id, "bytes": cut})
         return response
 
     async def add_attachments(self, request: web.Request) -> web.Response:

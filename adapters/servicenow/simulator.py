@@ -35,7 +35,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
+from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback, write_file_body
 from mdr_connector.adapters.servicenow.simulator_files import CHUNK_BYTES, SimAttachment, SpoolWriter
 from mdr_connector.adapters.servicenow.simulator_schema import ATTACHMENT_TABLE, Row, SimTable
 from mdr_connector.adapters.servicenow.simulator_state import (
@@ -243,18 +243,8 @@ class _Api:
         )
         await response.prepare(request)
         cut = self.sim.settings.download_cut_bytes
-        sent = 0
-        with attachment.path.open("rb") as file:
-            while chunk := file.read(CHUNK_BYTES):
-                if cut and sent + len(chunk) >= cut:
-                    await response.write(chunk[: cut - sent])
-                    log.info("servicenow_sim.download.cut", extra={"attachment_id": attachment.sys_id, "bytes": cut})
-                    if request.transport is not None:
-                        request.transport.close()
-                    return response
-                await response.write(chunk)
-                sent += len(chunk)
-        await response.write_eof()
+        if await write_file_body(request, response, attachment.path, cut, CHUNK_BYTES):
+            log.info("servicenow_sim.download.cut", extra={"attachment_id": attachment.sys_id, "bytes": cut})
         return response
 
     async def upload_file(self, request: web.Request) -> web.Response:
