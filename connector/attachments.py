@@ -37,6 +37,7 @@ from mdr_connector.connector.filenames import file_extension, safe_filename, vis
 from mdr_connector.connector.i18n import N_, Message, _
 from mdr_connector.connector.mapping import (
     code_span,
+    comment_visibility,
     console_link,
     escape_markdown,
     format_time,
@@ -50,7 +51,6 @@ from mdr_connector.connector.tickets import (
     NOTICE_ORIGIN,
     AttachmentUpload,
     CommentDraft,
-    CommentVisibility,
     SyncMarker,
     TicketAttachment,
     TicketRef,
@@ -286,7 +286,7 @@ class AttachmentSync:
             reason=reason,
             link=link,
         )
-        draft = CommentDraft(body=body, marker=marker, visibility=self._visibility())
+        draft = CommentDraft(body=body, marker=marker, visibility=comment_visibility(self.context.mapping))
         await self.context.store.start_item(
             self.name, incident.incident_id, ATTACHMENT_NOTICE, MDR_TO_TICKET, attachment.attachment_id
         )
@@ -295,11 +295,6 @@ class AttachmentSync:
         self.context.stats.attachments_filtered += 1
         self._log_filtered(MDR_TO_TICKET, incident, ref, attachment.attachment_id, attachment.file_size, reason, posted.id)
 
-    def _visibility(self) -> CommentVisibility | None:
-        visibility = self.context.mapping.comments.visibility
-        if visibility is None:
-            return None
-        return CommentVisibility(type=visibility.type, value=visibility.value)
 
     # Ticket to MDR
 

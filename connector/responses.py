@@ -26,7 +26,7 @@ from mdr_connector.adapters.mdr.models import Incident, Response
 from mdr_connector.connector.errors import ConnectorError, ItemError, RejectedError
 from mdr_connector.connector import i18n
 from mdr_connector.connector.i18n import N_, Message, _
-from mdr_connector.connector.mapping import code_span, escape_markdown, format_ms
+from mdr_connector.connector.mapping import code_span, comment_visibility, escape_markdown, format_ms
 from mdr_connector.connector.mappingfile import Mapping
 from mdr_connector.connector.store import (
     DONE,
@@ -43,7 +43,6 @@ from mdr_connector.connector.tickets import (
     NOTICE_ORIGIN,
     RESPONSE_ORIGIN,
     CommentDraft,
-    CommentVisibility,
     SyncMarker,
     TicketAccount,
     TicketAdapter,
@@ -197,14 +196,6 @@ def host_names_by_asset(incident: Incident) -> dict[str, str]:
         if asset_id:
             names.setdefault(asset_id, host)
     return names
-
-
-def visibility_of(mapping: Mapping) -> CommentVisibility | None:
-    """Return who may read the comments the connector posts, from the mapping."""
-    visibility = mapping.comments.visibility
-    if visibility is None:
-        return None
-    return CommentVisibility(type=visibility.type, value=visibility.value)
 
 
 # Rendering: every value from MDR or the ticket is untrusted and escaped.
@@ -364,7 +355,7 @@ class ResponseSync:
         self.context = context
         self.name = context.name
         self.rules = context.mapping.responses
-        self.visibility = visibility_of(context.mapping)
+        self.visibility = comment_visibility(context.mapping)
 
     async def sync(self, incident: Incident, link: Link, ref: TicketRef) -> None:
         """Carry out new commands, then post or edit the view of every response whose status changed.
@@ -1141,7 +1132,7 @@ async def echo_terminal_decisions(
     if link is None or link.state != LINKED or not link.ticket_id:
         return None
     ref = TicketRef(key=link.ticket_key or "", id=link.ticket_id, url=link.ticket_url or "")
-    visibility = visibility_of(mapping)
+    visibility = comment_visibility(mapping)
 
     for row in decisions:
         source_id = f"decision:{row.id}"
