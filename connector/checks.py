@@ -94,7 +94,7 @@ async def check_mdr(connection: ConnectionSettings) -> list[CheckLine]:
         return lines
 
 
-# What a mapping's `project` and `issue_type` name in each ticket system.
+# The line `check` prints for a mapping's `project` and `issue_type`, in each ticket system's terms.
 DESTINATION_FOUND = {
     "jira": N_("project {project}, issue type {issue_type} and priorities exist"),
     "servicenow": N_("assignment group {project}, category {issue_type} and priorities exist"),

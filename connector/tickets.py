@@ -100,7 +100,7 @@ class TicketComment:
 
 @dataclass(frozen=True)
 class CommentVisibility:
-    """Who may read a comment the connector posts.
+    """The readers of a comment the connector posts.
 
     `role` and `group` name a Jira project role or group in `value`.
     `internal` requests the system's internal note (a ServiceNow work note,
@@ -113,7 +113,7 @@ class CommentVisibility:
 
 @dataclass(frozen=True)
 class TicketCapabilities:
-    """What a ticket system can store, so the engine and `check` never ask an adapter for more.
+    """The features a ticket system stores, so the engine and `check` never request more from an adapter.
 
     The engine reads these instead of the system's name: a comment that
     cannot be edited is followed by a new one, and `check` reports a mapping

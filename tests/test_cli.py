@@ -398,7 +398,7 @@ async def test_demo_runs_against_real_redmine(redmine_server: RedmineServer, tmp
 
 
 def test_demo_redmine_needs_a_server(capsys: pytest.CaptureFixture[str]) -> None:
-    """The Redmine demo without a URL stops with a message that says what to pass."""
+    """The Redmine demo without a URL stops with a message naming the options to pass."""
     assert main(["demo", "--ticket-system", "redmine"]) == 1
     assert "pass --redmine-url and --redmine-key-file" in capsys.readouterr().err
 
@@ -949,7 +949,7 @@ async def test_options_after_token_word(tmp_path: Path, mdr_url: str, jira: Runn
 
 
 def test_offline_check_reports_settings_the_system_lacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`check --offline` knows the ticket system from the config, so it reports labels and a Jira visibility for Redmine."""
+    """`check --offline` reads the ticket system from the config, so it reports labels and a Jira visibility for Redmine."""
     mapping = yaml.safe_load((Path(__file__).resolve().parent.parent / "mappings" / "redmine.yaml").read_text(encoding="utf-8"))
     mapping["labels"] = ["mdr"]
     mapping["comments"]["visibility"] = {"type": "role", "value": "Developers"}

@@ -576,7 +576,7 @@ async def test_mdr_delete_mirror_once(fakes: Fakes) -> None:
     assert fakes.tickets.edits == [copy.id]
 
 
-async def test_mdr_delete_mirror_falls_back_to_note_without_comment_edits(fakes: Fakes) -> None:
+async def test_mdr_delete_mirror_without_edits(fakes: Fakes) -> None:
     """Where comments cannot be edited (ServiceNow journal entries), `mirror` adds one note and edits nothing."""
     fakes.tickets.capabilities = TicketCapabilities(edit_comments=False)
     soc = fakes.mdr.add_soc_comment("<p>wrong incident</p>")

@@ -488,8 +488,10 @@ def test_redmine_text_to_markdown_carries_no_raw_html(convert: Any) -> None:
     markdown = convert('before <img src=x onerror="alert(1)"> <script>alert(2)</script> after')
 
     assert re.search(r"(?<!\\)<", markdown) is None
-    assert "\\<img" in markdown and "\\<script\\>" in markdown
-    assert "before" in markdown and "after" in markdown
+    assert "\\<img" in markdown
+    assert "\\<script\\>" in markdown
+    assert "before" in markdown
+    assert "after" in markdown
 
 
 def test_plain_to_markdown_escapes_every_markup_character() -> None:

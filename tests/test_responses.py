@@ -255,7 +255,7 @@ async def test_view_found_after_crash(harness: SyncHarness, monkeypatch: pytest.
     assert item.state == "done"
 
 
-async def test_status_change_without_comment_edits_posts_one_view_per_version(
+async def test_view_per_version_without_edits(
     harness: SyncHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where comments cannot be edited, each status gets one new view, found again by its marker after a crash."""

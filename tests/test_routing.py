@@ -346,13 +346,15 @@ def test_unsupported_by_names_each_setting_the_system_lacks() -> None:
 
     assert len(problems) == 4
     assert problems[0].startswith("ServiceNow tickets have no labels")
-    assert "create_incidents" in problems[1] and "'mdr-create'" in problems[1]
+    assert "create_incidents" in problems[1]
+    assert "'mdr-create'" in problems[1]
     assert "components" in problems[2]
-    assert "'role'" in problems[3] and "internal" in problems[3]
+    assert "'role'" in problems[3]
+    assert "internal" in problems[3]
     assert unsupported_by(mapping, "jira", TicketCapabilities()) == []
 
 
-def test_internal_visibility_takes_no_value_and_named_ones_need_one() -> None:
+def test_visibility_value_rules() -> None:
     internal = mapping_with(comments={"visibility": {"type": "internal"}})
 
     assert internal.comments.visibility is not None and internal.comments.visibility.type == "internal"
