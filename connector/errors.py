@@ -60,11 +60,16 @@ class RetriableError(ConnectorError):
 
 
 class RateLimitedError(RetriableError):
-    """The remote system replied 429 (or 503 with Retry-After)."""
+    """The remote system replied 429 (or 503 with Retry-After), or its calls are paused after one.
 
-    def __init__(self, message: str, retry_after: float | None) -> None:
+    `status` is the HTTP status of the reply, or None when no request was
+    sent because an earlier 429 paused every call to that system.
+    """
+
+    def __init__(self, message: str, retry_after: float | None, status: int | None = 429) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 class RemoteUnavailableError(RetriableError):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import logging
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Iterator
+from datetime import timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -214,3 +217,37 @@ async def write_body_to_file(response: aiohttp.ClientResponse, destination: Path
         temporary.unlink(missing_ok=True)
         raise
     return written
+
+
+def parse_retry_after(value: str | None, date_header: str | None, now: float | None = None) -> float | None:
+    """Turn Retry-After (delay in seconds or an HTTP-date) into seconds to wait, or None when it is missing or invalid.
+
+    An HTTP-date is measured against the reply's `Date` header, so a skewed
+    local clock does not change the delay. Without a readable `Date`, it is
+    measured against `now` (Unix seconds, the local clock by default). A
+    date in the past gives 0.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+
+    target = parse_http_date(text)
+    if target is None:
+        return None
+    reference = parse_http_date(date_header) if date_header else None
+    if reference is None:
+        reference = now if now is not None else time.time()
+    return max(0.0, target - reference)
+
+
+def parse_http_date(text: str) -> float | None:
+    """Parse an HTTP-date into Unix seconds; HTTP-dates are always GMT."""
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()

@@ -16,6 +16,7 @@ from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import MdrSimulator, encode_jwt, run_simulator
 from mdr_connector.adapters.mdr.tokens import TokenFileStore, TokenPair
 from mdr_connector.connector.config import MdrSettings
+from mdr_connector.connector.retry import RateGate
 
 MDR_CLIENT_ID = "f00dfeed0c144a4b9a3af6a6a6a6a6a6a6"
 MDR_CONNECTION_NAME = "SOC Jira sync"
@@ -58,7 +59,8 @@ async def mocked_client(tmp_path: Path) -> AsyncIterator[MdrClient]:
     )
     pair = TokenPair.from_tokens(make_jwt(3600, "access"), make_jwt(7 * 86400, "refresh"), time.time())
     TokenFileStore(token_dir, MDR_CLIENT_ID).save(pair)
-    async with MdrClient(settings) as client:
+    # One send per request, so a mocked 429 reaches the test instead of being sent again.
+    async with MdrClient(settings, rate_gate=RateGate("mdr", attempts=1)) as client:
         yield client
 
 

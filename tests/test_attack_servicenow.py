@@ -243,7 +243,9 @@ async def test_rate_limit_mid_cycle_converges(sn_harness: ServiceNowSyncHarness)
             limited += 1
         sn_harness.advance(30)
 
-    assert limited >= 1
+    # The client waits out a short Retry-After and sends again, so a cycle ends only when the 429s outlast its sends.
+    assert sn_harness.sim.rate_limit.remaining == 0
+    assert limited <= 1
 
     assert len(sn_harness.tickets_for(incident_id)) == 1
     assert copies_in_journal(sn_harness, incident_id, "Analyst during the limit") == 1

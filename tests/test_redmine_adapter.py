@@ -38,6 +38,7 @@ from mdr_connector.adapters.redmine.adapter import MAX_SUBJECT_LENGTH, RedmineTi
 from mdr_connector.adapters.redmine.client import RedmineClient  # noqa: E402
 from mdr_connector.adapters.redmine.records import query_time, whole_second  # noqa: E402
 from mdr_connector.connector.config import RedmineSettings  # noqa: E402
+from mdr_connector.connector.retry import RateGate  # noqa: E402
 from mdr_connector.connector.errors import (  # noqa: E402
     ConfigError,
     CredentialsRejectedError,
@@ -762,8 +763,10 @@ REPLY_CASES = {
 async def test_client_maps_replies(case: ReplyCase, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each failed reply becomes the error of the connector's tree that its recovery needs."""
     monkeypatch.setenv("MDR_TEST_REDMINE_KEY", "k" * 40)
+    # One send per request, so a mocked 429 reaches the test instead of being sent again.
     client = RedmineClient(
-        RedmineSettings(system="redmine", url="https://redmine.example", api_key={"env": "MDR_TEST_REDMINE_KEY"})
+        RedmineSettings(system="redmine", url="https://redmine.example", api_key={"env": "MDR_TEST_REDMINE_KEY"}),
+        rate_gate=RateGate("redmine", attempts=1),
     )
     await client.open()
     try:

@@ -30,6 +30,7 @@ from mdr_connector.adapters.servicenow.query import keyset_query
 from mdr_connector.adapters.servicenow.simulator import HUMAN_USER, SERVICE_USER
 from mdr_connector.adapters.textmarker import with_marker
 from mdr_connector.connector.config import ServiceNowSettings
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.errors import (
     ConfigError,
     CredentialsRejectedError,
@@ -803,8 +804,8 @@ async def test_rate_limit_from_instance(servicenow: RunningServiceNow, sn_adapte
 
 @pytest.fixture
 async def mocked_client(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A Basic-auth client of MOCK_URL."""
-    client = ServiceNowClient(mock_settings(monkeypatch, oauth=False))
+    """A Basic-auth client of MOCK_URL that sends each request once, so a mocked 429 reaches the test."""
+    client = ServiceNowClient(mock_settings(monkeypatch, oauth=False), rate_gate=RateGate("servicenow", attempts=1))
     await client.open()
     yield client
     await client.close()

@@ -17,6 +17,11 @@ thread pool. Each worker thread keeps its own `JIRA` client: a
 every call through one client would cap the pool at one request at a time.
 A call whose awaiting task is cancelled still finishes in its thread, so
 a cancelled create must be treated like OutcomeUnknownError.
+
+Every call goes through the adapter's `rate_gate`: a 429 pauses all calls
+to the site for its Retry-After, and the call is sent again (see
+connector/retry.py). The `jira` package's own retries are off
+(`max_retries=0`), so it never sleeps in a worker thread.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from mdr_connector.adapters.jira.files import MultipartFileBody, jira_stream, op
 from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
 from mdr_connector.connector import markup
 from mdr_connector.connector.http import requests_proxies, requests_verify, warn_if_unverified
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.config import (
     JiraApiTokenAuth,
@@ -176,9 +182,17 @@ class JiraTicketAdapter:
     system = "jira"
     capabilities = TicketCapabilities()
 
-    def __init__(self, settings: JiraSettings, project: str, other_projects: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: JiraSettings,
+        project: str,
+        other_projects: Iterable[str] = (),
+        *,
+        rate_gate: RateGate | None = None,
+    ) -> None:
         """`other_projects` are further projects that tickets go to, such as the projects of the mapping's routes."""
         self.settings = settings
+        self.rate_gate = rate_gate or RateGate("jira")
         self.project = project
         # Every project searched for the connector's tickets, the mapping's own first.
         self.searched_projects: dict[str, None] = dict.fromkeys([project, *other_projects])
@@ -698,15 +712,19 @@ class JiraTicketAdapter:
         opening: bool = False,
         **kwargs: Any,
     ) -> T:
-        """Run `function(client, *args)` in the pool and map library errors at this boundary."""
+        """Run `function(client, *args)` in the pool through the rate gate, and map library errors at this boundary."""
         if self._client_arguments is None:
             raise RuntimeError(f"await JiraTicketAdapter.open() before {operation}")
         loop = asyncio.get_running_loop()
         work = partial(self._in_worker, function, *args, **kwargs)
-        try:
-            return await loop.run_in_executor(self._executor, work)
-        except (JIRAError, requests.RequestException) as err:
-            raise map_error(err, operation, write=write, opening=opening, url=self.settings.url) from err
+
+        async def run() -> T:
+            try:
+                return await loop.run_in_executor(self._executor, work)
+            except (JIRAError, requests.RequestException) as err:
+                raise map_error(err, operation, write=write, opening=opening, url=self.settings.url) from err
+
+        return await self.rate_gate.send(run, write=write)
 
     def _in_worker(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return function(self._client(), *args, **kwargs)
@@ -728,6 +746,11 @@ class JiraTicketAdapter:
         # and REQUESTS_CA_BUNDLE replace the CA list when no ca_bundle is set.
         client = JIRA(get_server_info=False, max_retries=0, **arguments)
         client._session.trust_env = False
+        # Redirects are never followed by requests: it drops Authorization on
+        # a redirect to another host, but sends the session's cookies to the
+        # same host on any port. An API call gets the 3xx reply itself, and
+        # attachment downloads follow their redirects in files.py.
+        client._session.get_redirect_target = lambda response: None
         with self._clients_lock:
             self._clients.append(client)
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import ssl
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
@@ -33,7 +31,7 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
-from mdr_connector.connector.http import certificate_problem
+from mdr_connector.connector.http import certificate_problem, parse_retry_after
 
 MAX_DETAIL_LENGTH = 1000
 
@@ -93,7 +91,7 @@ def _from_reply(err: JIRAError, words: str, *, write: bool, opening: bool, url: 
     detail = error_detail(response) if response is not None else _shorten(err.text or "")
     suffix = f": {detail}" if detail else ""
     headers = response.headers if response is not None else {}
-    retry_after = retry_after_seconds(headers.get("Retry-After"))
+    retry_after = parse_retry_after(headers.get("Retry-After"), headers.get("Date"))
 
     if status == 401 or (status == 403 and (opening or "X-Authentication-Denied-Reason" in headers)):
         # Jira's sentence ends with a period, which would clash with the advice after it.
@@ -103,7 +101,7 @@ def _from_reply(err: JIRAError, words: str, *, write: bool, opening: bool, url: 
             "check the account and the API token or password in ticket.auth"
         )
     if status == 429 or (status == 503 and retry_after is not None):
-        return RateLimitedError(f"Jira rate-limited the request while {words} (HTTP {status})", retry_after)
+        return RateLimitedError(f"Jira rate-limited the request while {words} (HTTP {status})", retry_after, status)
     if status == 408:
         return RemoteUnavailableError(f"Jira timed out reading the request while {words} (HTTP 408)")
     if status >= 500:
@@ -222,23 +220,6 @@ def error_detail(response: requests.Response | None) -> str:
         if not parts and isinstance(body.get(key), str):
             parts.append(body[key])
     return _shorten("; ".join(parts))
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """Read Retry-After as seconds: a number, or an HTTP date relative to now."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return max(0.0, (moment - datetime.now(timezone.utc)).total_seconds())
 
 
 def _shorten(text: str) -> str:

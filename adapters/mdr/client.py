@@ -6,8 +6,10 @@ so callers never see aiohttp exceptions:
 
     401, 403            refresh the token once and retry once, then CredentialsRejectedError
                         (TokenExpiredError when the refresh itself is refused)
-    429                 RateLimitedError with Retry-After in seconds
-    503 + Retry-After   RateLimitedError
+    429                 pause every call of this client for Retry-After (at least 1 s) and
+                        send again, up to 3 sends (`RateGate`); then, or for a pause of
+                        more than 60 s, RateLimitedError with the pause in seconds
+    503 + Retry-After   as 429, but a write is not sent again
     other 5xx           RemoteUnavailableError; OutcomeUnknownError for a write
     404                 RejectedError that names mdr.base_url and mdr.client_id to check
     413                 RejectedError: the uploaded file is larger than MDR accepts
@@ -20,7 +22,7 @@ so callers never see aiohttp exceptions:
     malformed record    InvalidPayloadError; in a list, one bad record is returned
                         in IncidentPage.malformed and the rest of the page is kept
 
-The client does not retry anything else: the engine owns retries.
+The client does not retry anything else: the engine owns the other retries.
 
 Attachments move as streams in both directions, so a file is never held
 whole in memory: `download_attachment` writes the reply body to disk in
@@ -33,13 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timezone
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -71,10 +71,12 @@ from mdr_connector.connector.errors import (
     RemoteUnavailableError,
     TokenExpiredError,
 )
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.http import (
     CONNECT_TIMEOUT_SECONDS,
     TRANSFER_CHUNK_BYTES,
     create_session,
+    parse_retry_after,
     post_options,
     transport_errors,
     write_body_to_file,
@@ -179,11 +181,15 @@ class MdrClient:
 
     The client owns its TokenManager (`client.tokens`), which calls
     `session/confirm` through this client. `clock` (Unix seconds) exists so
-    tests can follow a simulated clock.
+    tests can follow a simulated clock. Every request goes through
+    `rate_gate`, so a 429 pauses all calls of this client id.
     """
 
-    def __init__(self, settings: MdrSettings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: MdrSettings, *, clock: Callable[[], float] = time.time, rate_gate: RateGate | None = None
+    ) -> None:
         self.settings = settings
+        self.rate_gate = rate_gate or RateGate("mdr")
         self.tokens = TokenManager(settings, self.confirm_session, clock=clock)
         self._base = f"{settings.base_url}/{settings.client_id}"
         self._session: aiohttp.ClientSession | None = None
@@ -339,18 +345,22 @@ class MdrClient:
         # The request goes to the configured base URL by the attachment id; the
         # record's `link` is never followed, so no other origin is contacted.
         request = {"json": {"attachment_id": attachment_id}, "headers": {"Accept": "*/*"}}
-        async with self._exchange(path, lambda: request, write=False, timeout=self._transfer_timeout()) as response:
-            if response.status != 200:
-                await raise_for_response(path, response, write=False)
-            announced = response.content_length
-            if announced is not None and announced > expected:
-                raise InvalidPayloadError(
-                    f"MDR {path} announced {announced} bytes for attachment {attachment_id}, "
-                    f"which is listed with file_size {expected}"
+
+        async def download() -> int:
+            async with self._exchange(path, lambda: request, write=False, timeout=self._transfer_timeout()) as response:
+                if response.status != 200:
+                    await raise_for_response(path, response, write=False)
+                announced = response.content_length
+                if announced is not None and announced > expected:
+                    raise InvalidPayloadError(
+                        f"MDR {path} announced {announced} bytes for attachment {attachment_id}, "
+                        f"which is listed with file_size {expected}"
+                    )
+                return await write_body_to_file(
+                    response, destination, expected, f"MDR attachments/download of attachment {attachment_id}"
                 )
-            written = await write_body_to_file(
-                response, destination, expected, f"MDR attachments/download of attachment {attachment_id}"
-            )
+
+        written = await self.rate_gate.send(download)
 
         log.debug(
             "mdr.attachment.downloaded",
@@ -369,20 +379,24 @@ class MdrClient:
         before sending it again.
         """
         meta = json.dumps({"incident_id": incident_id, "caption": caption})
-        with contextlib.ExitStack() as open_files:
 
-            def build_request() -> dict[str, Any]:
-                # A retry after a refused token sends the file again, so each
-                # attempt reads it from the start through a handle of its own.
-                handle = open_files.enter_context(path.open("rb"))
-                return {"data": multipart_upload(handle, filename, meta)}
+        async def upload() -> _Reply:
+            with contextlib.ExitStack() as open_files:
 
-            reply = await self._request(
-                "attachments/upload", build_request, write=True, timeout=self._transfer_timeout()
-            )
+                def build_request() -> dict[str, Any]:
+                    # A retry after a refused token or a 429 sends the file again, so
+                    # each attempt reads it from the start through a handle of its own.
+                    handle = open_files.enter_context(path.open("rb"))
+                    return {"data": multipart_upload(handle, filename, meta)}
 
-        if reply.status != 200:
-            raise_for_status("attachments/upload", reply, write=True, include_message=True)
+                reply = await self._request(
+                    "attachments/upload", build_request, write=True, timeout=self._transfer_timeout()
+                )
+            if reply.status != 200:
+                raise_for_status("attachments/upload", reply, write=True, include_message=True)
+            return reply
+
+        reply = await self.rate_gate.send(upload, write=True)
         raw = decode_json("attachments/upload", reply, write=True)
         # NOTE: that attachments/upload replies with the new attachment is INFERRED.
         try:
@@ -532,8 +546,18 @@ class MdrClient:
 
     async def confirm_session(self, refresh_token: str) -> tuple[str, str]:
         """Call `session/confirm` (no Authorization header) and return (access_token, refresh_token)."""
-        async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=False) as response:
-            reply = _Reply(response.status, response.headers, await response.read())
+
+        async def confirm() -> _Reply:
+            # write=True: a reply lost after sending raises OutcomeUnknownError,
+            # because MDR may have spent the refresh token on it.
+            async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=True) as response:
+                reply = _Reply(response.status, response.headers, await response.read())
+            if reply.status in (429, 503):
+                raise_for_status(CONFIRM_PATH, reply, write=False, include_message=False)
+            return reply
+
+        # A 429 means MDR did not spend the refresh token, so sending it again is safe.
+        reply = await self.rate_gate.send(confirm)
 
         if reply.status in (400, 401, 403):
             if not is_json_or_empty(reply.body):
@@ -569,9 +593,14 @@ class MdrClient:
         self, path: str, body: dict[str, Any], *, write: bool = False, empty_reply_ok: bool = False
     ) -> Any:
         """POST `body` as JSON and decode the JSON reply, or return None for an empty 200 body when `empty_reply_ok`."""
-        reply = await self._request(path, lambda: {"json": body}, write=write)
-        if reply.status != 200:
-            raise_for_status(path, reply, write=write, include_message=True)
+
+        async def post() -> _Reply:
+            reply = await self._request(path, lambda: {"json": body}, write=write)
+            if reply.status != 200:
+                raise_for_status(path, reply, write=write, include_message=True)
+            return reply
+
+        reply = await self.rate_gate.send(post, write=write)
         if empty_reply_ok and not reply.body.strip():
             return None
         return decode_json(path, reply, write=write)
@@ -754,7 +783,7 @@ def raise_for_status(path: str, reply: _Reply, *, write: bool, include_message: 
 
     if status == 429 or (status == 503 and "Retry-After" in reply.headers):
         retry_after = parse_retry_after(reply.headers.get("Retry-After"), reply.headers.get("Date"))
-        raise RateLimitedError(f"MDR {path} is rate limited (HTTP {status}){suffix}", retry_after)
+        raise RateLimitedError(f"MDR {path} is rate limited (HTTP {status}){suffix}", retry_after, status)
     if status >= 500 and write:
         raise OutcomeUnknownError(
             f"MDR {path} failed with HTTP {status}; the write may have been applied{suffix}"
@@ -813,37 +842,3 @@ def error_message(reply: _Reply) -> str:
     if not isinstance(message, str):
         return ""
     return message[:MAX_ERROR_TEXT]
-
-
-def parse_retry_after(value: str | None, date_header: str | None, now: float | None = None) -> float | None:
-    """Turn Retry-After (delay in seconds or an HTTP-date) into seconds to wait.
-
-    An HTTP-date is measured against the reply's `Date` header, so a skewed
-    local clock does not change the delay; without `Date`, against `now`.
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-
-    target = parse_http_date(text)
-    if target is None:
-        return None
-    reference = parse_http_date(date_header) if date_header else None
-    if reference is None:
-        reference = now if now is not None else time.time()
-    return max(0.0, target - reference)
-
-
-def parse_http_date(text: str) -> float | None:
-    """Parse an HTTP-date into Unix seconds; HTTP-dates are always GMT."""
-    try:
-        moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
-
-

@@ -6,7 +6,10 @@ follow a redirect. Replies map like this:
     401                         CredentialsRejectedError: the key is wrong, its account locked, or the REST API off
     400, 403, 404, 422, 413     RejectedError with the status and Redmine's `errors` list
     3xx                         RejectedError: a redirect means `ticket.url` is not the API's URL
-    429, 503 with Retry-After   RateLimitedError
+    429                         pause every call to the server for Retry-After (at least 1 s) and send
+                                again, up to 3 sends (`RateGate`); then, or for a pause of more than
+                                60 s, RateLimitedError with the pause in seconds
+    503 with Retry-After        as 429, but a write is not sent again
     other 5xx                   RemoteUnavailableError; OutcomeUnknownError for a write
     timeout, dropped            RemoteUnavailableError before the request was sent,
     connection                  OutcomeUnknownError for a write that may have been sent
@@ -33,7 +36,6 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from mdr_connector.adapters.mdr.client import parse_retry_after
 from mdr_connector.connector.config import RedmineSettings
 from mdr_connector.connector.errors import (
     CredentialsRejectedError,
@@ -43,10 +45,12 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.http import (
     CONNECT_TIMEOUT_SECONDS,
     TRANSFER_CHUNK_BYTES,
     create_session,
+    parse_retry_after,
     transport_errors,
     write_body_to_file,
 )
@@ -70,10 +74,14 @@ class _Reply:
 
 
 class RedmineClient:
-    """An async client of one Redmine server. Call `open()` first and `close()` at the end."""
+    """An async client of one Redmine server. Call `open()` first and `close()` at the end.
 
-    def __init__(self, settings: RedmineSettings) -> None:
+    Every request goes through `rate_gate`, so a 429 pauses all calls to the server.
+    """
+
+    def __init__(self, settings: RedmineSettings, *, rate_gate: RateGate | None = None) -> None:
         self.settings = settings
+        self.rate_gate = rate_gate or RateGate("redmine")
         self.base_url = settings.url
         self._session: aiohttp.ClientSession | None = None
         self._api_key: str | None = None
@@ -93,9 +101,14 @@ class RedmineClient:
 
     async def get(self, path: str, params: Params | None = None) -> Any:
         """GET a JSON resource such as `/issues/12.json` and return the decoded reply."""
-        reply = await self._request("GET", path, params=params, write=False)
-        if reply.status != 200:
-            raise_for_status("GET", path, reply, write=False)
+
+        async def send() -> _Reply:
+            reply = await self._request("GET", path, params=params, write=False)
+            if reply.status != 200:
+                raise_for_status("GET", path, reply, write=False)
+            return reply
+
+        reply = await self.rate_gate.send(send)
         return decode_json("GET", path, reply, write=False)
 
     async def send(self, method: str, path: str, body: dict[str, Any], *, write: bool = True) -> Any:
@@ -106,9 +119,14 @@ class RedmineClient:
         request that only sets values passes `write=False`, and a lost reply
         is then retriable like a read.
         """
-        reply = await self._request(method, path, json_body=body, write=write)
-        if reply.status not in (200, 201, 204):
-            raise_for_status(method, path, reply, write=write)
+
+        async def send() -> _Reply:
+            reply = await self._request(method, path, json_body=body, write=write)
+            if reply.status not in (200, 201, 204):
+                raise_for_status(method, path, reply, write=write)
+            return reply
+
+        reply = await self.rate_gate.send(send, write=write)
         if reply.status == 204 or not reply.body.strip():
             return None
         return decode_json(method, path, reply, write=write)
@@ -122,18 +140,24 @@ class RedmineClient:
         """
         path = "/uploads.json"
         headers = {"Content-Type": "application/octet-stream"}
-        with source.open("rb") as handle:
-            reply = await self._request(
-                "POST",
-                path,
-                params={"filename": filename},
-                data=handle,
-                headers=headers,
-                write=True,
-                timeout=self._transfer_timeout(),
-            )
-        if reply.status != 201:
-            raise_for_status("POST", path, reply, write=True)
+
+        async def send() -> _Reply:
+            # Each send after a 429 reads the file from its start through a handle of its own.
+            with source.open("rb") as handle:
+                reply = await self._request(
+                    "POST",
+                    path,
+                    params={"filename": filename},
+                    data=handle,
+                    headers=headers,
+                    write=True,
+                    timeout=self._transfer_timeout(),
+                )
+            if reply.status != 201:
+                raise_for_status("POST", path, reply, write=True)
+            return reply
+
+        reply = await self.rate_gate.send(send, write=True)
         upload = decode_json("POST", path, reply, write=True)
         if not isinstance(upload, dict) or not isinstance(upload.get("upload"), dict):
             raise OutcomeUnknownError(f"Redmine POST {path} returned no upload object")
@@ -154,15 +178,19 @@ class RedmineClient:
             )
 
         path = urlsplit(url).path
-        async with self._exchange("GET", url, {}, write=False, timeout=self._transfer_timeout()) as response:
-            if response.status != 200:
-                raise_for_status("GET", path, await read_error_reply(response), write=False)
-            announced = response.content_length
-            if announced is not None and announced != expected:
-                raise InvalidPayloadError(
-                    f"Redmine GET {path} announced {announced} bytes for a file listed with {expected} bytes"
-                )
-            return await write_body_to_file(response, destination, expected, f"Redmine GET {path}")
+
+        async def fetch() -> int:
+            async with self._exchange("GET", url, {}, write=False, timeout=self._transfer_timeout()) as response:
+                if response.status != 200:
+                    raise_for_status("GET", path, await read_error_reply(response), write=False)
+                announced = response.content_length
+                if announced is not None and announced != expected:
+                    raise InvalidPayloadError(
+                        f"Redmine GET {path} announced {announced} bytes for a file listed with {expected} bytes"
+                    )
+                return await write_body_to_file(response, destination, expected, f"Redmine GET {path}")
+
+        return await self.rate_gate.send(fetch)
 
     def same_origin(self, url: str) -> bool:
         """Tell whether `url` has the scheme, host and port of `ticket.url`."""
@@ -242,7 +270,7 @@ def raise_for_status(method: str, path: str, reply: _Reply, *, write: bool) -> N
         )
     if status == 429 or (status == 503 and "Retry-After" in reply.headers):
         retry_after = parse_retry_after(reply.headers.get("Retry-After"), reply.headers.get("Date"))
-        raise RateLimitedError(f"{request} is rate limited (HTTP {status}){suffix}", retry_after)
+        raise RateLimitedError(f"{request} is rate limited (HTTP {status}){suffix}", retry_after, status)
     if status >= 500 and write:
         raise OutcomeUnknownError(f"{request} failed with HTTP {status}; the write may have been applied{suffix}")
     if status >= 500:

@@ -5,8 +5,10 @@ exception reaches the adapter:
 
     401                 OAuth: fetch a new token once and send again, then CredentialsRejectedError;
                         Basic: CredentialsRejectedError at once
-    429, 503 + Retry-After
-                        RateLimitedError with Retry-After in seconds
+    429                 pause every call to the instance for Retry-After (at least 1 s) and
+                        send again, up to 3 sends (`RateGate`); then, or for a pause of
+                        more than 60 s, RateLimitedError with the pause in seconds
+    503 + Retry-After   as 429, but a write is not sent again
     other 5xx           RemoteUnavailableError; OutcomeUnknownError for a write that is not idempotent
     3xx                 RejectedError: redirects are never followed, so `url` is wrong
     other 4xx           RejectedError with the status and ServiceNow's error message and detail
@@ -41,7 +43,6 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from mdr_connector.adapters.mdr.client import parse_retry_after
 from mdr_connector.connector.config import ServiceNowBasicAuth, ServiceNowSettings
 from mdr_connector.connector.errors import (
     CredentialsRejectedError,
@@ -51,10 +52,12 @@ from mdr_connector.connector.errors import (
     RejectedError,
     RemoteUnavailableError,
 )
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.http import (
     CONNECT_TIMEOUT_SECONDS,
     TRANSFER_CHUNK_BYTES,
     create_session,
+    parse_retry_after,
     transport_errors,
     write_body_to_file,
 )
@@ -93,11 +96,20 @@ class _Reply:
 class ServiceNowClient:
     """An async client of one ServiceNow instance; `open()` before the first call, `close()` at the end.
 
-    `clock` (monotonic seconds) exists so tests can move OAuth token expiry forward.
+    `clock` (monotonic seconds) exists so tests can move OAuth token expiry
+    forward. Every request goes through `rate_gate`, so a 429 pauses all
+    calls to the instance.
     """
 
-    def __init__(self, settings: ServiceNowSettings, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        settings: ServiceNowSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rate_gate: RateGate | None = None,
+    ) -> None:
         self.settings = settings
+        self.rate_gate = rate_gate or RateGate("servicenow")
         self.base_url = settings.url.rstrip("/")
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
@@ -200,18 +212,23 @@ class ServiceNowClient:
     ) -> dict[str, Any]:
         """POST the file at `path` as the raw request body to `attachment/file`, read from disk while it is sent."""
         params = {"table_name": table, "table_sys_id": sys_id, "file_name": filename}
-        with contextlib.ExitStack() as open_files:
 
-            def build_request() -> dict[str, Any]:
-                # A second attempt after a refused token sends the file again from its start.
-                handle = open_files.enter_context(path.open("rb"))
-                return {"params": params, "data": handle, "headers": {"Content-Type": content_type}}
+        async def send() -> _Reply:
+            with contextlib.ExitStack() as open_files:
 
-            reply = await self._request(
-                operation, "POST", "/api/now/attachment/file", build_request, write=True, timeout=self._transfer_timeout()
-            )
-        if reply.status not in (200, 201):
-            raise_for_status(operation, reply, write=True)
+                def build_request() -> dict[str, Any]:
+                    # A second attempt after a refused token or a 429 sends the file again from its start.
+                    handle = open_files.enter_context(path.open("rb"))
+                    return {"params": params, "data": handle, "headers": {"Content-Type": content_type}}
+
+                reply = await self._request(
+                    operation, "POST", "/api/now/attachment/file", build_request, write=True, timeout=self._transfer_timeout()
+                )
+            if reply.status not in (200, 201):
+                raise_for_status(operation, reply, write=True)
+            return reply
+
+        reply = await self.rate_gate.send(send, write=True)
         return _result_object(operation, reply, write=True)
 
     async def download(self, operation: str, url: str, destination: Path, expected: int) -> int:
@@ -228,15 +245,18 @@ class ServiceNowClient:
         def build_request() -> dict[str, Any]:
             return {"headers": {"Accept": "*/*"}}
 
-        async with self._exchange(operation, "GET", url, build_request, write=False, timeout=timeout) as response:
-            if response.status != 200:
-                await raise_for_response(operation, response)
-            announced = response.content_length
-            if announced is not None and announced > expected:
-                raise InvalidPayloadError(
-                    f"ServiceNow {operation} announced {announced} bytes, but the attachment record lists {expected}"
-                )
-            return await write_body_to_file(response, destination, expected, f"ServiceNow {operation}")
+        async def fetch() -> int:
+            async with self._exchange(operation, "GET", url, build_request, write=False, timeout=timeout) as response:
+                if response.status != 200:
+                    await raise_for_response(operation, response)
+                announced = response.content_length
+                if announced is not None and announced > expected:
+                    raise InvalidPayloadError(
+                        f"ServiceNow {operation} announced {announced} bytes, but the attachment record lists {expected}"
+                    )
+                return await write_body_to_file(response, destination, expected, f"ServiceNow {operation}")
+
+        return await self.rate_gate.send(fetch)
 
     def check_origin(self, url: str) -> None:
         """Raise InvalidPayloadError unless `url` has the scheme, host and port of the configured instance.
@@ -287,10 +307,13 @@ class ServiceNowClient:
                 request["json"] = body
             return request
 
-        reply = await self._request(operation, method, path, build_request, write=write)
-        if reply.status not in (200, 201, 204):
-            raise_for_status(operation, reply, write=write)
-        return reply
+        async def send() -> _Reply:
+            reply = await self._request(operation, method, path, build_request, write=write)
+            if reply.status not in (200, 201, 204):
+                raise_for_status(operation, reply, write=write)
+            return reply
+
+        return await self.rate_gate.send(send, write=write)
 
     async def _request(
         self,
@@ -396,13 +419,20 @@ class ServiceNowClient:
             raise RuntimeError("ServiceNowClient is not open: await open() first")
 
         operation = "oauth_token"
-        async with self._limit:
-            with transport_errors(f"ServiceNow {operation}", write=False):
-                async with self._session.post(
-                    f"{self.base_url}{TOKEN_PATH}", data=form, headers={"Accept": "application/json"}, allow_redirects=False
-                ) as response:
-                    reply = _Reply(response.status, response.headers, await response.read())
+        session = self._session
 
+        async def send() -> _Reply:
+            async with self._limit:
+                with transport_errors(f"ServiceNow {operation}", write=False):
+                    async with session.post(
+                        f"{self.base_url}{TOKEN_PATH}", data=form, headers={"Accept": "application/json"}, allow_redirects=False
+                    ) as response:
+                        reply = _Reply(response.status, response.headers, await response.read())
+            if reply.status in (429, 503):
+                raise_for_status(operation, reply, write=False)
+            return reply
+
+        reply = await self.rate_gate.send(send)
         if reply.status in (400, 401, 403):
             raise CredentialsRejectedError(
                 f"ServiceNow rejected the OAuth client credentials of client {auth.client_id} with HTTP {reply.status}: "
@@ -443,7 +473,7 @@ def raise_for_status(operation: str, reply: _Reply, *, write: bool) -> None:
 
     if status == 429 or (status == 503 and "Retry-After" in reply.headers):
         retry_after = parse_retry_after(reply.headers.get("Retry-After"), reply.headers.get("Date"))
-        raise RateLimitedError(f"ServiceNow {operation} is rate limited (HTTP {status}){suffix}", retry_after)
+        raise RateLimitedError(f"ServiceNow {operation} is rate limited (HTTP {status}){suffix}", retry_after, status)
     if status >= 500 and write:
         raise OutcomeUnknownError(f"ServiceNow {operation} failed with HTTP {status}, so the write may have been applied{suffix}")
     if status >= 500:
