@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from mdr_connector.adapters.mdr.models import PRIORITIES, Incident
+from mdr_connector.connector import markup
 from mdr_connector.connector.errors import (
     ConfigError,
     ConnectionFatalError,
@@ -258,7 +259,8 @@ class TicketIncidentRequests:
         state = await self.context.read(
             lambda: self.context.tickets.get_state(ref, ["summary", "description", "priority", hosts_field])
         )
-        summary = text_value(state, "summary")
+        # The summary goes to MDR without conversion, so control characters are removed here.
+        summary = markup.clean_text(text_value(state, "summary"))
         hosts, invalid = parse_hosts(state.values.get(hosts_field))
         request = IncidentRequest(
             summary=summary,

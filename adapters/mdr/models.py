@@ -8,9 +8,10 @@ fails here with its id rather than deep inside a sync step.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from mdr_connector.connector.errors import InvalidPayloadError
 
@@ -19,10 +20,28 @@ STATUSES = ("Open", "On hold", "Resolved", "Closed")
 # Epoch milliseconds of 9999-12-31T23:59:59.999Z, the last moment Python's
 # datetime can hold; a larger time cannot be a real MDR timestamp.
 MAX_EPOCH_MS = 253_402_300_799_999
-EpochMs = Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH_MS)]
+# Epoch times from 10**9 up to 10**12 are taken for seconds sent where
+# milliseconds are due. Read as milliseconds they fall between 1970-01-12
+# and 2001-09-09, long before MDR existed. Read as seconds they are any
+# date from 2001 on. Smaller values stay valid, and 0 means "not set".
+SECONDS_LIKE_EPOCH = range(10**9, 10**12)
+
+
+def _reject_epoch_seconds(value: int) -> int:
+    if value in SECONDS_LIKE_EPOCH:
+        raise ValueError(
+            f"{value} looks like epoch seconds, but MDR times are epoch milliseconds; "
+            "report the record to Kaspersky"
+        )
+    return value
+
+
+EpochMs = Annotated[StrictInt, Field(ge=0, le=MAX_EPOCH_MS), AfterValidator(_reject_epoch_seconds)]
 # The ledger keeps ids in 200-character columns. Real MDR ids have about 20
 # characters, so a longer one is taken for bad data.
 MAX_ID_LENGTH = 200
+# Characters of a bad value that an error message shows.
+MAX_SHOWN_VALUE = 80
 
 
 class MdrRecord(BaseModel):
@@ -162,12 +181,8 @@ def parse_incident(raw: Any) -> Incident:
         return Incident.model_validate(raw)
     except ValidationError as err:
         incident_id, _ = describe_record(raw, "incident_id")
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}"
-            for error in err.errors()
-        )
         raise InvalidPayloadError(
-            f"MDR incident {incident_id or '<without incident_id>'} is malformed: {problems}"
+            f"MDR incident {incident_id or '<without incident_id>'} is malformed: {describe_problems(err)}"
         ) from err
 
 
@@ -179,15 +194,24 @@ def parse_comment(raw: Any, incident_id: str) -> Comment:
         comment_id, _ = describe_record(raw, "comment_id")
         raise InvalidPayloadError(
             f"MDR comment {comment_id or '<without comment_id>'} of incident {incident_id} "
-            f"is malformed: {err.errors()[0]['msg']} at {err.errors()[0]['loc']}"
+            f"is malformed: {describe_problems(err)}"
         ) from err
 
 
 def describe_problems(err: ValidationError) -> str:
-    """Join the failed fields of a validation error as `field: message; ...`."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'record'}: {error['msg']}" for error in err.errors()
-    )
+    """Join the failed fields of a validation error as `field: message (got value); ...`."""
+    return "; ".join(_describe_problem(error) for error in err.errors())
+
+
+def _describe_problem(error: Any) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "record"
+    if error["type"] == "missing":
+        # The input of a missing field is the whole record, which names nothing.
+        return f"{field}: {error['msg']}"
+    value_text = json.dumps(error["input"], ensure_ascii=False, default=repr)
+    if len(value_text) > MAX_SHOWN_VALUE:
+        value_text = value_text[: MAX_SHOWN_VALUE - 1] + "…"
+    return f"{field}: {error['msg']} (got {value_text})"
 
 
 def parse_attachment(raw: Any, incident_id: str) -> Attachment:
