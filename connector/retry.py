@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from tenacity import (
@@ -180,3 +181,18 @@ def parked_backoff_seconds(attempts: int, base_seconds: float, max_seconds: floa
     """Delay before the next try of an item that failed `attempts` times, with full jitter above half."""
     ceiling = min(max_seconds, base_seconds * 2 ** max(attempts - 1, 0))
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def parked_next_try(
+    now: datetime, attempts: int, base_seconds: float, max_seconds: float, error: BaseException | None = None
+) -> datetime:
+    """Return when a parked item that failed `attempts` times is tried again.
+
+    A rate limit names the time the remote system accepts calls again, so
+    the item waits at least that long, even past `max_seconds`.
+    """
+    next_try = now + timedelta(seconds=parked_backoff_seconds(attempts, base_seconds, max_seconds))
+    if isinstance(error, RateLimitedError) and error.retry_after is not None:
+        next_try = max(next_try, now + timedelta(seconds=error.retry_after))
+    return next_try
+

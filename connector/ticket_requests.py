@@ -40,7 +40,7 @@ from mdr_connector.connector.errors import (
 )
 from mdr_connector.connector.i18n import _
 from mdr_connector.connector.mapping import CONNECTOR_LABEL, code_span, comment_visibility, escape_markdown
-from mdr_connector.connector.retry import parked_backoff_seconds
+from mdr_connector.connector.retry import parked_next_try
 from mdr_connector.connector.store import DONE, LINKED, PENDING, TICKET_TO_MDR, SyncedItem, utc_now
 from mdr_connector.connector.sync_common import SyncContext
 from mdr_connector.connector.tickets import (
@@ -449,8 +449,7 @@ class TicketIncidentRequests:
         log.error("sync.request.failed", extra={"connection": self.name, "ticket_key": ref.key, "error": reason})
         existing = await self.context.store.get_parked(self.name, PARKED_REQUEST, ref.id)
         attempts = (existing.attempts if existing else 0) + 1
-        delay = parked_backoff_seconds(attempts, sync.retry_base_seconds, sync.retry_max_seconds)
-        next_try = self.context.clock() + timedelta(seconds=delay)
+        next_try = parked_next_try(self.context.clock(), attempts, sync.retry_base_seconds, sync.retry_max_seconds, err)
         await self.context.store.park(self.name, PARKED_REQUEST, ref.id, f"ticket {ref.key}: {reason}", next_try)
 
     def _client_description(self, ref: TicketRef, description: str) -> str:

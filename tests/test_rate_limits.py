@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import aiohttp
@@ -28,7 +28,7 @@ from mdr_connector.adapters.mdr.simulator import MdrSimulator
 from mdr_connector.adapters.redmine.client import RedmineClient
 from mdr_connector.connector.config import RedmineSettings
 from mdr_connector.connector.errors import OutcomeUnknownError, RateLimitedError
-from mdr_connector.connector.retry import MAX_PAUSE_SECONDS, RateGate
+from mdr_connector.connector.retry import MAX_PAUSE_SECONDS, RateGate, parked_next_try
 from mdr_connector.connector.service import open_connection
 from mdr_connector.connector.tickets import TicketDraft, TicketFields
 
@@ -450,4 +450,21 @@ async def test_mdr_comment_resent_after_429(active_mdr_client: MdrClient, mdr_si
     assert clock.waits == [2.0]
     texts = [str(comment.get("text")) for comment in mdr_sim.comments(MDR_CLIENT_ID, incident_id)]
     assert sum("one copy" in text for text in texts) == 1
+
+
+def test_parked_next_try_waits_retry_after() -> None:
+    now = datetime(2026, 12, 5, tzinfo=timezone.utc)
+    limited = RateLimitedError("rate limited", retry_after=7200)
+
+    next_try = parked_next_try(now, 1, 60, 3600, limited)
+
+    assert next_try == now + timedelta(seconds=7200)
+
+
+def test_parked_next_try_backoff_without_limit() -> None:
+    now = datetime(2026, 12, 5, tzinfo=timezone.utc)
+
+    next_try = parked_next_try(now, 1, 60, 3600, OutcomeUnknownError("no reply"))
+
+    assert now + timedelta(seconds=30) <= next_try <= now + timedelta(seconds=60)
 
