@@ -5,9 +5,13 @@
                                               after the first token file write
     mdr_token_helper.py kill-mid-save ...     list incidents; write half of the first temp
                                               token file, then SIGKILL itself before the rename
+    mdr_token_helper.py call --kill-at STEP   list incidents; SIGKILL itself at STEP of the refresh
 
 With --activate FILE, the helper activates the console token in FILE
 instead of listing incidents.
+
+With --kill-at STEP, the helper SIGKILLs itself at one step of a token
+refresh (see KILL_STEPS), as after a power cut or an OOM kill.
 
 With --ready and --go, the helper loads its token pair, creates the --ready
 file, and waits for the --go file before calling, so that tests can start
@@ -24,12 +28,15 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.tokens import TokenFileStore
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import ConnectorError
 
 CRASH_EXIT_CODE = 17
+# The steps of a refresh at which --kill-at stops the process, in their order.
+KILL_STEPS = ("before-confirm", "reply-unread", "mid-write", "before-rename", "after-rename")
 
 
 def crash_after_save() -> None:
@@ -68,6 +75,59 @@ def kill_mid_save() -> None:
 
     os.open = open_and_record  # type: ignore[assignment]
     os.write = write_half_then_die  # type: ignore[assignment]
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("SIGKILL did not stop the process")
+
+
+def kill_at(step: str) -> None:
+    """Make this process SIGKILL itself at `step` of the first token refresh.
+
+    before-confirm  session/confirm is about to be sent
+    reply-unread    MDR replied to session/confirm (so it applied the exchange), the body is not read yet
+    mid-write       half of the new pair is in the temp token file
+    before-rename   the temp token file is complete and synced, the rename is next
+    after-rename    the new token file is in place, the folder is not synced yet
+    """
+    if step == "before-confirm":
+        original_confirm = MdrClient.confirm_session
+
+        async def confirm_then_die(self: MdrClient, refresh_token: str) -> tuple[str, str]:
+            die()
+            return await original_confirm(self, refresh_token)
+
+        MdrClient.confirm_session = confirm_then_die  # type: ignore[method-assign]
+    elif step == "reply-unread":
+        original_read = aiohttp.ClientResponse.read
+
+        async def read_or_die(self: aiohttp.ClientResponse) -> bytes:
+            if self.url.path.endswith("/session/confirm"):
+                die()
+            return await original_read(self)
+
+        aiohttp.ClientResponse.read = read_or_die  # type: ignore[method-assign]
+    elif step == "mid-write":
+        kill_mid_save()
+    elif step == "before-rename":
+        original_replace = os.replace
+
+        def die_before_rename(source: str | os.PathLike[str], target: str | os.PathLike[str], **kwargs: object) -> None:
+            if os.fspath(source).endswith(".tmp"):
+                die()
+            original_replace(source, target, **kwargs)  # type: ignore[arg-type]
+
+        os.replace = die_before_rename  # type: ignore[assignment]
+    elif step == "after-rename":
+        original_replace = os.replace
+
+        def rename_then_die(source: str | os.PathLike[str], target: str | os.PathLike[str], **kwargs: object) -> None:
+            original_replace(source, target, **kwargs)  # type: ignore[arg-type]
+            if os.fspath(source).endswith(".tmp"):
+                die()
+
+        os.replace = rename_then_die  # type: ignore[assignment]
 
 
 async def wait_for_go(ready: Path, go: Path) -> None:
@@ -111,12 +171,15 @@ def main() -> int:
     parser.add_argument("--ready")
     parser.add_argument("--go")
     parser.add_argument("--activate", metavar="FILE")
+    parser.add_argument("--kill-at", choices=KILL_STEPS)
     args = parser.parse_args()
 
     if args.mode == "crash-after-save":
         crash_after_save()
     elif args.mode == "kill-mid-save":
         kill_mid_save()
+    if args.kill_at:
+        kill_at(args.kill_at)
     return asyncio.run(run(args))
 
 

@@ -12,7 +12,12 @@ and a person must issue a new one in the console. Hence:
   processes (`fcntl.flock` on `<client_id>.lock` beside the token file);
 - after taking the file lock, the manager re-reads the file: when the refresh
   token there differs from the one it loaded, another process has already
-  refreshed, and the manager adopts that pair instead of calling confirm.
+  refreshed, and the manager adopts that pair instead of calling confirm;
+- when MDR rejects the stored refresh token, a whole temp file left by a
+  process killed between its write and its rename contains the pair MDR
+  issued for it, and the manager adopts that pair;
+- when the reply to session/confirm is lost, the manager sends the same
+  refresh token once more: a rejection then means the lost request spent it.
 
 No token ever reaches a log line or an exception message.
 """
@@ -41,7 +46,7 @@ from typing import Any, Literal
 
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.i18n import N_
-from mdr_connector.connector.errors import ConfigError, RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError, RemoteUnavailableError, TokenExpiredError
 from mdr_connector.connector.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,11 @@ EXPIRED_REFRESH = N_(
 NOT_ACTIVATED = N_(
     "no MDR token for client {client_id} in {token_dir}: "
     "issue a token in the MDR console (Settings, API) and run `mdr-connector token activate`"
+)
+CONFIRM_REPLY_LOST = N_(
+    "MDR session/confirm for client {client_id} got no reply, and MDR now rejects the refresh token, "
+    "so the request without a reply spent it: "
+    "issue a new token in the MDR console (Settings, API) and run `mdr-connector token activate`"
 )
 CONSOLE_TOKEN_IS_JSON = N_(
     "the console token given is JSON, not the token itself: "
@@ -361,6 +371,53 @@ class TokenFileStore:
                 os.unlink(temp_path)
             raise
 
+    def recover_unrenamed(self, current: TokenPair) -> TokenPair | None:
+        """Adopt the newest whole temp token file that a process killed before its rename left behind.
+
+        Such a file contains the pair MDR issued in exchange for the refresh
+        token `current` still contains, so it is the only copy of the chain.
+        The caller holds the file lock, so no save is in progress, and every
+        other temp file is stale and deleted. Returns the adopted pair, or None.
+        """
+        found: list[tuple[int, Path, TokenPair]] = []
+        for temp in self.token_dir.glob(f".{self.client_id}.*.tmp"):
+            pair = self._read_temp(temp)
+            usable = (
+                pair is not None
+                and pair.rejected_at is None
+                and pair.refresh_token != current.refresh_token
+                and pair.obtained_at >= current.obtained_at
+            )
+            if pair is not None and usable:
+                found.append((pair.obtained_at, temp, pair))
+            else:
+                temp.unlink(missing_ok=True)
+        if not found:
+            return None
+
+        found.sort(key=lambda item: item[0])
+        _obtained_at, newest, pair = found[-1]
+        os.replace(newest, self.path)
+        self._fsync_folder()
+        for _obtained_at, stale, _pair in found[:-1]:
+            stale.unlink(missing_ok=True)
+        return pair
+
+    def _read_temp(self, temp: Path) -> TokenPair | None:
+        """Read a temp token file with the checks of `load`, or return None when it is not a whole pair."""
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            self._check_file_mode(os.fstat(fd))
+            data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+            return self._parse(data)
+        except ConfigError:
+            return None
+        finally:
+            os.close(fd)
+
     def mark_rejected(self, pair: TokenPair, rejected_at: int) -> None:
         """Record that MDR rejected the refresh token of `pair`, replacing the file as `save` does."""
         self.save(dataclasses.replace(pair, rejected_at=rejected_at))
@@ -558,9 +615,42 @@ class TokenManager:
             try:
                 new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
             except TokenExpiredError:
-                await self._record_rejection(pair)
-                raise
+                recovered = await asyncio.to_thread(self.store.recover_unrenamed, pair)
+                if recovered is None:
+                    await self._record_rejection(pair)
+                    raise
+                new_pair = await self._continue_recovered(recovered, rejected_access)
+            except OutcomeUnknownError as err:
+                new_pair = await self._exchange_after_lost_reply(pair, err)
             return new_pair.access_token
+
+    async def _continue_recovered(self, recovered: TokenPair, rejected_access: str | None) -> TokenPair:
+        """Use a pair recovered from a temp token file, refreshing it first when its access token is due."""
+        log.warning("mdr.token.recovered", extra=self._log_ids())
+        self._pair = recovered
+        if self._already_fresh(recovered, rejected_access):
+            return recovered
+        try:
+            return await self._exchange_and_save(recovered.refresh_token, locked=True)
+        except TokenExpiredError:
+            await self._record_rejection(recovered)
+            raise
+
+    async def _exchange_after_lost_reply(self, pair: TokenPair, lost: OutcomeUnknownError) -> TokenPair:
+        """Send the same refresh token once more after a session/confirm whose reply was lost.
+
+        The token works once, so the second request is safe and separates two
+        cases. Either MDR did not apply the first request and replies to this
+        one, or it spent the token on the first and rejects this one. Then the
+        chain is broken, and TokenExpiredError reports it and stops the connection.
+        The caller holds the file lock.
+        """
+        log.warning("mdr.token.confirm_reply_lost", extra={**self._log_ids(), "error": str(lost)})
+        try:
+            return await self._exchange_and_save(pair.refresh_token, locked=True)
+        except TokenExpiredError as rejected:
+            await self._record_rejection(pair)
+            raise TokenExpiredError.from_template(CONFIRM_REPLY_LOST, client_id=self.client_id) from rejected
 
     async def _record_rejection(self, pair: TokenPair) -> None:
         """Mark the token file rejected so `token status` shows Expired; the caller holds the file lock."""
@@ -581,6 +671,8 @@ class TokenManager:
 
         # NOTE: if the reply to session/confirm is lost after MDR rotated the
         # token, the chain is broken and only a new console token can fix it.
+        # A refresh detects this (`_exchange_after_lost_reply`); `activate`
+        # raises OutcomeUnknownError, and the person running it tries again.
         access_token, new_refresh_token = await self._confirm(refresh_token)
         new_pair = TokenPair.from_tokens(access_token, new_refresh_token, self._clock())
 
