@@ -345,16 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_empty_text,
         help=_("MDR simulator only: MDR API connection name that its tokens carry (default: mdr-connector)"),
     )
+    simulate.add_argument(
+        "--faults", metavar="FILE", type=Path, help=_("YAML fault plan to start with (see docs/simulators.md, Faults)")
+    )
     simulate.set_defaults(handler=command_simulate)
 
     add_responses_commands(commands, common)
 
     # Imported here: these modules use this one's helpers.
     from mdr_connector.connector.cli_operations import add_operation_commands
+    from mdr_connector.connector.cli_parked import add_parked_commands
     from mdr_connector.connector.cli_status import add_status_command
 
     add_status_command(commands, common)
     add_operation_commands(commands, common)
+    add_parked_commands(commands, common)
 
     db = commands.add_parser("db", parents=[common], help=_("manage the database schema"))
     db.set_defaults(help_parser=db)
@@ -729,19 +734,27 @@ def command_simulate(args: argparse.Namespace) -> int:
     }
     if args.system != "mdr" and mdr_options:
         raise ConfigError(_("--client-id and --connection-name apply only to `mdr-connector simulate mdr`"))
+    faults = None
+    if args.faults is not None:
+        from mdr_connector.adapters.faults import load_fault_file
+
+        try:
+            faults = load_fault_file(args.faults)
+        except ValueError as err:
+            raise ConfigError(_("the --faults file cannot be used: {error}").format(error=err)) from err
     configure_logging(args.log_level or "INFO", "auto")
     if args.system == "mdr":
         from mdr_connector.adapters.mdr.simulator import serve as serve_mdr
 
-        run_async(lambda: serve_mdr(args.host, args.port, **mdr_options))
+        run_async(lambda: serve_mdr(args.host, args.port, **mdr_options, faults=faults))
     elif args.system == "servicenow":
         from mdr_connector.adapters.servicenow.simulator import serve as serve_servicenow
 
-        run_async(lambda: serve_servicenow(args.host, args.port))
+        run_async(lambda: serve_servicenow(args.host, args.port, faults=faults))
     else:
         from mdr_connector.adapters.jira.simulator import serve as serve_jira
 
-        run_async(lambda: serve_jira(args.host, args.port))
+        run_async(lambda: serve_jira(args.host, args.port, faults=faults))
     return EXIT_OK
 
 

@@ -3,7 +3,8 @@
 It behaves as Jira Cloud or Jira Data Center (`deployment`) and checks
 Basic and Bearer credentials. It pages comments and searches the way each
 product does and reads JQL dates in the requesting user's time zone. It can
-also delay search visibility like Cloud's eventually consistent `search/jql`.
+also delay search visibility like Cloud's eventually consistent `search/jql`,
+and injects the faults of `adapters/faults.py` (`sim.faults`, `/_sim/faults`).
 Issues follow a small workflow with transitions and resolutions, users
 belong to groups, and attachments are stored on disk with an upload limit.
 Cloud serves attachment content by a redirect to a signed media link, Data
@@ -69,6 +70,7 @@ from mdr_connector.adapters.jira.simulator_state import (
     format_jira_time,
     settings_errors,
 )
+from mdr_connector.adapters.faults import FaultSettings, download_cut_bytes, fault_middleware
 from mdr_connector.adapters.jira.simulator_files import CHUNK_BYTES, SimAttachment
 from mdr_connector.adapters.jira.simulator_workflow import CATEGORY_JSON, SimTransition
 from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback, write_file_body
@@ -499,7 +501,7 @@ class _Api:
             }
         )
         await response.prepare(request)
-        cut = self.sim.settings.download_cut_bytes
+        cut = download_cut_bytes(request, attachment.path.stat().st_size) or self.sim.settings.download_cut_bytes
         if await write_file_body(request, response, attachment.path, cut, CHUNK_BYTES):
             log.info("jira_sim.download.cut", extra={"attachment_id": attachment.id, "bytes": cut})
         return response
@@ -794,31 +796,16 @@ def _latency(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]
     return middleware
 
 
-def _faults(sim: JiraSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Inject faults around the real handler.
+def _api_endpoint(request: web.Request) -> tuple[str, str] | None:
+    """Name an API or download request by its method and route pattern, for the fault plan."""
+    if not request.path.startswith(("/rest/", "/secure/", "/media/")):
+        return None
+    route = request.match_info.route.resource
+    return request.method, route.canonical if route is not None else request.path
 
-    NOTE: only "apply, then drop the connection" exists so far; 429 with
-    Retry-After, 5xx and slow replies belong here too.
-    """
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await handler(request)
-        route = request.match_info.route.resource
-        path = route.canonical if route is not None else ""
-        rule = next(
-            (rule for rule in sim.drop_rules if rule.remaining > 0 and (rule.method, rule.path) == (request.method, path)),
-            None,
-        )
-        if rule is None or response.status >= 400 or request.transport is None:
-            return response
-
-        rule.remaining -= 1
-        log.info("jira_sim.reply.dropped", extra={"method": request.method, "path": path})
-        request.transport.close()
-        return response
-
-    return middleware
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return {"errorMessages": [message], "errors": {}}
 
 
 @web.middleware
@@ -1010,10 +997,30 @@ class _Control:
         return _json_response(vars(self.sim.settings))
 
 
+    async def faults(self, request: web.Request) -> web.Response:
+        """GET shows the fault plan, POST replaces it, DELETE ends every fault."""
+        if request.method == "POST":
+            try:
+                self.sim.faults.configure(await _json_body(request))
+            except ValueError as err:
+                raise SimError(400, [str(err)]) from None
+        elif request.method == "DELETE":
+            self.sim.faults.clear()
+        return _json_response(self.sim.faults.to_json())
+
+
 def make_app(sim: JiraSimulator) -> web.Application:
     """Build the aiohttp application serving `sim`."""
     app = web.Application(
-        middlewares=[_count_calls(sim), _latency(sim), _faults(sim), _errors, _authenticate(sim)]
+        middlewares=[
+            _count_calls(sim),
+            _latency(sim),
+            fault_middleware(
+                sim.faults, endpoint_of=_api_endpoint, error_body=_error_body, clock=lambda: sim.now().timestamp()
+            ),
+            _errors,
+            _authenticate(sim),
+        ]
     )
     api = _Api(sim)
     routes = [
@@ -1071,6 +1078,9 @@ def make_app(sim: JiraSimulator) -> web.Application:
     app.router.add_post("/_sim/clock", control.clock)
     app.router.add_get("/_sim/settings", control.get_settings)
     app.router.add_put("/_sim/settings", control.put_settings)
+    app.router.add_get("/_sim/faults", control.faults)
+    app.router.add_post("/_sim/faults", control.faults)
+    app.router.add_delete("/_sim/faults", control.faults)
     return app
 
 
@@ -1087,12 +1097,16 @@ async def run_simulator(sim: JiraSimulator, host: str = "127.0.0.1", port: int =
         sim.close()
 
 
-async def serve(host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None) -> None:
+async def serve(
+    host: str = "127.0.0.1", port: int = 8089, sim: JiraSimulator | None = None, faults: FaultSettings | None = None
+) -> None:
     """Run a simulator until SIGINT, SIGTERM or cancellation; used by `mdr-connector simulate jira`.
 
-    On each of them the simulator logs its stop and removes its attachment folder.
+    `faults` becomes the fault plan. On each stop the simulator logs it and removes its attachment folder.
     """
     running = sim or JiraSimulator()
+    if faults is not None:
+        running.faults.configure(faults)
     await run_until_signal(lambda stop: _serve_until(running, host, port, stop))
 
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mdr_connector.adapters.faults import FaultPlan
 from mdr_connector.adapters.jira import jql
 from mdr_connector.adapters.jira.simulator_files import (
     DEFAULT_UPLOAD_LIMIT,
@@ -216,15 +217,6 @@ def settings_errors(changes: dict[str, Any]) -> dict[str, str]:
     return errors
 
 
-@dataclass
-class DropRule:
-    """Apply a matching write, then close the connection before the reply is sent."""
-
-    method: str
-    path: str
-    remaining: int
-
-
 class JiraSimulator:
     """The state of one simulated Jira site and the Python control API over it."""
 
@@ -257,7 +249,9 @@ class JiraSimulator:
         self.users: list[SimUser] = []
         self.issues: dict[int, SimIssue] = {}
         self.calls: Counter[str] = Counter()
-        self.drop_rules: list[DropRule] = []
+        # The injected faults; `drop_reply_after_commit` adds to it.
+        self.faults = FaultPlan()
+        self.faults.on_time_zone = self._set_service_time_zone
         self.clock_offset = timedelta()
         self.files = AttachmentFiles()
         # One entry per request to the media origin: whether it carried an Authorization header.
@@ -325,6 +319,11 @@ class JiraSimulator:
         self.projects[key] = (name, tuple(issue_types))
         self.components[key] = tuple(components)
 
+    def _set_service_time_zone(self, zone: str) -> None:
+        """Move the connector's account to `zone`, which its JQL dates are read in; used by the fault plan."""
+        _check_time_zone(zone)
+        self.service.time_zone = zone
+
     def user(self, reference: str) -> SimUser:
         """Find a user by account id, name or e-mail."""
         for user in self.users:
@@ -349,7 +348,7 @@ class JiraSimulator:
         `path` is the route pattern, for example `/rest/api/2/issue` or
         `/rest/api/2/issue/{issue}/comment`.
         """
-        self.drop_rules.append(DropRule(method.upper(), path, times))
+        self.faults.add("drop_after_commit", method=method, path=path, count=times)
 
     # Issues
 
@@ -522,7 +521,7 @@ class JiraSimulator:
 
     def reindex(self, issue: SimIssue) -> None:
         """Record the issue's current state for search, visible once the search delay has passed."""
-        visible_from = self.now() + timedelta(seconds=self.settings.search_delay_seconds)
+        visible_from = self.now() + timedelta(seconds=self.faults.lag_seconds(self.settings.search_delay_seconds))
         issue.index.append((visible_from, issue.view()))
 
     def searchable_view(self, issue: SimIssue, reconcile: set[int]) -> IssueView | None:

@@ -526,8 +526,10 @@ def decode_json(operation: str, reply: _Reply, *, write: bool) -> Any:
 def _result_list(operation: str, reply: _Reply) -> list[dict[str, Any]]:
     data = decode_json(operation, reply, write=False)
     result = data.get("result") if isinstance(data, dict) else None
+    # The reply is JSON, so a wrong shape is not a transport fault that a
+    # retry would fix: the item is parked with the reason instead.
     if not isinstance(result, list) or not all(isinstance(row, dict) for row in result):
-        raise RemoteUnavailableError(f"ServiceNow {operation} returned no list of records in `result`")
+        raise InvalidPayloadError(f"ServiceNow {operation} returned no list of records in `result`")
     return result
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from mdr_connector.adapters.faults import FaultSettings, download_cut_bytes, fault_middleware
 from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback, write_file_body
 from mdr_connector.adapters.servicenow.simulator_files import CHUNK_BYTES, SimAttachment, SpoolWriter
 from mdr_connector.adapters.servicenow.simulator_schema import ATTACHMENT_TABLE, Row, SimTable
@@ -242,7 +243,7 @@ class _Api:
             }
         )
         await response.prepare(request)
-        cut = self.sim.settings.download_cut_bytes
+        cut = download_cut_bytes(request, attachment.path.stat().st_size) or self.sim.settings.download_cut_bytes
         if await write_file_body(request, response, attachment.path, cut, CHUNK_BYTES):
             log.info("servicenow_sim.download.cut", extra={"attachment_id": attachment.sys_id, "bytes": cut})
         return response
@@ -423,7 +424,7 @@ def _basic_credentials(header: str | None) -> tuple[str, str] | None:
     return login, secret
 
 
-# Middlewares, outermost first: count, latency, errors, authentication, rate limit, dropped replies.
+# Middlewares, outermost first: count, latency, errors, authentication, rate limit, the fault plan.
 
 
 def _count_calls(sim: ServiceNowSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -516,27 +517,16 @@ def _rate_limit(sim: ServiceNowSimulator) -> Callable[..., Awaitable[web.StreamR
     return middleware
 
 
-def _faults(sim: ServiceNowSimulator) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Apply a matching write, then close the connection before the reply, as a lost connection would."""
+def _api_endpoint(request: web.Request) -> tuple[str, str] | None:
+    """Name an API request by its method and route pattern, for the fault plan."""
+    if not _is_api(request):
+        return None
+    route = request.match_info.route.resource
+    return request.method, route.canonical if route is not None else request.path
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        response = await handler(request)
-        route = request.match_info.route.resource
-        path = route.canonical if route is not None else ""
-        rule = next(
-            (rule for rule in sim.drop_rules if rule.remaining > 0 and (rule.method, rule.path) == (request.method, path)),
-            None,
-        )
-        if rule is None or response.status >= 400 or request.transport is None:
-            return response
 
-        rule.remaining -= 1
-        log.info("servicenow_sim.reply.dropped", extra={"method": request.method, "path": path})
-        request.transport.close()
-        return response
-
-    return middleware
+def _error_body(status: int, message: str) -> dict[str, Any]:
+    return SimError(status, message).body()
 
 
 def _is_api(request: web.Request) -> bool:
@@ -678,6 +668,17 @@ class _Control:
         self.sim.drop_reply_after_commit(method, path, times)
         return _json_response({"method": method.upper(), "path": path, "remaining": times})
 
+    async def faults(self, request: web.Request) -> web.Response:
+        """GET shows the fault plan, POST replaces it, DELETE ends every fault."""
+        if request.method == "POST":
+            try:
+                self.sim.faults.configure(await _control_body(request))
+            except ValueError as err:
+                raise SimError(400, "Invalid value", str(err)) from None
+        elif request.method == "DELETE":
+            self.sim.faults.clear()
+        return _json_response(self.sim.faults.to_json())
+
     async def reset(self, request: web.Request) -> web.Response:
         self.sim.reset()
         return _json_response({"now": self.sim.now_text()})
@@ -725,7 +726,16 @@ def _is_number(value: Any) -> bool:
 def make_app(sim: ServiceNowSimulator) -> web.Application:
     """Build the aiohttp application serving `sim`."""
     app = web.Application(
-        middlewares=[_count_calls(sim), _latency(sim), _errors, _authenticate(sim), _rate_limit(sim), _faults(sim)]
+        middlewares=[
+            _count_calls(sim),
+            _latency(sim),
+            _errors,
+            _authenticate(sim),
+            _rate_limit(sim),
+            fault_middleware(
+                sim.faults, endpoint_of=_api_endpoint, error_body=_error_body, clock=lambda: sim.now().timestamp()
+            ),
+        ]
     )
     api = _Api(sim)
     for prefix in (API, API + "/{version:v1|v2}"):
@@ -759,6 +769,9 @@ def make_app(sim: ServiceNowSimulator) -> web.Application:
     app.router.add_post("/_sim/reset", control.reset)
     app.router.add_get("/_sim/settings", control.get_settings)
     app.router.add_put("/_sim/settings", control.put_settings)
+    app.router.add_get("/_sim/faults", control.faults)
+    app.router.add_post("/_sim/faults", control.faults)
+    app.router.add_delete("/_sim/faults", control.faults)
     return app
 
 
@@ -775,12 +788,16 @@ async def run_simulator(sim: ServiceNowSimulator, host: str = "127.0.0.1", port:
         sim.close()
 
 
-async def serve(host: str = "127.0.0.1", port: int = 8090, sim: ServiceNowSimulator | None = None) -> None:
+async def serve(
+    host: str = "127.0.0.1", port: int = 8090, sim: ServiceNowSimulator | None = None, faults: FaultSettings | None = None
+) -> None:
     """Run a simulator until SIGINT, SIGTERM or cancellation; for `mdr-connector simulate servicenow`.
 
-    On each of them the simulator logs its stop and removes its attachment folder.
+    `faults` becomes the fault plan. On each stop the simulator logs it and removes its attachment folder.
     """
     running = sim or ServiceNowSimulator()
+    if faults is not None:
+        running.faults.configure(faults)
     await run_until_signal(lambda stop: _serve_until(running, host, port, stop))
 
 

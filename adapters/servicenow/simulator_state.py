@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from mdr_connector.adapters.faults import FaultPlan
 from mdr_connector.adapters.servicenow import simulator_query as query_language
 from mdr_connector.adapters.servicenow.simulator_files import (
     DEFAULT_MAX_BYTES,
@@ -156,15 +157,6 @@ def settings_errors(changes: dict[str, Any]) -> dict[str, str]:
 
 
 @dataclass
-class DropRule:
-    """Apply a matching write, then close the connection before the reply is sent."""
-
-    method: str
-    path: str
-    remaining: int
-
-
-@dataclass
 class ListResult:
     """One page of a table read and the X-Total-Count to report with it."""
 
@@ -211,7 +203,9 @@ class ServiceNowSimulator:
         self.clock_offset = timedelta()
         self.files = AttachmentFiles()
         self.calls: Counter[str] = Counter()
-        self.drop_rules: list[DropRule] = []
+        # The injected faults; `drop_reply_after_commit` adds to it.
+        self.faults = FaultPlan()
+        self.faults.on_time_zone = self._set_service_time_zone
         self.rate_limit = RateLimit()
         # Access tokens from oauth_token.do: token -> (user_name, expiry).
         self.tokens: dict[str, tuple[str, datetime]] = {}
@@ -222,6 +216,8 @@ class ServiceNowSimulator:
         self.tables[self.table] = incident_table(self.table)
         # Rows that the read ACL hides from the service user.
         self.hidden: set[str] = set()
+        # Ticket sys_id -> (visible from, row state) for list queries, which lag writes by the fault plan's index lag.
+        self.index: dict[str, list[tuple[datetime, Row]]] = {}
         self._attachments: dict[str, SimAttachment] = {}
         self._next_number = FIRST_NUMBER
 
@@ -255,7 +251,7 @@ class ServiceNowSimulator:
         self.files.close()
         latency = self.settings.latency_seconds
         self.settings = SimSettings(latency_seconds=latency)
-        self.drop_rules.clear()
+        self.faults.clear()
         self.rate_limit = RateLimit()
         self._build()
         log.info("servicenow_sim.reset")
@@ -292,6 +288,11 @@ class ServiceNowSimulator:
         self.users.append(user)
         self._insert("sys_user", user.row())
         return user
+
+    def _set_service_time_zone(self, zone: str) -> None:
+        """Move the connector's account to `zone`, so the dates in its queries are read there; used by the fault plan."""
+        self.service_time_zone = zone
+        self.update_user(self.service, time_zone=zone)
 
     def update_user(self, user: SimUser, *, roles: Iterable[str] | None = None, time_zone: str | None = None, password: str | None = None) -> None:
         """Change a user's roles, time zone or password."""
@@ -348,7 +349,7 @@ class ServiceNowSimulator:
         `/api/now/attachment/file`. The versioned routes have their own
         patterns, such as `/api/now/{version}/table/{table}`.
         """
-        self.drop_rules.append(DropRule(method.upper(), path, times))
+        self.faults.add("drop_after_commit", method=method, path=path, count=times)
 
     def limit_rate(self, calls: int, retry_after_seconds: int) -> None:
         """Reject the next `calls` authenticated API calls with 429 and `Retry-After: retry_after_seconds`."""
@@ -425,7 +426,8 @@ class ServiceNowSimulator:
             spec = self.spec(table, name)
             return spec is not None and spec.numeric
 
-        found = [row for row in table.rows.values() if query_language.matches(parsed, row, value_of, numeric)]
+        indexed = (self.indexed_row(table, row) for row in table.rows.values())
+        found = [row for row in indexed if row is not None and query_language.matches(parsed, row, value_of, numeric)]
         found = query_language.ordered(found, parsed.order, value_of, numeric)
         if not self.table_readable(user, table):
             return ListResult([], 0)
@@ -436,6 +438,27 @@ class ServiceNowSimulator:
         allowed = [row for row in found if self.visible(user, table, row)]
         page = allowed[offset : offset + limit]
         return ListResult(page, len(allowed), len(page))
+
+    def reindex(self, table: SimTable, row: Row) -> None:
+        """Record a ticket row's state for list queries, visible once the fault plan's index lag has passed."""
+        if table.name != self.table:
+            return
+        visible_from = self.now() + timedelta(seconds=self.faults.lag_seconds(0.0))
+        self.index.setdefault(row["sys_id"], []).append((visible_from, dict(row)))
+
+    def indexed_row(self, table: SimTable, row: Row) -> Row | None:
+        """Return the state of a row that list queries see now, or None for a ticket not indexed yet."""
+        entries = self.index.get(str(row.get("sys_id")))
+        if table.name != self.table or not entries:
+            return row
+        now = self.now()
+        visible = [number for number, (visible_from, _) in enumerate(entries) if visible_from <= now]
+        if not visible:
+            return None
+        # Older states are never shown again, so only the newest visible one and the pending ones are kept.
+        del entries[: visible[-1]]
+        # With no newer state pending, the live row is what list queries show.
+        return row if len(entries) == 1 else entries[0][1]
 
     def record(self, table: SimTable, sys_id: str, user: SimUser) -> Row:
         """Return one row that `user` may read, or raise the 404 of a missing or hidden record."""
@@ -522,6 +545,7 @@ class ServiceNowSimulator:
         )
         self._next_number += 1
         table.rows[new["sys_id"]] = new
+        self.reindex(table, new)
         if hidden:
             self.hidden.add(new["sys_id"])
         self._add_journal(table, new, notes, user, now)
@@ -550,6 +574,7 @@ class ServiceNowSimulator:
         now = self.now_text()
         new.update({"sys_updated_on": now, "sys_updated_by": user.user_name, "sys_mod_count": str(int(row["sys_mod_count"]) + 1)})
         row.update(new)
+        self.reindex(table, row)
         self._add_journal(table, row, notes, user, now)
         log.info("servicenow_sim.record.updated", extra={"table": table.name, "sys_id": sys_id, "mod_count": row["sys_mod_count"]})
         return row
@@ -560,6 +585,7 @@ class ServiceNowSimulator:
         if not table.writable:
             raise acl_denied("Delete")
         del table.rows[sys_id]
+        self.index.pop(sys_id, None)
         self.hidden.discard(sys_id)
         for attachment in [item for item in self._attachments.values() if item.record["table_sys_id"] == sys_id]:
             self.delete_attachment(attachment.sys_id)

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mdr_connector.adapters.faults import FaultSettings, fault_middleware
 from mdr_connector.adapters.loopback import run_until_signal, serve_on_loopback
 from mdr_connector.adapters.mdr.simulator.blobs import write_filler
 from mdr_connector.adapters.mdr.simulator.handlers import API_METHODS, parse_json_object
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"code": status, "message": message}, status=status)
+    return web.json_response(error_body(status, message), status=status)
 
 
 SIM_KEY = web.AppKey("mdr_simulator", MdrSimulator)
@@ -58,11 +59,7 @@ def dumps_utf8_or_ascii(data: Any) -> str:
 async def wire_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Count API calls, add the configured latency, and drop the replies that `drop_reply_after_commit` names.
-
-    NOTE: only "apply, then drop the connection" exists as a fault so far;
-    429 with Retry-After and 5xx replies belong here too.
-    """
+    """Count API calls and add the configured latency; `fault_middleware` injects the faults after it."""
     sim = request.app[SIM_KEY]
     if not request.path.startswith(API_PREFIX + "/"):
         return await handler(request)
@@ -73,16 +70,18 @@ async def wire_middleware(
         sim.request_hook(method, request)
     if sim.settings.latency_seconds > 0:
         await asyncio.sleep(sim.settings.latency_seconds)
+    return await handler(request)
 
-    response = await handler(request)
-    # A streamed reply is already on the wire, so only a whole reply can be dropped.
-    droppable = isinstance(response, web.Response) and response.status < 400 and request.transport is not None
-    if droppable and sim.drop_rules[method] > 0:
-        sim.drop_rules[method] -= 1
-        log.info("mdr_sim.reply.dropped", extra={"method": method})
-        assert request.transport is not None
-        request.transport.close()
-    return response
+
+def api_endpoint(request: web.Request) -> tuple[str, str] | None:
+    """Name an API request by its HTTP method and API method, such as ("POST", "incidents/list")."""
+    if not request.path.startswith(API_PREFIX + "/"):
+        return None
+    return request.method, request.match_info.get("method", request.path)
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    return {"code": status, "message": message}
 
 
 async def handle_api(request: web.Request) -> web.StreamResponse:
@@ -157,6 +156,9 @@ def control_routes() -> list[web.RouteDef]:
         web.post(f"{CONTROL_PREFIX}/clients/{{client_id}}/tenants", control_add_tenant),
         web.get(f"{CONTROL_PREFIX}/clients/{{client_id}}/history", control_history),
         web.post(f"{CONTROL_PREFIX}/faults/drop-reply", control_drop_reply),
+        web.get(f"{CONTROL_PREFIX}/faults", control_faults),
+        web.post(f"{CONTROL_PREFIX}/faults", control_faults),
+        web.delete(f"{CONTROL_PREFIX}/faults", control_faults),
     ]
 
 
@@ -371,10 +373,29 @@ def control_drop_reply(sim: MdrSimulator, request: web.Request, body: dict[str, 
     return {"method": method, "remaining": sim.drop_rules[method]}
 
 
+@control_handler
+def control_faults(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    if request.method == "POST":
+        sim.faults.configure(body)
+    elif request.method == "DELETE":
+        sim.faults.clear()
+    return sim.faults.to_json()
+
+
 def make_app(sim: MdrSimulator) -> web.Application:
     """Build the aiohttp application serving the MDR API and the `/_sim/` control API."""
     app = web.Application(
-        middlewares=[wire_middleware], client_max_size=sim.settings.max_upload_bytes + 1024 * 1024
+        middlewares=[
+            wire_middleware,
+            fault_middleware(
+                sim.faults,
+                endpoint_of=api_endpoint,
+                error_body=error_body,
+                clock=sim.now,
+                drop_exempt={"session/confirm"},
+            ),
+        ],
+        client_max_size=sim.settings.max_upload_bytes + 1024 * 1024
     )
     app[SIM_KEY] = sim
     app.router.add_post(API_PREFIX + "/{client_id}/{method:.+}", handle_api)
@@ -396,9 +417,12 @@ async def serve(
     client_id: str = "sim-client",
     connection_name: str = "mdr-connector",
     demo_incidents: int = 12,
+    faults: FaultSettings | None = None,
 ) -> None:
-    """Run a simulator with one client and demo incidents until SIGINT or SIGTERM."""
+    """Run a simulator with one client and demo incidents until SIGINT or SIGTERM, with `faults` as its fault plan."""
     sim = MdrSimulator()
+    if faults is not None:
+        sim.faults.configure(faults)
     sim.create_client(client_id, connection_name=connection_name)
     sim.seed_demo_incidents(client_id, demo_incidents)
 

@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
+from mdr_connector.adapters.faults import download_cut_bytes
 from mdr_connector.adapters.mdr.simulator.protocol import (
     API_PREFIX,
     ASSET_FIELDS,
@@ -238,9 +239,11 @@ async def api_attachments_download(
         raise SimError(404, f"attachment {attachment_id} has no content")
     size = sim.blobs.size(attachment_id)
     fraction = sim.settings.download_cutoff_fraction
-    cut = 0 < fraction < 1
-    sent_bytes = int(size * fraction) if cut else size
-    drop_connection = cut and sim.settings.download_cutoff_drops_connection
+    planned_cut = download_cut_bytes(request, size)
+    cut = 0 < fraction < 1 or planned_cut > 0
+    sent_bytes = planned_cut or (int(size * fraction) if cut else size)
+    # A cut from the fault plan always drops the connection, like the other simulators' cut downloads.
+    drop_connection = cut and (planned_cut > 0 or sim.settings.download_cutoff_drops_connection)
 
     # NOTE: the Content-Type and Content-Disposition of attachments/download are INFERRED.
     response = web.StreamResponse(

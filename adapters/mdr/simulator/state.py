@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 from aiohttp import web
 
+from mdr_connector.adapters.faults import FaultPlan
 from mdr_connector.adapters.mdr.simulator import demo_data
 from mdr_connector.adapters.mdr.simulator.blobs import BlobStore
 from mdr_connector.adapters.mdr.simulator.protocol import (
@@ -211,8 +212,8 @@ class MdrSimulator:
         self.blobs = BlobStore()
         self._history: list[HistoryRecord] = []
         self._next_incident_number = 1_336_650
-        # API method -> how many more successful replies to drop after the change is applied.
-        self.drop_rules: Counter[str] = Counter()
+        # The injected faults; `drop_reply_after_commit` and `drop_rules` are its older, narrower interface.
+        self.faults = FaultPlan(seed or 0)
 
     def close(self) -> None:
         """Remove the attachment files; the simulator must not serve attachments afterwards."""
@@ -240,7 +241,18 @@ class MdrSimulator:
         apply their change and then close the connection without a reply."""
         if times < 1:
             raise ValueError(f"times must be 1 or more, got {times}")
-        self.drop_rules[method] += times
+        if method == "session/confirm":
+            raise ValueError("session/confirm never drops its reply: a lost reply there breaks the token chain")
+        self.faults.add("drop_after_commit", method="POST", path=method, count=times)
+
+    @property
+    def drop_rules(self) -> Counter[str]:
+        """API method -> how many more successful replies the fault plan drops after applying the change."""
+        remaining: Counter[str] = Counter()
+        for rule in self.faults.rules:
+            if rule.kind == "drop_after_commit" and rule.count is not None:
+                remaining[rule.path] += rule.count
+        return remaining
 
     # --- clients and tokens ---
 
@@ -829,7 +841,7 @@ class MdrSimulator:
             )
         )
         if entity_type == "incident_details":
-            visible_at = now + int(self.settings.visibility_delay_seconds * 1000)
+            visible_at = now + int(self.faults.lag_seconds(self.settings.visibility_delay_seconds) * 1000)
             incident.pending.append((visible_at, incident.snapshot()))
 
     def _listed_incidents(self, connection: SimConnection) -> list[dict[str, Any]]:
