@@ -23,8 +23,9 @@ MDR with the incidents, each with `--comments` SOC comments of unique text.
 Both results are checked on the Jira simulator: one issue per incident
 with one copy of each comment. The figures are incidents per second for
 each and their ratio. The target is at least 3 times the baseline.
-Calls, CPU seconds and pandoc runs are also given per incident, because
-on a shared machine they vary far less than the rates do.
+Calls, CPU seconds, pandoc runs and, for the connector, ledger
+transactions are also given per incident, because on a shared machine
+they vary far less than the rates do.
 The baseline runs one call at a time, so its rate does not depend on the
 backlog size, and `--baseline-incidents` can be smaller than `--incidents`
 to keep the run short.
@@ -63,6 +64,7 @@ class RunResult:
     problems: list[str]
     cpu: dict[str, float]
     pandoc_runs: int = 0
+    ledger_transactions: int = 0
     cycles: int = 0
     follow_up_seconds: float = 0.0
     follow_up_calls: int = 0
@@ -109,6 +111,7 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
         expected_comments = args.incidents * args.comments
 
         async with common.ledger(settings) as store:
+            transactions = TransactionCounter(store)
             sims.reset_calls()
             meter = common.CpuMeter(sims)
             meter.start()
@@ -126,6 +129,7 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
                 cpu = meter.spent()
                 calls = Counter(sims.calls())
                 cycles = stats.cycles
+                ledger_transactions = transactions.count
 
                 sims.reset_calls()
                 started = time.perf_counter()
@@ -138,8 +142,31 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
         if failures:
             problems.append(f"{failures} incidents failed during the cycles; see the log on stderr")
     return RunResult(
-        "connector", args.incidents, seconds, calls, problems, cpu, pandoc.runs, cycles, follow_up_seconds, follow_up_calls
+        "connector",
+        args.incidents,
+        seconds,
+        calls,
+        problems,
+        cpu,
+        pandoc.runs,
+        ledger_transactions,
+        cycles,
+        follow_up_seconds,
+        follow_up_calls,
     )
+
+
+class TransactionCounter:
+    """A count of the transactions begun on a store's database from the counter's creation on, reads included."""
+
+    def __init__(self, store: Any) -> None:
+        from sqlalchemy import event
+
+        self.count = 0
+        event.listen(store.engine.sync_engine, "begin", self._begun)
+
+    def _begun(self, _connection: Any) -> None:
+        self.count += 1
 
 
 # The baseline
@@ -238,11 +265,14 @@ def print_result(result: RunResult) -> None:
     for method, count in sorted(result.calls.items(), key=lambda item: -item[1]):
         print(f"           {count:>6}  {method}")
     print(f"           {common.cpu_line(result.cpu, result.seconds)}")
-    print(
+    per_incident = (
         f"           per incident: {sum(result.cpu.values()) / result.incidents * 1000:.0f} ms CPU in all, "
         f"{result.cpu['connector process'] / result.incidents * 1000:.0f} ms in the connector's process, "
         f"{result.pandoc_runs / result.incidents:.1f} pandoc runs"
     )
+    if result.name == "connector":
+        per_incident += f", {result.ledger_transactions / result.incidents:.1f} ledger transactions"
+    print(per_incident)
     if result.cycles:
         print(
             f"           {result.cycles} cycles; the cycle after them took {result.follow_up_seconds:.1f} s "

@@ -108,8 +108,8 @@ class AttachmentSync:
         if not mdr_files and not ticket_files and not mdr_page.malformed:
             # Both directions only go through the files, so the ledger need not be read.
             return
-        items = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT)
-        notices = await self.context.store.get_items(self.name, incident.incident_id, ATTACHMENT_NOTICE)
+        rows = await self.context.store.get_items_of_kinds(self.name, incident.incident_id, (ATTACHMENT, ATTACHMENT_NOTICE))
+        items, notices = rows[ATTACHMENT], rows[ATTACHMENT_NOTICE]
         failed = [f"attachment {record.record_id or '<without id>'}: {record.error}" for record in mdr_page.malformed]
 
         failed += await self.sync_mdr_to_ticket(incident, ref, mdr_files, ticket_files, items, notices)

@@ -35,9 +35,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -231,6 +234,21 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _item_key(connection: str, incident_id: str, kind: str, direction: str, source_id: str) -> dict[str, object]:
+    """Return the columns of `uq_synced_items_source`, which name one synced item."""
+    return {
+        "connection": connection,
+        "incident_id": incident_id,
+        "kind": kind,
+        "direction": direction,
+        "source_id": source_id,
+    }
+
+
+# The INSERT constructs that can end in ON CONFLICT ... DO UPDATE, by dialect name.
+_UPSERT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+
+
 def _enable_sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     # WAL lets a `status` command read while `run` writes; busy_timeout makes
@@ -254,7 +272,11 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
+        # A server such as PostgreSQL can close a pooled connection (restart,
+        # idle timeout), so a checkout pings it first. An SQLite file cannot
+        # go stale, and the ping would add a query to every transaction.
+        pre_ping = make_url(url).get_backend_name() != "sqlite"
+        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=pre_ping)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _enable_sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -422,15 +444,14 @@ class Store:
         await self._update_link(connection, incident_id, ticket_updated=updated)
 
     async def _update_link(self, connection: str, incident_id: str, **values: object) -> None:
-        async with self.sessions() as session, session.begin():
-            link = await session.scalar(
-                select(Link).where(Link.connection == connection, Link.incident_id == incident_id)
-            )
-            if link is None:
-                return
-            for name, value in values.items():
-                setattr(link, name, value)
-            link.updated_at = utc_now()
+        """Set columns of one link with one UPDATE statement. A missing link stays missing."""
+        statement = (
+            update(Link)
+            .where(Link.connection == connection, Link.incident_id == incident_id)
+            .values(**values, updated_at=utc_now())
+        )
+        async with self.engine.begin() as database:
+            await database.execute(statement)
 
     # Synced items
 
@@ -445,15 +466,33 @@ class Store:
             )
             return list(rows)
 
+    async def get_items_of_kinds(
+        self, connection: str, incident_id: str, kinds: Iterable[str]
+    ) -> dict[str, list[SyncedItem]]:
+        """Return the ledger rows of several kinds of one incident, read with one query, by kind.
+
+        Every kind asked for is a key, with an empty list when it has no rows.
+        """
+        found: dict[str, list[SyncedItem]] = {kind: [] for kind in kinds}
+        async with self.sessions() as session:
+            rows = await session.scalars(
+                select(SyncedItem).where(
+                    SyncedItem.connection == connection,
+                    SyncedItem.incident_id == incident_id,
+                    SyncedItem.kind.in_(list(found)),
+                )
+            )
+            for row in rows:
+                found[row.kind].append(row)
+        return found
+
     async def start_item(
         self, connection: str, incident_id: str, kind: str, direction: str, source_id: str
     ) -> None:
         """Record the intent to copy one item, before the write is sent."""
-        now = utc_now()
-        async with self.sessions() as session, session.begin():
-            item = await self._item_row(session, connection, incident_id, kind, direction, source_id, now)
-            item.state = PENDING
-            item.attempt_started_at = now
+        values = {"state": PENDING, "attempt_started_at": utc_now()}
+        key = _item_key(connection, incident_id, kind, direction, source_id)
+        await self._upsert(SyncedItem, key, inserted=values, updated=values)
 
     async def finish_item(
         self,
@@ -467,12 +506,10 @@ class Store:
     ) -> None:
         """Record that an item exists on the other side as `target_id`, copied from `source_version`."""
         now = utc_now()
-        async with self.sessions() as session, session.begin():
-            item = await self._item_row(session, connection, incident_id, kind, direction, source_id, now)
-            item.state = DONE
-            item.target_id = target_id
-            item.done_at = now
-            item.source_version = source_version
+        values = {"state": DONE, "target_id": target_id, "done_at": now, "source_version": source_version}
+        key = _item_key(connection, incident_id, kind, direction, source_id)
+        # A row inserted here had no recorded intent, so its attempt starts now.
+        await self._upsert(SyncedItem, key, inserted={**values, "attempt_started_at": now}, updated=values)
 
     async def find_item_by_target(self, connection: str, kind: str, target_id: str) -> SyncedItem | None:
         """Return the ledger row whose copy is `target_id`, if any."""
@@ -485,39 +522,33 @@ class Store:
                 )
             )
 
-    async def _item_row(
-        self,
-        session: AsyncSession,
-        connection: str,
-        incident_id: str,
-        kind: str,
-        direction: str,
-        source_id: str,
-        now: datetime,
-    ) -> SyncedItem:
-        """Return the ledger row of one item, adding it to the session when there is none yet."""
-        item = await session.scalar(self._item_query(connection, incident_id, kind, direction, source_id))
-        if item is None:
-            item = SyncedItem(
-                connection=connection,
-                incident_id=incident_id,
-                kind=kind,
-                direction=direction,
-                source_id=source_id,
-                attempt_started_at=now,
-            )
-            session.add(item)
-        return item
+    async def _upsert(
+        self, model: type[Base], key: dict[str, object], *, inserted: dict[str, object], updated: dict[str, object]
+    ) -> None:
+        """Insert a row with `key` and `inserted`, or set `updated` on the row that has `key`, in one transaction.
 
-    @staticmethod
-    def _item_query(connection: str, incident_id: str, kind: str, direction: str, source_id: str):  # noqa: ANN205
-        return select(SyncedItem).where(
-            SyncedItem.connection == connection,
-            SyncedItem.incident_id == incident_id,
-            SyncedItem.kind == kind,
-            SyncedItem.direction == direction,
-            SyncedItem.source_id == source_id,
-        )
+        `key` must be the columns of a unique constraint or the primary key.
+        SQLite and PostgreSQL do it in one INSERT ... ON CONFLICT statement.
+        Other databases read the row first.
+        """
+        insert_for_dialect = _UPSERT_INSERTS.get(self.engine.dialect.name)
+        if insert_for_dialect is not None:
+            statement = (
+                insert_for_dialect(model)
+                .values(**key, **inserted)
+                .on_conflict_do_update(index_elements=list(key), set_=updated)
+            )
+            async with self.engine.begin() as connection:
+                await connection.execute(statement)
+            return
+
+        async with self.sessions() as session, session.begin():
+            row = await session.scalar(select(model).filter_by(**key))
+            if row is None:
+                session.add(model(**key, **inserted))
+                return
+            for name, value in updated.items():
+                setattr(row, name, value)
 
     # Cursors
 
@@ -576,8 +607,8 @@ class Store:
             )
 
     async def unpark(self, connection: str, kind: str, item_id: str) -> None:
-        async with self.sessions() as session, session.begin():
-            await session.execute(
+        async with self.engine.begin() as database:
+            await database.execute(
                 delete(ParkedItem).where(
                     ParkedItem.connection == connection,
                     ParkedItem.kind == kind,
@@ -701,13 +732,8 @@ class Store:
         return found
 
     async def put_cached_asset(self, connection: str, asset_id: str, data: str) -> None:
-        async with self.sessions() as session, session.begin():
-            row = await session.get(CachedAsset, (connection, asset_id))
-            if row is None:
-                row = CachedAsset(connection=connection, asset_id=asset_id)
-                session.add(row)
-            row.data = data
-            row.fetched_at = utc_now()
+        values = {"data": data, "fetched_at": utc_now()}
+        await self._upsert(CachedAsset, {"connection": connection, "asset_id": asset_id}, inserted=values, updated=values)
 
     # Status
 
@@ -865,6 +891,66 @@ class Store:
                         await sink.execute(insert(table), [dict(row) for row in batch])
                     copied[table.name] += len(batch)
         return copied
+
+    # Parked items chosen by an operator (`mdr-connector parked`)
+
+    async def find_parked(
+        self, connections: Iterable[str], *, kind: str | None = None, item_ids: Iterable[str] | None = None
+    ) -> list[ParkedItem]:
+        """Return the parked items of `connections`, ordered by connection and next try.
+
+        `kind` and `item_ids` narrow the result when given. An item id
+        matches in every kind and connection that has it.
+        """
+        names = list(dict.fromkeys(connections))
+        requested_ids = None if item_ids is None else list(dict.fromkeys(item_ids))
+        conditions = [ParkedItem.connection.in_(names)]
+        if kind is not None:
+            conditions.append(ParkedItem.kind == kind)
+
+        rows: list[ParkedItem] = []
+        async with self.sessions() as session:
+            if requested_ids is None:
+                rows += await session.scalars(select(ParkedItem).where(*conditions))
+            else:
+                for chunk in chunked(requested_ids):
+                    rows += await session.scalars(select(ParkedItem).where(*conditions, ParkedItem.item_id.in_(chunk)))
+        return sorted(rows, key=lambda row: (row.connection, row.next_try_at, row.kind, row.item_id))
+
+    async def make_parked_due(self, row_ids: Iterable[int], now: datetime) -> list[ParkedItem]:
+        """Set the next try of the parked items with these row ids to `now`, and return the rows changed.
+
+        The attempts and the reason stay, so a retry that fails again
+        continues the backoff where it was.
+        """
+        changed: list[ParkedItem] = []
+        async with self.sessions() as session, session.begin():
+            for chunk in _id_chunks(row_ids):
+                rows = list(await session.scalars(select(ParkedItem).where(ParkedItem.id.in_(chunk))))
+                for row in rows:
+                    row.next_try_at = now
+                changed += rows
+        return sorted(changed, key=lambda row: (row.connection, row.kind, row.item_id))
+
+    async def drop_parked(self, row_ids: Iterable[int]) -> list[ParkedItem]:
+        """Delete the parked items with these row ids in one transaction, and return the rows deleted.
+
+        A row id that is gone, because a cycle synced the item meanwhile,
+        is skipped.
+        """
+        dropped: list[ParkedItem] = []
+        async with self.sessions() as session, session.begin():
+            for chunk in _id_chunks(row_ids):
+                dropped += list(await session.scalars(select(ParkedItem).where(ParkedItem.id.in_(chunk))))
+                await session.execute(delete(ParkedItem).where(ParkedItem.id.in_(chunk)))
+        return sorted(dropped, key=lambda row: (row.connection, row.kind, row.item_id))
+
+
+def _id_chunks(row_ids: Iterable[int]) -> Iterator[list[int]]:
+    """Split row ids into lists of at most IN_CHUNK_SIZE, as `chunked` does for string ids."""
+    ids = list(dict.fromkeys(row_ids))
+    for start in range(0, len(ids), IN_CHUNK_SIZE):
+        yield ids[start : start + IN_CHUNK_SIZE]
 
 
 @dataclass

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from mdr_connector.connector import store as store_module
 from mdr_connector.connector.errors import ConfigError
-from mdr_connector.connector.store import DONE, LINKED, MDR_TO_TICKET, PENDING, Store
+from mdr_connector.connector.store import DONE, LINKED, MDR_TO_TICKET, PENDING, TICKET_TO_MDR, Store
 
 
 # A PostgreSQL server for the store tests; CI machines run one on this
@@ -121,6 +122,94 @@ async def test_item_pending_then_done(store: Store) -> None:
     await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100")
     [item] = await store.get_items("main", "inc-1", "comment")
     assert (item.state, item.target_id) == (DONE, "10100")
+
+
+async def test_item_upsert_keeps_other_columns(store: Store) -> None:
+    """Each item write sets only its own columns of the existing row and leaves the others as they were."""
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    [started] = await store.get_items("main", "inc-1", "comment")
+
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100", source_version="v1")
+    [done] = await store.get_items("main", "inc-1", "comment")
+    assert done.id == started.id
+    assert done.attempt_started_at == started.attempt_started_at
+    assert done.done_at is not None
+    assert done.source_version == "v1"
+
+    # A new attempt on a copied item, as an edit makes, keeps the copy's target and version.
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    [again] = await store.get_items("main", "inc-1", "comment")
+    assert again.state == PENDING
+    assert (again.target_id, again.source_version, again.done_at) == ("10100", "v1", done.done_at)
+    assert again.attempt_started_at >= done.attempt_started_at
+
+
+async def test_item_upsert_reading_first(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a database without ON CONFLICT, item writes read the row first and set the same columns."""
+    monkeypatch.setattr(store_module, "_UPSERT_INSERTS", {})
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    [started] = await store.get_items("main", "inc-1", "comment")
+    assert started.state == PENDING
+
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100", source_version="v1")
+    [done] = await store.get_items("main", "inc-1", "comment")
+    assert (done.state, done.target_id) == (DONE, "10100")
+    assert done.attempt_started_at == started.attempt_started_at
+
+    await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
+    [again] = await store.get_items("main", "inc-1", "comment")
+    assert again.id == started.id
+    assert again.state == PENDING
+    assert (again.target_id, again.source_version) == ("10100", "v1")
+
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c2", "10101")
+    [new] = [item for item in await store.get_items("main", "inc-1", "comment") if item.source_id == "c2"]
+    assert (new.state, new.attempt_started_at) == (DONE, new.done_at)
+
+
+async def test_item_finished_without_intent(store: Store) -> None:
+    """An item recorded as done with no intent before gets a row whose attempt starts at its finish."""
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100")
+    [item] = await store.get_items("main", "inc-1", "comment")
+    assert (item.state, item.target_id) == (DONE, "10100")
+    assert item.attempt_started_at == item.done_at
+
+
+async def test_items_of_kinds_in_one_read(store: Store) -> None:
+    """Rows of several kinds come back by kind, each asked kind present, other kinds and incidents left out."""
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "t1")
+    await store.finish_item("main", "inc-1", "comment", TICKET_TO_MDR, "c2", "t2")
+    await store.finish_item("main", "inc-1", "attachment", MDR_TO_TICKET, "a1", "t3")
+    await store.finish_item("main", "inc-2", "comment", MDR_TO_TICKET, "c3", "t4")
+
+    rows = await store.get_items_of_kinds("main", "inc-1", ("comment", "comment_change"))
+    assert sorted(rows) == ["comment", "comment_change"]
+    assert sorted(row.source_id for row in rows["comment"]) == ["c1", "c2"]
+    assert rows["comment_change"] == []
+
+
+async def test_link_update_sets_only_given_columns(store: Store) -> None:
+    """Recording a reconciled version changes that column and the update time, and a missing link stays missing."""
+    await store.record_link("main", "inc-1", 1, ticket_key="SEC-1", ticket_id="1", ticket_url="u", fields_hash="abc")
+    before = await store.get_link("main", "inc-1")
+
+    await store.record_mdr_reconciled("main", "inc-1", 1700000000000, mdr_status="Closed")
+    after = await store.get_link("main", "inc-1")
+    assert (after.mdr_update_time, after.mdr_status) == (1700000000000, "Closed")
+    assert (after.fields_hash, after.ticket_key, after.state) == ("abc", "SEC-1", LINKED)
+    assert after.updated_at >= before.updated_at
+    assert after.updated_at.tzinfo is not None
+
+    await store.record_mdr_reconciled("main", "inc-missing", 1)
+    assert await store.get_link("main", "inc-missing") is None
+
+
+async def test_cached_asset_is_replaced(store: Store) -> None:
+    """A second read of an asset replaces the cached data and its read time."""
+    old = datetime.now(timezone.utc) - timedelta(seconds=1)
+    await store.put_cached_asset("main", "asset-1", '{"v": 1}')
+    await store.put_cached_asset("main", "asset-1", '{"v": 2}')
+    assert await store.get_cached_assets("main", ["asset-1"], fresh_after=old) == {"asset-1": '{"v": 2}'}
 
 
 async def test_cursor_round_trip(store: Store) -> None:
