@@ -20,6 +20,10 @@ rendering.
 NOTE: this assumes the console follows CommonMark, where `\\<` is an
 escaped character; a renderer with other escaping rules was not checked.
 
+Markdown sent to Jira passes the same tree step, because it contains values
+from MDR as they are: images become links, script links and raw HTML
+become text, and the wiki writer escapes wiki markup typed in the text.
+
 Every input first goes through `clean_text`. Inputs over
 MAX_PANDOC_INPUT_BYTES skip pandoc and get the plain rendering. A
 conversion gets PANDOC_TIMEOUT_SECONDS for all its pandoc runs together,
@@ -209,14 +213,26 @@ def _utf8_size(text: str) -> int:
 def _pandoc_convert(text: str, route: _Route) -> str:
     """Run the route's pandoc steps within one shared deadline."""
     deadline = time.monotonic() + PANDOC_TIMEOUT_SECONDS
-    if route.raw_html is None:
-        return _run_pandoc(text, route.reader, route.writer, deadline)
+    if route.raw_html is None or _has_no_tree_targets(text, route):
+        converted = _run_pandoc(text, route.reader, route.writer, deadline)
+    else:
+        document = json.loads(_run_pandoc(text, route.reader, "json", deadline))
+        document["blocks"] = _defang(document["blocks"], route.raw_html)
+        converted = _run_pandoc(json.dumps(document), "json", route.writer, deadline)
+    if route.raw_html is not None and route.writer.startswith("gfm"):
+        _check_markdown(converted, deadline)
+    return converted
 
-    document = json.loads(_run_pandoc(text, route.reader, "json", deadline))
-    document["blocks"] = _defang(document["blocks"], route.raw_html)
-    markdown = _run_pandoc(json.dumps(document), "json", route.writer, deadline)
-    _check_markdown(markdown, deadline)
-    return markdown
+
+def _has_no_tree_targets(text: str, route: _Route) -> bool:
+    """Tell whether GitHub Markdown `text` cannot hold what the tree step rewrites, so pandoc may convert it directly.
+
+    In that reader every image and link needs `[` or `<`, raw HTML needs
+    `<`, and a bare URL becomes a link only with the http, https or mailto
+    scheme. Other readers mark links and images in other ways.
+    """
+    return route.reader == "gfm" and "[" not in text and "<" not in text
+
 
 
 def run_pandoc(text: str, reader: str, writer: str) -> str:
@@ -477,8 +493,9 @@ class _Route:
         finish: Callable[[str], str] = lambda text: text,
         raw_html: RawHtmlPolicy | None = None,
     ) -> None:
-        # Routes that write Markdown for the MDR console set `raw_html`, and
-        # their document tree is made safe between reader and writer.
+        # Routes that write Markdown for the MDR console or wiki markup for
+        # Jira set `raw_html`, and their document tree is made safe between
+        # reader and writer: no image, raw HTML element or script link.
         self.raw_html = raw_html
         self.reader = reader
         self.writer = writer
@@ -506,6 +523,10 @@ ROUTES = {
         text_of_result=_wiki_text,
         fallback=_jira_fallback,
         finish=_drop_heading_anchors,
+        # Values from MDR fill the mapping's Markdown templates as they are,
+        # so a `[x](javascript:...)` link or a remote image in an incident
+        # field would otherwise become live wiki markup.
+        raw_html="text",
     ),
     "textile-markdown": _Route(
         reader="textile",

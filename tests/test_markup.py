@@ -131,17 +131,17 @@ def test_fence_longer_than_backticks() -> None:
 
 
 def test_markdown_loss_falls_back(caplog: pytest.LogCaptureFixture) -> None:
-    """Markdown the Jira writer would drop is sent as a `{noformat}` block."""
+    """Markdown the Jira writer would drop (a link reference definition) is sent as a `{noformat}` block."""
     with caplog.at_level(logging.WARNING, logger=markup.__name__):
-        wiki = markup.markdown_to_jira("<script>alert(1)</script> please review")
+        wiki = markup.markdown_to_jira("[link]: http://x\n\nsee [link] please review")
 
-    assert wiki == "{noformat}\n<script>alert(1)</script> please review\n{noformat}"
+    assert wiki == "{noformat}\n[link]: http://x\n\nsee [link] please review\n{noformat}"
     assert caplog.records[0].message == "markup.content_lost"
 
 
 def test_noformat_in_fallback() -> None:
     """A `{noformat}` inside fallback text cannot close the block early."""
-    wiki = markup.markdown_to_jira("<script>x</script> {noformat} words")
+    wiki = markup.markdown_to_jira("[link]: http://x\n\nsee [link] {noformat} words")
 
     assert wiki.count("{noformat}") == 2
     assert "{ noformat} words" in wiki
@@ -179,9 +179,11 @@ def test_results_cached(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(markup, "_run_pandoc", counting)
     markup.markdown_to_jira("**same**")
+    first_conversion = len(calls)
     markup.markdown_to_jira("**same**")
 
-    assert calls == ["**same**"]
+    assert calls[0] == "**same**"
+    assert len(calls) == first_conversion
 
 
 # Hostile input: Markdown for the MDR console carries no raw HTML.
@@ -502,3 +504,43 @@ def test_plain_to_markdown_escapes_every_markup_character() -> None:
     assert "\\*not bold\\*" in markdown
     assert "\\[not\\]\\(a link\\)" in markdown
     assert markdown.endswith("Привет")
+
+
+# GitHub Markdown without `[` or `<`, so it has no link, image or raw HTML
+# that the tree step could rewrite, but every other kind of block.
+TEXTS_WITHOUT_TREE_TARGETS = [
+    "Plain words.",
+    "# Heading\n\nSome *emphasis*, **strong**, ~~struck~~ and `code`.",
+    "- one\n- two\n  - nested\n\n1. first\n2. second",
+    "```\ncode block {html} {noformat}\n```\n\n> quoted line",
+    "| a | b |\n|---|---|\n| 1 | 2 |",
+    "click javascript:alert(1) or vbscript:x or data:text/html,x",
+    "mail soc@example.com, see www.example.com and https://example.com/a?b=c",
+    "&lt;script&gt;alert(1)&lt;/script&gt; and &amp;",
+    "{html}raw{html} {color:red}text{color} !image.png! |cell|",
+    "emoji \U0001F600, right-to-left \u202egnp.exe, tab\tand backslash \\ end",
+    "line one  \nline two\\\nline three\n\n---\n\nafter rule",
+]
+
+
+@pytest.mark.parametrize("route_name", ["markdown-jira", "commonmark-markdown"])
+@pytest.mark.parametrize("text", TEXTS_WITHOUT_TREE_TARGETS)
+def test_direct_conversion_equals_tree_path(route_name: str, text: str) -> None:
+    route = markup.ROUTES[route_name]
+    deadline = time.monotonic() + markup.PANDOC_TIMEOUT_SECONDS
+
+    document = json.loads(markup._run_pandoc(text, route.reader, "json", deadline))
+    document["blocks"] = markup._defang(document["blocks"], route.raw_html)
+    through_tree = markup._run_pandoc(json.dumps(document), "json", route.writer, deadline)
+    direct = markup._run_pandoc(text, route.reader, route.writer, deadline)
+
+    assert markup._has_no_tree_targets(text, route)
+    assert direct == through_tree
+
+
+def test_tree_path_kept_for_links() -> None:
+    route = markup.ROUTES["markdown-jira"]
+
+    assert not markup._has_no_tree_targets("[x](javascript:alert(1))", route)
+    assert not markup._has_no_tree_targets("<b>bold</b>", route)
+    assert not markup._has_no_tree_targets("plain", markup.ROUTES["textile-markdown"])
