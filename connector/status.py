@@ -29,6 +29,9 @@ from mdr_connector.connector.tickets import TicketRef, TicketState, system_title
 log = logging.getLogger(__name__)
 
 CLOSED = "Closed"
+# The status seen of a ticket that the connector created and never read. It
+# names no status, so it is neither done nor equal to a real one.
+AS_CREATED = ""
 # Ledger kinds: the close of an incident, and the comment about a reopened ticket.
 CLOSE = "close"
 REOPEN_NOTE = "reopen_note"
@@ -40,6 +43,21 @@ class SeenStatuses:
 
     ticket: str | None
     mdr: str | None
+
+
+def first_sync_interrupted(link: Link) -> bool:
+    """Tell whether the connector created the link's ticket but the reconciliation that did so ended before any status was recorded.
+
+    That is a crash or a failure between the create and the status part.
+    A link that was reconciled before (`mdr_update_time`) or found rather
+    than created keeps the rule that the first status seen is a starting point.
+    """
+    return (
+        link.ticket_status is None
+        and link.mdr_status is None
+        and link.mdr_update_time is None
+        and link.create_started_at is not None
+    )
 
 
 def same_status(left: str | None, right: str | None) -> bool:
@@ -78,7 +96,15 @@ class StatusSync:
 
     async def sync(self, incident: Incident, link: Link, ref: TicketRef) -> None:
         """Bring the statuses of both sides in line, the ticket side first."""
+        created_now = ref.id in self.context.created_tickets
+        self.context.created_tickets.discard(ref.id)
         seen = SeenStatuses(ticket=link.ticket_status, mdr=link.mdr_status)
+        interrupted = not created_now and first_sync_interrupted(link)
+        if interrupted:
+            # A new ticket starts in its workflow's first status, taken to be
+            # no done status. So a done status now is a person's close, unless
+            # `_is_own_move` finds it is the connector's own first move.
+            seen.ticket = AS_CREATED
         mdr_move_due = bool(self.rules.to_ticket) and incident.status != seen.mdr
         if not mdr_move_due and not self.close_rules.enabled:
             return
@@ -93,38 +119,62 @@ class StatusSync:
         mdr_status = incident.status
         if self.close_rules.enabled:
             mdr_status = await self.sync_ticket_to_mdr(incident, ref, state, seen)
-        await self.sync_mdr_to_ticket(incident.incident_id, mdr_status, ref, state, seen)
+        after_crash = interrupted and seen.mdr is None
+        await self.sync_mdr_to_ticket(incident.incident_id, mdr_status, ref, state, seen, after_crash=after_crash)
+
+    async def skip_first_move(
+        self, incident_id: str, mdr_status: str, ref: TicketRef, state: TicketState, seen: SeenStatuses
+    ) -> None:
+        """Record both statuses as they are, without the first move that an interrupted reconciliation never made."""
+        await self._record(incident_id, seen, ticket=state.status, mdr=mdr_status)
+        log.info(
+            "sync.status.first_move_skipped",
+            extra={
+                "connection": self.name,
+                "incident_id": incident_id,
+                "ticket_key": ref.key,
+                "ticket_status": state.status,
+                "mdr_status": mdr_status,
+            },
+        )
 
     # MDR to ticket
 
     async def sync_mdr_to_ticket(
-        self, incident_id: str, mdr_status: str, ref: TicketRef, state: TicketState, seen: SeenStatuses
+        self,
+        incident_id: str,
+        mdr_status: str,
+        ref: TicketRef,
+        state: TicketState,
+        seen: SeenStatuses,
+        *,
+        after_crash: bool = False,
     ) -> None:
-        """Move the ticket to the status mapped from a new MDR status; a move the connector made is not repeated."""
+        """Move the ticket to the status mapped from a new MDR status; a move the connector made is not repeated.
+
+        `after_crash` is the first move of a ticket whose creating
+        reconciliation was interrupted, when a person may have moved the
+        ticket already. That move leaves a done status alone, because it
+        would reopen the person's close. Where no transition leads to the
+        mapped status it is skipped, because parking would never end.
+        """
         if not self.rules.to_ticket or mdr_status == seen.mdr:
             return
 
-        target = self.rules.to_ticket.get(mdr_status)  # type: ignore[call-overload]
-        if target is None and mdr_status not in STATUSES:
-            raise ItemError(
-                f"MDR incident {incident_id} has status {mdr_status!r}, which is none of the statuses "
-                f"status.to_ticket can map ({', '.join(STATUSES)}); report the value to the mdr-connector maintainers"
-            )
-        if target is None:
-            mapped = ", ".join(sorted(self.rules.to_ticket))
-            raise ItemError(
-                f"MDR status {mdr_status!r} of incident {incident_id} has no ticket status in "
-                f"status.to_ticket (mapped: {mapped}); add {mdr_status!r} to status.to_ticket in "
-                f"mapping {self.context.settings.mapping}"
-            )
-
+        target = self._mapped_status(incident_id, mdr_status)
         if same_status(state.status, target):
             await self._record(incident_id, seen, ticket=state.status, mdr=mdr_status)
+            return
+        if after_crash and self._is_done(state.status):
+            await self.skip_first_move(incident_id, mdr_status, ref, state, seen)
             return
 
         try:
             await self.context.tickets.transition_to(ref, target)
         except RejectedError as err:
+            if after_crash:
+                await self.skip_first_move(incident_id, mdr_status, ref, state, seen)
+                return
             # The adapter's message names the reachable statuses and the fix.
             raise ItemError(
                 f"MDR status {mdr_status!r} of incident {incident_id} maps to ticket status {target!r} "
@@ -143,6 +193,23 @@ class StatusSync:
                 "ticket_status": target,
             },
         )
+
+    def _mapped_status(self, incident_id: str, mdr_status: str) -> str:
+        """Return the ticket status that status.to_ticket gives an MDR status; raise ItemError when it gives none."""
+        target = self.rules.to_ticket.get(mdr_status)  # type: ignore[call-overload]
+        if target is None and mdr_status not in STATUSES:
+            raise ItemError(
+                f"MDR incident {incident_id} has status {mdr_status!r}, which is none of the statuses "
+                f"status.to_ticket can map ({', '.join(STATUSES)}); report the value to the mdr-connector maintainers"
+            )
+        if target is None:
+            mapped = ", ".join(sorted(self.rules.to_ticket))
+            raise ItemError(
+                f"MDR status {mdr_status!r} of incident {incident_id} has no ticket status in "
+                f"status.to_ticket (mapped: {mapped}); add {mdr_status!r} to status.to_ticket in "
+                f"mapping {self.context.settings.mapping}"
+            )
+        return target
 
     # Ticket to MDR
 

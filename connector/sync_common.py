@@ -185,6 +185,9 @@ class SyncContext:
     # Ticket comments by ticket id, read once per reconciliation and shared by
     # its parts. The engine drops an entry when the reconciliation ends.
     comment_snapshots: dict[str, list[TicketComment]] = field(default_factory=dict)
+    # Ids of the tickets this process created whose status the status part
+    # has not synced yet. Only these are known to be untouched since the create.
+    created_tickets: set[str] = field(default_factory=set)
 
     @property
     def name(self) -> str:

@@ -530,3 +530,86 @@ async def test_footer_is_read_back() -> None:
 
     assert marker is not None
     assert marker.source_id == "reopen:10001:2"
+
+
+# A crash between the create of a ticket and its first status record
+
+
+async def created_store(store: Store) -> None:
+    """Leave the ledger as a crash right after the create leaves it: linked, created by the connector, no status."""
+    await store.start_create("main", "inc1", 1)
+    await store.record_link(
+        "main", "inc1", 1, ticket_key=REF.key, ticket_id=REF.id, ticket_url=REF.url, fields_hash=None
+    )
+
+
+async def test_crash_then_person_done_closes(store: Store) -> None:
+    """A person's Done on a ticket whose creating run crashed closes the incident once and is not undone."""
+    mdr, tickets = FakeMdr(fake_incident()), FakeTickets(status="Done")
+    tickets.values["resolution"] = "Done"
+    part = StatusSync(fake_context(store, mdr, tickets, **CLOSE_ON_DONE))
+    await created_store(store)
+
+    await sync_once(store, part, mdr)
+    await sync_once(store, part, mdr)
+
+    assert mdr.calls["close_incident"] == 1
+    assert tickets.transitions == []
+    link = await store.get_link("main", "inc1")
+    assert (link.ticket_status, link.mdr_status) == ("Done", "Closed")
+
+
+async def test_crash_then_person_move_kept(store: Store) -> None:
+    """A person's move of a ticket whose creating run crashed stays where no transition leads to the mapped status."""
+    mdr, tickets = FakeMdr(fake_incident()), FakeTickets(status="In Progress")
+    part = StatusSync(fake_context(store, mdr, tickets, **CLOSE_ON_DONE))
+    await created_store(store)
+
+    await sync_once(store, part, mdr)
+    await sync_once(store, part, mdr)
+
+    assert tickets.transitions == []
+    assert mdr.calls["close_incident"] == 0
+    link = await store.get_link("main", "inc1")
+    assert (link.ticket_status, link.mdr_status) == ("In Progress", "Open")
+
+
+async def test_crash_then_first_move_made(store: Store) -> None:
+    """A ticket whose creating run crashed still gets the first move where a transition leads there."""
+    mdr, tickets = FakeMdr(fake_incident("On hold")), FakeTickets(reachable={"To Do": {"On Hold"}})
+    part = StatusSync(fake_context(store, mdr, tickets, **CLOSE_ON_DONE))
+    await created_store(store)
+
+    await sync_once(store, part, mdr)
+    await sync_once(store, part, mdr)
+
+    assert tickets.transitions == ["On Hold"]
+    link = await store.get_link("main", "inc1")
+    assert (link.ticket_status, link.mdr_status) == ("On Hold", "On hold")
+
+
+async def test_created_now_gets_first_move(store: Store) -> None:
+    """A ticket created in this run still gets its first move to the mapped status."""
+    mdr, tickets = FakeMdr(fake_incident("On hold")), FakeTickets(reachable={"To Do": {"On Hold"}})
+    context = fake_context(store, mdr, tickets, **CLOSE_ON_DONE)
+    part = StatusSync(context)
+    await created_store(store)
+    context.created_tickets.add(REF.id)
+
+    await sync_once(store, part, mdr)
+
+    assert tickets.transitions == ["On Hold"]
+    assert REF.id not in context.created_tickets
+
+
+async def test_crash_after_own_done_no_close(store: Store) -> None:
+    """The connector's own first move to Done, cut off before its record, does not close the incident."""
+    mdr, tickets = FakeMdr(fake_incident("Resolved")), FakeTickets(status="Done")
+    tickets.values["resolution"] = "Done"
+    part = StatusSync(fake_context(store, mdr, tickets, **CLOSE_ON_DONE))
+    await created_store(store)
+
+    await sync_once(store, part, mdr)
+
+    assert mdr.calls["close_incident"] == 0
+    assert tickets.transitions == []
