@@ -47,6 +47,7 @@ from datetime import datetime, timedelta, timezone
 
 from mdr_connector.adapters.mdr.models import Comment, Incident
 from mdr_connector.connector import markup
+from mdr_connector.connector.comment_parts import SplitError, part_mark, split_markdown
 from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.errors import ItemError, MisconfiguredError, RejectedError
 from mdr_connector.connector.mapping import (
@@ -92,6 +93,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # the 64 of the ledger's source_version column.
 DIGEST_SEPARATOR = " #"
 TEXT_DIGEST_LENGTH = 16
+# Part k > 1 of an MDR comment split to fit the ticket system is `<comment id>/k`.
+PART_SEPARATOR = "/"
+# More parts than this park the comment, because the ticket would fill with them.
+MAX_COMMENT_PARTS = 99
+# The length of the ledger's source_id column, which contains the part keys.
+MAX_SOURCE_ID_LENGTH = 200
 
 
 def comment_version(comment: TicketComment) -> str:
@@ -130,6 +137,19 @@ def deletion_key(source_id: str) -> str:
     return f"{source_id}:deleted"
 
 
+def part_key(comment_id: str, part: int) -> str:
+    """Return the ledger source id and marker of one part of a split MDR comment: the comment id for part 1."""
+    return comment_id if part == 1 else f"{comment_id}{PART_SEPARATOR}{part}"
+
+
+def comment_of_part(source_id: str) -> tuple[str, int]:
+    """Return the MDR comment id and the part number that a ledger source id of kind `comment` names."""
+    head, separator, number = source_id.rpartition(PART_SEPARATOR)
+    if separator and head and number.isdigit() and int(number) >= 2:
+        return head, int(number)
+    return source_id, 1
+
+
 @dataclass
 class CommentView:
     """The comments of both sides of one incident as read at the start of a reconciliation, with their ledger rows."""
@@ -162,6 +182,8 @@ class CommentView:
         copy_ids: dict[str, str] = {}
         for item in self.copies:
             if item.direction != direction or item.source_id in present:
+                continue
+            if direction == MDR_TO_TICKET and comment_of_part(item.source_id)[0] in present:
                 continue
             if self.change_done(direction, deletion_key(item.source_id)):
                 continue
@@ -238,14 +260,18 @@ class CommentSync:
             self._read(lambda: self.mdr.list_comments(incident.incident_id)),
             self._ticket_comments(ref),
         )
-        copies = await self.store.get_items(self.name, incident.incident_id, COMMENT)
-        changes = await self.store.get_items(self.name, incident.incident_id, COMMENT_CHANGE)
+        rows = await self.store.get_items_of_kinds(self.name, incident.incident_id, (COMMENT, COMMENT_CHANGE))
+        # A list that names a comment twice would otherwise get it copied
+        # twice, because the ledger rows are read once per reconciliation.
+        first_of_each: dict[str, Comment] = {}
+        for comment in mdr_page.items:
+            first_of_each.setdefault(comment.comment_id, comment)
         return CommentView(
-            mdr_comments=list(mdr_page.items),
+            mdr_comments=list(first_of_each.values()),
             mdr_malformed=list(mdr_page.malformed),
             ticket_comments=ticket_comments,
-            copies=copies,
-            changes={(row.direction, row.source_id): row for row in changes},
+            copies=rows[COMMENT],
+            changes={(row.direction, row.source_id): row for row in rows[COMMENT_CHANGE]},
             in_mdr=self._footers_in_mdr(incident, mdr_page.items),
             on_ticket=self._markers_on_ticket(ref, ticket_comments),
         )
@@ -300,31 +326,120 @@ class CommentSync:
             if self._is_mdr_echo(comment, written_by_us):
                 continue
 
-            landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
-            if landed is not None:
-                await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
-                continue
-
             try:
-                await self._post_to_ticket(incident, ref, comment)
+                await self._copy_to_ticket(incident, ref, view, comment)
             except ItemError as err:
                 failed.append(f"comment {comment.comment_id}: {err}")
         return failed
 
-    async def _post_to_ticket(self, incident: Incident, ref: TicketRef, comment: Comment) -> TicketComment:
-        body = await asyncio.to_thread(markup.html_to_markdown, comment.text)
-        created = datetime.fromtimestamp(comment.creation_time / 1000, tz=timezone.utc)
-        draft = CommentDraft(
-            body=render_comment_for_ticket(self.mapping, comment.author_name, created, body),
-            marker=SyncMarker(origin=MDR_ORIGIN, source_id=comment.comment_id),
-            visibility=comment_visibility(self.mapping),
-        )
+    async def _copy_to_ticket(self, incident: Incident, ref: TicketRef, view: CommentView, comment: Comment) -> None:
+        """Post the copy of an MDR comment, or its missing parts, unless a lost reply already landed it."""
+        landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
+        if landed is not None and self.tickets.capabilities.max_comment_chars is None:
+            await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
+            return
+
+        drafts = await self._ticket_drafts(comment)
+        if len(drafts) > 1:
+            await self._post_parts(incident, ref, view, comment.comment_id, drafts)
+            return
+        if landed is not None:
+            await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
+            return
         await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
-        posted = await self.tickets.add_comment(ref, draft)
+        posted = await self.tickets.add_comment(ref, drafts[0])
         await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
         self.stats.comments_to_ticket += 1
         self._log_mirrored(MDR_TO_TICKET, incident, ref, comment.comment_id, posted.id)
-        return posted
+
+    async def _ticket_drafts(self, comment: Comment) -> list[CommentDraft]:
+        """Render the ticket copy of an MDR comment: one draft, or one per part when it exceeds `max_comment_chars`.
+
+        Part 1 has the comment id as its marker and ledger source id, and part
+        k > 1 has `<comment id>/k`. The split depends only on the text, the
+        header and the limit, so a run after a crash finds the same parts.
+        NOTE: a change of the language, the header template or pandoc between
+        a crash and the next run can move the cuts, so the parts still missing
+        then may repeat or skip a few lines of the parts already posted.
+        """
+        body = await asyncio.to_thread(markup.html_to_markdown, comment.text)
+        created = datetime.fromtimestamp(comment.creation_time / 1000, tz=timezone.utc)
+        visibility = comment_visibility(self.mapping)
+        whole = render_comment_for_ticket(self.mapping, comment.author_name, created, body)
+        limit = self.tickets.capabilities.max_comment_chars
+        if limit is None:
+            return [CommentDraft(body=whole, marker=SyncMarker(MDR_ORIGIN, comment.comment_id), visibility=visibility)]
+        length = await self.tickets.comment_length(whole)
+        if length <= limit:
+            return [CommentDraft(body=whole, marker=SyncMarker(MDR_ORIGIN, comment.comment_id), visibility=visibility)]
+        if length > limit * MAX_COMMENT_PARTS:
+            raise ItemError(
+                f"the comment has {length} characters, more than {MAX_COMMENT_PARTS} ticket comments "
+                f"of at most {limit} characters can carry"
+            )
+
+        def render_part(part: int, parts: int, text: str) -> str:
+            return render_comment_for_ticket(
+                self.mapping, comment.author_name, created, f"{part_mark(part, parts)}\n\n{text}"
+            )
+
+        # Room for the header and the part line, measured with the widest part numbers.
+        header_room = await self.tickets.comment_length(render_part(MAX_COMMENT_PARTS, MAX_COMMENT_PARTS, "x"))
+        try:
+            pieces = await split_markdown(body, limit - header_room, self.tickets.comment_length)
+        except SplitError as err:
+            raise ItemError(f"the comment is longer than {limit} characters and cannot be split: {err}") from err
+        if len(pieces) > MAX_COMMENT_PARTS:
+            raise ItemError(f"the comment would need {len(pieces)} comments of at most {limit} characters")
+        if len(part_key(comment.comment_id, len(pieces))) > MAX_SOURCE_ID_LENGTH:
+            raise ItemError(f"the comment id is too long to name its parts within {MAX_SOURCE_ID_LENGTH} characters")
+
+        drafts = []
+        for part, piece in enumerate(pieces, start=1):
+            text = render_part(part, len(pieces), piece)
+            if await self.tickets.comment_length(text) > limit:
+                raise ItemError(f"part {part} of the split comment is still longer than {limit} characters")
+            marker = SyncMarker(MDR_ORIGIN, part_key(comment.comment_id, part))
+            drafts.append(CommentDraft(body=text, marker=marker, visibility=visibility))
+        return drafts
+
+    async def _post_parts(
+        self, incident: Incident, ref: TicketRef, view: CommentView, comment_id: str, drafts: list[CommentDraft]
+    ) -> None:
+        """Post the parts of a split MDR comment in order, each with its own marker and ledger row.
+
+        A part already recorded as done, or found on the ticket by its marker,
+        is not posted again. Part 1 is recorded as done last, so the done row
+        of the comment id means that every part is on the ticket.
+        """
+        done = {
+            item.source_id: item.target_id
+            for item in view.copies
+            if item.direction == MDR_TO_TICKET and item.state == DONE
+        }
+        fields = {"connection": self.name, "incident_id": incident.incident_id, "ticket_key": ref.key}
+        log.info("sync.comment.split", extra={**fields, "comment_id": comment_id, "parts": len(drafts)})
+        first_copy_id = ""
+        posted_any = False
+        for draft in drafts:
+            key = draft.marker.source_id
+            copy_id = done.get(key)
+            landed = view.on_ticket.get((MDR_ORIGIN, key))
+            if copy_id is None and landed is not None:
+                copy_id = landed.id
+            if copy_id is None:
+                await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, key)
+                posted = await self.tickets.add_comment(ref, draft)
+                copy_id = posted.id
+                posted_any = True
+                self._log_mirrored(MDR_TO_TICKET, incident, ref, key, copy_id)
+            if key == comment_id:
+                first_copy_id = copy_id
+            elif key not in done:
+                await self._finish_copy(incident, MDR_TO_TICKET, key, copy_id)
+        await self._finish_copy(incident, MDR_TO_TICKET, comment_id, first_copy_id)
+        if posted_any:
+            self.stats.comments_to_ticket += 1
 
     def _is_mdr_echo(self, comment: Comment, written_by_us: set[str]) -> bool:
         """Tell whether an MDR comment was written by this connector."""
@@ -391,6 +506,9 @@ class CommentSync:
             ticket_key=ref.key,
             comment_id=comment.id,
         )
+        # NOTE: the MDR API documents no comment length limit, so a long ticket
+        # comment goes as one MDR comment. If MDR has a limit, it rejects the
+        # comment with a 4xx, and the incident is parked with that reason.
         await self.store.start_item(self.name, incident.incident_id, COMMENT, TICKET_TO_MDR, comment.id)
         posted = await self.mdr.create_comment(incident.incident_id, text, markdown_to_html=True)
         await self._finish_copy(incident, TICKET_TO_MDR, comment.id, posted.comment_id, comment_version(comment))
@@ -600,7 +718,11 @@ class CommentSync:
         again = await self._read(lambda: self.mdr.list_comments(incident.incident_id))
         if again.malformed:
             return []
-        deleted = sorted(set(copy_ids) - {comment.comment_id for comment in again.items})
+        still_there = {comment.comment_id for comment in again.items}
+        # Every part of a split comment is a copy of its own, named `<comment id>/k` after part 1.
+        deleted = sorted(
+            key for key in copy_ids if key not in still_there and comment_of_part(key)[0] not in still_there
+        )
         failed: list[str] = []
         for source_id in deleted:
             try:
@@ -629,6 +751,10 @@ class CommentSync:
                 extra=self._log_fields(MDR_TO_TICKET, incident, ref, source_id, copy_id),
             )
 
+        if comment_of_part(source_id)[1] > 1:
+            # One note covers a split comment, and part 1 carries it.
+            await self._finish_change(incident, MDR_TO_TICKET, key, copy_id)
+            return
         landed = view.on_ticket.get((NOTICE_ORIGIN, key))
         if landed is not None:
             await self._finish_change(incident, MDR_TO_TICKET, key, landed.id)

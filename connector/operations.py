@@ -429,6 +429,9 @@ class DryRunTickets:
         self.added_comments.setdefault(ref.id, []).append(comment)
         return comment
 
+    async def comment_length(self, body: str) -> int:
+        return await self.inner.comment_length(body)
+
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         self.recorder.record(
             TICKET_SIDE,

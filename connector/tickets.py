@@ -128,6 +128,10 @@ class TicketCapabilities:
     components: bool = True
     # The CommentVisibility types the system understands.
     visibility_types: frozenset[str] = frozenset({"role", "group"})
+    # The maximum length of one comment the system stores, in the unit of
+    # `comment_length`, or None when no limit is known. The engine splits a longer MDR comment
+    # into several comments, each within this limit.
+    max_comment_chars: int | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +225,9 @@ class TicketAdapter(Protocol):
 
     async def add_comment(self, ref: TicketRef, draft: CommentDraft) -> TicketComment:
         """Add a comment stamped with `draft.marker`."""
+
+    async def comment_length(self, body: str) -> int:
+        """Return the length of a Markdown comment body as the system stores it, in the unit of `max_comment_chars`."""
 
     async def changed_tickets(self, since: datetime) -> list[TicketChange]:
         """Return tickets updated at or after `since` (UTC), oldest first.

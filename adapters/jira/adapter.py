@@ -98,6 +98,9 @@ MAX_LABEL_LENGTH = 255
 # Jira Cloud rejects a longer description or comment body with HTTP 400.
 # Jira counts this length in UTF-16 code units, like every other length.
 # NOTE: the same limit is assumed for Data Center, where it was not checked.
+# The engine splits a longer copy of an MDR comment into several comments
+# (capabilities.max_comment_chars). A longer description, or any other
+# comment text, is cut with TRUNCATION_TEXT and logged as `jira.text.truncated`.
 MAX_TEXT_LENGTH = 32767
 TRUNCATION_TEXT = N_("… (truncated by mdr-connector: the full text is in Kaspersky MDR)")
 # The note in English as it ends a cut text. `_truncation_note()` returns it in the current language.
@@ -180,7 +183,7 @@ class JiraTicketAdapter:
     """TicketAdapter for Jira; `project` is the project key of the connection's mapping."""
 
     system = "jira"
-    capabilities = TicketCapabilities()
+    capabilities = TicketCapabilities(max_comment_chars=MAX_TEXT_LENGTH)
 
     def __init__(
         self,
@@ -435,6 +438,14 @@ class JiraTicketAdapter:
             extra={"ticket_key": ref.key, "comment_id": comment.id, "source_id": draft.marker.source_id},
         )
         return comment
+
+    async def comment_length(self, body: str) -> int:
+        """Return the length of the wiki markup `add_comment` makes of a Markdown body, in UTF-16 code units.
+
+        The conversion is cached for bodies up to markup.MAX_CACHED_INPUT_BYTES,
+        so measuring a body before posting it runs pandoc once.
+        """
+        return _utf16_length(await _wiki_of(body))
 
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         """Replace a comment's body, then write its marker property again.
@@ -748,8 +759,10 @@ class JiraTicketAdapter:
         client._session.trust_env = False
         # Redirects are never followed by requests: it drops Authorization on
         # a redirect to another host, but sends the session's cookies to the
-        # same host on any port. An API call gets the 3xx reply itself, and
-        # attachment downloads follow their redirects in files.py.
+        # same host on any port. Attachment downloads follow their redirects
+        # in files.py, with the origin checks there.
+        # NOTE: an API call gets the 3xx reply itself. While connecting, that
+        # fails as "serverInfo has no versionNumbers", which does not name the redirect.
         client._session.get_redirect_target = lambda response: None
         with self._clients_lock:
             self._clients.append(client)
@@ -1118,7 +1131,7 @@ def _search_cloud(
         page, replied_at = _request_dated(client, "POST", "search/jql", body=body)
         started = started or replied_at
         pages += 1
-        issues.extend(page.get("issues", []))
+        issues.extend(_page_issues(page, "search/jql"))
         token = page.get("nextPageToken")
         if not token:
             return SearchResult(issues, started, pages)
@@ -1126,6 +1139,17 @@ def _search_cloud(
             raise InvalidPayloadError("Jira search/jql returned the same nextPageToken twice, so paging stopped")
         seen_tokens.add(token)
         body["nextPageToken"] = token
+
+
+def _page_issues(page: Any, path: str) -> list[dict[str, Any]]:
+    """Return the issues of a search page, each an object with an object of fields, or raise InvalidPayloadError."""
+    issues = page.get("issues", []) if isinstance(page, dict) else None
+    if not isinstance(issues, list):
+        raise InvalidPayloadError(f"Jira {path} returned a page without a list of issues")
+    for issue in issues:
+        if not isinstance(issue, dict) or not isinstance(issue.get("fields", {}), dict):
+            raise InvalidPayloadError(f"Jira {path} returned an issue that is not an object with an object of fields")
+    return issues
 
 
 def _search_datacenter(
@@ -1144,7 +1168,7 @@ def _search_datacenter(
         page, replied_at = _request_dated(client, "GET", "search", params=params)
         started = started or replied_at
         pages += 1
-        batch = page.get("issues", [])
+        batch = _page_issues(page, "search")
         issues.extend(batch)
         if not batch or _reached_total(len(issues), page):
             return SearchResult(issues, started, pages)

@@ -6,7 +6,8 @@ their SyncMarker, and label and component updates only add. A new ticket
 or change is visible to `find_ticket`, `find_tickets` and `changed_tickets`
 only after the search delay. Tickets follow the same small workflow as the
 Jira simulator (To Do, In Progress, On Hold, Done), attachments have an
-upload limit, and accounts can belong to groups.
+upload limit, and accounts can belong to groups. A comment longer than
+`capabilities.max_comment_chars`, None by default, is rejected.
 
     adapter = MemoryTicketAdapter(project="SEC", search_delay_seconds=60)
     account = await adapter.open()
@@ -414,7 +415,11 @@ class MemoryTicketAdapter:
         return sorted(ticket.comments, key=lambda comment: (comment.created, int(comment.id)))
 
     async def add_comment(self, ref: TicketRef, draft: CommentDraft) -> TicketComment:
+        """Add a comment, or raise RejectedError (400) for a body longer than `capabilities.max_comment_chars`, as Jira does."""
         ticket = self._ticket_of(ref)
+        limit = self.capabilities.max_comment_chars
+        if limit is not None and await self.comment_length(draft.body) > limit:
+            raise RejectedError(f"the comment on {ref.key} is longer than {limit} characters", status=400)
         failure = self._take_failure("add_comment")
         if failure and not failure.after_write:
             raise failure.error
@@ -426,6 +431,10 @@ class MemoryTicketAdapter:
         if failure:
             raise failure.error
         return comment
+
+    async def comment_length(self, body: str) -> int:
+        """Return the length of a comment body in characters: the fake stores the Markdown as it is."""
+        return len(body)
 
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         """Replace the body of the connector's own comment and stamp `draft.marker` on it again."""

@@ -359,6 +359,10 @@ class RedmineTicketAdapter:
         )
         return comment
 
+    async def comment_length(self, body: str) -> int:
+        """Return the Markdown length of a body: no comment limit is known here, so `max_comment_chars` is None."""
+        return len(body)
+
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         """Replace a note's text with PUT /journals/{id}.json, keeping its marker line.
 

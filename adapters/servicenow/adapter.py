@@ -150,6 +150,10 @@ class ServiceNowTicketAdapter:
     """TicketAdapter for ServiceNow; `project` is the assignment group of new tickets."""
 
     system = "servicenow"
+    # NOTE: ServiceNow documents a 4,000-character limit of multi-line text
+    # fields in forms (the page "Enable the text field character counter").
+    # Whether the Table API applies it to journal entries was not checked,
+    # so no max_comment_chars is set.
     capabilities = TicketCapabilities(
         edit_comments=False, labels=False, components=False, visibility_types=frozenset({"internal"})
     )
@@ -464,6 +468,10 @@ class ServiceNowTicketAdapter:
             ) from err
         except RejectedError as err:
             raise self._journal_unreadable(f"reading back the entry just written on {ref.key} was rejected: {err}") from err
+
+    async def comment_length(self, body: str) -> int:
+        """Return the Markdown length of a body: no comment limit is known here, so `max_comment_chars` is None."""
+        return len(body)
 
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
         """Raise RejectedError: ServiceNow journal entries cannot be edited through the API."""

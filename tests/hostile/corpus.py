@@ -425,10 +425,10 @@ CASES: tuple[Case, ...] = (
     Case(
         "comment_70k", MDR_COMMENTS, MDR_COMMENT,
         "the text has 70,000 characters, more than Jira's 32,767 per comment",
-        TRANSFORMED, "cut to 32,767 with the line `truncated by mdr-connector: the full text is in Kaspersky MDR`; "
-        "copying the rest (split or attach) is not built yet, see test_long_comment_arrives_whole",
+        TRANSFORMED, "split into 3 comments of at most 32,767, each with the header and `Part k of 3`; "
+        "test_long_comment_arrives_whole counts the characters",
         payload={"text": "<p>" + "y" * HUGE_TEXT_LENGTH + " END</p>"},
-        copy_has=("truncated by mdr-connector: the full text is in Kaspersky MDR",),
+        copy_has=("Part 1 of 3",),
     ),
     Case(
         "comment_listed_twice", MDR_COMMENTS, MDR_COMMENT_LIST,

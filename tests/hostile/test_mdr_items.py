@@ -121,11 +121,6 @@ async def test_hostile_mdr_comments_one_scenario(harness: SyncHarness) -> None:
         assert utf16_length(comment.body) <= JIRA_MAX_TEXT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a comment longer than Jira's 32,767 characters is cut with a note that the full text is in MDR; "
-    "splitting it over several comments or attaching it as a file is not built",
-)
 async def test_long_comment_arrives_whole(harness: SyncHarness) -> None:
     """All 70,000 characters of an MDR comment reach the Jira issue, in comments or an attached file."""
     incident_id = harness.seed()["incident_id"]
