@@ -91,7 +91,8 @@ class FaultRule(BaseModel):
     retry_after_seconds: int = Field(default=0, ge=0)
     retry_after_format: Literal["seconds", "http_date"] = "seconds"
     statuses: list[int] = Field(default_factory=lambda: list(SERVER_ERROR_STATUSES), min_length=1)
-    hang_seconds: float = Field(default=1.0, ge=0.0)
+    # A hang longer than an hour only keeps the simulator from stopping.
+    hang_seconds: float = Field(default=1.0, ge=0.0, le=3600.0)
     mutation: Literal["number_to_string", "object_to_list"] = "number_to_string"
     cut_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
 
@@ -240,11 +241,18 @@ class FaultPlan:
         log.info("sim.fault.fired", extra={"kind": rule.kind, "method": method, "path": path})
 
 
+# A plan is a handful of rules; a bigger file is a mistake, not a plan.
+MAX_FAULT_FILE_BYTES = 1024 * 1024
+
+
 def load_fault_file(path: Path) -> FaultSettings:
     """Read a fault plan from YAML with `safe_load`, validated strictly; raises ValueError naming the file."""
     try:
+        size = path.stat().st_size
+        if size > MAX_FAULT_FILE_BYTES:
+            raise ValueError(f"{path}: the fault plan has {size} bytes, more than the limit of {MAX_FAULT_FILE_BYTES}")
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
         raise ValueError(f"{path}: cannot read the fault plan: {err}") from err
     try:
         return _validated(FaultSettings, data if data is not None else {})

@@ -85,12 +85,21 @@ class Clock:
 
 
 async def settle(sync: Any, store: Any, clock: Clock, run: Run, stage: str, *, min_seconds: float = 0.0) -> bool:
-    """Run cycles until nothing has been parked for SETTLED_CYCLES cycles and `min_seconds` have passed; False past the limit."""
+    """Run cycles until nothing has been parked for SETTLED_CYCLES cycles and `min_seconds` have passed.
+
+    Return False when the stage does not settle within MAX_STAGE_CYCLES
+    cycles after `min_seconds` have passed.
+    """
     from mdr_connector.connector.errors import ConnectionFatalError, ConnectorError
 
     started = time.monotonic()
     quiet = 0
-    for cycle in range(1, MAX_STAGE_CYCLES + 1):
+    cycle = 0
+    cycles_after_minimum = 0
+    while cycles_after_minimum < MAX_STAGE_CYCLES:
+        cycle += 1
+        if time.monotonic() - started >= min_seconds:
+            cycles_after_minimum += 1
         clock.advance(CYCLE_SECONDS)
         try:
             await sync.run_cycle()
@@ -106,7 +115,7 @@ async def settle(sync: Any, store: Any, clock: Clock, run: Run, stage: str, *, m
         if quiet >= SETTLED_CYCLES and time.monotonic() - started >= min_seconds:
             run.stage_cycles[stage] = cycle
             return True
-    run.stage_cycles[stage] = MAX_STAGE_CYCLES
+    run.stage_cycles[stage] = cycle
     return False
 
 

@@ -120,14 +120,23 @@ def add_filter_options(parser: argparse.ArgumentParser) -> None:
 
 
 def item_id_text(text: str) -> str:
-    """argparse type of ITEM: one word no longer than the ledger stores."""
-    if not text or len(text) > MAX_ITEM_ID_LENGTH or any(character.isspace() for character in text):
+    """argparse type of ITEM: one word of valid UTF-8, no longer than the ledger stores."""
+    # Bytes that are not UTF-8 reach Python as lone surrogates, which no ledger row contains.
+    valid_utf8 = text.encode("utf-8", "surrogatepass") == text.encode("utf-8", "ignore") if text else False
+    if not valid_utf8 or len(text) > MAX_ITEM_ID_LENGTH or any(character.isspace() for character in text):
         raise argparse.ArgumentTypeError(
             _("expected an item id of at most {limit} characters without spaces, got {value!r}").format(
-                limit=MAX_ITEM_ID_LENGTH, value=text
+                limit=MAX_ITEM_ID_LENGTH, value=text.encode("utf-8", "backslashreplace").decode("ascii", "replace")
             )
         )
     return text
+
+
+def require_ledger(settings: Any) -> None:
+    """Raise ConfigError when the SQLite ledger does not exist yet, so that retry and drop do not create an empty one."""
+    from mdr_connector.connector.cli_status import read_only_url
+
+    read_only_url(settings.resolved_database_url())
 
 
 def connection_names(settings: Any, name: str | None) -> list[str]:
@@ -221,6 +230,7 @@ def command_parked_retry(args: argparse.Namespace) -> int:
         args.usage_parser.error(_("give the ids of parked items or --all, not both"))
     settings = load_config(args)
     names = connection_names(settings, args.connection)
+    require_ledger(settings)
     item_ids = None if args.all else args.items
     user = local_user_name()
 
@@ -262,6 +272,7 @@ def report_unknown(item_ids: list[str], rows: list[Any]) -> list[str]:
 def command_parked_drop(args: argparse.Namespace) -> int:
     settings = load_config(args)
     names = connection_names(settings, args.connection)
+    require_ledger(settings)
 
     found = run_with_store(settings, lambda store: store.find_parked(names, kind=args.kind, item_ids=args.items))
     unknown = report_unknown(args.items, found)

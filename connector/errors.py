@@ -26,6 +26,10 @@ from collections.abc import Callable
 from typing import Self
 
 
+# The longest wait a rate limit may impose, one day; a longer Retry-After is cut to this.
+MAX_RETRY_AFTER_SECONDS = 86400.0
+
+
 class ConnectorError(Exception):
     """Base of every error raised on purpose by mdr-connector.
 
@@ -68,6 +72,10 @@ class RateLimitedError(RetriableError):
 
     def __init__(self, message: str, retry_after: float | None, status: int | None = 429) -> None:
         super().__init__(message)
+        # Capped here as well as where Retry-After is read, so that no path
+        # can park an item, pause a client or delay a cycle for longer.
+        if retry_after is not None and not retry_after <= MAX_RETRY_AFTER_SECONDS:
+            retry_after = MAX_RETRY_AFTER_SECONDS
         self.retry_after = retry_after
         self.status = status
 

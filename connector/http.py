@@ -31,7 +31,13 @@ from urllib.parse import urlsplit
 import aiohttp
 import requests
 from mdr_connector.connector.config import TransportSettings, is_loopback_host
-from mdr_connector.connector.errors import ConfigError, InvalidPayloadError, OutcomeUnknownError, RemoteUnavailableError
+from mdr_connector.connector.errors import (
+    MAX_RETRY_AFTER_SECONDS,
+    ConfigError,
+    InvalidPayloadError,
+    OutcomeUnknownError,
+    RemoteUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,13 +231,16 @@ def parse_retry_after(value: str | None, date_header: str | None, now: float | N
     An HTTP-date is measured against the reply's `Date` header, so a skewed
     local clock does not change the delay. Without a readable `Date`, it is
     measured against `now` (Unix seconds, the local clock by default). A
-    date in the past gives 0.
+    date in the past gives 0. A delay longer than MAX_RETRY_AFTER_SECONDS
+    is cut to it, so a hostile or broken server cannot stop a connection
+    for years.
     """
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(text)
+    # RFC 9110 allows ASCII digits only; str.isdigit() also accepts "²" and "٣".
+    if text.isascii() and text.isdigit():
+        return min(float(text), MAX_RETRY_AFTER_SECONDS)
 
     target = parse_http_date(text)
     if target is None:
@@ -239,14 +248,14 @@ def parse_retry_after(value: str | None, date_header: str | None, now: float | N
     reference = parse_http_date(date_header) if date_header else None
     if reference is None:
         reference = now if now is not None else time.time()
-    return max(0.0, target - reference)
+    return min(max(0.0, target - reference), MAX_RETRY_AFTER_SECONDS)
 
 
 def parse_http_date(text: str) -> float | None:
     """Parse an HTTP-date into Unix seconds; HTTP-dates are always GMT."""
     try:
         moment = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)

@@ -227,11 +227,15 @@ def _pandoc_convert(text: str, route: _Route) -> str:
 def _has_no_tree_targets(text: str, route: _Route) -> bool:
     """Tell whether GitHub Markdown `text` cannot hold what the tree step rewrites, so pandoc may convert it directly.
 
-    In that reader every image and link needs `[` or `<`, raw HTML needs
-    `<`, and a bare URL becomes a link only with the http, https or mailto
-    scheme. Other readers mark links and images in other ways.
+    In that reader every image and link needs `[` or `<`, and raw HTML
+    needs `<`. A bare URL becomes a link too: one with a scheme and `:/`
+    (pandoc 3.9 links `ftp://` this way), or `www.` or an email address,
+    which become http and mailto links. Other readers mark links and
+    images in other ways.
     """
-    return route.reader == "gfm" and "[" not in text and "<" not in text
+    if route.reader != "gfm":
+        return False
+    return not any(marker in text for marker in ("[", "<", ":/"))
 
 
 

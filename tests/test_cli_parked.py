@@ -96,7 +96,11 @@ async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int
     environment = {JIRA_TOKEN_VARIABLE: SERVICE_TOKEN, "LANG": "C.UTF-8"}
     with mock.patch.dict(os.environ, environment), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         os.environ.pop("MDR_CONNECTOR_LANG", None)
-        code = await run_in_thread(argv)
+        try:
+            code = await run_in_thread(argv)
+        except SystemExit as exit_request:
+            # argparse exits on a usage error, which a separate process reports as its exit status.
+            code = exit_request.code if isinstance(exit_request.code, int) else 1
     return code, stdout.getvalue(), stderr.getvalue()
 
 

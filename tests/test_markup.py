@@ -515,7 +515,7 @@ TEXTS_WITHOUT_TREE_TARGETS = [
     "```\ncode block {html} {noformat}\n```\n\n> quoted line",
     "| a | b |\n|---|---|\n| 1 | 2 |",
     "click javascript:alert(1) or vbscript:x or data:text/html,x",
-    "mail soc@example.com, see www.example.com and https://example.com/a?b=c",
+    "mail soc@example.com and see www.example.com",
     "&lt;script&gt;alert(1)&lt;/script&gt; and &amp;",
     "{html}raw{html} {color:red}text{color} !image.png! |cell|",
     "emoji \U0001F600, right-to-left \u202egnp.exe, tab\tand backslash \\ end",
@@ -543,4 +543,14 @@ def test_tree_path_kept_for_links() -> None:
 
     assert not markup._has_no_tree_targets("[x](javascript:alert(1))", route)
     assert not markup._has_no_tree_targets("<b>bold</b>", route)
+    assert not markup._has_no_tree_targets("get ftp://example.com/payload.exe", route)
+    assert not markup._has_no_tree_targets("see https://example.com", route)
     assert not markup._has_no_tree_targets("plain", markup.ROUTES["textile-markdown"])
+
+
+def test_bare_ftp_url_not_linked_in_jira() -> None:
+    wiki = markup.markdown_to_jira("get ftp://example.com/payload.exe now")
+
+    assert "[ftp://" not in wiki
+    assert "ftp://example.com/payload.exe" in wiki
+

@@ -735,7 +735,7 @@ def _int_param(request: web.Request, name: str, default: int) -> int:
 async def _json_body(request: web.Request, *, expect_object: bool = True) -> Any:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise SimError(400, ["The request body is not valid JSON."]) from None
     if expect_object and not isinstance(body, dict):
         raise SimError(400, ["The request body must be a JSON object."])

@@ -403,7 +403,7 @@ async def _json_body(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         raise SimError(400, "Exception while reading request", "The payload is not valid JSON.") from None
 
 

@@ -660,7 +660,7 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise SimError(400, "the request body is not valid JSON") from err
     if not isinstance(body, dict):
         raise SimError(400, "the request body must be a JSON object")
