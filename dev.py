@@ -4,6 +4,10 @@
     python3 dev.py demo [ARGS...]   runs `mdr-connector demo ARGS...`
     python3 dev.py test [ARGS...]   runs the test suite (ARGS go to pytest)
 
+Without ARGS, the tests run on one pytest-xdist worker per CPU (two to
+eight), because most of them wait on sockets and child processes; with ARGS,
+pytest runs as told, in one process unless ARGS include `-n`.
+
 Only the Python standard library is used here, so a machine that has
 nothing but Python 3.11+ can run it. The install step is skipped when
 pyproject.toml and constraints.txt have not changed since the last one.
@@ -59,6 +63,12 @@ def ensure_installed() -> None:
     STAMP.write_text(digest)
 
 
+def worker_count() -> int:
+    """Return the CPUs this process may run on, from 2 to 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(max(cpus, 2), 8)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"demo", "test"}:
         print(__doc__, file=sys.stderr)
@@ -69,6 +79,8 @@ def main(argv: list[str]) -> int:
     if command == "demo":
         executable = VENV / ("Scripts" if os.name == "nt" else "bin") / "mdr-connector"
         return subprocess.run([str(executable), "demo", *rest], cwd=ROOT).returncode
+    if not rest:
+        rest = ["-n", str(worker_count()), "--dist", "loadgroup"]
     return subprocess.run([str(venv_python()), "-m", "pytest", *rest], cwd=ROOT).returncode
 
 
