@@ -643,6 +643,19 @@ async def final_runs(config: Path, log_path: Path, switch: KillSwitch, report: C
     return False
 
 
+async def parked_reasons(config: Path) -> list[str]:
+    """Return the kind, id and reason of every parked item, so a failed run says why it did not settle."""
+    from mdr_connector.connector.config import load_settings
+    from mdr_connector.connector.store import Store
+
+    settings = load_settings(config)
+    store = await Store.open(settings.resolved_database_url())
+    try:
+        return [f"{row.kind} {row.item_id} after {row.attempts} attempts: {row.reason}" for row in await store.list_parked(CONNECTION)]
+    finally:
+        await store.close()
+
+
 async def parked_count(config: Path) -> int:
     from mdr_connector.connector.config import load_settings
     from mdr_connector.connector.store import Store
@@ -820,6 +833,7 @@ async def run_crash(
 
         if not await final_runs(config, log_path, switch, report):
             report.problems["final runs"].append(f"no final `sync --once` ended with no write and nothing parked; see {log_path}")
+            report.problems["final runs"] += [f"still parked: {reason}" for reason in await parked_reasons(config)]
         await count_both_sides(sims, expected, report)
     report.seconds = time.monotonic() - started
     return report

@@ -46,18 +46,15 @@ class SeenStatuses:
 
 
 def first_sync_interrupted(link: Link) -> bool:
-    """Tell whether the connector created the link's ticket but the reconciliation that did so ended before any status was recorded.
+    """Tell whether the connector created the link's ticket but no reconciliation finished and no MDR status was recorded.
 
-    That is a crash or a failure between the create and the status part.
-    A link that was reconciled before (`mdr_update_time`) or found rather
-    than created keeps the rule that the first status seen is a starting point.
+    That is a crash or a failure between the create and the move of the
+    ticket to the mapped status. The ticket status may be recorded already,
+    because the ticket side goes first. A link that was reconciled before
+    (`mdr_update_time`) or paired by a person keeps the rule that the first
+    status seen is a starting point.
     """
-    return (
-        link.ticket_status is None
-        and link.mdr_status is None
-        and link.mdr_update_time is None
-        and link.create_started_at is not None
-    )
+    return link.mdr_status is None and link.mdr_update_time is None and link.create_started_at is not None
 
 
 def same_status(left: str | None, right: str | None) -> bool:
@@ -100,7 +97,7 @@ class StatusSync:
         self.context.created_tickets.discard(ref.id)
         seen = SeenStatuses(ticket=link.ticket_status, mdr=link.mdr_status)
         interrupted = not created_now and first_sync_interrupted(link)
-        if interrupted:
+        if interrupted and link.ticket_status is None:
             # A new ticket starts in its workflow's first status, taken to be
             # no done status. So a done status now is a person's close, unless
             # `_is_own_move` finds it is the connector's own first move.

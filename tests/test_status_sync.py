@@ -613,3 +613,18 @@ async def test_crash_after_own_done_no_close(store: Store) -> None:
 
     assert mdr.calls["close_incident"] == 0
     assert tickets.transitions == []
+
+
+async def test_crash_after_ticket_side_keeps_move(store: Store) -> None:
+    """A crash after the ticket side recorded its status, before the first move, does not park the incident for good."""
+    mdr, tickets = FakeMdr(fake_incident()), FakeTickets(status="In Progress")
+    part = StatusSync(fake_context(store, mdr, tickets, **CLOSE_ON_DONE))
+    await created_store(store)
+    await store.record_statuses("main", "inc1", ticket_status="In Progress")
+
+    await sync_once(store, part, mdr)
+    await sync_once(store, part, mdr)
+
+    assert tickets.transitions == []
+    link = await store.get_link("main", "inc1")
+    assert (link.ticket_status, link.mdr_status) == ("In Progress", "Open")
