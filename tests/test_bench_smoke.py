@@ -70,3 +70,9 @@ def test_attachment_memory_runs() -> None:
     output = run_bench("attachment_memory.py", "--size-mb", "1")
     assert "peak - idle:" in output
     assert output.count("ok  ") == 2
+
+
+def test_fault_storm_runs() -> None:
+    output = run_bench("fault_storm.py", "--incidents", "3", "--minutes", "0", "--seed", "3")
+    assert "faults fired, MDR" in output
+    assert "final diff:          0" in output
