@@ -194,9 +194,9 @@ async def read_now(call: Any) -> Any:
     return await call()
 
 
-@pytest.fixture
-async def fakes(tmp_path: Path) -> Any:
-    settings = ConnectionSettings(
+def offline_settings(tmp_path: Path) -> ConnectionSettings:
+    """Return a connection whose MDR and Jira are never contacted, for tests that use in-memory fakes of both."""
+    return ConnectionSettings(
         name="main",
         mdr=MdrSettings(client_id="c0ffee", connection_name=CONNECTION_NAME, token_dir=tmp_path / "tokens"),
         ticket=JiraSettings(
@@ -205,6 +205,11 @@ async def fakes(tmp_path: Path) -> Any:
             auth=JiraBasicAuth(type="basic", username="svc", password=SecretRef(env="UNUSED_PASSWORD")),
         ),
     )
+
+
+@pytest.fixture
+async def fakes(tmp_path: Path) -> Any:
+    settings = offline_settings(tmp_path)
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
     tickets = PeopleTickets()
     await tickets.open()

@@ -17,6 +17,7 @@ import pytest
 from fixtures_mdr import MDR_CLIENT_ID
 from fixtures_sync import SyncHarness
 from hostile.scenario import marker_of, run_cycles, utf16_length
+from test_comment_policies import offline_settings
 
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH, _open_block
 from mdr_connector.adapters.mdr.client import CommentPage
@@ -25,7 +26,7 @@ from mdr_connector.adapters.memory.adapter import MemoryTicketAdapter
 from mdr_connector.connector import markup
 from mdr_connector.connector.comment_parts import SplitError, split_markdown
 from mdr_connector.connector.comments import COMMENT, COMMENT_CHANGE, CommentSync, comment_of_part, part_key
-from mdr_connector.connector.config import ConnectionSettings, JiraBasicAuth, JiraSettings, MdrSettings, SecretRef
+from mdr_connector.connector.config import ConnectionSettings
 from mdr_connector.connector.engine import ConnectionSync
 from mdr_connector.connector.i18n import language
 from mdr_connector.connector.mappingfile import CommentFormat, load_mapping
@@ -268,15 +269,7 @@ async def read_now(call: Any) -> Any:
 
 @pytest.fixture
 async def setup(tmp_path: Path) -> Any:
-    settings = ConnectionSettings(
-        name="main",
-        mdr=MdrSettings(client_id="c0ffee", connection_name=CONNECTION_NAME, token_dir=tmp_path / "tokens"),
-        ticket=JiraSettings(
-            system="jira",
-            url="https://jira.invalid",
-            auth=JiraBasicAuth(type="basic", username="svc", password=SecretRef(env="UNUSED_PASSWORD")),
-        ),
-    )
+    settings = offline_settings(tmp_path)
     store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}")
     tickets = LimitedTickets()
     await tickets.open()
