@@ -13,12 +13,15 @@ inside a line escapes a character that would start a heading, list or quote
 at the start of the next part, and repeats the `>` of a quoted line.
 NOTE: an inline construct (emphasis, link, code span) that spans a cut
 inside a line, and the header row of a table cut between rows, do not carry
-over, so that text shows in the next part as plain text.
+over, so that text shows in the next part as plain text. A fenced code
+block inside a quote or indented in a list item is not seen as a fence, so
+a cut inside it leaves the block open in one part and unfenced in the next.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ CUT_MARGIN = 0.95
 
 _FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})([^`\n]*)$")
 _QUOTE_PREFIX = re.compile(r"(?:[ \t]{0,3}>[ \t]?)+")
-_LEADING_BLOCK_MARKER = re.compile(r"^[#>\-+*=|`~]")
+_LEADING_BLOCK_MARKER = re.compile(r"^[#>\-+*=|`~_]")
 _LEADING_ORDERED_MARKER = re.compile(r"^(\d{1,9})([.)])")
 
 
@@ -225,13 +228,41 @@ def _cut_text(text: str, room: int, *, in_code: bool = False) -> tuple[str, str,
 
 def _hard_cut(text: str, room: int, in_code: bool) -> int:
     """Return a cut position inside a word that leaves no escaping backslash at the end of the head."""
-    position = max(1, min(room, len(text) - 1))
+    position = _grapheme_start(text, max(1, min(room, len(text) - 1)))
     if in_code:
         return position
     backslashes = len(text[:position]) - len(text[:position].rstrip("\\"))
     if backslashes % 2 == 1 and position > 1:
         position -= 1
     return position
+
+
+def _grapheme_start(text: str, position: int) -> int:
+    """Move `position` back to the start of the character it falls in, as a reader sees characters.
+
+    A cut must not separate a combining mark, a variation selector or a zero
+    width joiner from the character before it, nor split a flag, which is a
+    pair of regional indicators.
+    """
+    while position > 1 and (_continues_character(text[position]) or text[position - 1] == "\u200d"):
+        position -= 1
+    if position > 1 and _is_regional_indicator(text[position]):
+        run = position
+        while run > 0 and _is_regional_indicator(text[run - 1]):
+            run -= 1
+        if (position - run) % 2 == 1:
+            position -= 1
+    return position
+
+
+def _continues_character(character: str) -> bool:
+    return bool(unicodedata.combining(character)) or character in "\u200d\ufe0e\ufe0f" or (
+        0x1F3FB <= ord(character) <= 0x1F3FF or 0xE0020 <= ord(character) <= 0xE007F
+    )
+
+
+def _is_regional_indicator(character: str) -> bool:
+    return 0x1F1E6 <= ord(character) <= 0x1F1FF
 
 
 def _continued(text: str, position: int, rest: str) -> str:

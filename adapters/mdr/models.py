@@ -48,8 +48,15 @@ class MdrRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
+# MDR ids seen so far are URL-safe base64 (letters, digits, - and _). The
+# connector builds ledger keys of comment ids with `/` and `:`, so a comment
+# id with any other character is bad data, not a key to guess around.
+# NOTE: the id alphabet is INFERRED from observed ids, not documented.
+ID_PATTERN = r"^[A-Za-z0-9_-]+$"
+
+
 class Comment(MdrRecord):
-    comment_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    comment_id: StrictStr = Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)
     author_name: StrictStr
     text: StrictStr
     creation_time: EpochMs

@@ -388,6 +388,8 @@ class TokenFileStore:
                 and pair.refresh_token != current.refresh_token
                 and pair.obtained_at >= current.obtained_at
             )
+            # NOTE: after the local clock stepped back, a newer pair can have
+            # an earlier obtained_at and is then deleted as stale here.
             if pair is not None and usable:
                 found.append((pair.obtained_at, temp, pair))
             else:
@@ -610,7 +612,12 @@ class TokenManager:
                 return pair.access_token
 
             if pair.rejected_at is not None or self._clock() >= pair.refresh_expires_at:
-                raise expired_refresh_error(self.client_id)
+                # A process killed before its rename may have left the pair MDR
+                # issued for this refresh token, or for a new activation.
+                recovered = await asyncio.to_thread(self.store.recover_unrenamed, pair)
+                if recovered is None:
+                    raise expired_refresh_error(self.client_id)
+                return (await self._continue_recovered(recovered, rejected_access)).access_token
 
             try:
                 new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
