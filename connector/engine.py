@@ -34,7 +34,6 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     InvalidPayloadError,
     ItemError,
-    RateLimitedError,
     RejectedError,
 )
 from mdr_connector.connector.history import read_history_window
@@ -45,7 +44,7 @@ from mdr_connector.connector.mapping import (
 )
 from mdr_connector.connector.mappingfile import Mapping, Route
 from mdr_connector.connector.responses import ResponseSync
-from mdr_connector.connector.retry import RetryPolicy, parked_backoff_seconds, retry_read
+from mdr_connector.connector.retry import RetryPolicy, parked_next_try, retry_read
 from mdr_connector.connector.routing import check_destinations, destination_for, match_route
 from mdr_connector.connector.store import (
     LINKED,
@@ -595,17 +594,13 @@ class ConnectionSync:
         await gather_or_cancel(*(self._reconcile_guarded(item.item_id, None) for item in due))
 
     async def _park(
-        self, incident_id: str, reason: str, not_before: datetime | None = None, *, retry_after: float | None = None
+        self, incident_id: str, reason: str, not_before: datetime | None = None, *, error: BaseException | None = None
     ) -> None:
-        """Park an incident until `not_before`, or after the parked backoff, or after `retry_after` seconds if that is later."""
+        """Park an incident until `not_before`, or after the parked backoff, or until a rate limit in `error` ends if that is later."""
         sync = self.settings.sync
         existing = await self.store.get_parked(self.name, INCIDENT, incident_id)
         attempts = (existing.attempts if existing else 0) + 1
-        next_try = self.clock() + timedelta(
-            seconds=parked_backoff_seconds(attempts, sync.retry_base_seconds, sync.retry_max_seconds)
-        )
-        if retry_after is not None:
-            next_try = max(next_try, self.clock() + timedelta(seconds=retry_after))
+        next_try = parked_next_try(self.clock(), attempts, sync.retry_base_seconds, sync.retry_max_seconds, error)
         if not_before is not None:
             next_try = not_before
         await self.store.park(self.name, INCIDENT, incident_id, reason, next_try)
@@ -638,9 +633,7 @@ class ConnectionSync:
             "sync.incident.failed",
             extra={"connection": self.name, "incident_id": incident_id, "error": reason},
         )
-        # A rate limit names the time the remote system accepts calls again, so the item waits at least that long.
-        retry_after = err.retry_after if isinstance(err, RateLimitedError) else None
-        await self._park(incident_id, reason, retry_after=retry_after)
+        await self._park(incident_id, reason, error=err)
 
     async def reconcile(self, incident_id: str, incident: Incident | None = None) -> bool:
         """Bring one incident and its ticket in line; return False when it must wait for a later cycle."""
