@@ -6,7 +6,7 @@
 
 Without ARGS, the tests run on one pytest-xdist worker per CPU (two to
 eight), because most of them wait on sockets and child processes; with ARGS,
-pytest runs as told, in one process unless ARGS include `-n`.
+pytest runs with them, in one process unless ARGS include `-n`.
 
 Only the Python standard library is used here, so a machine that has
 nothing but Python 3.11+ can run it. The install step is skipped when

@@ -644,7 +644,7 @@ async def final_runs(config: Path, log_path: Path, switch: KillSwitch, report: C
 
 
 async def parked_reasons(config: Path) -> list[str]:
-    """Return the kind, id and reason of every parked item, so a failed run says why it did not settle."""
+    """Return the kind, id and reason of every parked item, so the report of a failed run shows why it did not settle."""
     from mdr_connector.connector.config import load_settings
     from mdr_connector.connector.store import Store
 

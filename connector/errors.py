@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Self
 
 
-# The longest wait a rate limit may impose, one day; a longer Retry-After is cut to this.
+# The maximum wait a rate limit may impose, one day. A longer Retry-After is cut to this.
 MAX_RETRY_AFTER_SECONDS = 86400.0
 
 
