@@ -361,6 +361,28 @@ class ObservabilitySettings(StrictModel):
     ready_cycles: int = Field(default=3, ge=1)
 
 
+class ClusterSettings(StrictModel):
+    """Several instances sharing the connections through leases in one PostgreSQL database."""
+
+    enabled: bool = False
+    # This instance's name in the leases table; default `<host>-<pid>`.
+    instance_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")
+    # The connections of an instance that dies are taken over within this many seconds.
+    takeover_seconds: float = Field(default=30, ge=3, le=3600)
+    # The key that encrypts the MDR token pairs stored in the database.
+    token_key: SecretRef | None = None
+
+    @model_validator(mode="after")
+    def _key_when_enabled(self) -> ClusterSettings:
+        if self.enabled and self.token_key is None:
+            raise ValueError(
+                "cluster.enabled needs cluster.token_key, the key that encrypts the MDR tokens "
+                "in the database: {env: VARIABLE_NAME} or {file: PATH}; "
+                "`mdr-connector token new-key` prints a new one"
+            )
+        return self
+
+
 class Settings(StrictModel):
     """The whole configuration file."""
 
@@ -369,6 +391,7 @@ class Settings(StrictModel):
     language: Literal["en", "ru"] | None = None
     log: LogSettings = Field(default_factory=LogSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     connections: list[ConnectionSettings] = Field(min_length=1)
 
     @field_validator("connections")
@@ -467,7 +490,12 @@ def resolve_paths(settings: Settings, base: Path) -> Settings:
     elif isinstance(database_url, str):
         database_url = absolute_sqlite_url(database_url, base)
     return settings.model_copy(
-        update={"data_dir": absolute(settings.data_dir), "connections": connections, "database_url": database_url}
+        update={
+            "data_dir": absolute(settings.data_dir),
+            "connections": connections,
+            "database_url": database_url,
+            "cluster": fix_secrets(settings.cluster),
+        }
     )
 
 

@@ -194,6 +194,43 @@ class ResponseDecision(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
+class Lease(Base):
+    """Which instance works a connection and until when; `epoch` grows with every new holder."""
+
+    __tablename__ = "leases"
+
+    connection: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    acquired_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ClusterInstance(Base):
+    """One running instance in cluster mode, alive until `expires_at` unless it renews."""
+
+    __tablename__ = "cluster_instances"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class TokenChain(Base):
+    """The MDR token pair of one client, encrypted; `version` grows with every save."""
+
+    __tablename__ = "token_chains"
+
+    client_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # A fingerprint of the key that encrypted the pair, so a wrong key gets its own message.
+    key_id: Mapped[str] = mapped_column(String(64))
+    ciphertext: Mapped[str] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class CachedAsset(Base):
     """Asset details as read from `assets/details`, kept for the configured time."""
 

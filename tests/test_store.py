@@ -72,7 +72,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path):
 
 async def test_open_creates_schema(store: Store) -> None:
     """Opening a new database applies the migrations up to the newest revision."""
-    assert await store.current_revision() == "0002"
+    assert await store.current_revision() == "0003"
 
 
 async def test_newer_schema_is_refused(store: Store) -> None:
