@@ -122,3 +122,7 @@ class MisconfiguredError(ConnectionFatalError):
 
 class ConnectionBusyError(ConnectionFatalError):
     """Another process holds the lock of this connection."""
+
+
+class LeaseLostError(ConnectionFatalError):
+    """This instance no longer holds the lease of a connection: it stops working it, another instance goes on."""

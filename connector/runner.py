@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -96,6 +96,10 @@ async def sync_once(
     wait_seconds: float = 0,
 ) -> list[ConnectionOutcome]:
     """Run one cycle of each connection, one after another."""
+    if settings.cluster.enabled:
+        from mdr_connector.connector.cluster_runner import sync_once_leased
+
+        return await sync_once_leased(settings, connections, store, factory)
     outcomes = []
     for connection in connections:
         try:
@@ -125,29 +129,37 @@ async def run_forever(
     stop = stop or asyncio.Event()
     observer = observer or Observer(settings.observability)
     async with serve_observability(settings, observer, store):
-        return await _run_connections(settings, store, factory, stop, observer)
+        if settings.cluster.enabled:
+            from mdr_connector.connector.cluster_runner import run_cluster
+
+            return await _with_signals(stop, run_cluster(settings, store, factory, stop, observer))
+        return await _with_signals(stop, _run_connections(settings, store, factory, stop, observer))
+
+
+async def _with_signals(stop: asyncio.Event, work: Awaitable[list[ConnectionOutcome]]) -> list[ConnectionOutcome]:
+    """Await `work` with SIGTERM and SIGINT setting `stop`."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    try:
+        return await work
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)
 
 
 async def _run_connections(
     settings: Settings, store: Store, factory: ConnectionFactory, stop: asyncio.Event, observer: Observer
 ) -> list[ConnectionOutcome]:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-
     tasks = [
         asyncio.create_task(
             work_connection(settings, connection, store, factory, stop, observer), name=connection.name
         )
         for connection in settings.connections
     ]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signum)
+    return list(await asyncio.gather(*tasks))
 
 
 async def work_connection(
@@ -252,6 +264,9 @@ async def run_cycle_until_stopped(
         return interval
     finally:
         stopping.cancel()
+        # Cancelled from outside (its lease lost in cluster mode): the cycle stops too.
+        if not cycle.done():
+            cycle.cancel()
 
     streak.succeeded()
     if observer is not None:
@@ -269,7 +284,11 @@ async def report_state(sync: ConnectionSync, observer: Observer) -> None:
         log.warning("observability.state_unreadable", extra={"connection": sync.name}, exc_info=True)
         return
     tokens = getattr(sync.mdr, "tokens", None)
-    status = tokens.status() if tokens is not None else None
+    try:
+        status = await tokens.read_status() if tokens is not None else None
+    except Exception:  # noqa: BLE001 - metrics must never fail the connection
+        log.warning("observability.token_unreadable", extra={"connection": sync.name}, exc_info=True)
+        status = None
     observer.record_state(
         sync.name,
         parked=parked,

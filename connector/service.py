@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.adapters.mdr.tokens import TokenStorage
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync
+from mdr_connector.connector.leases import MDR_WRITES, TICKET_WRITES, FencedClient, current_fence
 from mdr_connector.connector.mappingfile import Mapping, load_mapping
 from mdr_connector.connector.routing import mapping_projects
 from mdr_connector.connector.store import Store
@@ -38,17 +40,41 @@ def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> Ti
     return adapter_class(connection.ticket, project=mapping.project, other_projects=mapping_projects(mapping)[1:])
 
 
+def token_storage(settings: Settings, connection: ConnectionSettings, store: Store) -> TokenStorage | None:
+    """Return where the connection's MDR token pair is kept: the database in cluster mode, else None for the token file."""
+    if not settings.cluster.enabled:
+        return None
+    from mdr_connector.adapters.mdr.token_database import DatabaseTokenStore, cipher_for
+
+    return DatabaseTokenStore(store.engine, connection.mdr, cipher_for(settings.cluster))
+
+
+def mdr_client(settings: Settings, connection: ConnectionSettings, store: Store) -> MdrClient:
+    """Create the MDR client of a connection, with its token pair in the database in cluster mode."""
+    return MdrClient(connection.mdr, token_storage=token_storage(settings, connection, store))
+
+
 @contextlib.asynccontextmanager
 async def open_connection(
     settings: Settings, connection: ConnectionSettings, store: Store
 ) -> AsyncIterator[ConnectionSync]:
     """Open the MDR client and the ticket adapter of one connection, and close both afterwards."""
     mapping = load_mapping(connection.mapping)
-    async with MdrClient(connection.mdr) as mdr:
+    async with mdr_client(settings, connection, store) as mdr:
         tickets = build_ticket_adapter(connection, mapping)
         try:
+            mdr_side: Any = mdr
+            ticket_side: Any = tickets
+            if current_fence() is not None:
+                mdr_side = FencedClient(mdr, MDR_WRITES)
+                ticket_side = FencedClient(tickets, TICKET_WRITES)
             sync = ConnectionSync(
-                connection, mapping, store, mdr, tickets, spool_dir=settings.data_dir / "spool" / connection.name
+                connection,
+                mapping,
+                store,
+                mdr_side,
+                ticket_side,
+                spool_dir=settings.data_dir / "spool" / connection.name,
             )
             await sync.open()
             yield sync

@@ -364,7 +364,7 @@ async def test_db_upgrade(tmp_path: Path, mdr_url: str, jira: RunningJira) -> No
     code, out, err = await run_cli("--config", str(config), "db", "upgrade")
 
     assert code == 0, err
-    assert "database schema is at revision 0002" in out
+    assert "database schema is at revision 0003" in out
 
 
 @pytest.mark.parametrize("system", ["jira", "servicenow"])

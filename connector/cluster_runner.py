@@ -1,0 +1,246 @@
+"""Cluster mode of `run` and `sync --once`: work the connections whose leases this instance holds.
+
+The main task renews this instance's leases every `renew_seconds`, starts
+a task for each lease it acquires, cancels the task of each lease it
+loses, and hands back a lease whose task ended (the instance holds more
+than its share, or the connection stopped). Each connection task runs
+with its fence as the current one, so its ledger transactions and remote
+writes are checked against the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+
+from mdr_connector.connector.config import ConnectionSettings, Settings
+from mdr_connector.connector.errors import (
+    ConfigError,
+    ConnectionBusyError,
+    ConnectionFatalError,
+    ConnectorError,
+    LeaseLostError,
+)
+from mdr_connector.connector.leases import Cluster, Fence, LeaseChanges, check_lease_in_transaction, reset_fence
+from mdr_connector.connector.observability import Observer
+from mdr_connector.connector.runner import (
+    ConnectionFactory,
+    ConnectionOutcome,
+    FailureStreak,
+    run_cycle_until_stopped,
+    wait_unless_stopped,
+)
+from mdr_connector.connector.store import Store
+
+log = logging.getLogger(__name__)
+
+# A connection stopped by a fatal error (expired token, refused
+# credentials) keeps its lease, so the other instances do not fail on it
+# in turn, and is opened again after this long: a person may have fixed it.
+FATAL_RETRY_SECONDS = 60.0
+DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+
+
+def enable_fencing(store: Store) -> None:
+    """Make every transaction of a connection task check its lease first."""
+    if not event.contains(store.engine.sync_engine, "begin", check_lease_in_transaction):
+        event.listen(store.engine.sync_engine, "begin", check_lease_in_transaction)
+
+
+async def join_cluster(settings: Settings, store: Store) -> Cluster:
+    enable_fencing(store)
+    cluster = Cluster(store.engine, settings.cluster, [connection.name for connection in settings.connections])
+    await cluster.join()
+    return cluster
+
+
+async def run_cluster(
+    settings: Settings, store: Store, factory: ConnectionFactory, stop: asyncio.Event, observer: Observer
+) -> list[ConnectionOutcome]:
+    """Take a fair share of the connections and work them until stopped."""
+    cluster = await join_cluster(settings, store)
+    by_name = {connection.name: connection for connection in settings.connections}
+    tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]] = {}
+    outcomes: list[ConnectionOutcome] = []
+    try:
+        while not stop.is_set():
+            changes = await _tick(cluster, acquire=True)
+            _stop_lost(cluster, tasks, changes)
+            for fence in changes.acquired:
+                task = asyncio.create_task(
+                    work_leased(settings, by_name[fence.connection], store, factory, stop, observer, fence),
+                    name=fence.connection,
+                )
+                tasks[fence.connection] = (task, fence)
+            outcomes += await _hand_back_finished(cluster, tasks)
+            await wait_unless_stopped(stop, cluster.renew_seconds)
+
+        # Keep the leases renewed while the cycles in progress finish.
+        while tasks:
+            changes = await _tick(cluster, acquire=False)
+            _stop_lost(cluster, tasks, changes)
+            outcomes += await _hand_back_finished(cluster, tasks)
+            if tasks:
+                await asyncio.wait([task for task, _ in tasks.values()], timeout=cluster.renew_seconds)
+    finally:
+        for task, _ in tasks.values():
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in tasks.values()), return_exceptions=True)
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await cluster.leave()
+    return outcomes
+
+
+async def _tick(cluster: Cluster, *, acquire: bool) -> LeaseChanges:
+    try:
+        return await cluster.tick(acquire=acquire)
+    except DATABASE_ERRORS as err:
+        # Unrenewed leases lapse on their own; _stop_lost stops their tasks.
+        log.error("cluster.renewal.failed", extra={"instance": cluster.name, "error": f"{type(err).__name__}: {err}"})
+        return LeaseChanges()
+
+
+def _stop_lost(
+    cluster: Cluster, tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]], changes: LeaseChanges
+) -> None:
+    for connection, (task, fence) in tasks.items():
+        if connection in changes.lost or fence.remaining() <= 0:
+            fence.lost = True
+            task.cancel()
+
+
+async def _hand_back_finished(
+    cluster: Cluster, tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]]
+) -> list[ConnectionOutcome]:
+    outcomes = []
+    for connection, (task, fence) in list(tasks.items()):
+        if not task.done():
+            continue
+
+        del tasks[connection]
+        if task.cancelled():
+            outcomes.append(ConnectionOutcome(connection, None))
+        else:
+            outcomes.append(task.result())
+        if fence.lost:
+            cluster.forget(fence)
+            continue
+        try:
+            await cluster.release(fence)
+        except DATABASE_ERRORS as err:
+            # The lease lapses on its own after lease_seconds.
+            log.error("cluster.release.failed", extra={"connection": connection, "error": str(err)})
+    return outcomes
+
+
+async def work_leased(
+    settings: Settings,
+    connection: ConnectionSettings,
+    store: Store,
+    factory: ConnectionFactory,
+    stop: asyncio.Event,
+    observer: Observer,
+    fence: Fence,
+) -> ConnectionOutcome:
+    """Cycle one connection while this instance holds its lease and is not asked to hand it back."""
+    fence.use()
+    streak = FailureStreak(connection.name)
+    interval = connection.sync.interval_seconds
+    observer.connection(connection.name, interval)
+
+    def go_on() -> bool:
+        return not stop.is_set() and not fence.release_requested
+
+    try:
+        while go_on():
+            try:
+                async with factory(settings, connection, store) as sync:
+                    log.info("sync.connection.started", extra={"connection": connection.name, "epoch": fence.epoch})
+                    while go_on():
+                        delay = await run_cycle_until_stopped(sync, stop, streak, observer)
+                        await wait_unless_stopped(stop, delay)
+                    log.info("sync.connection.stopped", extra={"connection": connection.name})
+                    return ConnectionOutcome(connection.name, sync.stats)
+            except LeaseLostError:
+                raise
+            except (ConnectionFatalError, ConfigError) as err:
+                if streak.failures == 0:
+                    log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
+                streak.failed(err)
+                observer.cycle_failed(connection.name, interval, err)
+                await wait_unless_stopped(stop, max(FATAL_RETRY_SECONDS, interval))
+            except ConnectorError as err:
+                streak.failed(err)
+                observer.cycle_failed(connection.name, interval, err)
+                await wait_unless_stopped(stop, interval)
+        return ConnectionOutcome(connection.name, None)
+    except LeaseLostError as err:
+        fence.lost = True
+        log.warning(
+            "cluster.connection.lease_lost",
+            extra={"connection": connection.name, "instance": fence.holder, "epoch": fence.epoch},
+        )
+        return ConnectionOutcome(connection.name, None, err)
+    finally:
+        observer.connection_stopped(connection.name)
+
+
+async def sync_once_leased(
+    settings: Settings,
+    connections: list[ConnectionSettings],
+    store: Store,
+    factory: ConnectionFactory,
+) -> list[ConnectionOutcome]:
+    """Run one cycle of each connection whose lease is free; report the others busy."""
+    cluster = await join_cluster(settings, store)
+    renewer = asyncio.create_task(keep_renewed(cluster))
+    outcomes = []
+    try:
+        for connection in connections:
+            fence = await cluster.acquire_one(connection.name)
+            if fence is None:
+                log.warning("sync.connection.busy", extra={"connection": connection.name})
+                outcomes.append(
+                    ConnectionOutcome(
+                        connection.name,
+                        None,
+                        ConnectionBusyError(f"connection {connection.name} is being synced by another instance"),
+                    )
+                )
+                continue
+            outcomes.append(await _one_cycle(settings, connection, store, factory, fence))
+            if not fence.lost:
+                await cluster.release(fence)
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        with contextlib.suppress(*DATABASE_ERRORS):
+            await cluster.leave()
+    return outcomes
+
+
+async def _one_cycle(
+    settings: Settings, connection: ConnectionSettings, store: Store, factory: ConnectionFactory, fence: Fence
+) -> ConnectionOutcome:
+    token = fence.use()
+    try:
+        async with factory(settings, connection, store) as sync:
+            stats = await sync.run_cycle()
+        return ConnectionOutcome(connection.name, stats)
+    except ConnectorError as err:
+        log.error("sync.connection.failed", extra={"connection": connection.name, "error": str(err)})
+        return ConnectionOutcome(connection.name, None, err)
+    finally:
+        reset_fence(token)
+
+
+async def keep_renewed(cluster: Cluster) -> None:
+    """Renew the held leases until cancelled, for a cycle run outside `run_cluster`."""
+    while True:
+        await asyncio.sleep(cluster.renew_seconds)
+        await _tick(cluster, acquire=False)

@@ -1,0 +1,360 @@
+"""Leases: several instances share the connections, one instance per connection at a time.
+
+PostgreSQL is the only coordinator. A row in `leases` names the instance
+that works a connection and the database time until which it may. The
+holder renews it every `takeover_seconds / 5`; it lasts
+`takeover_seconds * 0.6`, so the connections of an instance that dies
+(killed, stalled, cut off) are free for the others within `takeover_seconds`.
+Each change of holder increments the row's `epoch`.
+
+Fencing: an instance that stalled past its lease must not write after
+another took over. Every ledger transaction in a connection's task first
+locks the lease row `FOR SHARE` and checks holder, epoch and expiry (a
+takeover waits for that transaction to finish), and every remote write is
+preceded by `Fence.check_remote()`, a check of a local deadline that ends
+no later than the lease in the database. NOTE: a write already sent when
+the process stalls can still arrive after the takeover; no remote system
+here accepts a fencing token. Every such write is idempotent or looked up
+by its marker, so the new holder finds it instead of writing it again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Interval, delete, func, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from mdr_connector.connector.config import ClusterSettings
+from mdr_connector.connector.errors import ConfigError, LeaseLostError
+from mdr_connector.connector.store import ClusterInstance, Lease
+
+log = logging.getLogger(__name__)
+
+LEASE_SHARE = 0.6
+RENEW_SHARE = 0.2
+# Local clocks may run slightly faster or slower than the database's; the
+# local deadline ends this much earlier than the lease.
+DRIFT_SHARE = 0.05
+
+_current_fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("mdr_connector_fence", default=None)
+
+
+def current_fence() -> Fence | None:
+    """The fence of the connection whose task runs now; None in CLI commands and without cluster mode."""
+    return _current_fence.get()
+
+
+def default_instance_name() -> str:
+    return f"{socket.gethostname()[:150]}-{os.getpid()}"
+
+
+class Fence:
+    """This instance's hold on one connection's lease, as far as it knows locally."""
+
+    def __init__(self, connection: str, holder: str, epoch: int, valid_until: float, clock: Callable[[], float]) -> None:
+        self.connection = connection
+        self.holder = holder
+        self.epoch = epoch
+        self.valid_until = valid_until
+        self.lost = False
+        # Set when the instance holds more than its share: the connection's
+        # task finishes its cycle and hands the lease back.
+        self.release_requested = False
+        self._clock = clock
+
+    def remaining(self) -> float:
+        if self.lost:
+            return 0.0
+        return max(0.0, self.valid_until - self._clock())
+
+    def check_remote(self, min_remaining: float = 0.0) -> None:
+        """Raise LeaseLostError unless the lease is known held for `min_remaining` more seconds."""
+        if self.lost or self._clock() + min_remaining >= self.valid_until:
+            raise LeaseLostError(
+                f"connection {self.connection}: this instance ({self.holder}) no longer holds its lease "
+                f"(epoch {self.epoch}); another instance works it now"
+            )
+
+    def use(self) -> contextvars.Token[Fence | None]:
+        """Make this the current fence of the running task and the tasks it starts."""
+        return _current_fence.set(self)
+
+
+def reset_fence(token: contextvars.Token[Fence | None]) -> None:
+    _current_fence.reset(token)
+
+
+def check_lease_in_transaction(connection: Connection) -> None:
+    """The `begin` hook of the store's engine: lock and check the current fence's lease row.
+
+    `FOR SHARE` keeps the row as it is until this transaction ends, so a
+    takeover waits for it, and a transaction that starts after a takeover
+    finds another holder or epoch and fails before it writes anything.
+    """
+    fence = _current_fence.get()
+    if fence is None:
+        return
+
+    statement = (
+        select(Lease.epoch)
+        .where(
+            Lease.connection == fence.connection,
+            Lease.holder == fence.holder,
+            Lease.epoch == fence.epoch,
+            Lease.expires_at > func.now(),
+        )
+        .with_for_update(read=True)
+    )
+    if connection.execute(statement).first() is None:
+        fence.lost = True
+        fence.check_remote()
+
+
+@dataclass
+class LeaseChanges:
+    """What one round of renewals and acquisitions changed."""
+
+    acquired: list[Fence] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+
+class Cluster:
+    """This instance's membership and its leases, renewed by `tick()` every `renew_seconds`."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: ClusterSettings,
+        connections: Iterable[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if engine.dialect.name != "postgresql":
+            raise ConfigError(
+                "cluster.enabled needs a PostgreSQL database_url (postgresql+asyncpg://...); "
+                f"the configured database is {engine.dialect.name}"
+            )
+        self.engine = engine
+        self.name = settings.instance_name or default_instance_name()
+        self.connections = sorted(set(connections))
+        self.lease_seconds = settings.takeover_seconds * LEASE_SHARE
+        self.renew_seconds = settings.takeover_seconds * RENEW_SHARE
+        self.fences: dict[str, Fence] = {}
+        self._clock = clock
+        self._ttl = literal(timedelta(seconds=self.lease_seconds), Interval())
+
+    def _valid_until(self, sent_at: float) -> float:
+        # The database set the expiry from its own time when it received the
+        # statement, which is after `sent_at`, so this deadline ends earlier.
+        return sent_at + self.lease_seconds * (1 - DRIFT_SHARE)
+
+    async def join(self) -> None:
+        """Register this instance; refuse a name that a live instance uses."""
+        statement = postgresql_insert(ClusterInstance).values(
+            name=self.name,
+            host=socket.gethostname()[:200],
+            pid=os.getpid(),
+            started_at=func.now(),
+            expires_at=func.now() + self._ttl,
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[ClusterInstance.name],
+            set_={
+                "host": statement.excluded.host,
+                "pid": statement.excluded.pid,
+                "started_at": func.now(),
+                "expires_at": statement.excluded.expires_at,
+            },
+            where=ClusterInstance.expires_at <= func.now(),
+        ).returning(ClusterInstance.name)
+        async with self.engine.begin() as database:
+            joined = (await database.execute(statement)).first()
+        if joined is None:
+            raise ConfigError(
+                f"another running instance is named {self.name!r}: give each instance its own "
+                "cluster.instance_name, or leave it unset"
+            )
+        log.info("cluster.instance.joined", extra={"instance": self.name, "lease_seconds": self.lease_seconds})
+
+    async def tick(self, *, acquire: bool = True) -> LeaseChanges:
+        """Renew this instance and its leases, hand back surplus, and take free leases up to a fair share."""
+        changes = LeaseChanges()
+        sent_at = self._clock()
+        async with self.engine.begin() as database:
+            await database.execute(
+                update(ClusterInstance)
+                .where(ClusterInstance.name == self.name)
+                .values(expires_at=func.now() + self._ttl)
+            )
+            live = await database.scalar(
+                select(func.count()).select_from(ClusterInstance).where(ClusterInstance.expires_at > func.now())
+            )
+        await self._renew(changes, sent_at)
+        if not acquire:
+            return changes
+
+        share = math.ceil(len(self.connections) / max(1, live or 1))
+        held = [fence for fence in self.fences.values() if not fence.lost]
+        if len(held) > share:
+            self._request_release(held, len(held) - share)
+        elif len(held) < share:
+            await self._acquire(changes, share - len(held))
+        return changes
+
+    async def _renew(self, changes: LeaseChanges, sent_at: float) -> None:
+        for connection, fence in list(self.fences.items()):
+            if fence.lost:
+                continue
+            statement = (
+                update(Lease)
+                .where(
+                    Lease.connection == connection,
+                    Lease.holder == self.name,
+                    Lease.epoch == fence.epoch,
+                    Lease.expires_at > func.now(),
+                )
+                .values(expires_at=func.now() + self._ttl)
+                .returning(Lease.epoch)
+            )
+            async with self.engine.begin() as database:
+                renewed = (await database.execute(statement)).first()
+            if renewed is None:
+                fence.lost = True
+                changes.lost.append(connection)
+                log.warning(
+                    "cluster.lease.lost",
+                    extra={"connection": connection, "instance": self.name, "epoch": fence.epoch},
+                )
+                continue
+            fence.valid_until = self._valid_until(sent_at)
+
+    def _request_release(self, held: list[Fence], surplus: int) -> None:
+        already = sum(1 for fence in held if fence.release_requested)
+        keep_going = sorted((fence for fence in held if not fence.release_requested), key=lambda fence: fence.connection)
+        for fence in keep_going[: max(0, surplus - already)]:
+            fence.release_requested = True
+            log.info("cluster.lease.handing_back", extra={"connection": fence.connection, "instance": self.name})
+
+    async def _acquire(self, changes: LeaseChanges, wanted: int) -> None:
+        candidates = [name for name in self.connections if name not in self.fences or self.fences[name].lost]
+        # Instances starting together would otherwise all race for the same rows first.
+        random.shuffle(candidates)
+        for connection in candidates:
+            if wanted <= 0:
+                return
+            fence = await self._try_acquire(connection)
+            if fence is None:
+                continue
+            self.fences[connection] = fence
+            changes.acquired.append(fence)
+            wanted -= 1
+
+    async def _try_acquire(self, connection: str) -> Fence | None:
+        statement = postgresql_insert(Lease).values(
+            connection=connection,
+            holder=self.name,
+            epoch=1,
+            expires_at=func.now() + self._ttl,
+            acquired_at=func.now(),
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[Lease.connection],
+            set_={
+                "holder": self.name,
+                "epoch": Lease.epoch + 1,
+                "expires_at": func.now() + self._ttl,
+                "acquired_at": func.now(),
+            },
+            where=(Lease.holder.is_(None)) | (Lease.expires_at.is_(None)) | (Lease.expires_at <= func.now()),
+        ).returning(Lease.epoch)
+        sent_at = self._clock()
+        async with self.engine.begin() as database:
+            row = (await database.execute(statement)).first()
+        if row is None:
+            return None
+        log.info("cluster.lease.acquired", extra={"connection": connection, "instance": self.name, "epoch": row.epoch})
+        return Fence(connection, self.name, row.epoch, self._valid_until(sent_at), self._clock)
+
+    async def acquire_one(self, connection: str) -> Fence | None:
+        """Take one connection's lease if it is free, for `sync --once`."""
+        fence = await self._try_acquire(connection)
+        if fence is not None:
+            self.fences[connection] = fence
+        return fence
+
+    def forget(self, fence: Fence) -> None:
+        """Drop a lost lease from the ones this instance renews."""
+        if self.fences.get(fence.connection) is fence:
+            del self.fences[fence.connection]
+
+    async def release(self, fence: Fence) -> None:
+        """Hand a lease back at once, so another instance need not wait for it to expire."""
+        self.forget(fence)
+        fence.lost = True
+        async with self.engine.begin() as database:
+            await database.execute(
+                update(Lease)
+                .where(Lease.connection == fence.connection, Lease.holder == self.name, Lease.epoch == fence.epoch)
+                .values(holder=None, expires_at=None)
+            )
+        log.info("cluster.lease.released", extra={"connection": fence.connection, "instance": self.name})
+
+    async def leave(self) -> None:
+        """Hand back every lease and deregister, at shutdown."""
+        for fence in list(self.fences.values()):
+            await self.release(fence)
+        async with self.engine.begin() as database:
+            await database.execute(delete(ClusterInstance).where(ClusterInstance.name == self.name))
+        log.info("cluster.instance.left", extra={"instance": self.name})
+
+
+# The methods of each side that change something remotely. The fence is
+# checked before each call; reads pass through unchecked.
+TICKET_WRITES = frozenset(
+    {"create_ticket", "update_ticket", "add_comment", "edit_comment", "upload_attachment", "transition_to", "set_correlation"}
+)
+MDR_WRITES = frozenset(
+    {
+        "create_comment",
+        "delete_comment",
+        "upload_attachment",
+        "update_response",
+        "update_responses",
+        "close_incident",
+        "create_incident",
+    }
+)
+
+
+class FencedClient:
+    """A client of a remote system whose write methods first check the current fence."""
+
+    def __init__(self, target: Any, writes: frozenset[str]) -> None:
+        self._target = target
+        self._writes = writes
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._target, name)
+        if name not in self._writes:
+            return attribute
+
+        async def fenced(*args: Any, **kwargs: Any) -> Any:
+            fence = _current_fence.get()
+            if fence is not None:
+                fence.check_remote()
+            return await attribute(*args, **kwargs)
+
+        return fenced
