@@ -302,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--connection", help=_("name of the connection (default: all)"))
     status.set_defaults(handler=command_token_status)
+    new_key = token_commands.add_parser(
+        "new-key",
+        parents=[common],
+        help=_("print a new random key for cluster.token_key"),
+        description=_("Print a new random key for cluster.token_key, which encrypts the MDR tokens in the "
+                      "database in cluster mode. Store it in a file or an environment variable that only "
+                      "the connector can read; every instance needs the same key."),
+    )
+    new_key.set_defaults(handler=command_token_new_key)
 
     check = commands.add_parser("check", parents=[common], help=_("validate the config and mappings, then test both connections"))
     check.add_argument("--connection", help=_("name of the connection (default: all)"))
@@ -603,30 +612,55 @@ def command_token_activate(args: argparse.Namespace) -> int:
     connection = settings.connection(args.connection)
     token = read_console_token(args.token_file)
 
-    async def go() -> Any:
+    async def activate(store: Any) -> Any:
+        from mdr_connector.connector.service import mdr_client
+
+        async with mdr_client(settings, connection, store) as mdr:
+            return await mdr.tokens.activate(token)
+
+    async def activate_in_file() -> Any:
         from mdr_connector.adapters.mdr.client import MdrClient
 
         async with MdrClient(connection.mdr) as mdr:
             return await mdr.tokens.activate(token)
 
-    status = run_async(go)
+    # Only cluster mode needs the database; a single instance keeps its tokens in files.
+    status = run_with_store(settings, activate) if settings.cluster.enabled else run_async(activate_in_file)
     print(_("{name}: token activated; state {state}").format(name=connection.name, state=_(status.state)))
     print_token_expiry(status)
-    if args.token_file is not None:
+    if args.token_file is not None and settings.cluster.enabled:
+        print(_("delete {path}: its token is used up, and the connector keeps its own tokens in the database").format(
+            path=args.token_file))
+    elif args.token_file is not None:
         print(_("delete {path}: its token is used up, and the connector keeps its own tokens in {token_dir}").format(
             path=args.token_file, token_dir=connection.mdr.token_dir))
     return EXIT_OK
 
 
-def command_token_status(args: argparse.Namespace) -> int:
-    from mdr_connector.adapters.mdr.tokens import TokenFileStore
+def read_token_statuses(settings: Settings, connections: Sequence[Any]) -> list[Any]:
+    """Read the token state of each connection, from the database in cluster mode, else from its token file."""
+    now = datetime.now(timezone.utc).timestamp()
+    if not settings.cluster.enabled:
+        from mdr_connector.adapters.mdr.tokens import TokenFileStore
 
+        return [
+            TokenFileStore(connection.mdr.token_dir, connection.mdr.client_id).status(now)
+            for connection in connections
+        ]
+
+    async def read(store: Any) -> list[Any]:
+        from mdr_connector.connector.service import token_storage
+
+        return [await token_storage(settings, connection, store).read_status(now) for connection in connections]
+
+    return run_with_store(settings, read)
+
+
+def command_token_status(args: argparse.Namespace) -> int:
     settings = load_config(args)
     exit_code = EXIT_OK
-    for connection in selected(settings, args.connection):
-        status = TokenFileStore(connection.mdr.token_dir, connection.mdr.client_id).status(
-            datetime.now(timezone.utc).timestamp()
-        )
+    connections = selected(settings, args.connection)
+    for connection, status in zip(connections, read_token_statuses(settings, connections), strict=True):
         print(_("{name}: {state}").format(name=connection.name, state=_(status.state)))
         if status.rejected_at is not None:
             print("  " + _("MDR rejected the refresh token at {time}: issue a new token in the MDR console "
@@ -636,6 +670,15 @@ def command_token_status(args: argparse.Namespace) -> int:
         if status.state not in USABLE_TOKEN_STATES:
             exit_code = EXIT_FAILED
     return exit_code
+
+
+def command_token_new_key(args: argparse.Namespace) -> int:
+    from mdr_connector.adapters.mdr.token_database import new_token_key
+
+    print(new_token_key())
+    print_warning(_("keep this key secret, give every instance the same one, and never store it in the database "
+                    "or the config file itself: point cluster.token_key to a file or an environment variable"))
+    return EXIT_OK
 
 
 def print_token_expiry(status: Any) -> None:
@@ -772,13 +815,13 @@ def command_responses_list(args: argparse.Namespace) -> int:
     connection = settings.connection(args.connection)
 
     async def go() -> list[Any]:
-        from mdr_connector.adapters.mdr.client import MdrClient
         from mdr_connector.connector.responses import list_linked_responses
+        from mdr_connector.connector.service import mdr_client
         from mdr_connector.connector.store import Store
 
         store = await Store.open(settings.resolved_database_url())
         try:
-            async with MdrClient(connection.mdr) as mdr:
+            async with mdr_client(settings, connection, store) as mdr:
                 return await list_linked_responses(mdr, store, connection.name, args.incident)
         finally:
             await store.close()
@@ -811,9 +854,8 @@ def command_responses_decide(args: argparse.Namespace) -> int:
     actor = TerminalActor.from_user_name(local_user_name())
 
     async def go() -> Any:
-        from mdr_connector.adapters.mdr.client import MdrClient
         from mdr_connector.connector.responses import decide_from_terminal
-        from mdr_connector.connector.service import build_ticket_adapter
+        from mdr_connector.connector.service import build_ticket_adapter, mdr_client
         from mdr_connector.connector.store import LINKED, Store
 
         store = await Store.open(settings.resolved_database_url())
@@ -825,7 +867,7 @@ def command_responses_decide(args: argparse.Namespace) -> int:
             try:
                 if tickets is not None:
                     await tickets.open()
-                async with MdrClient(connection.mdr) as mdr:
+                async with mdr_client(settings, connection, store) as mdr:
                     return await decide_from_terminal(
                         mapping=mapping,
                         store=store,

@@ -13,6 +13,9 @@ instead of listing incidents.
 With --kill-at STEP, the helper SIGKILLs itself at one step of a token
 refresh (see KILL_STEPS), as after a power cut or an OOM kill.
 
+With --database-url, the pair is kept in that PostgreSQL database (cluster
+mode), encrypted with the key in the environment variable MDR_TEST_TOKEN_KEY.
+
 With --ready and --go, the helper loads its token pair, creates the --ready
 file, and waits for the --go file before calling, so that tests can start
 two helpers that both hold the same old pair.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -30,9 +34,11 @@ from pathlib import Path
 
 import aiohttp
 from mdr_connector.adapters.mdr.client import MdrClient
+from mdr_connector.adapters.mdr.token_database import DatabaseTokenStore, TokenCipher
 from mdr_connector.adapters.mdr.tokens import TokenFileStore
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import ConnectorError
+from mdr_connector.connector.store import Store
 
 CRASH_EXIT_CODE = 17
 # The steps of a refresh at which --kill-at stops the process, in their order.
@@ -144,7 +150,12 @@ async def run(args: argparse.Namespace) -> int:
         token_dir=Path(args.token_dir),
         timeout_seconds=10,
     )
-    async with MdrClient(settings) as client:
+    storage = None
+    if args.database_url:
+        store = Store(args.database_url)
+        key = base64.urlsafe_b64decode(os.environ["MDR_TEST_TOKEN_KEY"])
+        storage = DatabaseTokenStore(store.engine, settings, TokenCipher(key))
+    async with MdrClient(settings, token_storage=storage) as client:
         if args.activate:
             status = await client.tokens.activate(Path(args.activate).read_text(encoding="utf-8"))
             print(json.dumps({"state": status.state}))
@@ -172,6 +183,7 @@ def main() -> int:
     parser.add_argument("--go")
     parser.add_argument("--activate", metavar="FILE")
     parser.add_argument("--kill-at", choices=KILL_STEPS)
+    parser.add_argument("--database-url")
     args = parser.parse_args()
 
     if args.mode == "crash-after-save":

@@ -60,7 +60,13 @@ from mdr_connector.adapters.mdr.models import (
     parse_incident,
     parse_response,
 )
-from mdr_connector.adapters.mdr.tokens import TokenManager, expired_refresh_error
+from mdr_connector.adapters.mdr.tokens import (
+    CONFIRM_FENCE_MARGIN_SECONDS,
+    TokenManager,
+    TokenStorage,
+    check_confirm_fence,
+    expired_refresh_error,
+)
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.errors import (
     CredentialsRejectedError,
@@ -183,14 +189,20 @@ class MdrClient:
     `session/confirm` through this client. `clock` (Unix seconds) exists so
     tests can follow a simulated clock. Every request goes through
     `rate_gate`, so a 429 pauses all calls of this client id.
+    `token_storage` keeps the token pair; None means the token file.
     """
 
     def __init__(
-        self, settings: MdrSettings, *, clock: Callable[[], float] = time.time, rate_gate: RateGate | None = None
+        self,
+        settings: MdrSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        rate_gate: RateGate | None = None,
+        token_storage: TokenStorage | None = None,
     ) -> None:
         self.settings = settings
         self.rate_gate = rate_gate or RateGate("mdr")
-        self.tokens = TokenManager(settings, self.confirm_session, clock=clock)
+        self.tokens = TokenManager(settings, self.confirm_session, clock=clock, storage=token_storage)
         self._base = f"{settings.base_url}/{settings.client_id}"
         self._session: aiohttp.ClientSession | None = None
         self._limit = asyncio.Semaphore(settings.max_concurrency)
@@ -548,6 +560,8 @@ class MdrClient:
         """Call `session/confirm` (no Authorization header) and return (access_token, refresh_token)."""
 
         async def confirm() -> _Reply:
+            # The rate gate may wait before this attempt, so the lease is checked at each one.
+            check_confirm_fence(self.settings.timeout_seconds + CONFIRM_FENCE_MARGIN_SECONDS)
             # write=True: a reply lost after sending raises OutcomeUnknownError,
             # because MDR may have spent the refresh token on it.
             async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=True) as response:

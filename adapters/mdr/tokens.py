@@ -42,11 +42,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError, RemoteUnavailableError, TokenExpiredError
+from mdr_connector.connector.leases import current_fence
 from mdr_connector.connector.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 # Token times must be whole Unix seconds after 1970 and before the year 10000,
 # which datetime can represent. Any other value is rejected, not converted.
 MAX_UNIX_SECONDS = 253402300800
+# The lease must outlast one session/confirm request by this much when the
+# request is sent, so it cannot lapse while MDR spends the refresh token.
+CONFIRM_FENCE_MARGIN_SECONDS = 5.0
 
 TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
 
@@ -92,6 +96,19 @@ CONSOLE_TOKEN_EXPIRED = N_(
     "the console token for client {client_id} expired at {expired_at}: "
     "issue a new token in the MDR console (Settings, API)"
 )
+
+
+def check_confirm_fence(seconds: float) -> None:
+    """Raise LeaseLostError unless this task's connection lease is known held for `seconds` more.
+
+    Only the lease holder may spend the refresh token, and the lease must
+    not lapse while session/confirm is in flight. Without a current fence
+    (single-instance mode, or a CLI command) this checks nothing: the lock
+    of the token storage alone keeps two refreshes apart.
+    """
+    fence = current_fence()
+    if fence is not None:
+        fence.check_remote(min_remaining=seconds)
 
 
 def expired_refresh_error(client_id: str) -> TokenExpiredError:
@@ -221,7 +238,8 @@ class TokenStatus:
     """State of a token file and both expiry times, as `mdr-connector token status` prints them."""
 
     state: TokenState
-    path: Path
+    # The token file; None when the pair is stored in the database.
+    path: Path | None
     access_expires_at: datetime | None = None
     refresh_expires_at: datetime | None = None
     # Set when the state is Expired because MDR rejected the refresh token.
@@ -230,6 +248,62 @@ class TokenStatus:
 
 def _utc(seconds: int) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def parse_pair(data: bytes, invalid: ConfigError) -> TokenPair:
+    """Parse a stored pair from its JSON document, raising `invalid` when it is malformed."""
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise invalid
+    try:
+        raw = json.loads(data)
+    except ValueError as err:
+        raise invalid from err
+    if not isinstance(raw, dict):
+        raise invalid
+    register_tokens(raw.get("access_token"), raw.get("refresh_token"))
+
+    try:
+        pair = TokenPair(
+            access_token=raw["access_token"],
+            refresh_token=raw["refresh_token"],
+            access_expires_at=raw["access_expires_at"],
+            refresh_expires_at=raw["refresh_expires_at"],
+            obtained_at=raw["obtained_at"],
+            access_issued_at=raw.get("access_issued_at"),
+            rejected_at=raw.get("rejected_at"),
+        )
+    except (KeyError, TypeError) as err:
+        raise invalid from err
+
+    strings_ok = isinstance(pair.access_token, str) and isinstance(pair.refresh_token, str)
+    times_ok = all(
+        is_unix_time(value)
+        for value in (pair.access_expires_at, pair.refresh_expires_at, pair.obtained_at)
+    )
+    times_ok = times_ok and all(
+        value is None or is_unix_time(value) for value in (pair.access_issued_at, pair.rejected_at)
+    )
+    if not (strings_ok and times_ok):
+        raise invalid
+    return pair
+
+
+def pair_document(pair: TokenPair, client_id: str) -> bytes:
+    """Serialize a pair as the JSON document that the token file and the database both store."""
+    return json.dumps(
+        {
+            "version": TOKEN_FILE_VERSION,
+            "client_id": client_id,
+            "access_token": pair.access_token,
+            "access_expires_at": pair.access_expires_at,
+            "refresh_token": pair.refresh_token,
+            "refresh_expires_at": pair.refresh_expires_at,
+            "obtained_at": pair.obtained_at,
+            "access_issued_at": pair.access_issued_at,
+            "rejected_at": pair.rejected_at,
+        },
+        indent=2,
+    ).encode("utf-8")
 
 
 class TokenFileStore:
@@ -303,59 +377,13 @@ class TokenFileStore:
             f"the token file {self.path} is malformed: run `mdr-connector token activate` "
             "with a new token from the MDR console"
         )
-        if len(data) > MAX_TOKEN_FILE_BYTES:
-            raise invalid
-        try:
-            raw = json.loads(data)
-        except ValueError as err:
-            raise invalid from err
-        if not isinstance(raw, dict):
-            raise invalid
-        register_tokens(raw.get("access_token"), raw.get("refresh_token"))
-
-        try:
-            pair = TokenPair(
-                access_token=raw["access_token"],
-                refresh_token=raw["refresh_token"],
-                access_expires_at=raw["access_expires_at"],
-                refresh_expires_at=raw["refresh_expires_at"],
-                obtained_at=raw["obtained_at"],
-                access_issued_at=raw.get("access_issued_at"),
-                rejected_at=raw.get("rejected_at"),
-            )
-        except (KeyError, TypeError) as err:
-            raise invalid from err
-
-        strings_ok = isinstance(pair.access_token, str) and isinstance(pair.refresh_token, str)
-        times_ok = all(
-            is_unix_time(value)
-            for value in (pair.access_expires_at, pair.refresh_expires_at, pair.obtained_at)
-        )
-        times_ok = times_ok and all(
-            value is None or is_unix_time(value) for value in (pair.access_issued_at, pair.rejected_at)
-        )
-        if not (strings_ok and times_ok):
-            raise invalid
-        return pair
+        return parse_pair(data, invalid)
 
     def save(self, pair: TokenPair) -> None:
         """Replace the token file with `pair`: temp file 0400, fsync, rename, fsync the folder."""
         register_tokens(pair.access_token, pair.refresh_token)
         self._ensure_folder()
-        data = json.dumps(
-            {
-                "version": TOKEN_FILE_VERSION,
-                "client_id": self.client_id,
-                "access_token": pair.access_token,
-                "access_expires_at": pair.access_expires_at,
-                "refresh_token": pair.refresh_token,
-                "refresh_expires_at": pair.refresh_expires_at,
-                "obtained_at": pair.obtained_at,
-                "access_issued_at": pair.access_issued_at,
-                "rejected_at": pair.rejected_at,
-            },
-            indent=2,
-        ).encode("utf-8")
+        data = pair_document(pair, self.client_id)
 
         temp_path = self.token_dir / f".{self.client_id}.{secrets.token_hex(8)}.tmp"
         try:
@@ -452,7 +480,7 @@ class TokenFileStore:
             os.close(fd)
 
     @contextlib.asynccontextmanager
-    async def locked(self) -> AsyncIterator[None]:
+    async def locked(self) -> AsyncIterator[TokenFileStore]:
         """Hold an exclusive `flock` on the lock file, polling so the event loop never blocks.
 
         flock(2) locks are released when the holding process exits, crashed or
@@ -472,37 +500,98 @@ class TokenFileStore:
                     break
                 except BlockingIOError:
                     await asyncio.sleep(LOCK_POLL_SECONDS)
-            yield
+            yield self
         finally:
             # Closing the descriptor releases the flock.
             os.close(fd)
 
     def status(self, now: float) -> TokenStatus:
         """Classify the stored pair at time `now` (Unix seconds)."""
-        pair = self.load()
-        if pair is None:
-            return TokenStatus("Pending activation", self.path)
+        return classify_pair(self.load(), now, self.path)
 
-        access_expires_at, refresh_expires_at = _utc(pair.access_expires_at), _utc(pair.refresh_expires_at)
-        if pair.rejected_at is not None:
-            # A rejected chain stays Expired until `token activate` replaces the file.
-            return TokenStatus(
-                "Expired", self.path, access_expires_at, refresh_expires_at, _utc(pair.rejected_at)
-            )
-        if now >= pair.refresh_expires_at:
-            state: TokenState = "Expired"
-        elif now < pair.access_expires_at:
-            state = "Active"
-        else:
-            state = "Idle"
-        return TokenStatus(state, self.path, access_expires_at, refresh_expires_at)
+    # The asynchronous storage interface that TokenManager uses (TokenStorage
+    # and LockedTokens). The file store is its own locked handle, because
+    # the flock guards the file and the methods below read and write it.
+
+    async def read(self) -> TokenPair | None:
+        return await asyncio.to_thread(self.load)
+
+    async def write(self, pair: TokenPair) -> None:
+        await asyncio.to_thread(self.save, pair)
+
+    async def write_rejected(self, pair: TokenPair, rejected_at: int) -> None:
+        await asyncio.to_thread(self.mark_rejected, pair, rejected_at)
+
+    async def recover(self, current: TokenPair) -> TokenPair | None:
+        return await asyncio.to_thread(self.recover_unrenamed, current)
+
+    async def read_status(self, now: float) -> TokenStatus:
+        return await asyncio.to_thread(self.status, now)
+
+    def missing_error(self, *, during_refresh: bool) -> ConfigError:
+        """The error for a pair that is not stored: never activated, or deleted during a refresh."""
+        if during_refresh:
+            return ConfigError(f"the token file {self.path} disappeared: run `mdr-connector token activate`")
+        return ConfigError.from_template(NOT_ACTIVATED, client_id=self.client_id, token_dir=self.token_dir)
+
+
+def classify_pair(pair: TokenPair | None, now: float, path: Path | None) -> TokenStatus:
+    """Classify a stored pair at time `now` (Unix seconds); None is a pair not activated yet."""
+    if pair is None:
+        return TokenStatus("Pending activation", path)
+
+    access_expires_at, refresh_expires_at = _utc(pair.access_expires_at), _utc(pair.refresh_expires_at)
+    if pair.rejected_at is not None:
+        # A rejected chain stays Expired until `token activate` replaces the pair.
+        return TokenStatus("Expired", path, access_expires_at, refresh_expires_at, _utc(pair.rejected_at))
+    if now >= pair.refresh_expires_at:
+        state: TokenState = "Expired"
+    elif now < pair.access_expires_at:
+        state = "Active"
+    else:
+        state = "Idle"
+    return TokenStatus(state, path, access_expires_at, refresh_expires_at)
+
+
+class LockedTokens(Protocol):
+    """The stored pair of one client while its lock is held: no other task or process changes it meanwhile."""
+
+    async def read(self) -> TokenPair | None: ...
+
+    async def write(self, pair: TokenPair) -> None: ...
+
+    async def write_rejected(self, pair: TokenPair, rejected_at: int) -> None: ...
+
+    async def recover(self, current: TokenPair) -> TokenPair | None:
+        """Return a pair that a killed save left outside the stored one, or None."""
+        ...
+
+
+class TokenStorage(Protocol):
+    """Where the token pair of one MDR client is kept: a file (TokenFileStore) or the database."""
+
+    client_id: str
+
+    async def read(self) -> TokenPair | None:
+        """Read the pair without taking the lock, or return None when none is stored."""
+        ...
+
+    def locked(self) -> contextlib.AbstractAsyncContextManager[LockedTokens]:
+        """Hold the lock that lets one refresh run at a time across tasks, processes and instances."""
+        ...
+
+    async def read_status(self, now: float) -> TokenStatus: ...
+
+    def missing_error(self, *, during_refresh: bool) -> ConfigError: ...
 
 
 class TokenManager:
     """Hand out a valid MDR access token, refreshing and persisting the pair as needed.
 
     `confirm` performs the `session/confirm` call; MdrClient passes its own.
-    `clock` returns Unix seconds and exists so tests can follow a simulated clock.
+    `storage` keeps the pair: the token file by default, the database in
+    cluster mode. `clock` returns Unix seconds and exists so tests can
+    follow a simulated clock.
     """
 
     def __init__(
@@ -511,23 +600,35 @@ class TokenManager:
         confirm: ConfirmFunction,
         *,
         clock: Callable[[], float] = time.time,
+        storage: TokenStorage | None = None,
     ) -> None:
         self.client_id = settings.client_id
         self.mdr_connection_name = settings.connection_name
-        self.store = TokenFileStore(settings.token_dir, settings.client_id)
+        self.store: TokenStorage = storage or TokenFileStore(settings.token_dir, settings.client_id)
         self._confirm = confirm
+        self._confirm_seconds = settings.timeout_seconds + CONFIRM_FENCE_MARGIN_SECONDS
         self._clock = clock
         self._margin = settings.refresh_margin_seconds
         self._pair: TokenPair | None = None
         self._lock = asyncio.Lock()
 
     def status(self) -> TokenStatus:
-        """Return the state of the token file, checking its permissions."""
-        return self.store.status(self._clock())
+        """Return the state of the token file, checking its permissions.
+
+        With another storage, such as the database, this is the state of the
+        pair this manager last read or saved; `read_status` reads the storage.
+        """
+        if isinstance(self.store, TokenFileStore):
+            return self.store.status(self._clock())
+        return classify_pair(self._pair, self._clock(), None)
+
+    async def read_status(self) -> TokenStatus:
+        """Read the stored pair and return its state."""
+        return await self.store.read_status(self._clock())
 
     async def access_token(self) -> str:
         """Return an access token, refreshing first when it is within the margin of its expiry."""
-        pair = self._pair or self._load_required()
+        pair = self._pair or await self._load_required()
         if not self._needs_refresh(pair):
             return pair.access_token
         return await self._refresh(rejected_access=None)
@@ -558,20 +659,20 @@ class TokenManager:
             )
 
         async with self._lock:
-            await self._run_shielded(self._exchange_and_save(console_token, locked=False))
+            await self._run_shielded(self._exchange_and_save_locked(console_token))
 
         log.info("mdr.token.activated", extra=self._log_ids())
-        return self.status()
+        return await self.read_status()
 
     def _log_ids(self) -> dict[str, str]:
         # `connection` in log records is the config's connection name, so the
         # MDR API connection name has a key of its own.
         return {"mdr_connection_name": self.mdr_connection_name, "client_id": self.client_id}
 
-    def _load_required(self) -> TokenPair:
-        pair = self.store.load()
+    async def _load_required(self) -> TokenPair:
+        pair = await self.store.read()
         if pair is None:
-            raise ConfigError.from_template(NOT_ACTIVATED, client_id=self.client_id, token_dir=self.store.token_dir)
+            raise self.store.missing_error(during_refresh=False)
         self._pair = pair
         return pair
 
@@ -584,26 +685,24 @@ class TokenManager:
 
     async def _refresh(self, rejected_access: str | None) -> str:
         async with self._lock:
-            pair = self._pair or self._load_required()
+            pair = self._pair or await self._load_required()
             if self._already_fresh(pair, rejected_access):
                 return pair.access_token
-            return await self._run_shielded(self._refresh_under_file_lock(rejected_access))
+            return await self._run_shielded(self._refresh_under_lock(rejected_access))
 
     def _already_fresh(self, pair: TokenPair, rejected_access: str | None) -> bool:
         if rejected_access is not None:
             return pair.access_token != rejected_access
         return not self._needs_refresh(pair)
 
-    async def _refresh_under_file_lock(self, rejected_access: str | None) -> str:
-        async with self.store.locked():
-            pair = await asyncio.to_thread(self.store.load)
+    async def _refresh_under_lock(self, rejected_access: str | None) -> str:
+        async with self.store.locked() as chain:
+            pair = await chain.read()
             if pair is None:
-                raise ConfigError(
-                    f"the token file {self.store.path} disappeared: run `mdr-connector token activate`"
-                )
+                raise self.store.missing_error(during_refresh=True)
 
-            # Another task or process may have refreshed while this one
-            # waited for the file lock (a cancelled refresh finishes shielded),
+            # Another task, process or instance may have refreshed while this
+            # one waited for the lock (a cancelled refresh finishes shielded),
             # so a pair that is fresh now is used instead of spending its
             # refresh token again.
             self._pair = pair
@@ -614,56 +713,60 @@ class TokenManager:
             if pair.rejected_at is not None or self._clock() >= pair.refresh_expires_at:
                 # A process killed before its rename may have left the pair MDR
                 # issued for this refresh token, or for a new activation.
-                recovered = await asyncio.to_thread(self.store.recover_unrenamed, pair)
+                recovered = await chain.recover(pair)
                 if recovered is None:
                     raise expired_refresh_error(self.client_id)
-                return (await self._continue_recovered(recovered, rejected_access)).access_token
+                return (await self._continue_recovered(chain, recovered, rejected_access)).access_token
 
             try:
-                new_pair = await self._exchange_and_save(pair.refresh_token, locked=True)
+                new_pair = await self._exchange_and_save(chain, pair.refresh_token)
             except TokenExpiredError:
-                recovered = await asyncio.to_thread(self.store.recover_unrenamed, pair)
+                recovered = await chain.recover(pair)
                 if recovered is None:
-                    await self._record_rejection(pair)
+                    await self._record_rejection(chain, pair)
                     raise
-                new_pair = await self._continue_recovered(recovered, rejected_access)
+                new_pair = await self._continue_recovered(chain, recovered, rejected_access)
             except OutcomeUnknownError as err:
-                new_pair = await self._exchange_after_lost_reply(pair, err)
+                new_pair = await self._exchange_after_lost_reply(chain, pair, err)
             return new_pair.access_token
 
-    async def _continue_recovered(self, recovered: TokenPair, rejected_access: str | None) -> TokenPair:
+    async def _continue_recovered(
+        self, chain: LockedTokens, recovered: TokenPair, rejected_access: str | None
+    ) -> TokenPair:
         """Use a pair recovered from a temp token file, refreshing it first when its access token is due."""
         log.warning("mdr.token.recovered", extra=self._log_ids())
         self._pair = recovered
         if self._already_fresh(recovered, rejected_access):
             return recovered
         try:
-            return await self._exchange_and_save(recovered.refresh_token, locked=True)
+            return await self._exchange_and_save(chain, recovered.refresh_token)
         except TokenExpiredError:
-            await self._record_rejection(recovered)
+            await self._record_rejection(chain, recovered)
             raise
 
-    async def _exchange_after_lost_reply(self, pair: TokenPair, lost: OutcomeUnknownError) -> TokenPair:
+    async def _exchange_after_lost_reply(
+        self, chain: LockedTokens, pair: TokenPair, lost: OutcomeUnknownError
+    ) -> TokenPair:
         """Send the same refresh token once more after a session/confirm whose reply was lost.
 
         The token works once, so the second request is safe and separates two
         cases. Either MDR did not apply the first request and replies to this
         one, or it spent the token on the first and rejects this one. Then the
         chain is broken, and TokenExpiredError reports it and stops the connection.
-        The caller holds the file lock.
+        The caller holds the lock.
         """
         log.warning("mdr.token.confirm_reply_lost", extra={**self._log_ids(), "error": str(lost)})
         try:
-            return await self._exchange_and_save(pair.refresh_token, locked=True)
+            return await self._exchange_and_save(chain, pair.refresh_token)
         except TokenExpiredError as rejected:
-            await self._record_rejection(pair)
+            await self._record_rejection(chain, pair)
             raise TokenExpiredError.from_template(CONFIRM_REPLY_LOST, client_id=self.client_id) from rejected
 
-    async def _record_rejection(self, pair: TokenPair) -> None:
-        """Mark the token file rejected so `token status` shows Expired; the caller holds the file lock."""
+    async def _record_rejection(self, chain: LockedTokens, pair: TokenPair) -> None:
+        """Mark the stored pair rejected so `token status` shows Expired; the caller holds the lock."""
         rejected_at = int(self._clock())
         try:
-            await asyncio.to_thread(self.store.mark_rejected, pair, rejected_at)
+            await chain.write_rejected(pair, rejected_at)
         except ConfigError as err:
             # The rejection is still raised to the caller; only `token status` misses it.
             log.error("mdr.token.rejection_not_saved", extra={**self._log_ids(), "error": str(err)})
@@ -671,19 +774,20 @@ class TokenManager:
         self._pair = dataclasses.replace(pair, rejected_at=rejected_at)
         log.warning("mdr.token.rejected", extra={**self._log_ids(), "rejected_at": rejected_at})
 
-    async def _exchange_and_save(self, refresh_token: str, *, locked: bool) -> TokenPair:
-        if not locked:
-            async with self.store.locked():
-                return await self._exchange_and_save(refresh_token, locked=True)
+    async def _exchange_and_save_locked(self, refresh_token: str) -> TokenPair:
+        async with self.store.locked() as chain:
+            return await self._exchange_and_save(chain, refresh_token)
 
+    async def _exchange_and_save(self, chain: LockedTokens, refresh_token: str) -> TokenPair:
         # NOTE: if the reply to session/confirm is lost after MDR rotated the
         # token, the chain is broken and only a new console token can fix it.
         # A refresh detects this (`_exchange_after_lost_reply`); `activate`
         # raises OutcomeUnknownError, and the person running it tries again.
+        check_confirm_fence(self._confirm_seconds)
         access_token, new_refresh_token = await self._confirm(refresh_token)
         new_pair = TokenPair.from_tokens(access_token, new_refresh_token, self._clock())
 
-        await asyncio.to_thread(self.store.save, new_pair)
+        await chain.write(new_pair)
         self._pair = new_pair
         log.info(
             "mdr.token.refreshed",
