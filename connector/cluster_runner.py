@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +26,14 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     LeaseLostError,
 )
-from mdr_connector.connector.leases import Cluster, Fence, LeaseChanges, check_lease_in_transaction, reset_fence
+from mdr_connector.connector.leases import (
+    Cluster,
+    Fence,
+    LeaseChanges,
+    check_lease_in_transaction,
+    idle_timeout_seconds,
+    reset_fence,
+)
 from mdr_connector.connector.observability import Observer
 from mdr_connector.connector.runner import (
     ConnectionFactory,
@@ -52,10 +60,26 @@ def enable_fencing(store: Store) -> None:
 
 
 async def join_cluster(settings: Settings, store: Store) -> Cluster:
-    enable_fencing(store)
     cluster = Cluster(store.engine, settings.cluster, [connection.name for connection in settings.connections])
+    await prepare_store(store, cluster.lease_seconds)
     await cluster.join()
     return cluster
+
+
+async def prepare_store(store: Store, lease_seconds: float) -> None:
+    """Fence the store's transactions, and let the server end a transaction left idle by a stalled process."""
+    enable_fencing(store)
+    timeout = idle_timeout_seconds(lease_seconds)
+
+    def limit_idle_transactions(dbapi_connection: Any, _record: object) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET idle_in_transaction_session_timeout = '{timeout}s'")
+        cursor.close()
+
+    if not event.contains(store.engine.sync_engine, "connect", limit_idle_transactions):
+        event.listen(store.engine.sync_engine, "connect", limit_idle_transactions)
+    # Pooled connections opened before the listener have no limit yet.
+    await store.engine.dispose()
 
 
 async def run_cluster(

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Interval, delete, func, literal, select, update
+from sqlalchemy import Interval, delete, func, literal, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mdr_connector.connector.config import ClusterSettings
 from mdr_connector.connector.errors import ConfigError, LeaseLostError
@@ -48,6 +49,11 @@ RENEW_SHARE = 0.2
 # Local clocks may run slightly faster or slower than the database's; the
 # local deadline ends this much earlier than the lease.
 DRIFT_SHARE = 0.05
+
+# A lease statement waits at most this long for a row lock: a stalled
+# holder's transaction must not freeze every other instance's renewals.
+LOCK_TIMEOUT = "2s"
+LOCK_NOT_AVAILABLE = "55P03"
 
 _current_fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("mdr_connector_fence", default=None)
 
@@ -121,6 +127,24 @@ def check_lease_in_transaction(connection: Connection) -> None:
     if connection.execute(statement).first() is None:
         fence.lost = True
         fence.check_remote()
+
+
+def idle_timeout_seconds(lease_seconds: float) -> int:
+    """How long PostgreSQL lets a ledger transaction sit idle before it ends the session.
+
+    A process stopped inside a transaction keeps its lease row locked
+    `FOR SHARE`, which would block the takeover for as long as it is
+    stopped; the server ends such a session after this long.
+    """
+    return max(2, int(lease_seconds / 4))
+
+
+def is_lock_timeout(err: DBAPIError) -> bool:
+    return getattr(err.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
+
+
+async def limit_lock_wait(database: AsyncConnection) -> None:
+    await database.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
 
 
 @dataclass
@@ -229,8 +253,15 @@ class Cluster:
                 .values(expires_at=func.now() + self._ttl)
                 .returning(Lease.epoch)
             )
-            async with self.engine.begin() as database:
-                renewed = (await database.execute(statement)).first()
+            try:
+                async with self.engine.begin() as database:
+                    await limit_lock_wait(database)
+                    renewed = (await database.execute(statement)).first()
+            except DBAPIError as err:
+                if not is_lock_timeout(err):
+                    raise
+                # A transaction of this connection holds the row; try again next round.
+                continue
             if renewed is None:
                 fence.lost = True
                 changes.lost.append(connection)
@@ -281,8 +312,16 @@ class Cluster:
             where=(Lease.holder.is_(None)) | (Lease.expires_at.is_(None)) | (Lease.expires_at <= func.now()),
         ).returning(Lease.epoch)
         sent_at = self._clock()
-        async with self.engine.begin() as database:
-            row = (await database.execute(statement)).first()
+        try:
+            async with self.engine.begin() as database:
+                await limit_lock_wait(database)
+                row = (await database.execute(statement)).first()
+        except DBAPIError as err:
+            if not is_lock_timeout(err):
+                raise
+            # The holder is inside a transaction: it is alive, or the server
+            # ends its session after the idle timeout.
+            return None
         if row is None:
             return None
         log.info("cluster.lease.acquired", extra={"connection": connection, "instance": self.name, "epoch": row.epoch})

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from fixtures_postgres import scratch_database
 from sqlalchemy import Interval, literal, select, update
+from sqlalchemy.exc import DBAPIError
 
-from mdr_connector.connector.cluster_runner import enable_fencing
+from mdr_connector.connector.cluster_runner import enable_fencing, prepare_store
 from mdr_connector.connector.config import ClusterSettings, SecretRef
 from mdr_connector.connector.errors import ConfigError, LeaseLostError
 from mdr_connector.connector.leases import MDR_WRITES, Cluster, FencedClient, Fence, current_fence, reset_fence
@@ -150,6 +151,39 @@ async def test_takeover_waits_for_a_fenced_transaction(store: Store) -> None:
         reset_fence(token)
     taken = await takeover
     assert [f.connection for f in taken.acquired] == ["alpha"]
+
+
+async def test_a_holder_stopped_inside_a_transaction_is_cut_off(store: Store) -> None:
+    """A holder that stops with its lease row locked is ended by the server, so the takeover goes through."""
+    holder = Cluster(store.engine, cluster_settings("holder", takeover_seconds=3), ["alpha"])
+    await prepare_store(store, holder.lease_seconds)
+    await holder.join()
+    (fence,) = (await holder.tick()).acquired
+    taker = Cluster(store.engine, cluster_settings("taker", takeover_seconds=3), ["alpha"])
+    await taker.join()
+
+    async def take_over() -> list[Fence]:
+        while True:
+            acquired = (await taker.tick()).acquired
+            if acquired:
+                return acquired
+            await asyncio.sleep(0.3)
+
+    token = fence.use()
+    try:
+        with pytest.raises(DBAPIError):
+            async with store.engine.begin() as stalled:
+                await stalled.execute(select(1))
+                # This task now behaves like a stopped process: it holds the
+                # row and sends nothing until the takeover has happened.
+                taken = await asyncio.wait_for(
+                    asyncio.create_task(take_over(), context=contextvars.Context()), timeout=60
+                )
+                await stalled.execute(select(1))
+    finally:
+        reset_fence(token)
+    assert [f.connection for f in taken] == ["alpha"]
+    assert taken[0].epoch == fence.epoch + 1
 
 
 async def test_a_live_instance_name_is_refused(store: Store) -> None:
