@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,11 +41,13 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.i18n import N_
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,11 @@ DONE = "done"
 
 MDR_TO_TICKET = "mdr_to_ticket"
 TICKET_TO_MDR = "ticket_to_mdr"
+
+# The SQLSTATE of a statement cancelled by lock_timeout (lock_not_available).
+LOCK_NOT_AVAILABLE = "55P03"
+# Serializes the alembic commands that Store.upgrade runs on worker threads.
+_ALEMBIC_COMMAND_LOCK = threading.Lock()
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -352,22 +360,73 @@ class Store:
             return
         known = {revision.revision for revision in script.walk_revisions()}
         if current is not None and current not in known:
-            raise ConfigError(
-                f"the database schema is at revision {current}, newer than this mdr-connector "
-                f"knows ({head}); upgrade mdr-connector before running it against this database"
+            raise ConfigError.from_template(
+                N_(
+                    "the database schema is at revision {current}, newer than this mdr-connector "
+                    "knows ({head}); upgrade mdr-connector before running it against this database"
+                ),
+                current=current,
+                head=head,
             )
         if not upgrade:
-            raise ConfigError(
-                f"the database schema is at revision {current or 'none'}, expected {head}; "
-                "run `mdr-connector db upgrade`"
+            raise ConfigError.from_template(
+                N_("the database schema is at revision {current}, expected {head}; run `mdr-connector db upgrade`"),
+                current=current or "none",
+                head=head,
             )
         await self.upgrade()
 
-    async def upgrade(self) -> None:
-        """Apply every alembic migration up to the newest one."""
-        # Alembic's command API is synchronous and its env.py runs its own
-        # event loop, so it gets a thread of its own.
-        await asyncio.to_thread(command.upgrade, alembic_config(self.url), "head")
+    async def upgrade(
+        self,
+        *,
+        lock_timeout_seconds: float = 5.0,
+        attempts: int = 3,
+        retry_pause_seconds: float = 5.0,
+    ) -> None:
+        """Apply every alembic migration up to the newest one.
+
+        On PostgreSQL the run waits for any other run on the database to end
+        first. A statement of the run that waits longer than
+        `lock_timeout_seconds` for a table lock rolls the whole run back, so
+        the queries of running instances do not queue behind it. The run is
+        tried `attempts` times, `retry_pause_seconds` apart, and then raises
+        ConfigError naming the fix.
+        """
+        config = alembic_config(self.url)
+        config.attributes["lock_timeout_seconds"] = lock_timeout_seconds
+
+        def upgrade_to_head() -> None:
+            # alembic.context is one global per process, so two alembic
+            # commands on threads of one process would use each other's
+            # migration context. Other processes wait on PostgreSQL's lock.
+            with _ALEMBIC_COMMAND_LOCK:
+                command.upgrade(config, "head")
+
+        for attempt in range(1, attempts + 1):
+            try:
+                # Alembic's command API is synchronous and its env.py runs its
+                # own event loop, so it gets a thread of its own.
+                await asyncio.to_thread(upgrade_to_head)
+                break
+            except DBAPIError as err:
+                if getattr(err.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                    raise
+                log.warning(
+                    "store.schema.lock_timeout",
+                    extra={"attempt": attempt, "attempts": attempts, "lock_timeout_seconds": lock_timeout_seconds},
+                )
+                if attempt == attempts:
+                    raise ConfigError.from_template(
+                        N_(
+                            "the database upgrade waited more than {seconds} s for a table lock, {attempts} times; "
+                            "a long transaction holds a lock on a table the migration changes. Find it in "
+                            "pg_stat_activity, let it finish or end it, then run `mdr-connector db upgrade` again"
+                        ),
+                        seconds=lock_timeout_seconds,
+                        attempts=attempts,
+                    ) from err
+                await asyncio.sleep(retry_pause_seconds)
+
         log.info("store.schema.upgraded", extra={"revision": await self.current_revision()})
 
     # Links

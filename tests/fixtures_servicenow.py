@@ -194,15 +194,20 @@ async def open_servicenow_harness(
     mdr_url: str,
     start_servicenow: StartServiceNow,
     monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None = None,
     **mapping_changes: Any,
 ) -> AsyncIterator[ServiceNowSyncHarness]:
-    """Start ServiceNow, activate the MDR token chain and open an empty ledger."""
+    """Start ServiceNow, activate the MDR token chain and open an empty ledger.
+
+    The ledger is `database_url`, which must name an empty database, else SQLite in `tmp_path`.
+    """
     servicenow = await start_servicenow()
     token_dir = tmp_path / "tokens"
     token_dir.mkdir(mode=0o700, exist_ok=True)
     mapping = servicenow_mapping(tmp_path / "mapping-servicenow.yaml", **mapping_changes)
     settings = Settings(
         data_dir=tmp_path,
+        database_url=database_url,
         connections=[
             ConnectionSettings(
                 name="main",
@@ -237,7 +242,10 @@ async def sn_harness(
     mdr_url: str,
     start_servicenow: StartServiceNow,
     monkeypatch: pytest.MonkeyPatch,
+    ledger_url: str | None,
 ) -> AsyncIterator[ServiceNowSyncHarness]:
     """An activated MDR token chain, an empty ledger and a ServiceNow simulator, with the built-in ServiceNow mapping."""
-    async with open_servicenow_harness(tmp_path, mdr_sim, mdr_url, start_servicenow, monkeypatch) as opened:
+    async with open_servicenow_harness(
+        tmp_path, mdr_sim, mdr_url, start_servicenow, monkeypatch, database_url=ledger_url
+    ) as opened:
         yield opened

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fixtures_jira import RunningJira, StartJira, jira_settings
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_postgres import scratch_database
 
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
@@ -99,12 +100,21 @@ class SyncHarness:
         return self.mdr_sim.comments(MDR_CLIENT_ID, incident_id)
 
 
-def harness_settings(tmp_path: Path, mdr_url: str, jira: RunningJira, monkeypatch: pytest.MonkeyPatch, **sync: Any) -> Settings:
+def harness_settings(
+    tmp_path: Path,
+    mdr_url: str,
+    jira: RunningJira,
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str | None = None,
+    **sync: Any,
+) -> Settings:
+    """Settings of one connection named main; the ledger is `database_url`, else SQLite in `tmp_path`."""
     token_dir = tmp_path / "tokens"
     token_dir.mkdir(mode=0o700, exist_ok=True)
     sync_values = {"interval_seconds": 1, "retry_base_seconds": 1, "retry_max_seconds": 2, **sync}
     return Settings(
         data_dir=tmp_path,
+        database_url=database_url,
         connections=[
             ConnectionSettings(
                 name="main",
@@ -124,15 +134,39 @@ def harness_settings(tmp_path: Path, mdr_url: str, jira: RunningJira, monkeypatc
 
 
 @pytest.fixture
+def ledger_backend() -> str:
+    """The database engine of the harness ledger.
+
+    SQLite by default. A test module that also runs on PostgreSQL overrides
+    this fixture with one parametrized over `LEDGER_BACKENDS`.
+    """
+    return "sqlite"
+
+
+@pytest.fixture
+async def ledger_url(ledger_backend: str) -> AsyncIterator[str | None]:
+    """The URL of an empty scratch PostgreSQL ledger, or None for SQLite in the test's data folder."""
+    if ledger_backend == "sqlite":
+        yield None
+        return
+
+    async with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture
 async def harness(
     tmp_path: Path,
     mdr_sim: MdrSimulator,
     mdr_url: str,
     start_jira: StartJira,
     monkeypatch: pytest.MonkeyPatch,
+    ledger_url: str | None,
 ) -> AsyncIterator[SyncHarness]:
     """An activated token chain, an empty ledger, and Jira Cloud with a 30-second search delay."""
-    async with open_harness(tmp_path, mdr_sim, mdr_url, start_jira, monkeypatch, deployment="cloud") as opened:
+    async with open_harness(
+        tmp_path, mdr_sim, mdr_url, start_jira, monkeypatch, deployment="cloud", database_url=ledger_url
+    ) as opened:
         yield opened
 
 
@@ -144,10 +178,14 @@ async def open_harness(
     start_jira: StartJira,
     monkeypatch: pytest.MonkeyPatch,
     deployment: str,
+    database_url: str | None = None,
 ) -> AsyncIterator[SyncHarness]:
-    """Start Jira of `deployment` with a 30-second search delay, activate the token chain and open an empty ledger."""
+    """Start Jira of `deployment` with a 30-second search delay, activate the token chain and open an empty ledger.
+
+    The ledger is `database_url`, which must name an empty database, else SQLite in `tmp_path`.
+    """
     jira = await start_jira(deployment=deployment, search_delay_seconds=30)
-    settings = harness_settings(tmp_path, mdr_url, jira, monkeypatch)
+    settings = harness_settings(tmp_path, mdr_url, jira, monkeypatch, database_url=database_url)
     async with MdrClient(settings.connections[0].mdr) as client:
         await client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from fixtures_jira import RunningJira
 from fixtures_mdr import MDR_CLIENT_ID
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness
 
 from mdr_connector.adapters.jira.adapter import MAX_TEXT_LENGTH, JiraTicketAdapter, WrittenTexts
@@ -34,6 +35,13 @@ from mdr_connector.connector.tickets import (
     TicketFields,
     TicketState,
 )
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
+
 
 COMMENT_LIST = "GET /rest/api/2/issue/{issue}/comment"
 PERSON_NOTE = "Person note written while the connector was busy"

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness, mapping
 
 from mdr_connector.adapters.mdr.models import Comment, Incident
@@ -25,6 +26,13 @@ from mdr_connector.connector.status import CLOSE, REOPEN_NOTE, StatusSync, mdr_f
 from mdr_connector.connector.store import DONE, Store
 from mdr_connector.connector.sync_common import SyncContext, SyncStats
 from mdr_connector.connector.tickets import TicketRef, TicketState
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
+
 
 pytestmark = pytest.mark.asyncio
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from fixtures_postgres import (  # noqa: F401 - test_cli_parked imports these names from here
+    POSTGRES_ADMIN_URL,
+    drop_postgres_database,
+    postgres_database,
+    scratch_database,
+)
 from sqlalchemy import text
 
 from mdr_connector.connector import store as store_module
@@ -16,58 +19,21 @@ from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.store import DONE, LINKED, MDR_TO_TICKET, PENDING, TICKET_TO_MDR, Store
 
 
-# A PostgreSQL server for the store tests; CI machines run one on this
-# address with trust authentication. Each test gets a database of its own.
-POSTGRES_ADMIN_URL = os.environ.get("MDR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-async def postgres_database() -> str | None:
-    """Create a scratch database and return its async URL, or None when no server is reachable."""
-    try:
-        import asyncpg
-    except ImportError:
-        return None
-    name = f"mdr_store_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
-        return None
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    return POSTGRES_ADMIN_URL.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0] + f"/{name}"
-
-
-async def drop_postgres_database(url: str) -> None:
-    import asyncpg
-
-    name = url.rsplit("/", 1)[1]
-    admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=3)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path):
-    """The store on SQLite, and on PostgreSQL when a server is reachable."""
+    """The store on SQLite, and on PostgreSQL when a server is reachable (required under CI=true)."""
     if request.param == "sqlite":
         opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/db/ledger.db")
         yield opened
         await opened.close()
         return
 
-    url = await postgres_database()
-    if url is None:
-        pytest.skip(f"no PostgreSQL server answers at {POSTGRES_ADMIN_URL}; set MDR_TEST_POSTGRES_URL")
-    opened = await Store.open(url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
-        await drop_postgres_database(url)
+    async with scratch_database() as url:
+        opened = await Store.open(url)
+        try:
+            yield opened
+        finally:
+            await opened.close()
 
 
 async def test_open_creates_schema(store: Store) -> None:

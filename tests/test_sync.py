@@ -7,11 +7,19 @@ from collections import Counter
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness
 
 from mdr_connector.connector.config import FilterSettings
 from mdr_connector.connector.engine import INCIDENT
 from mdr_connector.connector.store import LINKED, PENDING
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
+
 
 pytestmark = pytest.mark.asyncio
 
