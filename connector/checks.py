@@ -10,15 +10,17 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from mdr_connector.adapters.mdr.client import MdrClient
-from mdr_connector.connector.config import ConnectionSettings, SecretRef, Settings
+from mdr_connector.connector.config import ConnectionSettings, MdrSettings, SecretRef, Settings
 from mdr_connector.connector.errors import ConnectorError
 from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.mappingfile import load_mapping
 from mdr_connector.connector.routing import check_destinations
-from mdr_connector.connector.service import build_ticket_adapter
+from mdr_connector.connector.service import build_ticket_adapter, open_mdr_client
 from mdr_connector.connector.tickets import system_title
 
 CheckLine = tuple[str, bool]
+TOKEN_FILE_ERROR = N_("MDR token file: {error}")
+TOKEN_DATABASE_ERROR = N_("MDR token pair in the database: {error}")
 # Permission bits that let group or others read or write a file.
 SHARED_BITS = 0o077
 
@@ -62,36 +64,48 @@ def secret_files(value: object, keys: tuple[str, ...]) -> Iterator[tuple[str, Pa
         yield from secret_files(getattr(value, name), (*keys, name))
 
 
-async def check_connection(connection: ConnectionSettings) -> list[CheckLine]:
-    """Return one line per check with whether it passed; nothing is created or changed."""
-    return [*await check_mdr(connection), *await check_tickets(connection)]
+async def check_connection(settings: Settings, connection: ConnectionSettings) -> list[CheckLine]:
+    """Return one line per check with whether it passed; nothing is created or changed.
+
+    In cluster mode the MDR token pair is read from the database, and the
+    first read imports a token file left from single-instance mode.
+    """
+    return [*await check_mdr(settings, connection), *await check_tickets(connection)]
 
 
-async def check_mdr(connection: ConnectionSettings) -> list[CheckLine]:
-    settings = connection.mdr
-    async with MdrClient(settings) as mdr:
-        try:
-            status = mdr.tokens.status()
-        except ConnectorError as err:
-            return [(_("MDR token file: {error}").format(error=err), False)]
-        if status.state in ("Pending activation", "Expired"):
-            return [
-                (
-                    _("MDR token is {state}: issue a token in the MDR console (Settings, API) "
-                      "and run `mdr-connector token activate`").format(state=_(status.state)),
-                    False,
-                )
-            ]
+async def check_mdr(settings: Settings, connection: ConnectionSettings) -> list[CheckLine]:
+    token_error = TOKEN_DATABASE_ERROR if settings.cluster.enabled else TOKEN_FILE_ERROR
+    try:
+        async with open_mdr_client(settings, connection) as mdr:
+            return await check_mdr_client(mdr, connection.mdr, token_error)
+    except ConnectorError as err:
+        # Opening the ledger for the token pair failed (an outdated schema, a missing cluster.token_key).
+        return [(_(token_error).format(error=err), False)]
 
-        lines = [(_("MDR token is {state}").format(state=_(status.state)), True)]
-        try:
-            await mdr.count_incidents(min_update_time=int(time.time() * 1000))
-        except ConnectorError as err:
-            lines.append((_("MDR API at {url}: {error}").format(url=settings.base_url, error=err), False))
-        else:
-            lines.append((_("MDR API at {url} answers for client {client}").format(
-                url=settings.base_url, client=settings.client_id), True))
-        return lines
+
+async def check_mdr_client(mdr: MdrClient, settings: MdrSettings, token_error: str) -> list[CheckLine]:
+    try:
+        status = await mdr.tokens.read_status()
+    except ConnectorError as err:
+        return [(_(token_error).format(error=err), False)]
+    if status.state in ("Pending activation", "Expired"):
+        return [
+            (
+                _("MDR token is {state}: issue a token in the MDR console (Settings, API) "
+                  "and run `mdr-connector token activate`").format(state=_(status.state)),
+                False,
+            )
+        ]
+
+    lines = [(_("MDR token is {state}").format(state=_(status.state)), True)]
+    try:
+        await mdr.count_incidents(min_update_time=int(time.time() * 1000))
+    except ConnectorError as err:
+        lines.append((_("MDR API at {url}: {error}").format(url=settings.base_url, error=err), False))
+    else:
+        lines.append((_("MDR API at {url} answers for client {client}").format(
+            url=settings.base_url, client=settings.client_id), True))
+    return lines
 
 
 # The line `check` prints for a mapping's `project` and `issue_type`, in each ticket system's terms.

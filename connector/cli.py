@@ -713,7 +713,7 @@ def command_check(args: argparse.Namespace) -> int:
         return EXIT_OK if failures == 0 else EXIT_FAILED
 
     for connection in connections:
-        for line, ok in run_async(lambda: check_connection(connection)):
+        for line, ok in run_async(lambda: check_connection(settings, connection)):
             if line in reported:
                 continue
             mark = "ok" if ok else _("FAILED")

@@ -380,7 +380,7 @@ def command_trace(args: argparse.Namespace) -> int:
         live, live_error = None, None
         if args.live:
             try:
-                live = await read_live_incident(connection, args.incident)
+                live = await read_live_incident(settings, connection, args.incident)
             except ConnectorError as err:
                 live_error = err
         store = await open_ledger_for_reading(settings)

@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from mdr_connector.adapters.mdr.client import AttachmentPage, CommentPage, MdrClient, ResponsePage
+from mdr_connector.adapters.mdr.client import AttachmentPage, CommentPage, ResponsePage
 from mdr_connector.adapters.mdr.models import Attachment, Comment, Incident
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import HISTORY_CURSOR, INCIDENT, MDR_CURSOR, ConnectionSync
@@ -504,15 +504,17 @@ async def dry_run_cycle(
     ledger: Store | None,
     report: Callable[[PlannedWrite], None],
     *,
-    mdr_factory: Callable[[ConnectionSettings], Any] = lambda connection: MdrClient(connection.mdr),
+    mdr_factory: Callable[[ConnectionSettings], Any] | None = None,
 ) -> DryRunResult:
     """Run one cycle of a connection that sends no write and leaves `ledger` as it was.
 
     The cycle works on a SQLite copy of the connection's ledger rows in a
     temporary folder inside `data_dir`, which is deleted afterwards. Its
-    attachment spool is in that folder too.
+    attachment spool is in that folder too. The MDR client comes from
+    `mdr_factory`, by default the connection's client, whose token pair is
+    in `ledger` in cluster mode.
     """
-    from mdr_connector.connector.service import build_ticket_adapter
+    from mdr_connector.connector.service import build_ticket_adapter, open_mdr_client
 
     mapping = load_mapping(connection.mapping)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -522,7 +524,8 @@ async def dry_run_cycle(
         try:
             copied = await ledger.copy_connection(copy, connection.name) if ledger is not None else {}
             recorder = WriteRecorder(connection.name, report)
-            async with mdr_factory(connection) as client:
+            opened = mdr_factory(connection) if mdr_factory else open_mdr_client(settings, connection, ledger)
+            async with opened as client:
                 tickets = DryRunTickets(build_ticket_adapter(connection, mapping), recorder)
                 try:
                     mdr = DryRunMdr(client, recorder, connection.mdr.connection_name)
@@ -579,7 +582,7 @@ async def resync_incident(
     from mdr_connector.connector.service import open_connection
 
     factory = factory or open_connection
-    async with held_lock(settings, connection.name, wait_seconds), factory(settings, connection, store) as sync:
+    async with held_lock(settings, connection.name, wait_seconds, store), factory(settings, connection, store) as sync:
         return await reconcile_now(sync, incident_id)
 
 
@@ -630,7 +633,7 @@ async def link_incident(
     ticket_key: str,
     *,
     wait_seconds: float = 0,
-    mdr_factory: Callable[[ConnectionSettings], Any] = lambda connection: MdrClient(connection.mdr),
+    mdr_factory: Callable[[ConnectionSettings], Any] | None = None,
 ) -> LinkResult:
     """Pair an MDR incident with an existing ticket under the connection's lock.
 
@@ -641,16 +644,17 @@ async def link_incident(
     that the next reconciliation finds and links anyway.
     """
     from mdr_connector.connector.runner import held_lock
-    from mdr_connector.connector.service import build_ticket_adapter
+    from mdr_connector.connector.service import build_ticket_adapter, open_mdr_client
 
-    async with held_lock(settings, connection.name, wait_seconds):
+    async with held_lock(settings, connection.name, wait_seconds, store):
         existing = await store.get_link(connection.name, incident_id)
         reject_conflicting_link(existing, incident_id, ticket_key)
         if existing is not None:
             return LinkResult(existing, changed=False)
 
         mapping = load_mapping(connection.mapping)
-        async with mdr_factory(connection) as mdr:
+        opened = mdr_factory(connection) if mdr_factory else open_mdr_client(settings, connection, store)
+        async with opened as mdr:
             incident = await mdr.get_incident(incident_id)
         tickets = build_ticket_adapter(connection, mapping)
         try:
@@ -716,7 +720,7 @@ async def unlink_incident(
     """
     from mdr_connector.connector.runner import held_lock
 
-    async with held_lock(settings, connection.name, wait_seconds):
+    async with held_lock(settings, connection.name, wait_seconds, store):
         link = await store.get_link(connection.name, incident_id)
         if link is None:
             raise ItemError.from_template(NOT_LINKED, incident_id=incident_id, connection=connection.name)
@@ -892,9 +896,11 @@ def cursor_position(
     return CursorPosition(cursor_name, cursor_ms, overlap_ms, change_ms, change_source, position)
 
 
-async def read_live_incident(connection: ConnectionSettings, incident_id: str) -> Incident:
+async def read_live_incident(settings: Settings, connection: ConnectionSettings, incident_id: str) -> Incident:
     """Read the incident from MDR for `trace --live`."""
-    async with MdrClient(connection.mdr) as mdr:
+    from mdr_connector.connector.service import open_mdr_client
+
+    async with open_mdr_client(settings, connection) as mdr:
         return await mdr.get_incident(incident_id)
 
 

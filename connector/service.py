@@ -40,18 +40,46 @@ def build_ticket_adapter(connection: ConnectionSettings, mapping: Mapping) -> Ti
     return adapter_class(connection.ticket, project=mapping.project, other_projects=mapping_projects(mapping)[1:])
 
 
-def token_storage(settings: Settings, connection: ConnectionSettings, store: Store) -> TokenStorage | None:
-    """Return where the connection's MDR token pair is kept: the database in cluster mode, else None for the token file."""
+def token_storage(settings: Settings, connection: ConnectionSettings, store: Store | None) -> TokenStorage | None:
+    """Return where the connection's MDR token pair is kept: the database in cluster mode, else None for the token file.
+
+    `store` may be None only outside cluster mode.
+    """
     if not settings.cluster.enabled:
         return None
+    if store is None:
+        raise AssertionError("cluster mode keeps the MDR token pair in the database, so it needs the ledger")
     from mdr_connector.adapters.mdr.token_database import DatabaseTokenStore, cipher_for
 
     return DatabaseTokenStore(store.engine, connection.mdr, cipher_for(settings.cluster))
 
 
-def mdr_client(settings: Settings, connection: ConnectionSettings, store: Store) -> MdrClient:
+def mdr_client(settings: Settings, connection: ConnectionSettings, store: Store | None) -> MdrClient:
     """Create the MDR client of a connection, with its token pair in the database in cluster mode."""
     return MdrClient(connection.mdr, token_storage=token_storage(settings, connection, store))
+
+
+@contextlib.asynccontextmanager
+async def open_mdr_client(
+    settings: Settings, connection: ConnectionSettings, store: Store | None = None
+) -> AsyncIterator[MdrClient]:
+    """Open the MDR client of a connection for a command, and close it afterwards.
+
+    In cluster mode the token pair is in the database: `store` when given,
+    else the ledger opened here without migrating it and closed on exit.
+    Outside cluster mode the token file is used and `store` is not needed.
+    """
+    if store is not None or not settings.cluster.enabled:
+        async with mdr_client(settings, connection, store) as mdr:
+            yield mdr
+        return
+
+    opened = await Store.open(settings.resolved_database_url(), upgrade=False)
+    try:
+        async with mdr_client(settings, connection, opened) as mdr:
+            yield mdr
+    finally:
+        await opened.close()
 
 
 @contextlib.asynccontextmanager

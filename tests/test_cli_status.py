@@ -296,17 +296,20 @@ async def test_status_json_document(activated_config: Path) -> None:
 
     assert code == 0
     assert document["healthy"] is True
-    assert set(document) == {"checked_at", "healthy", "connections"}
+    assert set(document) == {"checked_at", "healthy", "connections", "cluster"}
+    assert document["cluster"] is None
     [connection] = document["connections"]
     assert set(connection) == {
         "name", "healthy", "problems", "change_source", "mdr_cursor", "ticket_cursor",
-        "linked_incidents", "pending_links", "parked_items", "last_error", "tokens",
+        "linked_incidents", "pending_links", "parked_items", "last_error", "tokens", "lease",
     }
+    assert connection["lease"] is None
     assert connection["name"] == "main"
     assert connection["problems"] == []
     assert connection["mdr_cursor"] == {"name": "mdr_history", "stored": None, "time": None, "lag_seconds": None}
     assert connection["last_error"] is None
     tokens = connection["tokens"]
+    assert tokens["storage"] == "file"
     assert tokens["state"] == "Active"
     assert tokens["error"] is None
     assert datetime.fromisoformat(tokens["refresh_expires_at"]).tzinfo is not None

@@ -481,7 +481,7 @@ async def test_trace_of_synced_incident(harness: SyncHarness) -> None:
     harness.seed(creation_time=reconciled + 60_000, update_time=reconciled + 60_000)
     await harness.cycles(1, sync)
     harness.mdr_sim.update_incident(MDR_CLIENT_ID, incident_id, priority="LOW", update_time=reconciled + 30_000)
-    live = await read_live_incident(harness.connection, incident_id)
+    live = await read_live_incident(harness.settings, harness.connection, incident_id)
     trace = await build_trace(harness.store, harness.connection, incident_id, live)
 
     assert trace.live is not None and trace.live.newer_than_reconciled is True

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import stat
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import yaml
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME, run_token_helper
-from fixtures_postgres import scratch_database
+from fixtures_postgres import POSTGRES_ADMIN_URL, scratch_database
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncTransaction
 
 from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.simulator import HOUR, MdrSimulator
@@ -234,19 +237,98 @@ async def test_lapsed_fence_stops_confirm(
     assert (await raw_row(store)).version == 1
 
 
-async def test_fence_too_short_for_confirm(db_client: MdrClient, mdr_sim: MdrSimulator) -> None:
-    """A lease that ends before one session/confirm request could time out is not enough to send one."""
+async def test_held_fence_lets_confirm_through(db_client: MdrClient, mdr_sim: MdrSimulator) -> None:
+    """A lease held for less than one request timeout still lets its holder refresh; the row lock covers the rest."""
     await db_client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
     rejected = await db_client.tokens.access_token()
     fence = Fence("main", "instance-a", 1, valid_until=105.0, clock=lambda: 100.0)
     token = fence.use()
     try:
-        with pytest.raises(LeaseLostError):
-            await db_client.tokens.refresh_after_rejection(rejected)
+        refreshed = await db_client.tokens.refresh_after_rejection(rejected)
     finally:
         reset_fence(token)
 
-    assert mdr_sim.confirm_calls == 1
+    assert refreshed != rejected
+    assert mdr_sim.confirm_calls == 2
+
+
+CommitFailure = Callable[[AsyncTransaction, Callable[[AsyncTransaction], Awaitable[None]]], Awaitable[None]]
+
+
+async def drop_connection_before_commit(
+    transaction: AsyncTransaction, commit: Callable[[AsyncTransaction], Awaitable[None]]
+) -> None:
+    """Terminate the transaction's server process from another connection, then send the commit on the dead one."""
+    import asyncpg
+
+    pid = await transaction.connection.scalar(text("SELECT pg_backend_pid()"))
+    admin = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
+    try:
+        # The timeout (ms) makes the call wait until the process has ended.
+        assert await admin.fetchval("SELECT pg_terminate_backend($1, 10000)", pid) is True
+    finally:
+        await admin.close()
+    await commit(transaction)
+
+
+async def lose_commit_reply(
+    transaction: AsyncTransaction, commit: Callable[[AsyncTransaction], Awaitable[None]]
+) -> None:
+    """Apply the commit, then raise as if the connection dropped before its reply arrived."""
+    await commit(transaction)
+    raise OperationalError("COMMIT", None, ConnectionResetError("connection reset before the reply"))
+
+
+@pytest.mark.parametrize(
+    "failure", [drop_connection_before_commit, lose_commit_reply], ids=["connection_dropped", "reply_lost"]
+)
+async def test_failed_save_retried(
+    failure: CommitFailure,
+    db_client: MdrClient,
+    mdr_sim: MdrSimulator,
+    store: Store,
+    mdr_settings: MdrSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refresh whose first commit of the new pair fails stores it in a new transaction, and the chain goes on."""
+    await db_client.tokens.activate(mdr_sim.issue_console_token(MDR_CLIENT_ID))
+    real_commit = AsyncTransaction.commit
+    failures: list[AsyncTransaction] = []
+
+    async def commit_failing_once(transaction: AsyncTransaction) -> None:
+        if failures:
+            await real_commit(transaction)
+            return
+        failures.append(transaction)
+        await failure(transaction, real_commit)
+
+    monkeypatch.setattr(AsyncTransaction, "commit", commit_failing_once)
+    mdr_sim.advance(2 * HOUR)
+
+    with caplog.at_level(logging.INFO, logger="mdr_connector.adapters.mdr.token_database"):
+        await db_client.list_incidents()
+
+    monkeypatch.undo()
+    events = [record.getMessage() for record in caplog.records]
+    assert len(failures) == 1
+    assert "mdr.token.save_failed" in events
+    assert "mdr.token.save_recovered" in events
+    assert "mdr.token.save_abandoned" not in events
+    assert mdr_sim.confirm_calls == 2
+    assert (await raw_row(store)).version == 2
+
+    # A client with a storage of its own refreshes from the stored pair, so
+    # that pair must be the one MDR issued last.
+    mdr_sim.advance(2 * HOUR)
+    async with MdrClient(mdr_settings, token_storage=database_storage(store, mdr_settings)) as fresh:
+        await fresh.list_incidents()
+
+    confirms = mdr_sim.confirms()
+    assert [confirm["outcome"] for confirm in confirms] == ["rotated", "rotated", "rotated"]
+    spent = [confirm["token_id"] for confirm in confirms]
+    assert len(set(spent)) == len(spent)
+    assert (await raw_row(store)).version == 3
 
 
 async def test_token_file_imported_once(
