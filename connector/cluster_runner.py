@@ -13,6 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import event
@@ -26,11 +29,13 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     LeaseLostError,
 )
+from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.leases import (
     Cluster,
     Fence,
     LeaseChanges,
     check_lease_in_transaction,
+    default_instance_name,
     idle_timeout_seconds,
     reset_fence,
 )
@@ -50,6 +55,12 @@ log = logging.getLogger(__name__)
 # credentials) keeps its lease, so the other instances do not fail on it
 # in turn, and is opened again after this long: a person may have fixed it.
 FATAL_RETRY_SECONDS = 60.0
+# How often a command waiting with --wait asks for a lease that another instance holds.
+COMMAND_POLL_SECONDS = 1.0
+BUSY_IN_CLUSTER = N_(
+    "connection {connection} is being synced by the mdr-connector instance {instance}; "
+    "wait for it to hand the connection back, or pass --wait SECONDS"
+)
 DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 
 
@@ -202,65 +213,54 @@ async def work_leased(
                 observer.cycle_failed(connection.name, interval, err)
                 await wait_unless_stopped(stop, interval)
         return ConnectionOutcome(connection.name, None)
-    except LeaseLostError as err:
+    except LeaseLostError:
+        # Not a failure of the instance: another instance works the connection now.
         fence.lost = True
         log.warning(
             "cluster.connection.lease_lost",
             extra={"connection": connection.name, "instance": fence.holder, "epoch": fence.epoch},
         )
-        return ConnectionOutcome(connection.name, None, err)
+        return ConnectionOutcome(connection.name, None)
     finally:
         observer.connection_stopped(connection.name)
 
 
-async def sync_once_leased(
-    settings: Settings,
-    connections: list[ConnectionSettings],
-    store: Store,
-    factory: ConnectionFactory,
-) -> list[ConnectionOutcome]:
-    """Run one cycle of each connection whose lease is free; report the others busy."""
-    cluster = await join_cluster(settings, store)
+@contextlib.asynccontextmanager
+async def leased_connection(
+    settings: Settings, store: Store, connection: str, wait_seconds: float
+) -> AsyncIterator[Fence]:
+    """Hold one connection's lease for a command (`sync --once`, `resync`, `link`, `unlink`).
+
+    The command does not join the cluster, so the running instances do not
+    count it when they compute their shares. It waits up to `wait_seconds`
+    for a lease that another instance holds, renews the lease while it
+    runs, and hands it back at the end.
+    """
+    if not math.isfinite(wait_seconds) or wait_seconds < 0:
+        raise ValueError(f"wait_seconds must be a finite number of seconds >= 0, got {wait_seconds}")
+    name = f"{settings.cluster.instance_name or default_instance_name()}/command"
+    cluster = Cluster(store.engine, settings.cluster, [connection], name=name)
+    await prepare_store(store, cluster.lease_seconds)
+
+    deadline = time.monotonic() + wait_seconds
+    while (fence := await cluster.acquire_one(connection)) is None:
+        if time.monotonic() >= deadline:
+            holder = await cluster.holder_of(connection)
+            raise ConnectionBusyError.from_template(BUSY_IN_CLUSTER, connection=connection, instance=holder or "?")
+        await asyncio.sleep(COMMAND_POLL_SECONDS)
+
     renewer = asyncio.create_task(keep_renewed(cluster))
-    outcomes = []
+    token = fence.use()
     try:
-        for connection in connections:
-            fence = await cluster.acquire_one(connection.name)
-            if fence is None:
-                log.warning("sync.connection.busy", extra={"connection": connection.name})
-                outcomes.append(
-                    ConnectionOutcome(
-                        connection.name,
-                        None,
-                        ConnectionBusyError(f"connection {connection.name} is being synced by another instance"),
-                    )
-                )
-                continue
-            outcomes.append(await _one_cycle(settings, connection, store, factory, fence))
-            if not fence.lost:
-                await cluster.release(fence)
+        yield fence
     finally:
+        reset_fence(token)
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await renewer
-        with contextlib.suppress(*DATABASE_ERRORS):
-            await cluster.leave()
-    return outcomes
-
-
-async def _one_cycle(
-    settings: Settings, connection: ConnectionSettings, store: Store, factory: ConnectionFactory, fence: Fence
-) -> ConnectionOutcome:
-    token = fence.use()
-    try:
-        async with factory(settings, connection, store) as sync:
-            stats = await sync.run_cycle()
-        return ConnectionOutcome(connection.name, stats)
-    except ConnectorError as err:
-        log.error("sync.connection.failed", extra={"connection": connection.name, "error": str(err)})
-        return ConnectionOutcome(connection.name, None, err)
-    finally:
-        reset_fence(token)
+        if not fence.lost:
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await cluster.release(fence)
 
 
 async def keep_renewed(cluster: Cluster) -> None:

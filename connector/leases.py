@@ -11,8 +11,9 @@ Fencing: an instance that stalled past its lease must not write after
 another took over. Every ledger transaction in a connection's task first
 locks the lease row `FOR SHARE` and checks holder, epoch and expiry (a
 takeover waits for that transaction to finish), and every remote write is
-preceded by `Fence.check_remote()`, a check of a local deadline that ends
-no later than the lease in the database. NOTE: a write already sent when
+checked against a local deadline that ends before the lease in the
+database: when the method is called, and again right before the request
+is sent (connector/fencing.py). NOTE: a write already sent when
 the process stalls can still arrive after the takeover; no remote system
 here accepts a fencing token. Every such write is idempotent or looked up
 by its marker, so the new holder finds it instead of writing it again.
@@ -20,7 +21,6 @@ by its marker, so the new holder finds it instead of writing it again.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 import os
@@ -39,68 +39,27 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mdr_connector.connector.config import ClusterSettings
-from mdr_connector.connector.errors import ConfigError, LeaseLostError
+from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.fencing import Fence, _current_fence, current_fence, reset_fence
 from mdr_connector.connector.store import ClusterInstance, Lease
 
 log = logging.getLogger(__name__)
 
 LEASE_SHARE = 0.6
 RENEW_SHARE = 0.2
-# Local clocks may run slightly faster or slower than the database's; the
-# local deadline ends this much earlier than the lease.
+# Local clocks may run slightly faster or slower than the database's, and a
+# request checked against the local deadline takes time to arrive, so the
+# deadline ends this share of the lease plus SAFETY_SECONDS before the lease.
 DRIFT_SHARE = 0.05
+SAFETY_SECONDS = 0.5
 
 # A lease statement waits at most this long for a row lock: a stalled
 # holder's transaction must not freeze every other instance's renewals.
 LOCK_TIMEOUT = "2s"
 LOCK_NOT_AVAILABLE = "55P03"
 
-_current_fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("mdr_connector_fence", default=None)
-
-
-def current_fence() -> Fence | None:
-    """The fence of the connection whose task runs now; None in CLI commands and without cluster mode."""
-    return _current_fence.get()
-
-
 def default_instance_name() -> str:
     return f"{socket.gethostname()[:150]}-{os.getpid()}"
-
-
-class Fence:
-    """This instance's hold on one connection's lease, as far as it knows locally."""
-
-    def __init__(self, connection: str, holder: str, epoch: int, valid_until: float, clock: Callable[[], float]) -> None:
-        self.connection = connection
-        self.holder = holder
-        self.epoch = epoch
-        self.valid_until = valid_until
-        self.lost = False
-        # Set when the instance holds more than its share: the connection's
-        # task finishes its cycle and hands the lease back.
-        self.release_requested = False
-        self._clock = clock
-
-    def remaining(self) -> float:
-        if self.lost:
-            return 0.0
-        return max(0.0, self.valid_until - self._clock())
-
-    def check_remote(self, min_remaining: float = 0.0) -> None:
-        """Raise LeaseLostError unless the lease is known held for `min_remaining` more seconds."""
-        if self.lost or self._clock() + min_remaining >= self.valid_until:
-            raise LeaseLostError(
-                f"connection {self.connection}: this instance ({self.holder}) no longer holds its lease "
-                f"(epoch {self.epoch}); another instance works it now"
-            )
-
-    def use(self) -> contextvars.Token[Fence | None]:
-        """Make this the current fence of the running task and the tasks it starts."""
-        return _current_fence.set(self)
-
-
-def reset_fence(token: contextvars.Token[Fence | None]) -> None:
-    _current_fence.reset(token)
 
 
 def check_lease_in_transaction(connection: Connection) -> None:
@@ -164,6 +123,7 @@ class Cluster:
         settings: ClusterSettings,
         connections: Iterable[str],
         *,
+        name: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if engine.dialect.name != "postgresql":
@@ -172,7 +132,7 @@ class Cluster:
                 f"the configured database is {engine.dialect.name}"
             )
         self.engine = engine
-        self.name = settings.instance_name or default_instance_name()
+        self.name = name or settings.instance_name or default_instance_name()
         self.connections = sorted(set(connections))
         self.lease_seconds = settings.takeover_seconds * LEASE_SHARE
         self.renew_seconds = settings.takeover_seconds * RENEW_SHARE
@@ -183,7 +143,7 @@ class Cluster:
     def _valid_until(self, sent_at: float) -> float:
         # The database set the expiry from its own time when it received the
         # statement, which is after `sent_at`, so this deadline ends earlier.
-        return sent_at + self.lease_seconds * (1 - DRIFT_SHARE)
+        return sent_at + self.lease_seconds * (1 - DRIFT_SHARE) - SAFETY_SECONDS
 
     async def join(self) -> None:
         """Register this instance; refuse a name that a live instance uses."""
@@ -333,6 +293,10 @@ class Cluster:
         if fence is not None:
             self.fences[connection] = fence
         return fence
+
+    async def holder_of(self, connection: str) -> str | None:
+        async with self.engine.connect() as database:
+            return await database.scalar(select(Lease.holder).where(Lease.connection == connection))
 
     def forget(self, fence: Fence) -> None:
         """Drop a lost lease from the ones this instance renews."""

@@ -32,6 +32,7 @@ from tenacity import (
 )
 
 from mdr_connector.connector.errors import RateLimitedError, RetriableError
+from mdr_connector.connector.fencing import check_current_fence
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,8 @@ class RateGate:
         async for attempt in retrying:
             with attempt:
                 await self.wait()
+                # The wait can be long: a lease may have run out meanwhile.
+                check_current_fence()
                 try:
                     return await call()
                 except RateLimitedError as err:

@@ -78,7 +78,19 @@ class FailureStreak:
 
 
 @contextlib.asynccontextmanager
-async def held_lock(settings: Settings, connection: str, wait_seconds: float) -> AsyncIterator[None]:
+async def held_lock(
+    settings: Settings, connection: str, wait_seconds: float, store: Store | None = None
+) -> AsyncIterator[None]:
+    """Hold the connection for one command: its file lock, or in cluster mode its lease in the database."""
+    if settings.cluster.enabled:
+        from mdr_connector.connector.cluster_runner import leased_connection
+
+        if store is None:
+            raise ValueError("cluster mode needs the store to take a connection's lease")
+        async with leased_connection(settings, store, connection, wait_seconds):
+            yield
+        return
+
     lock = ConnectionLock(settings.data_dir, connection)
     await lock.acquire(wait_seconds)
     try:
@@ -96,14 +108,12 @@ async def sync_once(
     wait_seconds: float = 0,
 ) -> list[ConnectionOutcome]:
     """Run one cycle of each connection, one after another."""
-    if settings.cluster.enabled:
-        from mdr_connector.connector.cluster_runner import sync_once_leased
-
-        return await sync_once_leased(settings, connections, store, factory)
     outcomes = []
     for connection in connections:
         try:
-            async with held_lock(settings, connection.name, wait_seconds), factory(settings, connection, store) as sync:
+            async with held_lock(settings, connection.name, wait_seconds, store), factory(
+                settings, connection, store
+            ) as sync:
                 stats = await sync.run_cycle()
             outcomes.append(ConnectionOutcome(connection.name, stats))
         except ConnectionBusyError as err:

@@ -17,6 +17,7 @@ from mdr_connector.connector.cluster_runner import enable_fencing, prepare_store
 from mdr_connector.connector.config import ClusterSettings, SecretRef
 from mdr_connector.connector.errors import ConfigError, LeaseLostError
 from mdr_connector.connector.leases import MDR_WRITES, Cluster, FencedClient, Fence, current_fence, reset_fence
+from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.store import Lease, Store
 
 CONNECTIONS = ["alpha", "bravo", "charlie", "delta"]
@@ -237,3 +238,28 @@ def test_local_deadline_and_fenced_writes() -> None:
 
     asyncio.run(scenario())
     assert calls == [("write", "i-1"), ("read", "i-1")]
+
+
+def test_rate_gate_checks_fence_before_sending() -> None:
+    """A request that waited at the rate gate past the lease is not sent."""
+    now = [100.0]
+    fence = Fence("alpha", "me", 1, valid_until=110.0, clock=lambda: now[0])
+    gate = RateGate("test")
+    sent = []
+
+    async def send() -> str:
+        sent.append(now[0])
+        return "ok"
+
+    async def scenario() -> None:
+        token = fence.use()
+        try:
+            assert await gate.send(send) == "ok"
+            now[0] = 120.0
+            with pytest.raises(LeaseLostError):
+                await gate.send(send, write=True)
+        finally:
+            reset_fence(token)
+
+    asyncio.run(scenario())
+    assert sent == [100.0]

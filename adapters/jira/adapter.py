@@ -27,6 +27,7 @@ connector/retry.py). The `jira` package's own retries are off
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import json
 import logging
@@ -53,6 +54,7 @@ from mdr_connector.adapters.jira.files import MultipartFileBody, jira_stream, op
 from mdr_connector.adapters.jira.jql import JQL_MINUTE_FORMAT, quote
 from mdr_connector.connector import markup
 from mdr_connector.connector.http import requests_proxies, requests_verify, warn_if_unverified
+from mdr_connector.connector.fencing import check_current_fence
 from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.i18n import N_, _
 from mdr_connector.connector.config import (
@@ -728,10 +730,18 @@ class JiraTicketAdapter:
             raise RuntimeError(f"await JiraTicketAdapter.open() before {operation}")
         loop = asyncio.get_running_loop()
         work = partial(self._in_worker, function, *args, **kwargs)
+        # run_in_executor does not carry context variables into the thread,
+        # and a call can wait in the pool's queue after the rate gate let it
+        # through, so the fence is checked again in the worker.
+        context = contextvars.copy_context()
+
+        def fenced_work() -> T:
+            check_current_fence()
+            return work()
 
         async def run() -> T:
             try:
-                return await loop.run_in_executor(self._executor, work)
+                return await loop.run_in_executor(self._executor, context.run, fenced_work)
             except (JIRAError, requests.RequestException) as err:
                 raise map_error(err, operation, write=write, opening=opening, url=self.settings.url) from err
 

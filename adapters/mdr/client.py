@@ -61,7 +61,6 @@ from mdr_connector.adapters.mdr.models import (
     parse_response,
 )
 from mdr_connector.adapters.mdr.tokens import (
-    CONFIRM_FENCE_MARGIN_SECONDS,
     TokenManager,
     TokenStorage,
     check_confirm_fence,
@@ -561,7 +560,7 @@ class MdrClient:
 
         async def confirm() -> _Reply:
             # The rate gate may wait before this attempt, so the lease is checked at each one.
-            check_confirm_fence(self.settings.timeout_seconds + CONFIRM_FENCE_MARGIN_SECONDS)
+            check_confirm_fence()
             # write=True: a reply lost after sending raises OutcomeUnknownError,
             # because MDR may have spent the refresh token on it.
             async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=True) as response:

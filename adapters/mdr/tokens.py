@@ -47,7 +47,7 @@ from typing import Any, Literal, Protocol
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError, RemoteUnavailableError, TokenExpiredError
-from mdr_connector.connector.leases import current_fence
+from mdr_connector.connector.fencing import current_fence
 from mdr_connector.connector.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,6 @@ MAX_TOKEN_FILE_BYTES = 64 * 1024
 # Token times must be whole Unix seconds after 1970 and before the year 10000,
 # which datetime can represent. Any other value is rejected, not converted.
 MAX_UNIX_SECONDS = 253402300800
-# The lease must outlast one session/confirm request by this much when the
-# request is sent, so it cannot lapse while MDR spends the refresh token.
-CONFIRM_FENCE_MARGIN_SECONDS = 5.0
 
 TokenState = Literal["Pending activation", "Active", "Idle", "Expired"]
 
@@ -98,17 +95,19 @@ CONSOLE_TOKEN_EXPIRED = N_(
 )
 
 
-def check_confirm_fence(seconds: float) -> None:
-    """Raise LeaseLostError unless this task's connection lease is known held for `seconds` more.
+def check_confirm_fence() -> None:
+    """Raise LeaseLostError unless this task's connection lease is held now.
 
-    Only the lease holder may spend the refresh token, and the lease must
-    not lapse while session/confirm is in flight. Without a current fence
-    (single-instance mode, or a CLI command) this checks nothing: the lock
-    of the token storage alone keeps two refreshes apart.
+    Only the lease holder may spend the refresh token. The lease may lapse
+    while session/confirm is in flight (a lease can be shorter than the
+    request timeout), but the row lock of the token storage is held until
+    the new pair is committed, so a new holder waits and then reads the
+    new pair. Without a current fence (single-instance mode, or a CLI
+    command) this checks nothing: that lock alone keeps refreshes apart.
     """
     fence = current_fence()
     if fence is not None:
-        fence.check_remote(min_remaining=seconds)
+        fence.check_remote()
 
 
 def expired_refresh_error(client_id: str) -> TokenExpiredError:
@@ -606,7 +605,6 @@ class TokenManager:
         self.mdr_connection_name = settings.connection_name
         self.store: TokenStorage = storage or TokenFileStore(settings.token_dir, settings.client_id)
         self._confirm = confirm
-        self._confirm_seconds = settings.timeout_seconds + CONFIRM_FENCE_MARGIN_SECONDS
         self._clock = clock
         self._margin = settings.refresh_margin_seconds
         self._pair: TokenPair | None = None
@@ -783,7 +781,7 @@ class TokenManager:
         # token, the chain is broken and only a new console token can fix it.
         # A refresh detects this (`_exchange_after_lost_reply`); `activate`
         # raises OutcomeUnknownError, and the person running it tries again.
-        check_confirm_fence(self._confirm_seconds)
+        check_confirm_fence()
         access_token, new_refresh_token = await self._confirm(refresh_token)
         new_pair = TokenPair.from_tokens(access_token, new_refresh_token, self._clock())
 
