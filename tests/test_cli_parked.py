@@ -19,7 +19,8 @@ import yaml
 from fixtures_jira import RunningJira
 from fixtures_mdr import MDR_CLIENT_ID
 from test_cli import JIRA_TOKEN_VARIABLE, activated_config, jira, run_cli  # noqa: F401 - fixtures used by name
-from test_store import POSTGRES_ADMIN_URL, drop_postgres_database, postgres_database, store  # noqa: F401 - fixture used by name
+from fixtures_postgres import scratch_database
+from test_store import store  # noqa: F401 - fixture used by name
 
 from mdr_connector.adapters.jira.simulator import SERVICE_TOKEN
 from mdr_connector.adapters.mdr.simulator import MdrSimulator
@@ -39,17 +40,12 @@ CANARY_JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJwYXJrZWQifQ.c2lnbmF0dXJlLXBhcmtlZA
 
 @pytest.fixture
 async def postgres_config(parking_config: Path) -> AsyncIterator[Path]:
-    """The parking config with its ledger in a scratch PostgreSQL database, skipped when no server is reachable."""
-    url = await postgres_database()
-    if url is None:
-        pytest.skip(f"no PostgreSQL server answers at {POSTGRES_ADMIN_URL}; set MDR_TEST_POSTGRES_URL")
-    document = yaml.safe_load(parking_config.read_text())
-    document["database_url"] = url
-    parking_config.write_text(yaml.safe_dump(document))
-    try:
+    """The parking config with its ledger in a scratch PostgreSQL database (skipped without a server, failed under CI=true)."""
+    async with scratch_database() as url:
+        document = yaml.safe_load(parking_config.read_text())
+        document["database_url"] = url
+        parking_config.write_text(yaml.safe_dump(document))
         yield parking_config
-    finally:
-        await drop_postgres_database(url)
 
 
 @pytest.fixture

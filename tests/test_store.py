@@ -6,12 +6,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from fixtures_postgres import (  # noqa: F401 - test_cli_parked imports these names from here
-    POSTGRES_ADMIN_URL,
-    drop_postgres_database,
-    postgres_database,
-    scratch_database,
-)
+from fixtures_postgres import scratch_database
 from sqlalchemy import text
 
 from mdr_connector.connector import store as store_module
