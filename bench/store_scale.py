@@ -37,9 +37,8 @@ import asyncio
 import contextlib
 import sys
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -101,27 +100,6 @@ async def fill(store: Any, count: int) -> None:
         await common.insert_links(store, rows, chunk=FILLER_CHUNK)
 
 
-@contextlib.asynccontextmanager
-async def scratch_database(admin_url: str) -> AsyncIterator[str]:
-    """Create an empty PostgreSQL database through `admin_url`, yield its asyncpg URL, and drop it afterwards."""
-    import asyncpg
-
-    name = f"mdr_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield admin_url.replace("postgresql://", "postgresql+asyncpg://", 1).rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        admin = await asyncpg.connect(admin_url, timeout=10)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
 async def ledger_size_mb(store: Any, work: Path) -> float:
     if store.engine.dialect.name == "postgresql":
         async with store.engine.connect() as connection:
@@ -135,7 +113,7 @@ async def open_setup(stack: contextlib.AsyncExitStack, rows: int, changed: int, 
     work = stack.enter_context(common.work_folder(f"mdr-bench-store-{rows}-"))
     log_file = stack.enter_context((work / "simulators.log").open("w", encoding="utf-8"))
     sims = stack.enter_context(common.simulators(latency, log_file))
-    database_url = await stack.enter_async_context(scratch_database(postgres_url)) if postgres_url else None
+    database_url = await stack.enter_async_context(common.scratch_database(postgres_url)) if postgres_url else None
     settings = common.connection_settings(work, sims, database_url=database_url)
     await common.activate_token(settings, sims.mdr.details["console_token"])
     store = await stack.enter_async_context(common.ledger(settings))

@@ -8,7 +8,7 @@ from mdr_connector.connector import i18n
 
 # Modules whose tests share one expensive module-scoped run; pytest-xdist
 # keeps each on one worker so the run is not repeated per worker.
-SHARED_RUN_MODULES = {"test_crash", "test_packaging"}
+SHARED_RUN_MODULES = {"test_crash", "test_cluster", "test_packaging"}
 
 
 # tryfirst: pytest-xdist reads the groups in a hook of its own, which must see these marks.

@@ -509,6 +509,25 @@ async def test_rotated_refresh_token_reuse(
     assert second == (401 if single_use else 200)
 
 
+async def test_session_confirms_logged(mdr_sim: MdrSimulator, mdr_url: str) -> None:
+    """Each session/confirm is logged with its refresh token's id and outcome, and served on the control API."""
+    console_token = mdr_sim.issue_console_token(MDR_CLIENT_ID)
+
+    _, pair = await wire_call(mdr_url, "session/confirm", {"refresh_token": console_token}, None)
+    await wire_call(mdr_url, "session/confirm", {"refresh_token": console_token}, None)
+    await wire_call(mdr_url, "session/confirm", {"refresh_token": "not-a-token"}, None)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(mdr_url.split("/api/", 1)[0] + "/_sim/session-confirms") as reply:
+            served = await reply.json()
+
+    outcomes = [(record["client_id"], record["outcome"]) for record in served]
+    assert outcomes == [(MDR_CLIENT_ID, "rotated"), (MDR_CLIENT_ID, "used"), (MDR_CLIENT_ID, "invalid")]
+    assert served[0]["token_id"] == served[1]["token_id"]
+    assert served[0]["token_id"] is not None
+    assert served[2]["token_id"] is None
+    assert pair["refresh_token"] != console_token
+
+
 async def test_tenant_restricted_connection(mdr_sim: MdrSimulator, mdr_url: str) -> None:
     """A connection limited to a tenant can read only that tenant's incidents."""
     mdr_sim.create_client(MDR_CLIENT_ID, connection_name="Retail only", tenants=["Retail EU"])

@@ -122,6 +122,7 @@ async def dispatch(
 def control_routes() -> list[web.RouteDef]:
     return [
         web.get(f"{CONTROL_PREFIX}/state", control_state),
+        web.get(f"{CONTROL_PREFIX}/session-confirms", control_session_confirms),
         web.get(f"{CONTROL_PREFIX}/settings", control_settings),
         web.patch(f"{CONTROL_PREFIX}/settings", control_settings),
         web.post(f"{CONTROL_PREFIX}/clock/advance", control_advance),
@@ -189,6 +190,11 @@ def control_handler(
 @control_handler
 def control_state(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
     return sim.state()
+
+
+@control_handler
+def control_session_confirms(sim: MdrSimulator, request: web.Request, body: dict[str, Any]) -> Any:
+    return sim.confirms()
 
 
 @control_handler

@@ -136,6 +136,20 @@ class _TokenRecord:
     revoked: bool = False
 
 
+@dataclass(frozen=True)
+class ConfirmRecord:
+    """One `session/confirm` request: the client, the refresh token's id (`jti`) and the outcome.
+
+    `outcome` is `rotated` for a success, else the reason of the rejection:
+    `used`, `expired`, `invalid` (the token does not verify) or `other client`.
+    """
+
+    client_id: str
+    token_id: str | None
+    outcome: str
+    at_ms: int
+
+
 @dataclass
 class _Incident:
     """An incident with its embedded objects, plus what incidents/list currently shows."""
@@ -204,6 +218,8 @@ class MdrSimulator:
         self._random = random.Random(seed)
         self._connections: dict[tuple[str, str], SimConnection] = {}
         self._refresh_tokens: dict[str, _TokenRecord] = {}
+        # Every session/confirm request in arrival order, so a test can tell whether a refresh token was spent twice.
+        self.confirm_log: list[ConfirmRecord] = []
         self._access_tokens: dict[str, _TokenRecord] = {}
         self._incidents: dict[str, _Incident] = {}
         self._assets: dict[str, dict[str, Any]] = {}
@@ -334,11 +350,10 @@ class MdrSimulator:
     def confirm_session(self, client_id: str, refresh_token: str) -> dict[str, str]:
         """Exchange a refresh token for a new access and refresh token (the `session/confirm` logic)."""
         record = self._token_record(refresh_token, "refresh")
-        rejected = (
-            record is None or record.client_id != client_id or record.used or self.now() >= record.expires_at
-        )
+        outcome = self._confirm_outcome(client_id, record)
+        self.confirm_log.append(ConfirmRecord(client_id, self._token_id(refresh_token), outcome, self.now_ms()))
         # NOTE: the status for a rejected refresh token is INFERRED (setting).
-        if rejected:
+        if outcome != "rotated":
             raise SimError(
                 self.settings.rejected_refresh_status, "the refresh token is invalid, expired or already used"
             )
@@ -356,6 +371,25 @@ class MdrSimulator:
                 connection, self.settings.refresh_token_seconds, console=False
             ),
         }
+
+    def _confirm_outcome(self, client_id: str, record: _TokenRecord | None) -> str:
+        if record is None:
+            return "invalid"
+        if record.client_id != client_id:
+            return "other client"
+        if record.used:
+            return "used"
+        if self.now() >= record.expires_at:
+            return "expired"
+        return "rotated"
+
+    def _token_id(self, token: str) -> str | None:
+        claims = verify_jwt(token, self._key)
+        return str(claims["jti"]) if claims is not None and "jti" in claims else None
+
+    def confirms(self) -> list[dict[str, Any]]:
+        """Return every session/confirm request so far, oldest first, as JSON-ready records."""
+        return [asdict(record) for record in self.confirm_log]
 
     def authenticate(self, client_id: str, authorization: str | None) -> SimConnection:
         """Return the connection of a valid `Bearer` access token for `client_id`, or raise SimError."""
