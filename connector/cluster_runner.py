@@ -20,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.errors import (
@@ -29,6 +30,7 @@ from mdr_connector.connector.errors import (
     ConnectorError,
     LeaseLostError,
 )
+from mdr_connector.connector.fencing import reset_fence
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.leases import (
     Cluster,
@@ -37,7 +39,6 @@ from mdr_connector.connector.leases import (
     check_lease_in_transaction,
     default_instance_name,
     idle_timeout_seconds,
-    reset_fence,
 )
 from mdr_connector.connector.observability import Observer
 from mdr_connector.connector.runner import (
@@ -55,7 +56,9 @@ log = logging.getLogger(__name__)
 # credentials) keeps its lease, so the other instances do not fail on it
 # in turn, and is opened again after this long: a person may have fixed it.
 FATAL_RETRY_SECONDS = 60.0
-# How often a command waiting with --wait asks for a lease that another instance holds.
+# Lease statements are single short UPDATEs; their sessions may idle inside a transaction this long.
+LEASE_IDLE_TIMEOUT_SECONDS = 2
+# How often a command waiting with --wait tries again to take a lease that another instance holds.
 COMMAND_POLL_SECONDS = 1.0
 BUSY_IN_CLUSTER = N_(
     "connection {connection} is being synced by the mdr-connector instance {instance}; "
@@ -70,8 +73,27 @@ def enable_fencing(store: Store) -> None:
         event.listen(store.engine.sync_engine, "begin", check_lease_in_transaction)
 
 
+def lease_engine(store: Store) -> AsyncEngine:
+    """Create a small engine of its own for lease statements.
+
+    Under load every connection of the store's pool can be busy with ledger
+    transactions, and a renewal queued behind them would let its lease run out.
+    """
+    # A stopped process must not keep a lease row locked by an unfinished renewal either.
+    idle = {"idle_in_transaction_session_timeout": f"{LEASE_IDLE_TIMEOUT_SECONDS}s"}
+    return create_async_engine(
+        store.engine.url,
+        pool_size=2,
+        max_overflow=2,
+        pool_pre_ping=True,
+        connect_args={"server_settings": idle},
+    )
+
+
 async def join_cluster(settings: Settings, store: Store) -> Cluster:
-    cluster = Cluster(store.engine, settings.cluster, [connection.name for connection in settings.connections])
+    cluster = Cluster(
+        lease_engine(store), settings.cluster, [connection.name for connection in settings.connections], owns_engine=True
+    )
     await prepare_store(store, cluster.lease_seconds)
     await cluster.join()
     return cluster
@@ -127,6 +149,7 @@ async def run_cluster(
         await asyncio.gather(*(task for task, _ in tasks.values()), return_exceptions=True)
         with contextlib.suppress(*DATABASE_ERRORS):
             await cluster.leave()
+        await cluster.close()
     return outcomes
 
 
@@ -239,7 +262,7 @@ async def leased_connection(
     if not math.isfinite(wait_seconds) or wait_seconds < 0:
         raise ValueError(f"wait_seconds must be a finite number of seconds >= 0, got {wait_seconds}")
     name = f"{settings.cluster.instance_name or default_instance_name()}/command"
-    cluster = Cluster(store.engine, settings.cluster, [connection], name=name)
+    cluster = Cluster(lease_engine(store), settings.cluster, [connection], name=name, owns_engine=True)
     await prepare_store(store, cluster.lease_seconds)
 
     deadline = time.monotonic() + wait_seconds
@@ -261,6 +284,7 @@ async def leased_connection(
         if not fence.lost:
             with contextlib.suppress(*DATABASE_ERRORS):
                 await cluster.release(fence)
+        await cluster.close()
 
 
 async def keep_renewed(cluster: Cluster) -> None:

@@ -19,12 +19,12 @@ _current_fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("m
 
 
 def current_fence() -> Fence | None:
-    """The fence of the connection whose task runs now; None in CLI commands and without cluster mode."""
+    """Return the fence of the connection whose task runs now: None in commands without a lease and without cluster mode."""
     return _current_fence.get()
 
 
 class Fence:
-    """This instance's hold on one connection's lease, as far as it knows locally."""
+    """This instance's hold on one connection's lease, as this process sees it without asking the database."""
 
     def __init__(self, connection: str, holder: str, epoch: int, valid_until: float, clock: Callable[[], float]) -> None:
         self.connection = connection

@@ -9,7 +9,7 @@ Each change of holder increments the row's `epoch`.
 
 Fencing: an instance that stalled past its lease must not write after
 another took over. Every ledger transaction in a connection's task first
-locks the lease row `FOR SHARE` and checks holder, epoch and expiry (a
+locks the lease row `FOR KEY SHARE` and checks holder, epoch and expiry (a
 takeover waits for that transaction to finish), and every remote write is
 checked against a local deadline that ends before the lease in the
 database: when the method is called, and again right before the request
@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mdr_connector.connector.config import ClusterSettings
 from mdr_connector.connector.errors import ConfigError
-from mdr_connector.connector.fencing import Fence, _current_fence, current_fence, reset_fence
+from mdr_connector.connector.fencing import Fence, _current_fence
 from mdr_connector.connector.store import ClusterInstance, Lease
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,12 @@ def default_instance_name() -> str:
 def check_lease_in_transaction(connection: Connection) -> None:
     """The `begin` hook of the store's engine: lock and check the current fence's lease row.
 
-    `FOR SHARE` keeps the row as it is until this transaction ends, so a
-    takeover waits for it, and a transaction that starts after a takeover
-    finds another holder or epoch and fails before it writes anything.
+    `FOR KEY SHARE` keeps a takeover, which locks the row `FOR UPDATE`
+    first, waiting until this transaction ends, and a transaction that
+    starts after a takeover finds another holder or epoch and fails before
+    it writes anything. The holder's own renewals (a plain UPDATE of
+    non-key columns) do not conflict with it, so a busy connection never
+    delays its own renewal.
     """
     fence = _current_fence.get()
     if fence is None:
@@ -81,7 +84,7 @@ def check_lease_in_transaction(connection: Connection) -> None:
             Lease.epoch == fence.epoch,
             Lease.expires_at > func.now(),
         )
-        .with_for_update(read=True)
+        .with_for_update(read=True, key_share=True)
     )
     if connection.execute(statement).first() is None:
         fence.lost = True
@@ -92,7 +95,7 @@ def idle_timeout_seconds(lease_seconds: float) -> int:
     """How long PostgreSQL lets a ledger transaction sit idle before it ends the session.
 
     A process stopped inside a transaction keeps its lease row locked
-    `FOR SHARE`, which would block the takeover for as long as it is
+    `FOR KEY SHARE`, which would block the takeover for as long as it is
     stopped; the server ends such a session after this long.
     """
     return max(2, int(lease_seconds / 4))
@@ -108,7 +111,7 @@ async def limit_lock_wait(database: AsyncConnection) -> None:
 
 @dataclass
 class LeaseChanges:
-    """What one round of renewals and acquisitions changed."""
+    """The leases acquired and lost in one round of renewals."""
 
     acquired: list[Fence] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
@@ -124,6 +127,7 @@ class Cluster:
         connections: Iterable[str],
         *,
         name: str | None = None,
+        owns_engine: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if engine.dialect.name != "postgresql":
@@ -132,6 +136,7 @@ class Cluster:
                 f"the configured database is {engine.dialect.name}"
             )
         self.engine = engine
+        self._owns_engine = owns_engine
         self.name = name or settings.instance_name or default_instance_name()
         self.connections = sorted(set(connections))
         self.lease_seconds = settings.takeover_seconds * LEASE_SHARE
@@ -275,6 +280,8 @@ class Cluster:
         try:
             async with self.engine.begin() as database:
                 await limit_lock_wait(database)
+                # Waits for the fenced transactions still running on the row.
+                await database.execute(select(Lease.connection).where(Lease.connection == connection).with_for_update())
                 row = (await database.execute(statement)).first()
         except DBAPIError as err:
             if not is_lock_timeout(err):
@@ -314,6 +321,10 @@ class Cluster:
                 .values(holder=None, expires_at=None)
             )
         log.info("cluster.lease.released", extra={"connection": fence.connection, "instance": self.name})
+
+    async def close(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()
 
     async def leave(self) -> None:
         """Hand back every lease and deregister, at shutdown."""

@@ -10,7 +10,8 @@ from mdr_connector.adapters.mdr.client import MdrClient
 from mdr_connector.adapters.mdr.tokens import TokenStorage
 from mdr_connector.connector.config import ConnectionSettings, Settings
 from mdr_connector.connector.engine import ConnectionSync
-from mdr_connector.connector.leases import MDR_WRITES, TICKET_WRITES, FencedClient, current_fence
+from mdr_connector.connector.fencing import current_fence
+from mdr_connector.connector.leases import MDR_WRITES, TICKET_WRITES, FencedClient
 from mdr_connector.connector.mappingfile import Mapping, load_mapping
 from mdr_connector.connector.routing import mapping_projects
 from mdr_connector.connector.store import Store

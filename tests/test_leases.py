@@ -16,7 +16,8 @@ from sqlalchemy.exc import DBAPIError
 from mdr_connector.connector.cluster_runner import enable_fencing, prepare_store
 from mdr_connector.connector.config import ClusterSettings, SecretRef
 from mdr_connector.connector.errors import ConfigError, LeaseLostError
-from mdr_connector.connector.leases import MDR_WRITES, Cluster, FencedClient, Fence, current_fence, reset_fence
+from mdr_connector.connector.fencing import Fence, current_fence, reset_fence
+from mdr_connector.connector.leases import MDR_WRITES, Cluster, FencedClient
 from mdr_connector.connector.retry import RateGate
 from mdr_connector.connector.store import Lease, Store
 
@@ -79,7 +80,7 @@ async def test_one_instance_takes_every_lease_then_shares(store: Store) -> None:
     assert sorted(row.holder for row in rows.values()) == ["first", "first", "second", "second"]
 
 
-async def test_expired_lease_is_taken_over_with_a_new_epoch(store: Store) -> None:
+async def test_expired_lease_taken_over(store: Store) -> None:
     """A lease left to expire goes to another instance, its epoch one higher; the old holder learns it lost it."""
     old = Cluster(store.engine, cluster_settings("old"), ["alpha"])
     await old.join()

@@ -26,7 +26,7 @@ from mdr_connector.adapters.mdr.token_database import DatabaseTokenStore, TokenC
 from mdr_connector.adapters.mdr.tokens import TokenFileStore
 from mdr_connector.connector.config import ClusterSettings, MdrSettings
 from mdr_connector.connector.errors import ConfigError, LeaseLostError
-from mdr_connector.connector.leases import Fence, reset_fence
+from mdr_connector.connector.fencing import Fence, reset_fence
 from mdr_connector.connector.store import Store, TokenChain
 
 KEY = bytes(range(32))
