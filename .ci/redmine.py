@@ -351,8 +351,10 @@ def set_up() -> None:
     owns_directory = not state_directory.exists()
     state_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     log_file = state_directory / "server.log"
-    server = start_server(log_file)
+    # The set-up script runs before the server starts: a server booting on a
+    # busy machine can hold the SQLite database longer than its busy timeout.
     settings = configure_redmine()
+    server = start_server(log_file)
     wait_for_server(server, log_file)
 
     state = {

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 FATAL_RETRY_SECONDS = 60.0
 # Lease statements are single short UPDATEs; their sessions may idle inside a transaction this long.
 LEASE_IDLE_TIMEOUT_SECONDS = 2
+# How long a reacquired connection waits for the cancelled task of its lost lease.
+PREVIOUS_TASK_WAIT_SECONDS = 5.0
 # How often a command waiting with --wait tries again to take a lease that another instance holds.
 COMMAND_POLL_SECONDS = 1.0
 BUSY_IN_CLUSTER = N_(
@@ -128,6 +130,7 @@ async def run_cluster(
             changes = await _tick(cluster, acquire=True)
             _stop_lost(cluster, tasks, changes)
             for fence in changes.acquired:
+                await _finish_previous(tasks, fence.connection)
                 task = asyncio.create_task(
                     work_leased(settings, by_name[fence.connection], store, factory, stop, observer, fence),
                     name=fence.connection,
@@ -151,6 +154,19 @@ async def run_cluster(
             await cluster.leave()
         await cluster.close()
     return outcomes
+
+
+async def _finish_previous(tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]], connection: str) -> None:
+    """Let the cancelled task of a lost lease end before a task for the reacquired lease starts."""
+    previous = tasks.pop(connection, None)
+    if previous is None:
+        return
+    task, fence = previous
+    fence.lost = True
+    task.cancel()
+    # Cancellation ends at the next await; a token refresh in flight
+    # finishes shielded, and holds the token row, not the ledger.
+    await asyncio.wait([task], timeout=PREVIOUS_TASK_WAIT_SECONDS)
 
 
 async def _tick(cluster: Cluster, *, acquire: bool) -> LeaseChanges:
