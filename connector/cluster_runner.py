@@ -53,9 +53,11 @@ from mdr_connector.connector.store import Store
 log = logging.getLogger(__name__)
 
 # A connection stopped by a fatal error (expired token, refused
-# credentials) keeps its lease, so the other instances do not fail on it
-# in turn, and is opened again after this long: a person may have fixed it.
+# credentials, a wrong token key) is handed back, and this instance does
+# not take it again for this long: a person may fix it meanwhile.
 FATAL_RETRY_SECONDS = 60.0
+# How often a waiting connection task looks whether it is to hand its lease back.
+RELEASE_POLL_SECONDS = 0.5
 # Lease statements are single short UPDATEs; their sessions may idle inside a transaction this long.
 LEASE_IDLE_TIMEOUT_SECONDS = 2
 # How long a reacquired connection waits for the cancelled task of its lost lease.
@@ -64,7 +66,8 @@ PREVIOUS_TASK_WAIT_SECONDS = 5.0
 COMMAND_POLL_SECONDS = 1.0
 BUSY_IN_CLUSTER = N_(
     "connection {connection} is being synced by the mdr-connector instance {instance}; "
-    "wait for it to hand the connection back, or pass --wait SECONDS"
+    "in cluster mode this command needs the connection's lease, so run it while no instance works "
+    "the connection, or pass --wait SECONDS to wait for the lease"
 )
 DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 
@@ -110,6 +113,9 @@ async def prepare_store(store: Store, lease_seconds: float) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"SET idle_in_transaction_session_timeout = '{timeout}s'")
         cursor.close()
+        # The driver ran the SET in a transaction of its own; without the
+        # commit, a first use that rolls back would undo it.
+        dbapi_connection.commit()
 
     if not event.contains(store.engine.sync_engine, "connect", limit_idle_transactions):
         event.listen(store.engine.sync_engine, "connect", limit_idle_transactions)
@@ -203,6 +209,8 @@ async def _hand_back_finished(
         if fence.lost:
             cluster.forget(fence)
             continue
+        if fence.avoid_seconds:
+            cluster.avoid(connection, fence.avoid_seconds)
         try:
             await cluster.release(fence)
         except DATABASE_ERRORS as err:
@@ -236,21 +244,24 @@ async def work_leased(
                     log.info("sync.connection.started", extra={"connection": connection.name, "epoch": fence.epoch})
                     while go_on():
                         delay = await run_cycle_until_stopped(sync, stop, streak, observer)
-                        await wait_unless_stopped(stop, delay)
+                        await wait_unless_released(stop, fence, delay)
                     log.info("sync.connection.stopped", extra={"connection": connection.name})
                     return ConnectionOutcome(connection.name, sync.stats)
             except LeaseLostError:
                 raise
             except (ConnectionFatalError, ConfigError) as err:
-                if streak.failures == 0:
-                    log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
-                streak.failed(err)
+                # The cause may be this instance's own (a wrong token key, a
+                # missing secret file), so the lease goes back for another
+                # instance to try, and this one stays away from it a while.
+                log.error("sync.connection.fatal", extra={"connection": connection.name, "error": str(err)})
                 observer.cycle_failed(connection.name, interval, err)
-                await wait_unless_stopped(stop, max(FATAL_RETRY_SECONDS, interval))
+                fence.release_requested = True
+                fence.avoid_seconds = max(FATAL_RETRY_SECONDS, interval)
+                return ConnectionOutcome(connection.name, None)
             except ConnectorError as err:
                 streak.failed(err)
                 observer.cycle_failed(connection.name, interval, err)
-                await wait_unless_stopped(stop, interval)
+                await wait_unless_released(stop, fence, interval)
         return ConnectionOutcome(connection.name, None)
     except LeaseLostError:
         # Not a failure of the instance: another instance works the connection now.
@@ -262,6 +273,16 @@ async def work_leased(
         return ConnectionOutcome(connection.name, None)
     finally:
         observer.connection_stopped(connection.name)
+
+
+async def wait_unless_released(stop: asyncio.Event, fence: Fence, seconds: float) -> None:
+    """Wait `seconds`, ending early when the service stops or the lease is to be handed back."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and not fence.release_requested:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        await wait_unless_stopped(stop, min(remaining, RELEASE_POLL_SECONDS))
 
 
 @contextlib.asynccontextmanager

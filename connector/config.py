@@ -366,7 +366,8 @@ class ClusterSettings(StrictModel):
 
     enabled: bool = False
     # This instance's name in the leases table; default `<host>-<pid>`.
-    instance_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")
+    # At most 190 characters: commands hold leases as `<name>/command` in a 200-character column.
+    instance_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,189}$")
     # The connections of an instance that dies are taken over within this many seconds.
     takeover_seconds: float = Field(default=30, ge=3, le=3600)
     # The key that encrypts the MDR token pairs stored in the database.
@@ -407,6 +408,19 @@ class Settings(StrictModel):
     @classmethod
     def _database_url_without_password(cls, value: str | SecretRef | None) -> str | SecretRef | None:
         return reject_inline_password(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cluster_on_postgresql(self) -> Settings:
+        # A URL kept in a secret is checked when the database is opened.
+        if not self.cluster.enabled or isinstance(self.database_url, SecretRef):
+            return self
+        if self.database_url is None or not self.database_url.startswith("postgresql+asyncpg://"):
+            raise ValueError(
+                "cluster.enabled needs a PostgreSQL database_url of the form "
+                "postgresql+asyncpg://USER@HOST:5432/DATABASE, shared by every instance; "
+                f"the configured one is {self.database_url or 'unset (SQLite in data_dir)'}"
+            )
+        return self
 
     def resolved_database_url(self) -> str:
         """Return the SQLAlchemy URL: the configured one (read from its secret if need be), else SQLite in data_dir."""

@@ -35,6 +35,8 @@ class Fence:
         # Set when the instance holds more than its share: the connection's
         # task finishes its cycle and hands the lease back.
         self.release_requested = False
+        # After a fatal error: how long this instance leaves the connection to the others.
+        self.avoid_seconds = 0.0
         self._clock = clock
 
     def remaining(self) -> float:

@@ -21,6 +21,7 @@ by its marker, so the new holder finds it instead of writing it again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -33,9 +34,10 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Interval, delete, func, literal, select, text, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from mdr_connector.connector.config import ClusterSettings
@@ -57,6 +59,19 @@ SAFETY_SECONDS = 0.5
 # holder's transaction must not freeze every other instance's renewals.
 LOCK_TIMEOUT = "2s"
 LOCK_NOT_AVAILABLE = "55P03"
+
+def pid_alive(pid: int) -> bool:
+    """Tell whether another process with this id runs on this host (this process's own id counts as gone)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 def default_instance_name() -> str:
     return f"{socket.gethostname()[:150]}-{os.getpid()}"
@@ -101,6 +116,11 @@ def idle_timeout_seconds(lease_seconds: float) -> int:
     return max(2, int(lease_seconds / 4))
 
 
+def live_lease(connection: str) -> ColumnElement[bool]:
+    """Match the connection's lease row while an instance holds it and it has not expired."""
+    return (Lease.connection == connection) & Lease.holder.is_not(None) & (Lease.expires_at > func.now())
+
+
 def is_lock_timeout(err: DBAPIError) -> bool:
     return getattr(err.orig, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
@@ -142,6 +162,9 @@ class Cluster:
         self.lease_seconds = settings.takeover_seconds * LEASE_SHARE
         self.renew_seconds = settings.takeover_seconds * RENEW_SHARE
         self.fences: dict[str, Fence] = {}
+        # Connections this instance does not take until the monotonic time given.
+        self._avoid_until: dict[str, float] = {}
+        self._free_before: set[str] = set()
         self._clock = clock
         self._ttl = literal(timedelta(seconds=self.lease_seconds), Interval())
 
@@ -152,9 +175,16 @@ class Cluster:
 
     async def join(self) -> None:
         """Register this instance; refuse a name that a live instance uses."""
+        host = socket.gethostname()[:200]
+        # The same name on this host with a process id that is gone (or is
+        # this process's own, as in a restarted container) is this instance
+        # before a crash: its registration need not expire first.
+        previous_incarnation = (ClusterInstance.host == host) & (
+            ClusterInstance.pid.not_in([pid for pid in await self._registered_pids(host) if pid_alive(pid)])
+        )
         statement = postgresql_insert(ClusterInstance).values(
             name=self.name,
-            host=socket.gethostname()[:200],
+            host=host,
             pid=os.getpid(),
             started_at=func.now(),
             expires_at=func.now() + self._ttl,
@@ -167,7 +197,7 @@ class Cluster:
                 "started_at": func.now(),
                 "expires_at": statement.excluded.expires_at,
             },
-            where=ClusterInstance.expires_at <= func.now(),
+            where=(ClusterInstance.expires_at <= func.now()) | previous_incarnation,
         ).returning(ClusterInstance.name)
         async with self.engine.begin() as database:
             joined = (await database.execute(statement)).first()
@@ -177,6 +207,13 @@ class Cluster:
                 "cluster.instance_name, or leave it unset"
             )
         log.info("cluster.instance.joined", extra={"instance": self.name, "lease_seconds": self.lease_seconds})
+
+    async def _registered_pids(self, host: str) -> list[int]:
+        async with self.engine.connect() as database:
+            rows = await database.scalars(
+                select(ClusterInstance.pid).where(ClusterInstance.name == self.name, ClusterInstance.host == host)
+            )
+            return list(rows)
 
     async def tick(self, *, acquire: bool = True) -> LeaseChanges:
         """Renew this instance and its leases, hand back surplus, and take free leases up to a fair share."""
@@ -197,11 +234,32 @@ class Cluster:
 
         share = math.ceil(len(self.connections) / max(1, live or 1))
         held = [fence for fence in self.fences.values() if not fence.lost]
-        if len(held) > share:
+        free = await self._free_connections()
+        # A connection free for two rounds in a row is one that no instance
+        # under its share wants (another instance failed on it, or is
+        # handing it back to nobody): it is taken beyond the share rather
+        # than left unworked, and surplus is handed back only when no
+        # connection is free, that is, when an instance is waiting for one.
+        orphans = free & self._free_before
+        self._free_before = free
+        if len(held) > share and not free:
             self._request_release(held, len(held) - share)
         elif len(held) < share:
             await self._acquire(changes, share - len(held))
+        if orphans:
+            await self._acquire(changes, len(orphans), only=orphans)
         return changes
+
+    async def _free_connections(self) -> set[str]:
+        """Return this instance's connections that no instance holds now (never taken, handed back or expired)."""
+        async with self.engine.connect() as database:
+            rows = await database.execute(
+                select(Lease.connection, Lease.holder, Lease.expires_at > func.now()).where(
+                    Lease.connection.in_(self.connections)
+                )
+            )
+            held = {connection for connection, holder, live in rows if holder is not None and live}
+        return set(self.connections) - held
 
     async def _renew(self, changes: LeaseChanges, sent_at: float) -> None:
         for connection, fence in list(self.fences.items()):
@@ -244,14 +302,27 @@ class Cluster:
             fence.release_requested = True
             log.info("cluster.lease.handing_back", extra={"connection": fence.connection, "instance": self.name})
 
-    async def _acquire(self, changes: LeaseChanges, wanted: int) -> None:
-        candidates = [name for name in self.connections if name not in self.fences or self.fences[name].lost]
+    async def _acquire(self, changes: LeaseChanges, wanted: int, only: set[str] | None = None) -> None:
+        now = self._clock()
+        candidates = [
+            name
+            for name in (sorted(only) if only is not None else self.connections)
+            if (name not in self.fences or self.fences[name].lost) and self._avoid_until.get(name, 0) <= now
+        ]
         # Instances starting together would otherwise all race for the same rows first.
         random.shuffle(candidates)
         for connection in candidates:
             if wanted <= 0:
                 return
-            fence = await self._try_acquire(connection)
+            try:
+                fence = await self._try_acquire(connection)
+            except (SQLAlchemyError, OSError, asyncio.TimeoutError) as err:
+                # Raising would drop `changes`, so the leases taken earlier
+                # this round would be renewed but never worked.
+                log.error(
+                    "cluster.renewal.failed", extra={"instance": self.name, "error": f"{type(err).__name__}: {err}"}
+                )
+                return
             if fence is None:
                 continue
             self.fences[connection] = fence
@@ -279,6 +350,11 @@ class Cluster:
         sent_at = self._clock()
         try:
             async with self.engine.begin() as database:
+                # A live lease is skipped before its row is locked, because its
+                # holder may be inside a ledger transaction, and waiting for
+                # that would hold back this instance's own renewals.
+                if await database.scalar(select(func.count()).select_from(Lease).where(live_lease(connection))):
+                    return None
                 await limit_lock_wait(database)
                 # Waits for the fenced transactions still running on the row.
                 await database.execute(select(Lease.connection).where(Lease.connection == connection).with_for_update())
@@ -304,6 +380,10 @@ class Cluster:
     async def holder_of(self, connection: str) -> str | None:
         async with self.engine.connect() as database:
             return await database.scalar(select(Lease.holder).where(Lease.connection == connection))
+
+    def avoid(self, connection: str, seconds: float) -> None:
+        """Leave a connection to the other instances for `seconds` (it failed here)."""
+        self._avoid_until[connection] = self._clock() + seconds
 
     def forget(self, fence: Fence) -> None:
         """Drop a lost lease from the ones this instance renews."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mdr_connector.connector.config import ConnectionSettings, SecretRef, load_settings
 from mdr_connector.connector.errors import ConfigError
@@ -476,3 +477,20 @@ def test_connection_without_mapping_gets_its_systems_mapping(tmp_path: Path, tic
 
     assert ConnectionSettings.model_validate(raw).mapping == mapping
     assert ConnectionSettings.model_validate({**raw, "mapping": "builtin:jira"}).mapping == "builtin:jira"
+
+
+@pytest.mark.parametrize(
+    "database_url",
+    [None, "sqlite+aiosqlite:///ledger.db", "postgresql://mdr@db/mdr"],
+)
+def test_cluster_needs_postgresql_url(tmp_path: Path, database_url: str | None) -> None:
+    """Cluster mode with SQLite, or with a URL asyncpg does not serve, is rejected when the config loads."""
+    document = yaml.safe_load(VALID_CONFIG)
+    document["cluster"] = {"enabled": True, "token_key": {"env": "MDR_TEST_TOKEN_KEY"}}
+    if database_url is not None:
+        document["database_url"] = database_url
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+
+    with pytest.raises(ConfigError, match="cluster.enabled needs a PostgreSQL database_url"):
+        load_settings(path)

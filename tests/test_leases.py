@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import contextvars
 from datetime import timedelta
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from mdr_connector.connector.errors import ConfigError, LeaseLostError
 from mdr_connector.connector.fencing import Fence, current_fence, reset_fence
 from mdr_connector.connector.leases import MDR_WRITES, Cluster, FencedClient
 from mdr_connector.connector.retry import RateGate
-from mdr_connector.connector.store import Lease, Store
+from mdr_connector.connector.store import ClusterInstance, Lease, Store
 
 CONNECTIONS = ["alpha", "bravo", "charlie", "delta"]
 LONG_AGO = literal(timedelta(hours=1), Interval())
@@ -191,6 +192,9 @@ async def test_a_holder_stopped_inside_a_transaction_is_cut_off(store: Store) ->
 async def test_a_live_instance_name_is_refused(store: Store) -> None:
     first = Cluster(store.engine, cluster_settings("same"), CONNECTIONS)
     await first.join()
+    async with store.engine.begin() as database:
+        # The registration of a process that still runs: this test's parent.
+        await database.execute(update(ClusterInstance).values(pid=os.getppid()))
     with pytest.raises(ConfigError, match="another running instance is named 'same'"):
         await Cluster(store.engine, cluster_settings("same"), CONNECTIONS).join()
 
@@ -264,3 +268,19 @@ def test_rate_gate_checks_fence_before_sending() -> None:
 
     asyncio.run(scenario())
     assert sent == [100.0]
+
+
+async def test_restart_after_crash_keeps_name(store: Store) -> None:
+    """An instance restarted on the same host under its name joins at once when the old process is gone."""
+    crashed = Cluster(store.engine, cluster_settings("node-1"), CONNECTIONS)
+    await crashed.join()
+    async with store.engine.begin() as database:
+        # A process id that no process has: the crashed instance's.
+        await database.execute(update(ClusterInstance).values(pid=2**22 + 12345))
+
+    await Cluster(store.engine, cluster_settings("node-1"), CONNECTIONS).join()
+
+    async with store.engine.begin() as database:
+        await database.execute(update(ClusterInstance).values(host="other-host"))
+    with pytest.raises(ConfigError, match="another running instance is named 'node-1'"):
+        await Cluster(store.engine, cluster_settings("node-1"), CONNECTIONS).join()
