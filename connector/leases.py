@@ -59,6 +59,8 @@ SAFETY_SECONDS = 0.5
 # holder's transaction must not freeze every other instance's renewals.
 LOCK_TIMEOUT = "2s"
 LOCK_NOT_AVAILABLE = "55P03"
+# How long a connection taken beyond the fair share is not handed back as surplus.
+ORPHAN_KEEP_SECONDS = 60.0
 
 def pid_alive(pid: int) -> bool:
     """Tell whether another process with this id runs on this host (this process's own id counts as gone)."""
@@ -165,6 +167,8 @@ class Cluster:
         # Connections this instance does not take until the monotonic time given.
         self._avoid_until: dict[str, float] = {}
         self._free_before: set[str] = set()
+        # Connections taken beyond the share, with when they start to count as surplus.
+        self._orphan_until: dict[str, float] = {}
         self._clock = clock
         self._ttl = literal(timedelta(seconds=self.lease_seconds), Interval())
 
@@ -178,10 +182,13 @@ class Cluster:
         host = socket.gethostname()[:200]
         # The same name on this host with a process id that is gone (or is
         # this process's own, as in a restarted container) is this instance
-        # before a crash: its registration need not expire first.
-        previous_incarnation = (ClusterInstance.host == host) & (
-            ClusterInstance.pid.not_in([pid for pid in await self._registered_pids(host) if pid_alive(pid)])
-        )
+        # before a crash: its registration need not expire first. Only the
+        # pids found gone here qualify, so a live process that registers the
+        # name between this read and the insert keeps it.
+        # NOTE: two containers with one host name (host networking) and pid 1
+        # each look like one restarted process, so the second takes the name.
+        gone = [pid for pid in await self._registered_pids(host) if not pid_alive(pid)]
+        previous_incarnation = (ClusterInstance.host == host) & ClusterInstance.pid.in_(gone)
         statement = postgresql_insert(ClusterInstance).values(
             name=self.name,
             host=host,
@@ -242,12 +249,19 @@ class Cluster:
         # connection is free, that is, when an instance is waiting for one.
         orphans = free & self._free_before
         self._free_before = free
-        if len(held) > share and not free:
-            self._request_release(held, len(held) - share)
+        # An orphan stays out of the count for a while: handing it (or
+        # another connection) back at once would give it to the instance
+        # that just failed on it, and the lease would go round in a loop.
+        now = self._clock()
+        counted = [fence for fence in held if self._orphan_until.get(fence.connection, 0) <= now]
+        if len(counted) > share and not free:
+            self._request_release(counted, len(counted) - share)
         elif len(held) < share:
             await self._acquire(changes, share - len(held))
         if orphans:
-            await self._acquire(changes, len(orphans), only=orphans)
+            taken = await self._acquire(changes, len(orphans), only=orphans)
+            for connection in taken:
+                self._orphan_until[connection] = now + ORPHAN_KEEP_SECONDS
         return changes
 
     async def _free_connections(self) -> set[str]:
@@ -302,7 +316,7 @@ class Cluster:
             fence.release_requested = True
             log.info("cluster.lease.handing_back", extra={"connection": fence.connection, "instance": self.name})
 
-    async def _acquire(self, changes: LeaseChanges, wanted: int, only: set[str] | None = None) -> None:
+    async def _acquire(self, changes: LeaseChanges, wanted: int, only: set[str] | None = None) -> list[str]:
         now = self._clock()
         candidates = [
             name
@@ -311,9 +325,10 @@ class Cluster:
         ]
         # Instances starting together would otherwise all race for the same rows first.
         random.shuffle(candidates)
+        taken: list[str] = []
         for connection in candidates:
             if wanted <= 0:
-                return
+                return taken
             try:
                 fence = await self._try_acquire(connection)
             except (SQLAlchemyError, OSError, asyncio.TimeoutError) as err:
@@ -322,12 +337,14 @@ class Cluster:
                 log.error(
                     "cluster.renewal.failed", extra={"instance": self.name, "error": f"{type(err).__name__}: {err}"}
                 )
-                return
+                return taken
             if fence is None:
                 continue
             self.fences[connection] = fence
             changes.acquired.append(fence)
+            taken.append(connection)
             wanted -= 1
+        return taken
 
     async def _try_acquire(self, connection: str) -> Fence | None:
         statement = postgresql_insert(Lease).values(

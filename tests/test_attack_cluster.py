@@ -344,3 +344,111 @@ async def test_surplus_handed_back_after_cycle(store: Store, tmp_path: Path) -> 
         await asyncio.wait_for(asyncio.gather(first, second), DEADLINE_SECONDS)
 
     assert shared, "the first instance kept both connections until their next interval"
+
+
+# Reusing a name at start
+
+
+async def test_join_race_keeps_live_registration(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live process that registers the name between the pid check and the insert keeps it."""
+    import os
+    import socket
+    from datetime import timedelta
+
+    from sqlalchemy import func
+    from sqlalchemy.dialects.postgresql import insert
+
+    from mdr_connector.connector.store import ClusterInstance
+
+    original = Cluster._registered_pids
+
+    async def read_then_other_registers(self: Cluster, host: str) -> list[int]:
+        pids = await original(self, host)
+        # Another process on this host, still running (this test's parent), registers right after the read.
+        async with store.engine.begin() as database:
+            await database.execute(
+                insert(ClusterInstance).values(
+                    name="twin",
+                    host=socket.gethostname()[:200],
+                    pid=os.getppid(),
+                    started_at=func.now(),
+                    expires_at=func.now() + timedelta(minutes=1),
+                )
+            )
+        return pids
+
+    monkeypatch.setattr(Cluster, "_registered_pids", read_then_other_registers)
+    with pytest.raises(ConfigError, match="another running instance is named 'twin'"):
+        await Cluster(store.engine, cluster_settings("twin"), ["alpha"]).join()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="two containers with the same host name and pid 1 (host networking) look like one restarted "
+    "process, so the second takes the live first one's name; telling them apart needs a liveness probe",
+)
+async def test_twin_with_same_pid_refused(store: Store) -> None:
+    """A live instance that renews its registration keeps its name against a process with the same host and pid."""
+    twin = Cluster(store.engine, cluster_settings("node-1", takeover_seconds=3), ["alpha"])
+    await twin.join()
+
+    async def keep_renewing() -> None:
+        while True:
+            await twin.tick(acquire=False)
+            await asyncio.sleep(twin.renew_seconds)
+
+    renewer = asyncio.create_task(keep_renewing())
+    try:
+        await asyncio.sleep(twin.renew_seconds * 2)
+        with pytest.raises(ConfigError, match="another running instance is named 'node-1'"):
+            await Cluster(store.engine, cluster_settings("node-1", takeover_seconds=3), ["alpha"]).join()
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+
+
+# A healthy instance beside one that fails every connection
+
+
+async def test_orphans_not_handed_back_in_loop(store: Store, tmp_path: Path) -> None:
+    """Beside an instance that fails every connection, the healthy one keeps the connections it took."""
+    names = ["alpha", "bravo"]
+    failing_settings = settings_for(tmp_path, names, "failing")
+    healthy_settings = settings_for(tmp_path, names, "healthy")
+    cycles: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def failing_factory(settings: Settings, connection: Any, store: Store) -> AsyncIterator[CountingSync]:
+        raise ConfigError(f"the token pair of client {connection.mdr.client_id} was encrypted with another key")
+        yield  # pragma: no cover
+
+    stop = asyncio.Event()
+    failing = asyncio.create_task(
+        run_cluster(failing_settings, store, failing_factory, stop, Observer(failing_settings.observability))
+    )
+    healthy: asyncio.Task[Any] | None = None
+    try:
+        # The failing instance tried both connections, handed them back, and now avoids them for a minute.
+        handed_back = False
+        for _ in range(int(DEADLINE_SECONDS / 0.1)):
+            rows = await lease_rows(store)
+            if len(rows) == 2 and all(row.holder is None for row in rows.values()):
+                handed_back = True
+                break
+            await asyncio.sleep(0.1)
+        assert handed_back
+        healthy = asyncio.create_task(
+            run_cluster(healthy_settings, store, counting_factory(cycles), stop, Observer(healthy_settings.observability))
+        )
+        assert await wait_until(lambda: len(cycles) == 2)
+        await asyncio.sleep(1.5)
+        before = {name: row.epoch for name, row in (await lease_rows(store)).items()}
+        await asyncio.sleep(8)
+        after = {name: row.epoch for name, row in (await lease_rows(store)).items()}
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*(task for task in (failing, healthy) if task)), DEADLINE_SECONDS)
+
+    moves = {name: after[name] - before[name] for name in names}
+    assert max(moves.values()) <= 1, f"lease changes of holder in 8 s: {moves}"
