@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fixtures_jira import StartJira
 from fixtures_mdr import MDR_CLIENT_ID
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness, open_harness
 
 from mdr_connector.adapters.jira.adapter import JiraTicketAdapter
@@ -33,8 +34,13 @@ ANALYST_NAME = "SOC Analyst"
 OTHER_ID = "557058:other"
 TICKET_SEARCH_DELAY = 31
 
-# Parsing and rendering
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL, for the decision audit."""
+    return request.param
 
+
+# Parsing and rendering
 
 @pytest.mark.parametrize(
     ("body", "decision", "response_id", "reason"),
