@@ -34,6 +34,7 @@ ANALYST_NAME = "SOC Analyst"
 OTHER_ID = "557058:other"
 TICKET_SEARCH_DELAY = 31
 
+
 @pytest.fixture(params=LEDGER_BACKENDS)
 def ledger_backend(request: pytest.FixtureRequest) -> str:
     """Every harness test here runs with its ledger on SQLite and again on PostgreSQL, for the decision audit."""
@@ -41,6 +42,7 @@ def ledger_backend(request: pytest.FixtureRequest) -> str:
 
 
 # Parsing and rendering
+
 
 @pytest.mark.parametrize(
     ("body", "decision", "response_id", "reason"),
