@@ -982,13 +982,21 @@ def balanced(limit: int, instances: int) -> Callable[[Sample], bool]:
     return check
 
 
+# The steps of one scenario between the seeding and the final count.
+ScenarioSteps = Callable[
+    ["RunReport", "Simulators", "People", "Cluster", "LeaseWatch", "WriteRecorder", str], Awaitable[None]
+]
+
+
 # Scenario 1: SIGKILL of the instance with the most connections
 
 
-async def run_takeover(settings: ClusterRunSettings, work: Path, database_url: str) -> RunReport:
-    """Start the instances, kill the busiest with SIGKILL, measure the takeover, add work, and check both sides."""
+async def run_scenario(
+    name: str, steps: ScenarioSteps, settings: ClusterRunSettings, work: Path, database_url: str
+) -> RunReport:
+    """Start the simulators and the instances, seed incidents, run `steps`, then settle and check both sides."""
     started = time.monotonic()
-    report = RunReport("takeover", settings, work)
+    report = RunReport(name, settings, work)
     layout = Layout.of(settings.connections)
     peers = PeerProcesses()
     recorder = WriteRecorder(layout, peers)
@@ -1000,12 +1008,22 @@ async def run_takeover(settings: ClusterRunSettings, work: Path, database_url: s
         await people.seed(settings.incidents)
         async with LeaseWatch(database_url, layout.connections) as watch:
             try:
-                await takeover_steps(report, sims, people, cluster, watch, recorder)
+                await steps(report, sims, people, cluster, watch, recorder, database_url)
                 await finish(report, sims, people, cluster, watch, recorder, database_url)
             finally:
                 await cluster.stop_all()
     report.seconds = time.monotonic() - started
     return report
+
+
+async def run_takeover(settings: ClusterRunSettings, work: Path, database_url: str) -> RunReport:
+    """Start the instances, kill the busiest with SIGKILL, measure the takeover, add work, and check both sides."""
+
+    async def steps(report: RunReport, sims: Simulators, people: People, cluster: Cluster, watch: LeaseWatch,
+                    recorder: WriteRecorder, _database_url: str) -> None:
+        await takeover_steps(report, sims, people, cluster, watch, recorder)
+
+    return await run_scenario("takeover", steps, settings, work, database_url)
 
 
 async def takeover_steps(report: RunReport, sims: Simulators, people: People, cluster: Cluster, watch: LeaseWatch,
@@ -1111,25 +1129,7 @@ class StallFigures:
 
 async def run_stall(settings: ClusterRunSettings, work: Path, database_url: str) -> RunReport:
     """Stall an instance with SIGSTOP past its leases, resume it alone, and check it wrote nothing; then settle and count."""
-    started = time.monotonic()
-    report = RunReport("stall", settings, work)
-    layout = Layout.of(settings.connections)
-    peers = PeerProcesses()
-    recorder = WriteRecorder(layout, peers)
-    rng = random.Random(settings.seed)
-    async with running_simulators(settings, layout, recorder) as sims:
-        people = People(sims, rng)
-        cluster = await prepare_cluster(work, sims, settings, database_url, peers)
-        report.figures["migration and token activations"] = f"{time.monotonic() - started:.1f} s"
-        await people.seed(settings.incidents)
-        async with LeaseWatch(database_url, layout.connections) as watch:
-            try:
-                await stall_steps(report, sims, people, cluster, watch, recorder, database_url)
-                await finish(report, sims, people, cluster, watch, recorder, database_url)
-            finally:
-                await cluster.stop_all()
-    report.seconds = time.monotonic() - started
-    return report
+    return await run_scenario("stall", stall_steps, settings, work, database_url)
 
 
 async def stall_steps(report: RunReport, sims: Simulators, people: People, cluster: Cluster, watch: LeaseWatch,

@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from fixtures_postgres import scratch_database
 from sqlalchemy import select, text
+from test_leases import lease_rows, store  # noqa: F401 - the fixture is used by name
 
 from mdr_connector.connector import leases
-from mdr_connector.connector.cluster_runner import enable_fencing, leased_connection, run_cluster
+from mdr_connector.connector.cluster_runner import leased_connection, run_cluster
 from mdr_connector.connector.config import ClusterSettings, SecretRef, Settings
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.fencing import reset_fence
 from mdr_connector.connector.leases import Cluster
 from mdr_connector.connector.observability import Observer
-from mdr_connector.connector.store import Lease, Store
+from mdr_connector.connector.store import Store
 from mdr_connector.connector.sync_common import SyncStats
 
 # Generous: these deadlines only bound a wait for something that should happen much sooner.
@@ -97,22 +97,6 @@ async def wait_until(condition: Callable[[], bool], deadline: float = DEADLINE_S
             return True
         await asyncio.sleep(0.05)
     return condition()
-
-
-@pytest.fixture
-async def store() -> AsyncIterator[Store]:
-    async with scratch_database() as url:
-        opened = await Store.open(url)
-        enable_fencing(opened)
-        try:
-            yield opened
-        finally:
-            await opened.close()
-
-
-async def lease_rows(store: Store) -> dict[str, Lease]:
-    async with store.sessions() as session:
-        return {row.connection: row for row in await session.scalars(select(Lease))}
 
 
 # The cluster loop
