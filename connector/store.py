@@ -203,7 +203,7 @@ class ResponseDecision(Base):
 
 
 class Lease(Base):
-    """Which instance works a connection and until when; `epoch` grows with every new holder."""
+    """The lease of one connection: the instance working it, until when, and an epoch that grows with every new holder."""
 
     __tablename__ = "leases"
 

@@ -156,7 +156,7 @@ async def test_takeover_waits_for_a_fenced_transaction(store: Store) -> None:
     assert [f.connection for f in taken.acquired] == ["alpha"]
 
 
-async def test_a_holder_stopped_inside_a_transaction_is_cut_off(store: Store) -> None:
+async def test_stopped_holder_cut_off(store: Store) -> None:
     """A holder that stops with its lease row locked is ended by the server, so the takeover goes through."""
     holder = Cluster(store.engine, cluster_settings("holder", takeover_seconds=3), ["alpha"])
     await prepare_store(store, holder.lease_seconds)
@@ -189,7 +189,7 @@ async def test_a_holder_stopped_inside_a_transaction_is_cut_off(store: Store) ->
     assert taken[0].epoch == fence.epoch + 1
 
 
-async def test_a_live_instance_name_is_refused(store: Store) -> None:
+async def test_live_instance_name_refused(store: Store) -> None:
     first = Cluster(store.engine, cluster_settings("same"), CONNECTIONS)
     await first.join()
     async with store.engine.begin() as database:
