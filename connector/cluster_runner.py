@@ -1,11 +1,11 @@
-"""Cluster mode of `run` and `sync --once`: work the connections whose leases this instance holds.
+"""Cluster mode of `run` and of the commands that take a connection's lease.
 
-The main task renews this instance's leases every `renew_seconds`, starts
-a task for each lease it acquires, cancels the task of each lease it
-loses, and hands back a lease whose task ended (the instance holds more
-than its share, or the connection stopped). Each connection task runs
-with its fence as the current one, so its ledger transactions and remote
-writes are checked against the lease.
+The main task renews this instance's leases every `renew_seconds`. It
+starts a task for each lease it acquires and cancels the task of each
+lease it loses. A lease whose task ended (surplus beyond the share, or a
+stopped connection) is handed back. Each connection task runs with its
+fence as the current one, so its ledger transactions and remote writes
+are checked against the lease.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ BUSY_IN_CLUSTER = N_(
 )
 DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
 
+# The task working each held connection, with its fence.
+LeaseTasks = dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]]
+
 
 def enable_fencing(store: Store) -> None:
     """Make every transaction of a connection task check its lease first."""
@@ -129,12 +132,12 @@ async def run_cluster(
     """Take a fair share of the connections and work them until stopped."""
     cluster = await join_cluster(settings, store)
     by_name = {connection.name: connection for connection in settings.connections}
-    tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]] = {}
+    tasks: LeaseTasks = {}
     outcomes: list[ConnectionOutcome] = []
     try:
         while not stop.is_set():
             changes = await _tick(cluster, acquire=True)
-            _stop_lost(cluster, tasks, changes)
+            _stop_lost(tasks, changes)
             for fence in changes.acquired:
                 await _finish_previous(tasks, fence.connection)
                 task = asyncio.create_task(
@@ -148,7 +151,7 @@ async def run_cluster(
         # Keep the leases renewed while the cycles in progress finish.
         while tasks:
             changes = await _tick(cluster, acquire=False)
-            _stop_lost(cluster, tasks, changes)
+            _stop_lost(tasks, changes)
             outcomes += await _hand_back_finished(cluster, tasks)
             if tasks:
                 await asyncio.wait([task for task, _ in tasks.values()], timeout=cluster.renew_seconds)
@@ -162,7 +165,7 @@ async def run_cluster(
     return outcomes
 
 
-async def _finish_previous(tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]], connection: str) -> None:
+async def _finish_previous(tasks: LeaseTasks, connection: str) -> None:
     """Let the cancelled task of a lost lease end before a task for the reacquired lease starts."""
     previous = tasks.pop(connection, None)
     if previous is None:
@@ -184,18 +187,14 @@ async def _tick(cluster: Cluster, *, acquire: bool) -> LeaseChanges:
         return LeaseChanges()
 
 
-def _stop_lost(
-    cluster: Cluster, tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]], changes: LeaseChanges
-) -> None:
+def _stop_lost(tasks: LeaseTasks, changes: LeaseChanges) -> None:
     for connection, (task, fence) in tasks.items():
         if connection in changes.lost or fence.remaining() <= 0:
             fence.lost = True
             task.cancel()
 
 
-async def _hand_back_finished(
-    cluster: Cluster, tasks: dict[str, tuple[asyncio.Task[ConnectionOutcome], Fence]]
-) -> list[ConnectionOutcome]:
+async def _hand_back_finished(cluster: Cluster, tasks: LeaseTasks) -> list[ConnectionOutcome]:
     outcomes = []
     for connection, (task, fence) in list(tasks.items()):
         if not task.done():

@@ -10,8 +10,9 @@ in PostgreSQL; see connector/leases.py.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from mdr_connector.connector.errors import LeaseLostError
 
@@ -66,3 +67,13 @@ def check_current_fence() -> None:
     fence = _current_fence.get()
     if fence is not None:
         fence.check_remote()
+
+
+@contextlib.contextmanager
+def without_fence() -> Iterator[None]:
+    """Run a block with no current fence, so its ledger transactions skip the lease check."""
+    token = _current_fence.set(None)
+    try:
+        yield
+    finally:
+        _current_fence.reset(token)

@@ -2,8 +2,8 @@
 
 PostgreSQL is the only coordinator. A row in `leases` names the instance
 that works a connection and the database time until which it may. The
-holder renews it every `takeover_seconds / 5`; it lasts
-`takeover_seconds * 0.6`, so the connections of an instance that dies
+holder renews it every `takeover_seconds / 5`, and it lasts
+`takeover_seconds * 0.6`. So the connections of an instance that dies
 (killed, stalled, cut off) are free for the others within `takeover_seconds`.
 Each change of holder increments the row's `epoch`.
 
@@ -189,6 +189,7 @@ class Cluster:
         # each look like one restarted process, so the second takes the name.
         gone = [pid for pid in await self._registered_pids(host) if not pid_alive(pid)]
         previous_incarnation = (ClusterInstance.host == host) & ClusterInstance.pid.in_(gone)
+
         statement = postgresql_insert(ClusterInstance).values(
             name=self.name,
             host=host,
@@ -208,6 +209,7 @@ class Cluster:
         ).returning(ClusterInstance.name)
         async with self.engine.begin() as database:
             joined = (await database.execute(statement)).first()
+
         if joined is None:
             raise ConfigError(
                 f"another running instance is named {self.name!r}: give each instance its own "
@@ -297,7 +299,7 @@ class Cluster:
             except DBAPIError as err:
                 if not is_lock_timeout(err):
                     raise
-                # A transaction of this connection holds the row; try again next round.
+                # A transaction of this connection has the row locked, so try again next round.
                 continue
             if renewed is None:
                 fence.lost = True

@@ -63,7 +63,6 @@ from mdr_connector.adapters.mdr.models import (
 from mdr_connector.adapters.mdr.tokens import (
     TokenManager,
     TokenStorage,
-    check_confirm_fence,
     expired_refresh_error,
 )
 from mdr_connector.connector.config import MdrSettings
@@ -559,8 +558,6 @@ class MdrClient:
         """Call `session/confirm` (no Authorization header) and return (access_token, refresh_token)."""
 
         async def confirm() -> _Reply:
-            # The rate gate may wait before this attempt, so the lease is checked at each one.
-            check_confirm_fence()
             # write=True: a reply lost after sending raises OutcomeUnknownError,
             # because MDR may have spent the refresh token on it.
             async with self._open(CONFIRM_PATH, {"json": {"refresh_token": refresh_token}}, None, write=True) as response:

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,9 @@ from mdr_connector.adapters.mdr.tokens import (
     parse_pair,
     register_tokens,
 )
-from mdr_connector.connector import leases
 from mdr_connector.connector.config import ClusterSettings, MdrSettings, SecretRef
 from mdr_connector.connector.errors import ConfigError, ConnectionFatalError, RetriableError
+from mdr_connector.connector.fencing import without_fence
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.retry import MAX_PAUSE_SECONDS, RATE_LIMIT_ATTEMPTS
 from mdr_connector.connector.store import TokenChain
@@ -170,24 +170,6 @@ def cipher_for(cluster: ClusterSettings) -> TokenCipher:
     return TokenCipher.from_setting(cluster.token_key)
 
 
-@contextlib.contextmanager
-def _outside_lease_check() -> Iterator[None]:
-    """Begin a transaction without the lease check of the connection's task.
-
-    That check locks the lease row `FOR SHARE` until the transaction ends,
-    and the token transaction stays open during session/confirm, so it would
-    hold back the renewal of every lease of this instance. The lease is
-    checked before session/confirm instead (`check_confirm_fence`).
-    """
-    # NOTE: relies on the context variable of connector/leases.py; a public
-    # helper there would be better.
-    reset = leases._current_fence.set(None)
-    try:
-        yield
-    finally:
-        leases._current_fence.reset(reset)
-
-
 @dataclasses.dataclass
 class _LockHold:
     connection: AsyncConnection
@@ -258,7 +240,10 @@ class DatabaseTokenStore:
         """Begin a transaction that holds the client's row `FOR UPDATE`, inserting an empty row first if there is none."""
         connection = await self._engine.connect()
         try:
-            with _outside_lease_check():
+            # The lease check would keep the lease row locked while this
+            # transaction waits for session/confirm, and a takeover would wait
+            # as long. The lease is checked right before session/confirm instead.
+            with without_fence():
                 transaction = await connection.begin()
             await connection.execute(
                 select(

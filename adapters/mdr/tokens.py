@@ -47,7 +47,7 @@ from typing import Any, Literal, Protocol
 from mdr_connector.connector.config import MdrSettings
 from mdr_connector.connector.i18n import N_
 from mdr_connector.connector.errors import ConfigError, OutcomeUnknownError, RemoteUnavailableError, TokenExpiredError
-from mdr_connector.connector.fencing import current_fence
+from mdr_connector.connector.fencing import check_current_fence
 from mdr_connector.connector.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -93,21 +93,6 @@ CONSOLE_TOKEN_EXPIRED = N_(
     "the console token for client {client_id} expired at {expired_at}: "
     "issue a new token in the MDR console (Settings, API)"
 )
-
-
-def check_confirm_fence() -> None:
-    """Raise LeaseLostError unless this task's connection lease is held now.
-
-    Only the lease holder may spend the refresh token. The lease may lapse
-    while session/confirm is in flight (a lease can be shorter than the
-    request timeout), but the row lock of the token storage is held until
-    the new pair is committed, so a new holder waits and then reads the
-    new pair. Without a current fence (single-instance mode, or a CLI
-    command) this checks nothing: that lock alone keeps refreshes apart.
-    """
-    fence = current_fence()
-    if fence is not None:
-        fence.check_remote()
 
 
 def expired_refresh_error(client_id: str) -> TokenExpiredError:
@@ -528,7 +513,7 @@ class TokenFileStore:
         return await asyncio.to_thread(self.status, now)
 
     def missing_error(self, *, during_refresh: bool) -> ConfigError:
-        """The error for a pair that is not stored: never activated, or deleted during a refresh."""
+        """Return the error for a pair that is not stored: never activated, or deleted during a refresh."""
         if during_refresh:
             return ConfigError(f"the token file {self.path} disappeared: run `mdr-connector token activate`")
         return ConfigError.from_template(NOT_ACTIVATED, client_id=self.client_id, token_dir=self.token_dir)
@@ -567,7 +552,7 @@ class LockedTokens(Protocol):
 
 
 class TokenStorage(Protocol):
-    """Where the token pair of one MDR client is kept: a file (TokenFileStore) or the database."""
+    """The storage of one MDR client's token pair: a file (TokenFileStore) or the database."""
 
     client_id: str
 
@@ -781,7 +766,13 @@ class TokenManager:
         # token, the chain is broken and only a new console token can fix it.
         # A refresh detects this (`_exchange_after_lost_reply`); `activate`
         # raises OutcomeUnknownError, and the person running it tries again.
-        check_confirm_fence()
+        # Only the lease holder may spend the refresh token. The lease may
+        # lapse while session/confirm is in flight, because a lease can be
+        # shorter than the request timeout. The storage's lock is held until
+        # the new pair is committed, so a new holder waits for it and then
+        # reads the new pair. Without a current fence (one instance, or a
+        # command) the check passes, and that lock alone keeps refreshes apart.
+        check_current_fence()
         access_token, new_refresh_token = await self._confirm(refresh_token)
         new_pair = TokenPair.from_tokens(access_token, new_refresh_token, self._clock())
 
