@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 from sqlalchemy import event
@@ -131,27 +131,28 @@ async def run_cluster(
 ) -> list[ConnectionOutcome]:
     """Take a fair share of the connections and work them until stopped."""
     cluster = await join_cluster(settings, store)
+    await _renew(cluster)
+    # Renewals run in a task of their own, so a slow acquisition or hand-back
+    # never delays them past the leases' local deadlines.
+    renewer = asyncio.create_task(keep_renewed(cluster))
     by_name = {connection.name: connection for connection in settings.connections}
     tasks: LeaseTasks = {}
     outcomes: list[ConnectionOutcome] = []
     try:
         while not stop.is_set():
-            changes = await _tick(cluster, acquire=True)
-            _stop_lost(tasks, changes)
+            changes = await _balance(cluster)
+            _stop_lost(tasks)
             for fence in changes.acquired:
-                await _finish_previous(tasks, fence.connection)
-                task = asyncio.create_task(
-                    work_leased(settings, by_name[fence.connection], store, factory, stop, observer, fence),
-                    name=fence.connection,
-                )
+                previous = tasks.pop(fence.connection, None)
+                work = work_leased(settings, by_name[fence.connection], store, factory, stop, observer, fence)
+                task = asyncio.create_task(_after_previous(previous, work), name=fence.connection)
                 tasks[fence.connection] = (task, fence)
             outcomes += await _hand_back_finished(cluster, tasks)
             await wait_unless_stopped(stop, cluster.renew_seconds)
 
-        # Keep the leases renewed while the cycles in progress finish.
+        # The renewer keeps the leases while the cycles in progress finish.
         while tasks:
-            changes = await _tick(cluster, acquire=False)
-            _stop_lost(tasks, changes)
+            _stop_lost(tasks)
             outcomes += await _hand_back_finished(cluster, tasks)
             if tasks:
                 await asyncio.wait([task for task, _ in tasks.values()], timeout=cluster.renew_seconds)
@@ -159,37 +160,52 @@ async def run_cluster(
         for task, _ in tasks.values():
             task.cancel()
         await asyncio.gather(*(task for task, _ in tasks.values()), return_exceptions=True)
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
         with contextlib.suppress(*DATABASE_ERRORS):
             await cluster.leave()
         await cluster.close()
     return outcomes
 
 
-async def _finish_previous(tasks: LeaseTasks, connection: str) -> None:
-    """Let the cancelled task of a lost lease end before a task for the reacquired lease starts."""
-    previous = tasks.pop(connection, None)
-    if previous is None:
-        return
-    task, fence = previous
-    fence.lost = True
-    task.cancel()
-    # Cancellation ends at the next await; a token refresh in flight
-    # finishes shielded, and holds the token row, not the ledger.
-    await asyncio.wait([task], timeout=PREVIOUS_TASK_WAIT_SECONDS)
+async def _after_previous(
+    previous: tuple[asyncio.Task[ConnectionOutcome], Fence] | None, work: Coroutine[Any, Any, ConnectionOutcome]
+) -> ConnectionOutcome:
+    """Let the cancelled task of a lost lease end, then work the reacquired lease."""
+    if previous is not None:
+        task, fence = previous
+        fence.lost = True
+        task.cancel()
+        # Cancellation ends at the next await. A token refresh in flight
+        # finishes shielded, and it locks the token row, not the ledger.
+        try:
+            await asyncio.wait([task], timeout=PREVIOUS_TASK_WAIT_SECONDS)
+        except BaseException:
+            work.close()
+            raise
+    return await work
 
 
-async def _tick(cluster: Cluster, *, acquire: bool) -> LeaseChanges:
+async def _balance(cluster: Cluster) -> LeaseChanges:
     try:
-        return await cluster.tick(acquire=acquire)
+        return await cluster.balance()
     except DATABASE_ERRORS as err:
-        # Unrenewed leases lapse on their own; _stop_lost stops their tasks.
         log.error("cluster.renewal.failed", extra={"instance": cluster.name, "error": f"{type(err).__name__}: {err}"})
         return LeaseChanges()
 
 
-def _stop_lost(tasks: LeaseTasks, changes: LeaseChanges) -> None:
-    for connection, (task, fence) in tasks.items():
-        if connection in changes.lost or fence.remaining() <= 0:
+async def _renew(cluster: Cluster) -> None:
+    try:
+        await cluster.renew()
+    except DATABASE_ERRORS as err:
+        # Unrenewed leases lapse on their own, and _stop_lost stops their tasks.
+        log.error("cluster.renewal.failed", extra={"instance": cluster.name, "error": f"{type(err).__name__}: {err}"})
+
+
+def _stop_lost(tasks: LeaseTasks) -> None:
+    for task, fence in tasks.values():
+        if fence.remaining() <= 0:
             fence.lost = True
             task.cancel()
 
@@ -324,7 +340,7 @@ async def leased_connection(
 
 
 async def keep_renewed(cluster: Cluster) -> None:
-    """Renew the held leases until cancelled, for a cycle run outside `run_cluster`."""
+    """Renew the held leases every `renew_seconds` until cancelled."""
     while True:
         await asyncio.sleep(cluster.renew_seconds)
-        await _tick(cluster, acquire=False)
+        await _renew(cluster)

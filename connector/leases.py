@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Interval, delete, func, literal, select, text, update
+from sqlalchemy import Interval, delete, func, literal, select, text, tuple_, update
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import Connection
@@ -167,6 +167,8 @@ class Cluster:
         # Connections this instance does not take until the monotonic time given.
         self._avoid_until: dict[str, float] = {}
         self._free_before: set[str] = set()
+        # The live instances, as the last renewal counted them.
+        self._live = 1
         # Connections taken beyond the share, with when they start to count as surplus.
         self._orphan_until: dict[str, float] = {}
         self._clock = clock
@@ -225,7 +227,15 @@ class Cluster:
             return list(rows)
 
     async def tick(self, *, acquire: bool = True) -> LeaseChanges:
-        """Renew this instance and its leases, hand back surplus, and take free leases up to a fair share."""
+        """Renew this instance and its leases, then, with `acquire`, balance them (see `balance`)."""
+        changes = await self.renew()
+        if acquire:
+            balanced = await self.balance()
+            changes.acquired += balanced.acquired
+        return changes
+
+    async def renew(self) -> LeaseChanges:
+        """Renew this instance's registration and all its leases, and count the live instances."""
         changes = LeaseChanges()
         sent_at = self._clock()
         async with self.engine.begin() as database:
@@ -234,13 +244,16 @@ class Cluster:
                 .where(ClusterInstance.name == self.name)
                 .values(expires_at=func.now() + self._ttl)
             )
-            live = await database.scalar(
+            self._live = await database.scalar(
                 select(func.count()).select_from(ClusterInstance).where(ClusterInstance.expires_at > func.now())
             )
         await self._renew(changes, sent_at)
-        if not acquire:
-            return changes
+        return changes
 
+    async def balance(self) -> LeaseChanges:
+        """Hand back surplus, and take free leases up to a fair share of the live instances counted by `renew`."""
+        changes = LeaseChanges()
+        live = self._live
         share = math.ceil(len(self.connections) / max(1, live or 1))
         held = [fence for fence in self.fences.values() if not fence.lost]
         free = await self._free_connections()
@@ -278,38 +291,38 @@ class Cluster:
         return set(self.connections) - held
 
     async def _renew(self, changes: LeaseChanges, sent_at: float) -> None:
-        for connection, fence in list(self.fences.items()):
-            if fence.lost:
-                continue
-            statement = (
-                update(Lease)
-                .where(
-                    Lease.connection == connection,
-                    Lease.holder == self.name,
-                    Lease.epoch == fence.epoch,
-                    Lease.expires_at > func.now(),
-                )
-                .values(expires_at=func.now() + self._ttl)
-                .returning(Lease.epoch)
+        """Renew every held lease in one statement; a lease it does not find is lost."""
+        held = {connection: fence for connection, fence in self.fences.items() if not fence.lost}
+        if not held:
+            return
+
+        statement = (
+            update(Lease)
+            .where(
+                Lease.holder == self.name,
+                tuple_(Lease.connection, Lease.epoch).in_([(name, fence.epoch) for name, fence in held.items()]),
+                Lease.expires_at > func.now(),
             )
-            try:
-                async with self.engine.begin() as database:
-                    await limit_lock_wait(database)
-                    renewed = (await database.execute(statement)).first()
-            except DBAPIError as err:
-                if not is_lock_timeout(err):
-                    raise
-                # A transaction of this connection has the row locked, so try again next round.
+            .values(expires_at=func.now() + self._ttl)
+            .returning(Lease.connection)
+        )
+        try:
+            async with self.engine.begin() as database:
+                await limit_lock_wait(database)
+                renewed = set((await database.execute(statement)).scalars())
+        except DBAPIError as err:
+            if not is_lock_timeout(err):
+                raise
+            # Another transaction has one of the rows locked, so try again next round.
+            return
+
+        for connection, fence in held.items():
+            if connection in renewed:
+                fence.valid_until = self._valid_until(sent_at)
                 continue
-            if renewed is None:
-                fence.lost = True
-                changes.lost.append(connection)
-                log.warning(
-                    "cluster.lease.lost",
-                    extra={"connection": connection, "instance": self.name, "epoch": fence.epoch},
-                )
-                continue
-            fence.valid_until = self._valid_until(sent_at)
+            fence.lost = True
+            changes.lost.append(connection)
+            log.warning("cluster.lease.lost", extra={"connection": connection, "instance": self.name, "epoch": fence.epoch})
 
     def _request_release(self, held: list[Fence], surplus: int) -> None:
         already = sum(1 for fence in held if fence.release_requested)
