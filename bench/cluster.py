@@ -576,23 +576,26 @@ class LeaseWatch:
 LEDGER_TABLES = ("links", "synced_items", "cursors", "parked_items", "response_decisions", "asset_cache")
 
 
-async def ledger_digest(database_url: str, layout: Layout) -> dict[str, str]:
-    """Return a SHA-256 per connection over its rows in every ledger table and its client's stored token pair."""
+async def ledger_digest(database_url: str, layout: Layout) -> dict[str, dict[str, str]]:
+    """Return a SHA-256 per connection and table over its rows in every ledger table and its client's stored token pair."""
     import asyncpg
 
     database = await asyncpg.connect(asyncpg_dsn(database_url), timeout=5)
     try:
-        rows: dict[str, list[str]] = defaultdict(list)
+        rows: dict[tuple[str, str], list[str]] = defaultdict(list)
         for table in LEDGER_TABLES:
             for row in await database.fetch(f"SELECT * FROM {table}"):
-                rows[row["connection"]].append(f"{table} {sorted(dict(row).items())!r}")
+                rows[row["connection"], table].append(repr(sorted(dict(row).items())))
         for row in await database.fetch("SELECT * FROM token_chains"):
             connection = layout.connection_of_client(row["client_id"]) or row["client_id"]
-            rows[connection].append(f"token_chains {sorted(dict(row).items())!r}")
+            rows[connection, "token_chains"].append(repr(sorted(dict(row).items())))
     finally:
         await database.close()
     return {
-        connection: hashlib.sha256("\n".join(sorted(rows.get(connection, []))).encode()).hexdigest()
+        connection: {
+            table: hashlib.sha256("\n".join(sorted(rows.get((connection, table), []))).encode()).hexdigest()
+            for table in (*LEDGER_TABLES, "token_chains")
+        }
         for connection in layout.connections
     }
 
@@ -1124,6 +1127,7 @@ class StallFigures:
     writes_after_resume: list[str] = field(default_factory=list)
     reacquired: dict[str, float] = field(default_factory=dict)
     ledger_changed: list[str] = field(default_factory=list)
+    tokens_saved: list[str] = field(default_factory=list)
     lease_events: list[str] = field(default_factory=list)
 
 
@@ -1184,17 +1188,15 @@ async def stall_steps(report: RunReport, sims: Simulators, people: People, clust
         watched_until = time.time()
 
         judge_resumed(figures, watch, recorder, name, stalled.pid, stopped_at, resumed_at, watched_until)
-        figures.ledger_changed = sorted(
-            connection for connection in sims.layout.connections
-            if before[connection] != after[connection] and connection not in figures.reacquired
-        )
+        judge_ledger(figures, before, after, recorder, stalled.pid, stopped_at)
         figures.lease_events = [event for event in stalled.log_events(offset) if "lease" in event]
         report.figures["after SIGCONT"] = (
             f"{len(figures.writes_after_resume)} writes, ledger changed for {figures.ledger_changed}, "
+            f"token pairs of refreshes begun before SIGSTOP saved for {figures.tokens_saved}, "
             f"re-acquired {sorted(figures.reacquired)}, lease events {Counter(figures.lease_events)}"
         )
         report.problems["stall"] += [f"write after the lease was taken: {write}" for write in figures.writes_after_resume]
-        report.problems["stall"] += [f"ledger rows of {connection} changed after SIGCONT" for connection in figures.ledger_changed]
+        report.problems["stall"] += [f"ledger rows of {changed} changed after SIGCONT" for changed in figures.ledger_changed]
         if not any("lost" in event for event in figures.lease_events):
             report.problems["stall"].append(f"the stalled instance logged no lease loss after SIGCONT; see {stalled.log_path}")
 
@@ -1230,6 +1232,31 @@ def judge_resumed(figures: StallFigures, watch: LeaseWatch, recorder: WriteRecor
             continue
         writer = "the stalled instance" if write.pid == pid else f"process {write.pid} (stopped)"
         figures.writes_after_resume.append(f"{write.kind} for {write.connection} by {writer}, status {write.status}")
+
+
+def judge_ledger(figures: StallFigures, before: dict[str, dict[str, str]], after: dict[str, dict[str, str]],
+                 recorder: WriteRecorder, pid: int, stopped_at: float) -> None:
+    """Fill `figures` with the ledger tables that changed after SIGCONT for connections the stalled instance did not take again.
+
+    One change is allowed: a token pair whose session/confirm reached MDR
+    before SIGSTOP. MDR has spent the old refresh token then, so the new pair
+    is the only valid one and must be saved, lease or not. The final check of
+    the confirm log fails the run if that pair was stale.
+    """
+    for connection, tables in after.items():
+        if connection in figures.reacquired:
+            continue
+        changed = [table for table, digest in tables.items() if before[connection][table] != digest]
+        if changed == ["token_chains"] and refresh_begun_before(recorder, pid, connection, stopped_at):
+            figures.tokens_saved.append(connection)
+        elif changed:
+            figures.ledger_changed.append(f"{connection} ({', '.join(changed)})")
+
+
+def refresh_begun_before(recorder: WriteRecorder, pid: int, connection: str, stopped_at: float) -> bool:
+    """Return whether the last session/confirm for `connection` came from `pid` and reached MDR before `stopped_at`."""
+    confirms = [write for write in recorder.writes if write.kind == "mdr session/confirm" and write.connection == connection]
+    return bool(confirms) and confirms[-1].pid == pid and confirms[-1].at < stopped_at
 
 
 async def feed(people: People, settings: ClusterRunSettings) -> None:

@@ -273,6 +273,32 @@ def test_token_reuse_found() -> None:
     assert any("refresh token a rotated 2 times" in problem for problem in problems)
 
 
+def test_ledger_change_after_resume_judged() -> None:
+    """A ledger table change counts against the stalled instance; a token save counts only without a confirm sent before SIGSTOP."""
+    layout = cluster.Layout.of(4)
+    recorder = cluster.WriteRecorder(layout, cluster.PeerProcesses())
+    recorder.writes = [
+        cluster.Write(90.0, "mdr", "mdr session/confirm", "conn00", 101, status=200),
+        cluster.Write(95.0, "mdr", "mdr session/confirm", "conn01", 101, status=200),
+        cluster.Write(96.0, "mdr", "mdr session/confirm", "conn01", 102, status=200),
+        cluster.Write(97.0, "mdr", "mdr session/confirm", "conn03", 101, status=200),
+    ]
+    unchanged = {table: "same" for table in (*cluster.LEDGER_TABLES, "token_chains")}
+    before = {connection: dict(unchanged) for connection in layout.connections}
+    after = {connection: dict(unchanged) for connection in layout.connections}
+    after["conn00"]["token_chains"] = "saved by the stalled instance"
+    after["conn01"]["token_chains"] = "saved after another process's confirm"
+    after["conn02"]["token_chains"] = "saved without any confirm"
+    after["conn03"]["token_chains"] = "saved"
+    after["conn03"]["synced_items"] = "written"
+    figures = cluster.StallFigures()
+
+    cluster.judge_ledger(figures, before, after, recorder, pid=101, stopped_at=100.0)
+
+    assert figures.tokens_saved == ["conn00"]
+    assert figures.ledger_changed == ["conn01 (token_chains)", "conn02 (token_chains)", "conn03 (synced_items, token_chains)"]
+
+
 async def test_people_counted_on_both_sides() -> None:
     """Seeded incidents show up as missing issues and copies before any sync, each named once."""
     layout = cluster.Layout.of(3)
