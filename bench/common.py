@@ -330,16 +330,18 @@ def process_cpu_seconds(pid: int) -> float:
 
 @dataclass
 class CpuMeter:
-    """CPU seconds spent since `start()`: by this process, by the children it waited for, and by the simulators."""
+    """CPU seconds spent since `start()`: by this process, its pandoc workers, the children it waited for, and the simulators."""
 
     sims: Simulators
     marks: dict[str, float] = field(default_factory=dict)
+    worker_marks: dict[int, float] = field(default_factory=dict)
 
     def read(self) -> dict[str, float]:
         own = resource.getrusage(resource.RUSAGE_SELF)
         waited = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {
             "connector process": own.ru_utime + own.ru_stime,
+            "pandoc workers": 0.0,
             "pandoc and other finished children": waited.ru_utime + waited.ru_stime,
             "MDR simulator": process_cpu_seconds(self.sims.mdr.process.pid),
             "Jira simulator": process_cpu_seconds(self.sims.jira.process.pid),
@@ -347,14 +349,30 @@ class CpuMeter:
 
     def start(self) -> None:
         self.marks = self.read()
+        self.worker_marks = self.read_workers()
 
     def spent(self) -> dict[str, float]:
-        return {name: value - self.marks[name] for name, value in self.read().items()}
+        spent = {name: value - self.marks[name] for name, value in self.read().items()}
+        # A worker that ends is waited for, so its time moves to the finished children.
+        spent["pandoc workers"] = sum(
+            seconds - self.worker_marks.get(pid, 0.0) for pid, seconds in self.read_workers().items()
+        )
+        return spent
+
+    @staticmethod
+    def read_workers() -> dict[int, float]:
+        from mdr_connector.connector import pandoc_pool
+
+        found = {}
+        for pid in pandoc_pool.worker_pids():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                found[pid] = process_cpu_seconds(pid)
+        return found
 
 
 @dataclass
 class PandocCounter:
-    """A count of the pandoc processes that this process starts through `connector/markup.py` while `active`."""
+    """A count of the pandoc steps (worker requests or processes) that `connector/markup.py` runs in this process while `active`."""
 
     runs: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)

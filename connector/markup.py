@@ -29,9 +29,10 @@ MAX_PANDOC_INPUT_BYTES skip pandoc and get the plain rendering. A
 conversion gets PANDOC_TIMEOUT_SECONDS for all its pandoc runs together,
 and gets the plain rendering when that time runs out.
 
-The functions are synchronous and start pandoc processes per new text
-(results of small inputs are cached). From async code, run them with
-`asyncio.to_thread`.
+The functions are synchronous. Each pandoc step goes to a long-lived
+pandoc process of `connector/pandoc_pool.py`, or to a new pandoc process
+when no such worker can start (results of small inputs are cached). From
+async code, run them with `asyncio.to_thread`.
 """
 
 from __future__ import annotations
@@ -51,12 +52,17 @@ from typing import Any, Literal
 
 import pypandoc
 
+from mdr_connector.connector import pandoc_pool
+
 log = logging.getLogger(__name__)
 
 # Pathological inputs (`{` repeated 16,000 times in Jira markup, nested
 # `<b><i>` in HTML) keep pandoc busy far longer than any real comment.
 PANDOC_TIMEOUT_SECONDS = 5.0
 MAX_PANDOC_INPUT_BYTES = 256 * 1024
+# The pandoc command expands tabs to this stop before a text reader reads,
+# and its Lua `pandoc.read`, which the worker pool uses, does not.
+PANDOC_TAB_STOP = 4
 # NOTE: the cache can still hold CACHE_SIZE inputs of this size with their
 # results, an estimated 400 MB at worst.
 MAX_CACHED_INPUT_BYTES = 64 * 1024
@@ -248,6 +254,17 @@ def run_pandoc(text: str, reader: str, writer: str) -> str:
 
 
 def _run_pandoc(text: str, reader: str, writer: str, deadline: float) -> str:
+    pool = pandoc_pool.shared_pool(_pandoc_path())
+    if not pool.unavailable:
+        source = text if reader == "json" else _as_command_reads(text)
+        try:
+            return pool.convert(source.encode("utf-8"), reader, writer, deadline).rstrip("\n")
+        except pandoc_pool.PandocUnavailableError:
+            pass
+    return _run_pandoc_process(text, reader, writer, deadline)
+
+
+def _run_pandoc_process(text: str, reader: str, writer: str, deadline: float) -> str:
     command = [_pandoc_path(), "--from", reader, "--to", writer, "--wrap=none", "--sandbox"]
     timeout = deadline - time.monotonic()
     if timeout <= 0:
@@ -262,6 +279,29 @@ def _run_pandoc(text: str, reader: str, writer: str, deadline: float) -> str:
     if completed.returncode != 0:
         raise RuntimeError(f"pandoc exited with status {completed.returncode}")
     return completed.stdout.decode("utf-8").rstrip("\n")
+
+
+def _as_command_reads(text: str) -> str:
+    """Return `text` as the pandoc command hands it to a text reader: tabs expanded to PANDOC_TAB_STOP, ending in a line break.
+
+    The break matters: without it pandoc's GitHub reader takes the last row
+    of a pipe table at the end of the input for a paragraph.
+    """
+    if not text.endswith("\n"):
+        text += "\n"
+    if "\t" not in text:
+        return text
+    lines = []
+    for line in text.split("\n"):
+        pieces = line.split("\t")
+        expanded = [pieces[0]]
+        column = len(pieces[0])
+        for piece in pieces[1:]:
+            padding = PANDOC_TAB_STOP - column % PANDOC_TAB_STOP
+            expanded += [" " * padding, piece]
+            column += padding + len(piece)
+        lines.append("".join(expanded))
+    return "\n".join(lines)
 
 
 @lru_cache(maxsize=1)

@@ -39,6 +39,7 @@ def test_wheel_ships_data_files(wheel: Path) -> None:
         "mdr_connector/migrations/versions/0001_initial.py",
         "mdr_connector/migrations/versions/0002_items_audit_assets.py",
         "mdr_connector/connector/locale/ru.po",
+        "mdr_connector/connector/pandoc_worker.lua",
         "mdr_connector/adapters/mdr/simulator/state.py",
         "mdr_connector/adapters/jira/simulator.py",
     ):
