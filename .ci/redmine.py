@@ -162,7 +162,7 @@ def create_instance() -> None:
         (INSTANCE_DIR / name).mkdir(parents=True, exist_ok=True)
 
     config = INSTANCE_DIR / "config"
-    database_yml = f"production:\n  adapter: sqlite3\n  database: {DATABASE}\n  encoding: utf8\n  timeout: 5000\n"
+    database_yml = f"production:\n  adapter: sqlite3\n  database: {DATABASE}\n  encoding: utf8\n  timeout: 30000\n"
     write_file(config / "database.yml", database_yml, 0o640)
     secret = config / "secret_key.txt"
     if not secret.exists():
@@ -183,14 +183,21 @@ def redmine_command(*args: str) -> list[str]:
     return ["runuser", "-u", RUN_AS, "--", "env", *environment, *args]
 
 
-def run_redmine(*args: str, stdin: str | None = None) -> str:
-    result = subprocess.run(
-        redmine_command(*args),
-        cwd=REDMINE_ROOT,
-        input=stdin,
-        capture_output=True,
-        text=True,
-    )
+def run_redmine(*args: str, stdin: str | None = None, attempts: int = 1) -> str:
+    """Run a command in the instance; with `attempts` above 1, run it again after SQLite's "database is locked"."""
+    for attempt in range(1, attempts + 1):
+        result = subprocess.run(
+            redmine_command(*args),
+            cwd=REDMINE_ROOT,
+            input=stdin,
+            capture_output=True,
+            text=True,
+        )
+        locked = "database is locked" in result.stdout + result.stderr
+        if result.returncode == 0 or not locked or attempt == attempts:
+            break
+        say(f"{' '.join(args[:3])}: the SQLite database was locked, trying again ({attempt} of {attempts})")
+        time.sleep(2 * attempt)
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"redmine.py: {' '.join(args)} failed with exit code {result.returncode}")
@@ -295,7 +302,8 @@ def stop_server() -> None:
 def configure_redmine() -> dict:
     """Run redmine_setup.rb through `rails runner` and return what it printed."""
     started = time.monotonic()
-    output = run_redmine("ruby", "bin/rails", "runner", "eval($stdin.read)", stdin=SETUP_SCRIPT.read_text())
+    # The script finds or creates every record, so running it again after a lock error is safe.
+    output = run_redmine("ruby", "bin/rails", "runner", "eval($stdin.read)", stdin=SETUP_SCRIPT.read_text(), attempts=3)
     for line in output.splitlines():
         if line.startswith(STATE_MARKER):
             say(f"users, project and custom field configured in {time.monotonic() - started:.0f} s")
