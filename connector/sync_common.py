@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from mdr_connector.adapters.mdr.models import Asset, Attachment, Comment, HistoryEntry, Incident, Response
 from mdr_connector.connector.config import ConnectionSettings
@@ -278,6 +278,11 @@ class TicketWatch:
     ticket_id: str | None = None
     # The reconciliation wrote to the ticket, so its ticket change is expected.
     wrote: bool = False
+    # The reconciliation created the ticket and has not tried to add a
+    # comment or an attachment since, so that part is known to be empty and
+    # its first read is not sent.
+    no_comments_yet: bool = False
+    no_attachments_yet: bool = False
     # A write whose effect on the watched parts is unknown, such as a
     # transition that may also set a resolution, so the ticket cannot be predicted.
     unpredictable: bool = False
@@ -395,7 +400,10 @@ class WatchedTickets:
         if watch is not None:
             # Set before the call, because a create whose reply is lost may have landed.
             watch.wrote = True
-        return await self.inner.create_ticket(draft)
+        ref = await self.inner.create_ticket(draft)
+        if watch is not None:
+            watch.no_comments_yet = watch.no_attachments_yet = True
+        return ref
 
     async def set_correlation(self, ref: TicketRef, incident_id: str) -> None:
         for watch in (self._active.get(incident_id), self._of_ticket(ref.id)):
@@ -408,14 +416,20 @@ class WatchedTickets:
         await self.inner.update_ticket(ref, fields, skip=skip)
 
     async def list_comments(self, ref: TicketRef) -> list[TicketComment]:
-        comments = await self.inner.list_comments(ref)
         watch = self._of_ticket(ref.id)
+        if watch is not None and watch.no_comments_yet and watch.comments is None:
+            # NOTE: a comment that the ticket system adds on create (an
+            # automation rule) is not seen here. The check of the ticket
+            # change finds it, and a full reconciliation copies it.
+            watch.saw_comments([])
+            return []
+        comments = await self.inner.list_comments(ref)
         if watch is not None:
             watch.saw_comments(comments)
         return comments
 
     async def add_comment(self, ref: TicketRef, draft: CommentDraft) -> TicketComment:
-        self._mark_written(ref)
+        self._mark_written(ref, part="comments")
         comment = await self.inner.add_comment(ref, draft)
         watch = self._of_ticket(ref.id)
         if watch is not None:
@@ -423,7 +437,7 @@ class WatchedTickets:
         return comment
 
     async def edit_comment(self, ref: TicketRef, comment_id: str, draft: CommentDraft) -> TicketComment:
-        self._mark_written(ref)
+        self._mark_written(ref, part="comments")
         comment = await self.inner.edit_comment(ref, comment_id, draft)
         watch = self._of_ticket(ref.id)
         if watch is not None:
@@ -431,14 +445,17 @@ class WatchedTickets:
         return comment
 
     async def list_attachments(self, ref: TicketRef) -> list[TicketAttachment]:
-        attachments = await self.inner.list_attachments(ref)
         watch = self._of_ticket(ref.id)
+        if watch is not None and watch.no_attachments_yet and watch.attachments is None:
+            watch.saw_attachments([])
+            return []
+        attachments = await self.inner.list_attachments(ref)
         if watch is not None:
             watch.saw_attachments(attachments)
         return attachments
 
     async def upload_attachment(self, ref: TicketRef, upload: AttachmentUpload) -> TicketAttachment:
-        self._mark_written(ref)
+        self._mark_written(ref, part="attachments")
         attachment = await self.inner.upload_attachment(ref, upload)
         watch = self._of_ticket(ref.id)
         if watch is not None:
@@ -459,8 +476,14 @@ class WatchedTickets:
             watch.unpredictable = True
         await self.inner.transition_to(ref, status)
 
-    def _mark_written(self, ref: TicketRef) -> TicketWatch | None:
+    def _mark_written(self, ref: TicketRef, part: Literal["comments", "attachments"] | None = None) -> TicketWatch | None:
+        """Record a write before it is sent, because one whose reply is lost may have landed."""
         watch = self._of_ticket(ref.id)
-        if watch is not None:
-            watch.wrote = True
+        if watch is None:
+            return None
+        watch.wrote = True
+        if part == "comments":
+            watch.no_comments_yet = False
+        if part == "attachments":
+            watch.no_attachments_yet = False
         return watch

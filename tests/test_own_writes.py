@@ -85,13 +85,14 @@ async def test_own_writes_need_no_reconciliation(harness: SyncHarness) -> None:
 
     assert sync.stats.own_writes_confirmed == 1
     assert harness.mdr_sim.call_counts["incidents/details"] == 0
-    assert harness.jira.sim.calls[COMMENT_LIST] == 2
+    # The issue was created in this cycle, so only the check reads its comments.
+    assert harness.jira.sim.calls[COMMENT_LIST] == 1
     assert link.ticket_updated == issue.updated
     assert len(issue.comments) == 2
 
     await harness.cycles(1, sync)
 
-    assert harness.jira.sim.calls[COMMENT_LIST] == 2
+    assert harness.jira.sim.calls[COMMENT_LIST] == 1
     assert sync.stats.own_writes_confirmed == 1
 
 
@@ -169,9 +170,12 @@ async def test_person_edit_between_own_writes(harness: SyncHarness, monkeypatch:
 
 
 async def test_person_attachment_after_read(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A file a person attaches after the connector read the attachments reaches MDR in the same cycle."""
+    """A file a person attaches after the connector read the attachments of an existing issue reaches MDR in the same cycle."""
     incident_id = seed_with_comments(harness)
-    sync = await harness.engine()
+    sync = await harness.cycles(1)
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>A later SOC note</p>", author="SOC Analyst")
+    harness.advance(1)
+    confirmed = sync.stats.own_writes_confirmed
     real_list = sync.tickets.list_attachments
 
     async def list_then_attach(ref: Any) -> list[TicketAttachment]:
@@ -181,6 +185,48 @@ async def test_person_attachment_after_read(harness: SyncHarness, monkeypatch: p
         return listed
 
     monkeypatch.setattr(sync.tickets, "list_attachments", list_then_attach)
+    await harness.cycles(1, sync)
+
+    assert sync.stats.own_writes_confirmed == confirmed
+    names = [attachment["full_name"] for attachment in harness.mdr_sim.attachments(MDR_CLIENT_ID, incident_id)]
+    assert names == ["evidence.txt"]
+
+
+def person_after_create(harness: SyncHarness, sync: ConnectionSync, monkeypatch: pytest.MonkeyPatch, act: Any) -> None:
+    """Run `act(issue_key)` right after the connector creates the issue, which it then does not read back."""
+    real_create = sync.tickets.create_ticket
+
+    async def create_then_act(draft: TicketDraft) -> Any:
+        ref = await real_create(draft)
+        act(ref.key)
+        return ref
+
+    monkeypatch.setattr(sync.tickets, "create_ticket", create_then_act)
+
+
+async def test_person_comment_after_create(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comment made on a new issue before the connector's first write there reaches MDR in the same cycle, once."""
+    incident_id = seed_with_comments(harness)
+    sync = await harness.engine()
+    person_after_create(harness, sync, monkeypatch, lambda key: harness.jira.sim.add_comment(key, PERSON_NOTE))
+
+    await harness.cycles(1, sync)
+
+    assert sync.stats.own_writes_confirmed == 0
+    assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
+    assert len(harness.issue_for(incident_id).comments) == 3
+    await harness.cycles(2, sync)
+    assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
+
+
+async def test_person_attachment_after_create(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file attached to a new issue before the connector's first write there reaches MDR in the same cycle."""
+    incident_id = seed_with_comments(harness)
+    sync = await harness.engine()
+    person_after_create(
+        harness, sync, monkeypatch, lambda key: harness.jira.sim.add_attachment(key, "evidence.txt", b"found it")
+    )
+
     await harness.cycles(1, sync)
 
     assert sync.stats.own_writes_confirmed == 0

@@ -795,11 +795,27 @@ async def test_rate_limited_create_keeps_intent(harness: SyncHarness, monkeypatc
 
 async def test_ticket_comments_read_once_per_reconciliation(harness: SyncHarness) -> None:
     """The comment sync and the response part share one read of the ticket's comments in each reconciliation."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.cycles(1)
+    harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>A later SOC note</p>", author="SOC Analyst")
+    harness.advance(1)
+    harness.jira.sim.calls.clear()
+
+    await harness.cycles(1, sync)
+
+    # One read for the reconciliation of the MDR change, one for the check of the ticket change it caused.
+    assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 2
+    assert sync.context.comment_snapshots == {}
+
+
+async def test_new_ticket_not_read_back(harness: SyncHarness) -> None:
+    """The reconciliation that creates an issue does not read its comments or attachments, which are known to be empty."""
     harness.seed()
     harness.jira.sim.calls.clear()
 
     sync = await harness.cycles(1)
 
-    # Two reconciliations in the cycle: the MDR change, and the ticket change the create caused.
-    assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 2
-    assert sync.context.comment_snapshots == {}
+    # Only the check of the ticket change that the create caused reads the issue.
+    assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 1
+    assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}"] == 1
+    assert sync.stats.own_writes_confirmed == 1
