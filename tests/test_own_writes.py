@@ -115,16 +115,19 @@ async def test_restart_reconciles_own_writes(harness: SyncHarness) -> None:
 # The engine: a person's change in each gap
 
 
-async def test_person_comment_between_own_writes(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A comment a person adds after the connector read the comments, before its last write, reaches MDR in the same cycle."""
+@pytest.mark.parametrize("gap", ["after the create", "between own writes"])
+async def test_person_comment_in_gap(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch, gap: str) -> None:
+    """A comment a person adds right after the create, or between the connector's writes, reaches MDR in the same cycle, once."""
     incident_id = seed_with_comments(harness)
     sync = await harness.engine()
-    person_during_first_copy(harness, sync, monkeypatch, lambda key: harness.jira.sim.add_comment(key, PERSON_NOTE))
+    hook = person_after_create if gap == "after the create" else person_during_first_copy
+    hook(harness, sync, monkeypatch, lambda key: harness.jira.sim.add_comment(key, PERSON_NOTE))
 
     await harness.cycles(1, sync)
 
     assert sync.stats.own_writes_confirmed == 0
     assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
+    assert len(harness.issue_for(incident_id).comments) == 3
     await harness.cycles(2, sync)
     assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
 
@@ -202,21 +205,6 @@ def person_after_create(harness: SyncHarness, sync: ConnectionSync, monkeypatch:
         return ref
 
     monkeypatch.setattr(sync.tickets, "create_ticket", create_then_act)
-
-
-async def test_person_comment_after_create(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A comment made on a new issue before the connector's first write there reaches MDR in the same cycle, once."""
-    incident_id = seed_with_comments(harness)
-    sync = await harness.engine()
-    person_after_create(harness, sync, monkeypatch, lambda key: harness.jira.sim.add_comment(key, PERSON_NOTE))
-
-    await harness.cycles(1, sync)
-
-    assert sync.stats.own_writes_confirmed == 0
-    assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
-    assert len(harness.issue_for(incident_id).comments) == 3
-    await harness.cycles(2, sync)
-    assert sum(PERSON_NOTE in text for text in mdr_texts(harness, incident_id)) == 1
 
 
 async def test_person_attachment_after_create(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
