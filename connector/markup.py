@@ -63,6 +63,7 @@ MAX_PANDOC_INPUT_BYTES = 256 * 1024
 # The pandoc command expands tabs to this stop before a text reader reads,
 # and its Lua `pandoc.read`, which the worker pool uses, does not.
 PANDOC_TAB_STOP = 4
+BYTE_ORDER_MARK = "\ufeff"
 # NOTE: the cache can still hold CACHE_SIZE inputs of this size with their
 # results, an estimated 400 MB at worst.
 MAX_CACHED_INPUT_BYTES = 64 * 1024
@@ -282,26 +283,36 @@ def _run_pandoc_process(text: str, reader: str, writer: str, deadline: float) ->
 
 
 def _as_command_reads(text: str) -> str:
-    """Return `text` as the pandoc command hands it to a text reader: tabs expanded to PANDOC_TAB_STOP, ending in a line break.
+    """Return `text` prepared so that the Lua `pandoc.read` of a worker reads what the pandoc command's reader reads.
 
-    The break matters: without it pandoc's GitHub reader takes the last row
-    of a pipe table at the end of the input for a paragraph.
+    Pandoc 3.9's command drops one byte order mark at the start, removes
+    every carriage return, expands tabs to PANDOC_TAB_STOP per line, ends
+    each line with a line break and then adds one more line break.
+    `pandoc.read` does none of this but drops a byte order mark at the
+    start, so one is put there to be dropped in place of the first
+    character. The breaks matter. Without the last one, pandoc's GitHub
+    reader takes the last row of a pipe table at the end of the input for
+    a paragraph. A code block or raw HTML block left open at the end would
+    also lose its final line break. These rules come from comparing the
+    outputs of both paths on random inputs, not from pandoc's source.
     """
-    if not text.endswith("\n"):
-        text += "\n"
-    if "\t" not in text:
-        return text
-    lines = []
-    for line in text.split("\n"):
-        pieces = line.split("\t")
-        expanded = [pieces[0]]
-        column = len(pieces[0])
-        for piece in pieces[1:]:
-            padding = PANDOC_TAB_STOP - column % PANDOC_TAB_STOP
-            expanded += [" " * padding, piece]
-            column += padding + len(piece)
-        lines.append("".join(expanded))
-    return "\n".join(lines)
+    lines = text.removeprefix(BYTE_ORDER_MARK).replace("\r", "").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return BYTE_ORDER_MARK + "".join(_expand_tabs(line) + "\n" for line in lines) + "\n"
+
+
+def _expand_tabs(line: str) -> str:
+    if "\t" not in line:
+        return line
+    pieces = line.split("\t")
+    expanded = [pieces[0]]
+    column = len(pieces[0])
+    for piece in pieces[1:]:
+        padding = PANDOC_TAB_STOP - column % PANDOC_TAB_STOP
+        expanded += [" " * padding, piece]
+        column += padding + len(piece)
+    return "".join(expanded)
 
 
 @lru_cache(maxsize=1)

@@ -36,6 +36,12 @@ WORKER_SCRIPT = Path(__file__).with_name("pandoc_worker.lua")
 MAX_REQUESTS_PER_WORKER = 2000
 START_TIMEOUT_SECONDS = 10.0
 READ_CHUNK_BYTES = 256 * 1024
+# The pandoc of pypandoc-binary is built with `-H64m`, a 64 MB allocation
+# area that a long-lived worker keeps: about 80 MB resident each. With 8 MB
+# it kept about 20 MB and was no slower on 3,000 conversions (measured on the
+# benchmark machine). `-M1g` keeps a worker's heap under 1 GiB: near that
+# limit pandoc collects garbage over and over, until the deadline kills it.
+WORKER_RTS_OPTIONS = ("-H8m", "-M1g")
 
 
 class PandocUnavailableError(RuntimeError):
@@ -51,12 +57,14 @@ class _Worker:
 
     def __init__(self, pandoc_path: str) -> None:
         self.process = subprocess.Popen(
-            [pandoc_path, "lua", str(WORKER_SCRIPT)],
+            [pandoc_path, "+RTS", *WORKER_RTS_OPTIONS, "-RTS", "lua", str(WORKER_SCRIPT)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         self.served = 0
+        # True from the first byte of a request to the end of its reply.
+        self.in_step = False
         assert self.process.stdin is not None and self.process.stdout is not None
         self._stdin = self.process.stdin.fileno()
         self._stdout = self.process.stdout.fileno()
@@ -72,10 +80,15 @@ class _Worker:
 
         Raises PandocConversionError when pandoc rejects the input,
         subprocess.TimeoutExpired at the deadline, and RuntimeError when the
-        worker breaks off. After the last two, the caller kills the worker.
+        worker breaks off. After the last two, the caller kills the worker
+        unless `in_step` is False: then no byte of the request was sent.
         """
+        if deadline <= time.monotonic():
+            raise subprocess.TimeoutExpired(self.process.args, timeout=0)
         request = f"{reader} {writer} {len(text)}\n".encode("ascii") + text
+        self.in_step = True
         status, body = self._exchange(request, deadline)
+        self.in_step = False
         self.served += 1
 
         if status == b"error":
@@ -189,14 +202,17 @@ class PandocPool:
             self._slots.release()
 
     def _convert_with(self, worker: _Worker, text: bytes, reader: str, writer: str, deadline: float) -> str:
-        """Convert with `worker`; on any failure but pandoc's own error, kill it."""
+        """Convert with `worker`; kill it after a failure in the middle of a step, otherwise lend it again."""
         try:
             return worker.convert(text, reader, writer, deadline)
         except PandocConversionError:
             self._give_back(worker)
             raise
         except BaseException:
-            self._discard(worker, kill=True)
+            if worker.in_step:
+                self._discard(worker, kill=True)
+            else:
+                self._give_back(worker)
             raise
 
     def pids(self) -> list[int]:
@@ -205,9 +221,22 @@ class PandocPool:
             return [worker.pid for worker in self._workers]
 
     def close(self) -> None:
+        """End every worker. A later request starts a new one.
+
+        The idle queue is emptied too, because a closed worker's file
+        descriptors may already belong to another file, which a request
+        would then write to.
+        NOTE: a request in flight on another thread during close still uses
+        the descriptors that close closes.
+        """
         with self._lock:
             workers = list(self._workers)
             self._workers.clear()
+            while True:
+                try:
+                    self._idle.get_nowait()
+                except queue.Empty:
+                    break
         for worker in workers:
             worker.close()
 
@@ -230,7 +259,13 @@ class PandocPool:
         # An empty conversion proves that this pandoc has the `lua` command and reads the script.
         try:
             worker.convert(b"", "gfm", "json", time.monotonic() + START_TIMEOUT_SECONDS)
-        except (RuntimeError, subprocess.TimeoutExpired, OSError) as err:
+        except subprocess.TimeoutExpired as err:
+            # A start this slow means a busy machine, not a pandoc without `lua`:
+            # this step runs in a pandoc process of its own, and the next one tries a worker again.
+            worker.kill()
+            log.info("markup.pandoc.worker_slow_start", extra={"seconds": START_TIMEOUT_SECONDS})
+            raise PandocUnavailableError(str(err)) from err
+        except (RuntimeError, OSError) as err:
             worker.kill()
             self._mark_unavailable(err)
             raise PandocUnavailableError(str(err)) from err

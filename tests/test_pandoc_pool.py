@@ -85,9 +85,9 @@ def test_json_input_passed_unchanged() -> None:
 
 
 def test_tabs_expanded_to_next_stop() -> None:
-    assert markup._as_command_reads("a\tb") == "a   b\n"
-    assert markup._as_command_reads("abcd\tx\n\t\ty\n") == "abcd    x\n        y\n"
-    assert markup._as_command_reads("no tab\n") == "no tab\n"
+    assert markup._as_command_reads("a\tb") == "\ufeffa   b\n\n"
+    assert markup._as_command_reads("abcd\tx\n\t\ty\n") == "\ufeffabcd    x\n        y\n\n"
+    assert markup._as_command_reads("no tab\n") == "\ufeffno tab\n\n"
 
 
 def test_workers_reused_between_requests(pool: pandoc_pool.PandocPool) -> None:
@@ -146,6 +146,24 @@ def test_timeout_kills_worker(pool: pandoc_pool.PandocPool) -> None:
     assert exited(pid)
     assert pool.convert(b"*z*", "gfm", "jira", deadline()) == "_z_\n"
     assert pool.pids() != [pid]
+
+
+def test_heap_limit_bounds_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker at its `-M` heap limit stays within it until the deadline kills it, and the next request gets a new worker."""
+    monkeypatch.setattr(pandoc_pool, "WORKER_RTS_OPTIONS", ("-H1m", "-M4m"))
+    pool = pandoc_pool.PandocPool(markup._pandoc_path(), size=1)
+    try:
+        pool.convert(b"x", "gfm", "jira", deadline())
+        [pid] = pool.pids()
+
+        # Near the limit pandoc collects garbage over and over rather than exit.
+        with pytest.raises(subprocess.TimeoutExpired):
+            pool.convert(b"<div><p>para <b>x</b></p></div>" * 30_000, "html", "json", time.monotonic() + 2)
+
+        assert exited(pid)
+        assert pool.convert(b"*after*", "gfm", "jira", deadline()) == "_after_\n"
+    finally:
+        pool.close()
 
 
 def test_worker_killed_while_idle_replaced(pool: pandoc_pool.PandocPool) -> None:
@@ -236,6 +254,36 @@ def test_pandoc_without_lua_unavailable(tmp_path: Path, caplog: pytest.LogCaptur
 
     assert pool.unavailable
     assert [record.msg for record in caplog.records] == ["markup.pandoc.worker_unavailable"]
+
+
+def test_slow_start_keeps_pool_available(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker too slow to start fails this step only; the pool stays available for the next one."""
+    monkeypatch.setattr(pandoc_pool, "START_TIMEOUT_SECONDS", 0.3)
+    body = """
+import time
+time.sleep(2)
+"""
+    pool = pandoc_pool.PandocPool(fake_pandoc(tmp_path, body), size=1)
+    try:
+        with pytest.raises(pandoc_pool.PandocUnavailableError):
+            pool.convert(b"x", "gfm", "jira", deadline())
+
+        assert not pool.unavailable
+        assert pool.pids() == []
+    finally:
+        pool.close()
+
+
+def test_expired_deadline_keeps_worker(pool: pandoc_pool.PandocPool) -> None:
+    """A request whose deadline passed before anything was sent leaves its worker in step and in the pool."""
+    pool.convert(b"x", "gfm", "jira", deadline())
+    [pid] = pool.pids()
+
+    with pytest.raises(subprocess.TimeoutExpired):
+        pool.convert(b"*late*", "gfm", "jira", time.monotonic() - 1)
+
+    assert pool.convert(b"*next*", "gfm", "jira", deadline()) == "_next_\n"
+    assert pool.pids() == [pid]
 
 
 def test_markup_falls_back_to_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
