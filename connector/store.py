@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from importlib import resources
 
 from alembic import command
@@ -30,20 +31,23 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    Table,
+    TextClause,
     and_,
+    bindparam,
     delete,
     event,
     func,
     insert,
     select,
+    text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.compiler import IdentifierPreparer
 from sqlalchemy.types import TypeDecorator
 
 from mdr_connector.connector.errors import ConfigError
@@ -290,8 +294,32 @@ def _item_key(connection: str, incident_id: str, kind: str, direction: str, sour
     }
 
 
-# The INSERT constructs that can end in ON CONFLICT ... DO UPDATE, by dialect name.
-_UPSERT_INSERTS = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}
+# The dialects whose INSERT can end in ON CONFLICT ... DO UPDATE.
+_UPSERT_DIALECTS = frozenset({"sqlite", "postgresql"})
+
+
+@lru_cache(maxsize=64)
+def _upsert_statement(
+    preparer: IdentifierPreparer, table: Table, key: tuple[str, ...], inserted: tuple[str, ...], updated: tuple[str, ...]
+) -> TextClause:
+    """Build `INSERT ... ON CONFLICT (key) DO UPDATE` as text with typed parameters, once per shape.
+
+    SQLAlchemy 2.0.58 does not cache the compiled form of the SQLite and
+    PostgreSQL `insert()` constructs, so each call compiled them again,
+    about 5% of the connector's CPU time in a backlog sync. Text with the
+    columns' types keeps their bind processing (UtcDateTime) and is cached.
+    The values to set take the parameter names `set_<column>`.
+    """
+    columns = [*key, *inserted]
+    assignments = ", ".join(f"{preparer.quote(name)} = :set_{name}" for name in updated)
+    sql = (
+        f"INSERT INTO {preparer.format_table(table)} ({', '.join(preparer.quote(name) for name in columns)}) "
+        f"VALUES ({', '.join(f':{name}' for name in columns)}) "
+        f"ON CONFLICT ({', '.join(preparer.quote(name) for name in key)}) DO UPDATE SET {assignments}"
+    )
+    parameters = [bindparam(name, type_=table.c[name].type) for name in columns]
+    parameters += [bindparam(f"set_{name}", type_=table.c[name].type) for name in updated]
+    return text(sql).bindparams(*parameters)
 
 
 def _enable_sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
@@ -627,15 +655,14 @@ class Store:
         SQLite and PostgreSQL do it in one INSERT ... ON CONFLICT statement.
         Other databases read the row first.
         """
-        insert_for_dialect = _UPSERT_INSERTS.get(self.engine.dialect.name)
-        if insert_for_dialect is not None:
-            statement = (
-                insert_for_dialect(model)
-                .values(**key, **inserted)
-                .on_conflict_do_update(index_elements=list(key), set_=updated)
+        dialect = self.engine.dialect
+        if dialect.name in _UPSERT_DIALECTS and updated:
+            statement = _upsert_statement(
+                dialect.identifier_preparer, model.__table__, tuple(key), tuple(inserted), tuple(updated)
             )
+            parameters = {**key, **inserted, **{f"set_{name}": value for name, value in updated.items()}}
             async with self.engine.begin() as connection:
-                await connection.execute(statement)
+                await connection.execute(statement, parameters)
             return
 
         async with self.sessions() as session, session.begin():

@@ -107,7 +107,7 @@ async def test_item_upsert_keeps_other_columns(store: Store) -> None:
 
 async def test_item_upsert_reading_first(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a database without ON CONFLICT, item writes read the row first and set the same columns."""
-    monkeypatch.setattr(store_module, "_UPSERT_INSERTS", {})
+    monkeypatch.setattr(store_module, "_UPSERT_DIALECTS", frozenset())
     await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
     [started] = await store.get_items("main", "inc-1", "comment")
     assert started.state == PENDING
