@@ -318,21 +318,32 @@ class CommentSync:
         """Copy MDR comments missing on the ticket; return the failures of single comments."""
         done = {item.source_id for item in view.copies if item.direction == MDR_TO_TICKET and item.state == DONE}
         written_by_us = view.written_by_us(TICKET_TO_MDR)
+        missing = [
+            comment
+            for comment in sorted(view.mdr_comments, key=lambda c: c.creation_time)
+            if comment.comment_id not in done and not self._is_mdr_echo(comment, written_by_us)
+        ]
+
+        # One transaction records the intents of all copies about to be posted.
+        # A copy that then fails keeps a pending row, which costs only a look
+        # for its marker on the next reconciliation, as after a crash.
+        recorded = [comment.comment_id for comment in missing if (MDR_ORIGIN, comment.comment_id) not in view.on_ticket]
+        if len(recorded) > 1:
+            await self.store.start_items(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, recorded)
+        else:
+            recorded = []
+
         failed: list[str] = []
-
-        for comment in sorted(view.mdr_comments, key=lambda c: c.creation_time):
-            if comment.comment_id in done:
-                continue
-            if self._is_mdr_echo(comment, written_by_us):
-                continue
-
+        for comment in missing:
             try:
-                await self._copy_to_ticket(incident, ref, view, comment)
+                await self._copy_to_ticket(incident, ref, view, comment, intent_recorded=comment.comment_id in recorded)
             except ItemError as err:
                 failed.append(f"comment {comment.comment_id}: {err}")
         return failed
 
-    async def _copy_to_ticket(self, incident: Incident, ref: TicketRef, view: CommentView, comment: Comment) -> None:
+    async def _copy_to_ticket(
+        self, incident: Incident, ref: TicketRef, view: CommentView, comment: Comment, *, intent_recorded: bool = False
+    ) -> None:
         """Post the copy of an MDR comment, or its missing parts, unless a lost reply already landed it."""
         landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
         if landed is not None and self.tickets.capabilities.max_comment_chars is None:
@@ -346,7 +357,8 @@ class CommentSync:
         if landed is not None:
             await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
             return
-        await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
+        if not intent_recorded:
+            await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
         posted = await self.tickets.add_comment(ref, drafts[0])
         await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
         self.stats.comments_to_ticket += 1

@@ -614,9 +614,15 @@ class Store:
         self, connection: str, incident_id: str, kind: str, direction: str, source_id: str
     ) -> None:
         """Record the intent to copy one item, before the write is sent."""
+        await self.start_items(connection, incident_id, kind, direction, [source_id])
+
+    async def start_items(
+        self, connection: str, incident_id: str, kind: str, direction: str, source_ids: Iterable[str]
+    ) -> None:
+        """Record the intents to copy several items of one incident in one transaction, before the first write is sent."""
         values = {"state": PENDING, "attempt_started_at": utc_now()}
-        key = _item_key(connection, incident_id, kind, direction, source_id)
-        await self._upsert(SyncedItem, key, inserted=values, updated=values)
+        keys = [_item_key(connection, incident_id, kind, direction, source_id) for source_id in source_ids]
+        await self._upsert_rows(SyncedItem, keys, inserted=values, updated=values)
 
     async def finish_item(
         self,
@@ -649,29 +655,43 @@ class Store:
     async def _upsert(
         self, model: type[Base], key: dict[str, object], *, inserted: dict[str, object], updated: dict[str, object]
     ) -> None:
-        """Insert a row with `key` and `inserted`, or set `updated` on the row that has `key`, in one transaction.
+        """Insert a row with `key` and `inserted`, or set `updated` on the row that has `key`, in one transaction."""
+        await self._upsert_rows(model, [key], inserted=inserted, updated=updated)
 
-        `key` must be the columns of a unique constraint or the primary key.
-        SQLite and PostgreSQL do it in one INSERT ... ON CONFLICT statement.
-        Other databases read the row first.
+    async def _upsert_rows(
+        self,
+        model: type[Base],
+        keys: list[dict[str, object]],
+        *,
+        inserted: dict[str, object],
+        updated: dict[str, object],
+    ) -> None:
+        """Upsert one row per key, all with the same `inserted` and `updated` values, in one transaction.
+
+        Each key must be the columns of a unique constraint or the primary key.
+        SQLite and PostgreSQL do it with INSERT ... ON CONFLICT statements.
+        Other databases read each row first.
         """
+        if not keys:
+            return
         dialect = self.engine.dialect
         if dialect.name in _UPSERT_DIALECTS and updated:
             statement = _upsert_statement(
-                dialect.identifier_preparer, model.__table__, tuple(key), tuple(inserted), tuple(updated)
+                dialect.identifier_preparer, model.__table__, tuple(keys[0]), tuple(inserted), tuple(updated)
             )
-            parameters = {**key, **inserted, **{f"set_{name}": value for name, value in updated.items()}}
+            values = {**inserted, **{f"set_{name}": value for name, value in updated.items()}}
             async with self.engine.begin() as connection:
-                await connection.execute(statement, parameters)
+                await connection.execute(statement, [{**key, **values} for key in keys])
             return
 
         async with self.sessions() as session, session.begin():
-            row = await session.scalar(select(model).filter_by(**key))
-            if row is None:
-                session.add(model(**key, **inserted))
-                return
-            for name, value in updated.items():
-                setattr(row, name, value)
+            for key in keys:
+                row = await session.scalar(select(model).filter_by(**key))
+                if row is None:
+                    session.add(model(**key, **inserted))
+                    continue
+                for name, value in updated.items():
+                    setattr(row, name, value)
 
     # Cursors
 

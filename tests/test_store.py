@@ -85,6 +85,19 @@ async def test_item_pending_then_done(store: Store) -> None:
     assert (item.state, item.target_id) == (DONE, "10100")
 
 
+async def test_items_started_together(store: Store) -> None:
+    """Several intents are recorded in one call, each as its own pending row, and a second call changes no row count."""
+    await store.start_items("main", "inc-1", "comment", MDR_TO_TICKET, ["c1", "c2", "c3"])
+    await store.finish_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1", "10100")
+    await store.start_items("main", "inc-1", "comment", MDR_TO_TICKET, ["c2", "c3"])
+
+    items = {item.source_id: item for item in await store.get_items("main", "inc-1", "comment")}
+    assert sorted(items) == ["c1", "c2", "c3"]
+    assert items["c1"].state == DONE
+    assert (items["c2"].state, items["c3"].state) == (PENDING, PENDING)
+    assert items["c2"].attempt_started_at == items["c3"].attempt_started_at
+
+
 async def test_item_upsert_keeps_other_columns(store: Store) -> None:
     """Each item write sets only its own columns of the existing row and leaves the others as they were."""
     await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")

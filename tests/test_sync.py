@@ -470,6 +470,36 @@ async def test_lost_mdr_comment_reply_is_not_reposted(harness: SyncHarness, monk
     assert await harness.store.get_parked("main", INCIDENT, incident_id) is None
 
 
+async def test_copies_after_failed_post_once_each(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Intents recorded together before the posts: a post that fails midway leaves the rest to the next cycle, each copied once."""
+    from mdr_connector.connector.errors import OutcomeUnknownError
+
+    incident_id = harness.seed()["incident_id"]
+    for number in range(3):
+        harness.mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, f"<p>SOC note {number}</p>", author="SOC Analyst")
+    sync = await harness.engine()
+    real_add = sync.tickets.add_comment
+    posts: list[int] = []
+
+    async def second_post_lost(ref, draft):
+        posts.append(1)
+        posted = await real_add(ref, draft)
+        if len(posts) == 2:
+            raise OutcomeUnknownError("connection dropped after the request was sent")
+        return posted
+
+    monkeypatch.setattr(sync.tickets, "add_comment", second_post_lost)
+    await harness.cycles(1, sync)
+    monkeypatch.undo()
+    harness.advance(60)
+    await harness.cycles(2, sync)
+
+    texts = [comment.body for comment in harness.issue_for(incident_id).comments]
+    for number in range(3):
+        assert sum(f"SOC note {number}" in text for text in texts) == 1
+    assert await harness.store.get_parked("main", INCIDENT, incident_id) is None
+
+
 async def test_no_lookup_inside_consistency_window(harness: SyncHarness) -> None:
     """Before the search delay has passed, a lost create is neither searched for nor sent again."""
     incident_id = harness.seed()["incident_id"]
