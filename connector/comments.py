@@ -324,33 +324,58 @@ class CommentSync:
             if comment.comment_id not in done and not self._is_mdr_echo(comment, written_by_us)
         ]
 
-        # One transaction records the intents of all copies about to be posted.
-        # A copy that then fails keeps a pending row, which costs only a look
-        # for its marker on the next reconciliation, as after a crash.
-        recorded = [comment.comment_id for comment in missing if (MDR_ORIGIN, comment.comment_id) not in view.on_ticket]
+        failed: list[str] = []
+        drafted: list[tuple[Comment, list[CommentDraft] | None]] = []
+        for comment in missing:
+            if (MDR_ORIGIN, comment.comment_id) in view.on_ticket and self.tickets.capabilities.max_comment_chars is None:
+                # A lost reply landed the copy already; only its ledger row is missing.
+                drafted.append((comment, None))
+                continue
+            try:
+                drafted.append((comment, await self._ticket_drafts(comment)))
+            except ItemError as err:
+                failed.append(f"comment {comment.comment_id}: {err}")
+
+        # One transaction records the intents of all single-part copies about
+        # to be posted. A copy whose post then fails keeps a pending row, which
+        # costs only a look for its marker on the next reconciliation, as after a crash.
+        recorded = [
+            comment.comment_id
+            for comment, drafts in drafted
+            if drafts is not None and len(drafts) == 1 and (MDR_ORIGIN, comment.comment_id) not in view.on_ticket
+        ]
         if len(recorded) > 1:
             await self.store.start_items(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, recorded)
         else:
             recorded = []
 
-        failed: list[str] = []
-        for comment in missing:
+        for comment, drafts in drafted:
             try:
-                await self._copy_to_ticket(incident, ref, view, comment, intent_recorded=comment.comment_id in recorded)
+                await self._copy_to_ticket(incident, ref, view, comment, drafts, intent_recorded=comment.comment_id in recorded)
             except ItemError as err:
                 failed.append(f"comment {comment.comment_id}: {err}")
         return failed
 
     async def _copy_to_ticket(
-        self, incident: Incident, ref: TicketRef, view: CommentView, comment: Comment, *, intent_recorded: bool = False
+        self,
+        incident: Incident,
+        ref: TicketRef,
+        view: CommentView,
+        comment: Comment,
+        drafts: list[CommentDraft] | None,
+        *,
+        intent_recorded: bool,
     ) -> None:
-        """Post the copy of an MDR comment, or its missing parts, unless a lost reply already landed it."""
+        """Post the copy of an MDR comment from its `drafts`, or its missing parts, unless a lost reply already landed it.
+
+        `drafts` is None only for a copy that landed already on a system without a comment length limit.
+        """
         landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
-        if landed is not None and self.tickets.capabilities.max_comment_chars is None:
+        if drafts is None:
+            assert landed is not None
             await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
             return
 
-        drafts = await self._ticket_drafts(comment)
         if len(drafts) > 1:
             await self._post_parts(incident, ref, view, comment.comment_id, drafts)
             return

@@ -674,6 +674,9 @@ class Store:
         """
         if not keys:
             return
+        # Two transactions that lock the same rows in different orders deadlock
+        # on PostgreSQL, so every writer takes the rows in the order of their keys.
+        keys = sorted(keys, key=lambda key: tuple(str(value) for value in key.values()))
         dialect = self.engine.dialect
         if dialect.name in _UPSERT_DIALECTS and updated:
             statement = _upsert_statement(
