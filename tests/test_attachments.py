@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness
 
 from mdr_connector.connector.attachments import ATTACHMENT, ATTACHMENT_NOTICE
@@ -17,6 +18,13 @@ from mdr_connector.connector.engine import INCIDENT
 from mdr_connector.connector.errors import RemoteUnavailableError
 from mdr_connector.connector.store import DONE, MDR_TO_TICKET, PENDING, TICKET_TO_MDR
 from mdr_connector.connector.tickets import NOTICE_ORIGIN
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
+
 
 pytestmark = pytest.mark.asyncio
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness
 
 from mdr_connector.adapters.jira.simulator_state import HUMAN_NAME
@@ -20,6 +21,13 @@ from mdr_connector.connector.ticket_requests import (
     request_scope,
 )
 from mdr_connector.connector.tickets import NOTICE_ORIGIN, TicketRef
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
+
 
 pytestmark = pytest.mark.asyncio
 

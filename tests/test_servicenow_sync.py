@@ -6,12 +6,19 @@ from typing import Any
 
 import pytest
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
+from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_servicenow import GROUP, ServiceNowSyncHarness
 
 from mdr_connector.adapters.servicenow.simulator import SERVICE_USER
 from mdr_connector.adapters.textmarker import split_marker
 from mdr_connector.connector.errors import MisconfiguredError
 from mdr_connector.connector.tickets import MDR_ORIGIN, RESPONSE_ORIGIN
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """Every harness test here runs with its ledger on SQLite and again on PostgreSQL."""
+    return request.param
 
 
 
