@@ -25,7 +25,7 @@ def current_fence() -> Fence | None:
 
 
 class Fence:
-    """This instance's hold on one connection's lease, as this process sees it without asking the database."""
+    """This instance's hold on one connection's lease, as this process tracks it without a database query."""
 
     def __init__(self, connection: str, holder: str, epoch: int, valid_until: float, clock: Callable[[], float]) -> None:
         self.connection = connection

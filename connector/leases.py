@@ -9,14 +9,15 @@ Each change of holder increments the row's `epoch`.
 
 Fencing: an instance that stalled past its lease must not write after
 another took over. Every ledger transaction in a connection's task first
-locks the lease row `FOR KEY SHARE` and checks holder, epoch and expiry (a
-takeover waits for that transaction to finish), and every remote write is
+locks the lease row `FOR KEY SHARE` and checks holder, epoch and expiry, so
+a takeover waits for that transaction to finish. Every remote write is
 checked against a local deadline that ends before the lease in the
 database: when the method is called, and again right before the request
-is sent (connector/fencing.py). NOTE: a write already sent when
-the process stalls can still arrive after the takeover; no remote system
-here accepts a fencing token. Every such write is idempotent or looked up
-by its marker, so the new holder finds it instead of writing it again.
+is sent (connector/fencing.py).
+NOTE: a write already sent when the process stalls can still arrive after
+the takeover, because no remote system here accepts a fencing token. Every
+such write is idempotent or looked up by its marker, so the new holder
+finds it instead of writing it again.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def idle_timeout_seconds(lease_seconds: float) -> int:
 
     A process stopped inside a transaction keeps its lease row locked
     `FOR KEY SHARE`, which would block the takeover for as long as it is
-    stopped; the server ends such a session after this long.
+    stopped. So the server ends such a session after this long.
     """
     return max(2, int(lease_seconds / 4))
 
@@ -257,11 +258,10 @@ class Cluster:
         share = math.ceil(len(self.connections) / max(1, live or 1))
         held = [fence for fence in self.fences.values() if not fence.lost]
         free = await self._free_connections()
-        # A connection free for two rounds in a row is one that no instance
-        # under its share wants (another instance failed on it, or is
-        # handing it back to nobody): it is taken beyond the share rather
-        # than left unworked, and surplus is handed back only when no
-        # connection is free, that is, when an instance is waiting for one.
+        # No instance under its share takes a connection left free for two
+        # rounds (another instance failed on it, say), so it is taken beyond
+        # the share rather than left unworked. Surplus goes back only while
+        # no connection is free, that is, while an instance waits for one.
         orphans = free & self._free_before
         self._free_before = free
         # An orphan stays out of the count for a while: handing it (or
