@@ -37,7 +37,6 @@ and 0 otherwise, whether the target is met or not.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -328,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sync.max_incidents_in_flight {args.in_flight}, latency {args.latency_ms:g} ms",
     )
     try:
-        return asyncio.run(run(args))
+        return common.run(run(args))
     except RuntimeError as err:
         print(f"FAIL {err}")
         return 1

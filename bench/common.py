@@ -559,9 +559,22 @@ def machine_lines() -> list[str]:
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return [
         f"machine:  {os.cpu_count()} CPUs, {model}, load average {load}",
-        f"python:   {platform.python_version()} on {platform.system()} {platform.release()}",
+        f"python:   {platform.python_version()} on {platform.system()} {platform.release()}, event loop {loop_name()}",
         f"date:     {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
     ]
+
+
+def run(coroutine: Any) -> Any:
+    """Run a benchmark's coroutine on the event loop the service's commands use (connector/event_loop.py)."""
+    from mdr_connector.connector import event_loop
+
+    return event_loop.run(coroutine)
+
+
+def loop_name() -> str:
+    from mdr_connector.connector import event_loop
+
+    return "asyncio" if event_loop.loop_factory() is None else "uvloop"
 
 
 def print_header(title: str, settings_line: str) -> None:

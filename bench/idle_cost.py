@@ -25,7 +25,6 @@ cannot be read, and 0 otherwise, whether the target is met or not.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections import Counter
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         f"change source {args.change_source}, changes spread over {args.spread_seconds:.0f} s, latency {args.latency_ms:g} ms",
     )
     try:
-        return asyncio.run(
+        return common.run(
             run(args.sizes, args.warmup, args.cycles, args.change_source, args.spread_seconds, args.latency_ms / 1000)
         )
     except RuntimeError as err:

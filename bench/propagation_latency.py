@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"latency {args.latency_ms:g} ms",
     )
     try:
-        return asyncio.run(run(args))
+        return common.run(run(args))
     except RuntimeError as err:
         print(f"FAIL {err}")
         return 1

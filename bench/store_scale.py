@@ -33,7 +33,6 @@ otherwise, whether the target is met or not.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import sys
 import time
@@ -238,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ledger {'PostgreSQL' if args.postgres_url else 'SQLite'}",
     )
     try:
-        return asyncio.run(run(args.rows, args.changed, args.rounds, args.latency_ms / 1000, args.postgres_url))
+        return common.run(run(args.rows, args.changed, args.rounds, args.latency_ms / 1000, args.postgres_url))
     except RuntimeError as err:
         print(f"FAIL {err}")
         return 1

@@ -9,7 +9,6 @@ English.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import logging
 import math
@@ -23,7 +22,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from mdr_connector.connector import i18n
+from mdr_connector.connector import event_loop, i18n
 from mdr_connector.connector.config import (
     MAX_MDR_CLIENT_ID_LENGTH,
     MDR_CLIENT_ID_PATTERN,
@@ -462,7 +461,7 @@ def selected(settings: Settings, name: str | None) -> list[Any]:
 
 
 def run_async(coroutine_factory: Callable[[], Any]) -> Any:
-    return asyncio.run(coroutine_factory())
+    return event_loop.run(coroutine_factory())
 
 
 def run_with_store(settings: Settings, operation: Callable[[Any], Awaitable[Any]]) -> Any:
