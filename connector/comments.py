@@ -349,11 +349,21 @@ class CommentSync:
         else:
             recorded = []
 
-        for comment, drafts in drafted:
-            try:
-                await self._copy_to_ticket(incident, ref, view, comment, drafts, intent_recorded=comment.comment_id in recorded)
-            except ItemError as err:
-                failed.append(f"comment {comment.comment_id}: {err}")
+        # Their copies are recorded as done together too, after the last post
+        # or the first error. A crash before that leaves pending rows, whose
+        # copies the next reconciliation finds by their markers.
+        finished: dict[str, str] = {}
+        try:
+            for comment, drafts in drafted:
+                try:
+                    await self._copy_to_ticket(
+                        incident, ref, view, comment, drafts, intent_recorded=comment.comment_id in recorded, finished=finished
+                    )
+                except ItemError as err:
+                    failed.append(f"comment {comment.comment_id}: {err}")
+        finally:
+            if finished:
+                await self.store.finish_items(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, finished)
         return failed
 
     async def _copy_to_ticket(
@@ -365,10 +375,13 @@ class CommentSync:
         drafts: list[CommentDraft] | None,
         *,
         intent_recorded: bool,
+        finished: dict[str, str],
     ) -> None:
         """Post the copy of an MDR comment from its `drafts`, or its missing parts, unless a lost reply already landed it.
 
         `drafts` is None only for a copy that landed already on a system without a comment length limit.
+        A copy whose intent was recorded with others goes into `finished`
+        (source id to copy id) for the caller to record as done.
         """
         landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
         if drafts is None:
@@ -385,7 +398,10 @@ class CommentSync:
         if not intent_recorded:
             await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
         posted = await self.tickets.add_comment(ref, drafts[0])
-        await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+        if intent_recorded:
+            finished[comment.comment_id] = posted.id
+        else:
+            await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
         self.stats.comments_to_ticket += 1
         self._log_mirrored(MDR_TO_TICKET, incident, ref, comment.comment_id, posted.id)
 

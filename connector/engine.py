@@ -16,9 +16,10 @@ record the target id. The comment sync of a reconciliation is in comments.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar, cast
@@ -161,6 +162,12 @@ class ConnectionSync:
         # The clients bound the calls to each system (`max_concurrency`), so
         # this bounds only how many incidents are reconciled at once.
         self._concurrency = asyncio.Semaphore(settings.sync.max_incidents_in_flight)
+        # The results of the current page's batch lookup (`_look_up_tickets`),
+        # each used by the first `ensure_ticket` of its incident.
+        self._looked_up: dict[str, TicketRef | None] = {}
+        # Incidents of the current page known to have no parked entry, so a
+        # successful reconciliation of one has nothing to unpark.
+        self._not_parked: set[str] = set()
 
     @property
     def own_account(self) -> TicketAccount | None:
@@ -326,6 +333,8 @@ class ConnectionSync:
         links = await self.store.get_links(self.name, window.changed)
         creation_floor = await self._creation_floor()
         due = []
+        reconciled: list[str] = []
+        unlinked: list[str] = []
         for changed in window.changed.values():
             if changed.incident_id in window.malformed or changed.incident_id in backoff:
                 continue
@@ -338,7 +347,11 @@ class ConnectionSync:
             if not linked and snapshot is not None and not self._wanted(snapshot, creation_floor):
                 continue
             due.append(self._reconcile_from_history(changed.incident_id, snapshot, linked, creation_floor))
-        await gather_or_cancel(*due)
+            reconciled.append(changed.incident_id)
+            if link is None:
+                unlinked.append(changed.incident_id)
+        async with self._page_prepared(reconciled, unlinked):
+            await gather_or_cancel(*due)
 
         if window.covered_until is not None and window.covered_until > cursor:
             await self.store.set_cursor(self.name, HISTORY_CURSOR, str(window.covered_until))
@@ -459,8 +472,55 @@ class ConnectionSync:
                 continue
             changed.append(incident)
 
-        await gather_or_cancel(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
+        reconciled = [incident.incident_id for incident in changed]
+        unlinked = [incident_id for incident_id in reconciled if incident_id not in links]
+        async with self._page_prepared(reconciled, unlinked):
+            await gather_or_cancel(*(self._reconcile_guarded(incident.incident_id, incident) for incident in changed))
         return (max(plausible) if plausible else None), (max(times) if times else None)
+
+    @contextlib.asynccontextmanager
+    async def _page_prepared(self, reconciled: list[str], unlinked: list[str]) -> AsyncIterator[None]:
+        """Read for a page of incidents, in one request each, what their reconciliations run inside would read one by one.
+
+        These are which of the `reconciled` incidents have no parked entry,
+        and the tickets of the `unlinked` ones (`_look_up_tickets`). Both are
+        dropped at the end of the block, so no later cycle acts on them.
+        """
+        if len(reconciled) > 1:
+            parked = await self.store.parked_item_ids(self.name, INCIDENT, reconciled, not_before=None)
+            self._not_parked.update(incident_id for incident_id in reconciled if incident_id not in parked)
+        try:
+            await self._look_up_tickets(unlinked)
+            yield
+        finally:
+            for incident_id in reconciled:
+                self._not_parked.discard(incident_id)
+            for incident_id in unlinked:
+                self._looked_up.pop(incident_id, None)
+
+    async def _look_up_tickets(self, incident_ids: list[str]) -> None:
+        """Look up the tickets of incidents without a link in one batch, for their reconciliations.
+
+        Without it each new incident's `ensure_ticket` searches on its own
+        before its create: one request per incident, the largest share of a
+        backlog's ticket searches. A result is used once, by the first
+        reconciliation of its incident. A failed batch is logged and each
+        incident is looked up on its own as before.
+        """
+        if len(incident_ids) < 2 or not self.tickets.capabilities.batch_lookup:
+            return
+
+        try:
+            found = await self._read(lambda: self.tickets.find_incident_tickets(incident_ids))
+        except ConnectionFatalError:
+            raise
+        except ConnectorError as err:
+            log.info(
+                "sync.ticket.lookup_batch_failed",
+                extra={"connection": self.name, "incidents": len(incident_ids), "error": str(err)},
+            )
+            return
+        self._looked_up.update({incident_id: found.get(incident_id) for incident_id in incident_ids})
 
     async def _in_backoff(self, changes: dict[str, int], seen_until: int) -> set[str]:
         """Return the incidents parked with a later next try whose change a cycle before this one already saw.
@@ -603,6 +663,7 @@ class ConnectionSync:
         next_try = parked_next_try(self.clock(), attempts, sync.retry_base_seconds, sync.retry_max_seconds, error)
         if not_before is not None:
             next_try = not_before
+        self._not_parked.discard(incident_id)
         await self.store.park(self.name, INCIDENT, incident_id, reason, next_try)
 
     # Reconciliation
@@ -622,7 +683,7 @@ class ConnectionSync:
             await self._record_failure(incident_id, err)
             return False
 
-        if done:
+        if done and incident_id not in self._not_parked:
             await self.store.unpark(self.name, INCIDENT, incident_id)
         return done
 
@@ -724,7 +785,10 @@ class ConnectionSync:
                 await self._park(incident.incident_id, "waiting for ticket search to see an earlier create", visible_from)
                 return None
 
-        found = await self._read(lambda: self.tickets.find_ticket(incident.incident_id))
+        if link is None and incident.incident_id in self._looked_up:
+            found = self._looked_up.pop(incident.incident_id)
+        else:
+            found = await self._read(lambda: self.tickets.find_ticket(incident.incident_id))
         if found is not None:
             self.stats.tickets_linked += 1
             return await self._record_link("sync.ticket.found", incident, found, written_hash=None)

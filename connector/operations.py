@@ -21,7 +21,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -340,6 +340,9 @@ class DryRunTickets:
 
     async def find_ticket(self, incident_id: str) -> TicketRef | None:
         return await self.inner.find_ticket(incident_id)
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        return await self.inner.find_incident_tickets(incident_ids)
 
     async def get_ticket(self, key: str) -> TicketRef | None:
         return await self.inner.get_ticket(key)

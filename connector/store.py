@@ -641,6 +641,18 @@ class Store:
         # A row inserted here had no recorded intent, so its attempt starts now.
         await self._upsert(SyncedItem, key, inserted={**values, "attempt_started_at": now}, updated=values)
 
+    async def finish_items(
+        self, connection: str, incident_id: str, kind: str, direction: str, targets: dict[str, str]
+    ) -> None:
+        """Record in one transaction that several items of one incident exist on the other side: `targets` maps source id to target id."""
+        now = utc_now()
+        values = {"state": DONE, "done_at": now, "source_version": None}
+        keys = [_item_key(connection, incident_id, kind, direction, source_id) for source_id in targets]
+        per_row = [{"target_id": target_id} for target_id in targets.values()]
+        await self._upsert_rows(
+            SyncedItem, keys, inserted={**values, "attempt_started_at": now}, updated=values, per_row=per_row
+        )
+
     async def find_item_by_target(self, connection: str, kind: str, target_id: str) -> SyncedItem | None:
         """Return the ledger row whose copy is `target_id`, if any."""
         async with self.sessions() as session:
@@ -665,35 +677,47 @@ class Store:
         *,
         inserted: dict[str, object],
         updated: dict[str, object],
+        per_row: list[dict[str, object]] | None = None,
     ) -> None:
         """Upsert one row per key, all with the same `inserted` and `updated` values, in one transaction.
 
         Each key must be the columns of a unique constraint or the primary key.
+        `per_row`, aligned with `keys`, adds values of each row's own to both
+        its insert and its update; every entry names the same columns.
         SQLite and PostgreSQL do it with INSERT ... ON CONFLICT statements.
         Other databases read each row first.
         """
         if not keys:
             return
+        rows = list(zip(keys, per_row or [{} for _ in keys], strict=True))
         # Two transactions that lock the same rows in different orders deadlock
         # on PostgreSQL, so every writer takes the rows in the order of their keys.
-        keys = sorted(keys, key=lambda key: tuple(str(value) for value in key.values()))
+        rows.sort(key=lambda row: tuple(str(value) for value in row[0].values()))
+        own_columns = tuple(rows[0][1])
         dialect = self.engine.dialect
         if dialect.name in _UPSERT_DIALECTS and updated:
             statement = _upsert_statement(
-                dialect.identifier_preparer, model.__table__, tuple(keys[0]), tuple(inserted), tuple(updated)
+                dialect.identifier_preparer,
+                model.__table__,
+                tuple(rows[0][0]),
+                (*inserted, *own_columns),
+                (*updated, *own_columns),
             )
             values = {**inserted, **{f"set_{name}": value for name, value in updated.items()}}
+            parameters = [
+                {**key, **values, **own, **{f"set_{name}": value for name, value in own.items()}} for key, own in rows
+            ]
             async with self.engine.begin() as connection:
-                await connection.execute(statement, [{**key, **values} for key in keys])
+                await connection.execute(statement, parameters)
             return
 
         async with self.sessions() as session, session.begin():
-            for key in keys:
+            for key, own in rows:
                 row = await session.scalar(select(model).filter_by(**key))
                 if row is None:
-                    session.add(model(**key, **inserted))
+                    session.add(model(**key, **inserted, **own))
                     continue
-                for name, value in updated.items():
+                for name, value in {**updated, **own}.items():
                     setattr(row, name, value)
 
     # Cursors
@@ -777,20 +801,16 @@ class Store:
             return list(rows)
 
     async def parked_item_ids(
-        self, connection: str, kind: str, item_ids: Iterable[str], *, not_before: datetime
+        self, connection: str, kind: str, item_ids: Iterable[str], *, not_before: datetime | None
     ) -> set[str]:
-        """Return which of `item_ids` are parked with their next try after `not_before`."""
+        """Return which of `item_ids` are parked with their next try after `not_before`, or parked at all when it is None."""
         found: set[str] = set()
         async with self.sessions() as session:
             for chunk in chunked(item_ids):
-                rows = await session.scalars(
-                    select(ParkedItem.item_id).where(
-                        ParkedItem.connection == connection,
-                        ParkedItem.kind == kind,
-                        ParkedItem.item_id.in_(chunk),
-                        ParkedItem.next_try_at > not_before,
-                    )
-                )
+                conditions = [ParkedItem.connection == connection, ParkedItem.kind == kind, ParkedItem.item_id.in_(chunk)]
+                if not_before is not None:
+                    conditions.append(ParkedItem.next_try_at > not_before)
+                rows = await session.scalars(select(ParkedItem.item_id).where(*conditions))
                 found.update(rows)
         return found
 

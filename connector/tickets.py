@@ -12,7 +12,7 @@ can be found again before it is repeated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -132,6 +132,9 @@ class TicketCapabilities:
     # `comment_length`, or None when no limit is known. The engine splits a longer MDR comment
     # into several comments, each within this limit.
     max_comment_chars: int | None = None
+    # `find_incident_tickets` looks up many incidents with few requests, so
+    # the engine calls it once per page instead of `find_ticket` per incident.
+    batch_lookup: bool = False
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,12 @@ class TicketAdapter(Protocol):
 
     async def find_ticket(self, incident_id: str) -> TicketRef | None:
         """Find the ticket carrying the correlation marker of an MDR incident."""
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        """Return, by incident id, what `find_ticket` would return for each incident that has a ticket.
+
+        Called only when `capabilities.batch_lookup` is set.
+        """
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         """Create a ticket carrying the correlation marker of `draft.incident_id`."""

@@ -98,6 +98,24 @@ async def test_items_started_together(store: Store) -> None:
     assert items["c2"].attempt_started_at == items["c3"].attempt_started_at
 
 
+async def test_items_finished_together(store: Store) -> None:
+    """Several copies are recorded as done in one call, each with its own target, with or without a recorded intent."""
+    await store.start_items("main", "inc-1", "comment", MDR_TO_TICKET, ["c1", "c2"])
+    [started, _] = await store.get_items("main", "inc-1", "comment")
+
+    await store.finish_items("main", "inc-1", "comment", MDR_TO_TICKET, {"c2": "10200", "c1": "10100", "c3": "10300"})
+
+    items = {item.source_id: item for item in await store.get_items("main", "inc-1", "comment")}
+    assert {source_id: (item.state, item.target_id) for source_id, item in items.items()} == {
+        "c1": (DONE, "10100"),
+        "c2": (DONE, "10200"),
+        "c3": (DONE, "10300"),
+    }
+    assert items[started.source_id].attempt_started_at == started.attempt_started_at
+    assert items["c3"].attempt_started_at is not None
+    assert items["c3"].done_at == items["c1"].done_at
+
+
 async def test_item_upsert_keeps_other_columns(store: Store) -> None:
     """Each item write sets only its own columns of the existing row and leaves the others as they were."""
     await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")

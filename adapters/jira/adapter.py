@@ -35,7 +35,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -111,6 +111,8 @@ TRUNCATION_NOTE = "\n\n" + TRUNCATION_TEXT
 _BLOCK_CLOSER_ROOM = len("\n{noformat}")
 _WIKI_BLOCK_TAG = re.compile(r"\{(code|noformat)(?::[^{}\n]*)?\}")
 PAGE_SIZE = 100
+# Incidents looked up by one search; 50 labels keep the JQL near 2,000 characters.
+LOOKUP_BATCH_SIZE = 50
 # Atlassian documents search/jql as eventually consistent, with changes
 # showing up "from a few seconds to minutes" later.
 # NOTE: 60 s is an estimate of that window, not a documented bound.
@@ -185,7 +187,7 @@ class JiraTicketAdapter:
     """TicketAdapter for Jira; `project` is the project key of the connection's mapping."""
 
     system = "jira"
-    capabilities = TicketCapabilities(max_comment_chars=MAX_TEXT_LENGTH)
+    capabilities = TicketCapabilities(max_comment_chars=MAX_TEXT_LENGTH, batch_lookup=True)
 
     def __init__(
         self,
@@ -302,6 +304,38 @@ class JiraTicketAdapter:
                 extra={"incident_id": incident_id, "ticket_keys": [issue["key"] for issue in matches]},
             )
         return self._ref(matches[0])
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        """Find the tickets of several incidents with one search per LOOKUP_BATCH_SIZE of them.
+
+        Each incident gets what `find_ticket` would return for it: the
+        oldest issue whose property names exactly its id. Incidents without
+        an issue are left out.
+        """
+        found: dict[str, list[dict[str, Any]]] = {}
+        requested = set(incident_ids)
+        for start in range(0, len(incident_ids), LOOKUP_BATCH_SIZE):
+            batch = incident_ids[start : start + LOOKUP_BATCH_SIZE]
+            labels = ", ".join(quote(correlation_label(incident_id)) for incident_id in batch)
+            query = (
+                f"{self._project_clause()} AND labels = {quote(CONNECTOR_LABEL)} "
+                f"AND labels in ({labels}) ORDER BY created ASC"
+            )
+            issues = await self._call(
+                "find_incident_tickets", self._search_with_properties, query, ["created"], self._reconcile_ids()
+            )
+            for issue in issues:
+                incident_id = _incident_id_of(issue)
+                if incident_id in requested:
+                    found.setdefault(incident_id, []).append(issue)
+
+        for incident_id, matches in found.items():
+            if len(matches) > 1:
+                log.warning(
+                    "jira.ticket.duplicates",
+                    extra={"incident_id": incident_id, "ticket_keys": [issue["key"] for issue in matches]},
+                )
+        return {incident_id: self._ref(matches[0]) for incident_id, matches in found.items()}
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         """Create an issue with the correlation labels and property in one request.

@@ -32,7 +32,7 @@ import os
 import re
 import secrets
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -343,6 +343,18 @@ class MemoryTicketAdapter:
             if view is not None and view.incident_id == incident_id and ticket.project in self.searched_projects:
                 return ticket.ref
         return None
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        for incident_id in incident_ids:
+            _check_incident_id(incident_id)
+        self._raise_failure("find_incident_tickets")
+        requested = set(incident_ids)
+        found: dict[str, TicketRef] = {}
+        for ticket in sorted(self.tickets.values(), key=lambda item: (item.created, int(item.ref.id))):
+            view = self._visible(ticket)
+            if view is not None and view.incident_id in requested and ticket.project in self.searched_projects:
+                found.setdefault(view.incident_id, ticket.ref)
+        return found
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         _check_incident_id(draft.incident_id)
