@@ -313,6 +313,67 @@ async def test_changed_tickets_pages(start_jira: StartJira, make_adapter: MakeAd
         assert [change.ref for change in changes] == refs
 
 
+async def paged_search_setup(
+    start_jira: StartJira, make_adapter: MakeAdapter, monkeypatch: pytest.MonkeyPatch, deployment: str, step: float
+) -> tuple[RunningJira, JiraTicketAdapter, datetime, list[TicketRef], list[float]]:
+    """Five new issues `step` seconds apart on a Jira that pages searches by two, and a list that records the adapter's pauses."""
+    from mdr_connector.adapters.jira import adapter as jira_adapter
+
+    running = await start_jira(deployment=deployment)
+    running.sim.settings.search_page_cap = 2
+    adapter = await make_adapter(running)
+    since = running.sim.now()
+    refs = []
+    for number in range(5):
+        refs.append(await adapter.create_ticket(draft(f"incident-{number}")))
+        running.sim.advance(step)
+    pauses: list[float] = []
+    monkeypatch.setattr(jira_adapter.time, "sleep", pauses.append)
+    return running, adapter, since, refs, pauses
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_change_search_recent_writes(
+    start_jira: StartJira, make_adapter: MakeAdapter, monkeypatch: pytest.MonkeyPatch, deployment: str
+) -> None:
+    """Issues written just before a paged change search are read in one pass, without a pause."""
+    _, adapter, since, refs, pauses = await paged_search_setup(start_jira, make_adapter, monkeypatch, deployment, 0)
+
+    changes = await adapter.changed_tickets(since)
+
+    assert [change.ref for change in changes] == refs
+    assert pauses == []
+
+
+@pytest.mark.parametrize("deployment", ["cloud", "datacenter"])
+async def test_change_search_issue_moved(
+    start_jira: StartJira, make_adapter: MakeAdapter, monkeypatch: pytest.MonkeyPatch, deployment: str
+) -> None:
+    """An issue edited after its page was read is returned twice, so the search is read again and skips no issue."""
+    from mdr_connector.adapters.jira import adapter as jira_adapter
+
+    running, adapter, since, refs, pauses = await paged_search_setup(start_jira, make_adapter, monkeypatch, deployment, 1)
+    real_request = jira_adapter._request
+    pages: list[str] = []
+
+    def edit_after_first_page(client, method, path, **kwargs):
+        reply = real_request(client, method, path, **kwargs)
+        if path.startswith("search"):
+            pages.append(path)
+            if len(pages) == 1:
+                running.sim.advance(1)
+                running.sim.edit_as_human(refs[0].key, summary="edited while the search was paged")
+        return reply
+
+    monkeypatch.setattr(jira_adapter, "_request", edit_after_first_page)
+
+    changes = await adapter.changed_tickets(since)
+
+    assert [change.ref for change in changes] == [*refs[1:], refs[0]]
+    assert pauses == [jira_adapter.REORDER_PAUSE_SECONDS]
+    assert len(pages) == 6
+
+
 async def test_changed_tickets_needs_zone(cloud_adapter: JiraTicketAdapter) -> None:
     """A naive `since` is a programming error."""
     adapter = cloud_adapter

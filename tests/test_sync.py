@@ -765,18 +765,18 @@ async def test_edit_while_search_pages_loses_nothing(datacenter_harness: SyncHar
     harness.jira.sim.add_comment(linked.key, "engineer note that must reach MDR")
     harness.advance(400)
 
-    real_request_dated = jira_adapter._request_dated
+    real_request = jira_adapter._request
     edited = []
 
     def edit_after_first_page(client, method, path, **kwargs):
-        reply = real_request_dated(client, method, path, **kwargs)
+        reply = real_request(client, method, path, **kwargs)
         params = kwargs.get("params") or {}
         if path == "search" and params.get("startAt") == 0 and "updated >=" in params.get("jql", "") and not edited:
             harness.jira.sim.edit_as_human(others[0].key, summary="edited meanwhile")
             edited.append(True)
         return reply
 
-    monkeypatch.setattr(jira_adapter, "_request_dated", edit_after_first_page)
+    monkeypatch.setattr(jira_adapter, "_request", edit_after_first_page)
     await sync.run_cycle()
     monkeypatch.undo()
     for _cycle in range(2):

@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from email.utils import parsedate_to_datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -121,7 +120,7 @@ MAX_RECONCILE_ISSUES = 50
 # A change search that keeps being reordered by edits while it is paged is
 # tried this many times before the cycle gives up on the ticket side.
 STABLE_SEARCH_ATTEMPTS = 4
-REORDER_PAUSE_SECONDS = 1.1
+REORDER_PAUSE_SECONDS = 0.5
 RECENT_WRITE_SECONDS = 600.0
 # Any zone is within 14 hours of UTC, so a UTC literal this much earlier is
 # a safe lower bound when the account's zone is unknown.
@@ -874,8 +873,7 @@ class JiraTicketAdapter:
             if not _moved_while_paged(result):
                 return result.issues, zone_name
             log.info("jira.search.reordered", extra={"project": self.project, "attempt": attempt, "pages": result.pages})
-            # The Date header counts whole seconds, so an issue changed in the
-            # second before the search looks moved until a later pass.
+            # A move means someone edits issues right now, so the next pass waits for the burst to pass.
             time.sleep(REORDER_PAUSE_SECONDS)
         raise RemoteUnavailableError(
             f"Jira issues of project {self.project} kept changing while the change search was paged "
@@ -1063,27 +1061,11 @@ def _request(
     body: Any = None,
 ) -> Any:
     """Send one REST v2 request through the client's session and return the JSON reply."""
-    return _request_dated(client, method, path, params=params, body=body)[0]
-
-
-def _request_dated(
-    client: JIRA,
-    method: str,
-    path: str,
-    *,
-    params: dict[str, Any] | None = None,
-    body: Any = None,
-) -> tuple[Any, datetime | None]:
-    """Send one REST v2 request and return the JSON reply with the server's `Date` header, if readable."""
     data = json.dumps(body) if body is not None else None
     response = client._session.request(method, client._get_url(path), params=params, data=data)
-    try:
-        replied_at = parsedate_to_datetime(response.headers.get("Date", ""))
-    except (TypeError, ValueError):
-        replied_at = None
     if response.status_code == 204 or not response.content:
-        return None, replied_at
-    return response.json(), replied_at
+        return None
+    return response.json()
 
 
 def _myself(client: JIRA) -> dict[str, Any]:
@@ -1150,10 +1132,9 @@ def _issue_property(client: JIRA, issue_id: str) -> Any:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The issues of a paged search, with the server time of its first reply and the page count."""
+    """The issues of a paged search, with its page count."""
 
     issues: list[dict[str, Any]]
-    started: datetime | None
     pages: int
 
 
@@ -1169,16 +1150,14 @@ def _search_cloud(
         body["reconcileIssues"] = reconcile[:MAX_RECONCILE_ISSUES]
 
     seen_tokens: set[str] = set()
-    started: datetime | None = None
     pages = 0
     while True:
-        page, replied_at = _request_dated(client, "POST", "search/jql", body=body)
-        started = started or replied_at
+        page = _request(client, "POST", "search/jql", body=body)
         pages += 1
         issues.extend(_page_issues(page, "search/jql"))
         token = page.get("nextPageToken")
         if not token:
-            return SearchResult(issues, started, pages)
+            return SearchResult(issues, pages)
         if token in seen_tokens:
             raise InvalidPayloadError("Jira search/jql returned the same nextPageToken twice, so paging stopped")
         seen_tokens.add(token)
@@ -1205,33 +1184,35 @@ def _search_datacenter(
     if properties:
         params["properties"] = ",".join(properties)
 
-    started: datetime | None = None
     pages = 0
     while True:
         params["startAt"] = len(issues)
-        page, replied_at = _request_dated(client, "GET", "search", params=params)
-        started = started or replied_at
+        page = _request(client, "GET", "search", params=params)
         pages += 1
         batch = _page_issues(page, "search")
         issues.extend(batch)
         if not batch or _reached_total(len(issues), page):
-            return SearchResult(issues, started, pages)
+            return SearchResult(issues, pages)
 
 
 def _moved_while_paged(result: SearchResult) -> bool:
-    """Tell whether an issue changed while a search ordered by `updated` was being paged.
+    """Tell whether an issue moved while a search ordered by `updated` was being paged.
 
-    Such an issue moves to the end of the order, so every later issue moves
-    one place back and the first one of the next page is never returned. A
-    one-page search is a single reply and cannot be affected. Without a
-    readable Date header the search is taken as affected when it had pages.
+    An issue changed after its page was read moves to the end of the order,
+    so every later issue moves one place back and the first issue of the
+    next page is never returned. The moved issue itself is then returned
+    twice: on its old page, and again on the last page. An issue changed
+    before its page was read moves without pushing any unread issue off a
+    page, and is returned once. A one-page search is a single reply and
+    cannot be affected.
+    NOTE: this reads Cloud's nextPageToken as an offset, as the simulator
+    does. A token that holds the last sort key skips no issue, and then a
+    moved issue costs only one more pass.
     """
     if result.pages <= 1:
         return False
-    if result.started is None:
-        return True
-    threshold = result.started - timedelta(seconds=1)
-    return any(_parse_time(issue["fields"]["updated"]) >= threshold for issue in result.issues)
+    ids = [str(issue.get("id")) for issue in result.issues]
+    return len(ids) != len(set(ids))
 
 
 def _all_comments(client: JIRA, issue_id: str) -> list[dict[str, Any]]:
