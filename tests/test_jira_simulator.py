@@ -832,3 +832,18 @@ async def test_serve_stops_on_sigterm(tmp_path: Path) -> None:
     assert process.returncode == 0, stderr.decode()
     assert b"jira_sim.stopped" in stderr
     assert list(temporary.glob("jira-sim-attachments-*")) == []
+
+
+def test_comment_found_after_changes() -> None:
+    """A comment is found by id on its own issue, and a deleted one is 404, among many issues."""
+    sim = JiraSimulator()
+    base = {"project": {"key": "SEC"}, "issuetype": {"name": "Task"}}
+    issues = [sim.create_issue({**base, "summary": f"issue {number}"}) for number in range(20)]
+    comments = [sim.add_comment(issue.key, f"note on {issue.key}") for issue in issues]
+
+    sim.delete_comment(comments[3].id)
+    found_issue, found_comment = sim.comment(str(comments[7].id))
+
+    assert (found_issue.key, found_comment.body) == (issues[7].key, f"note on {issues[7].key}")
+    with pytest.raises(SimError):
+        sim.comment(comments[3].id)

@@ -491,3 +491,22 @@ async def test_control_responses_assets_tenants(mdr_sim: MdrSimulator) -> None:
     assert entity_types(history) == ["incident_details", "incident_response", "incident_details"]
     assert rule == {"method": "incidents/close", "remaining": 2}
     assert bad_times == 400
+
+
+def test_response_expiry_after_skipped_scans(mdr_sim: MdrSimulator) -> None:
+    """Skipping scans until the earliest expiry misses no response: neither an added one already past its timeout nor one a shorter timeout expires."""
+    incident = mdr_sim.seed_incident(MDR_CLIENT_ID)
+    incident_id = incident["incident_id"]
+    timeout = mdr_sim.settings.response_timeout_seconds
+    first = mdr_sim.add_response(MDR_CLIENT_ID, incident_id)
+    assert mdr_sim.expire_responses() == 0
+
+    old = mdr_sim.add_response(MDR_CLIENT_ID, incident_id, creation_time=first["creation_time"] - int(timeout * 1000))
+    assert mdr_sim.expire_responses() == 1
+
+    mdr_sim.advance(timeout / 2)
+    mdr_sim.settings.response_timeout_seconds = timeout / 4
+    assert mdr_sim.expire_responses() == 1
+
+    statuses = {response["response_id"]: response["status"] for response in mdr_sim.responses(MDR_CLIENT_ID, incident_id)}
+    assert statuses == {first["response_id"]: "Declined", old["response_id"]: "Declined"}

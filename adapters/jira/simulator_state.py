@@ -248,6 +248,9 @@ class JiraSimulator:
         self.workflow = workflow or SimWorkflow()
         self.users: list[SimUser] = []
         self.issues: dict[int, SimIssue] = {}
+        # The issue of each comment by comment id, so a comment is found
+        # without scanning every issue; `comment` checks each hit.
+        self._comment_issues: dict[str, SimIssue] = {}
         self.calls: Counter[str] = Counter()
         # The injected faults; `drop_reply_after_commit` adds to it.
         self.faults = FaultPlan()
@@ -466,6 +469,7 @@ class JiraSimulator:
         )
         self._next_comment_id += 1
         issue.comments.append(comment)
+        self._comment_issues[str(comment.id)] = issue
         self._touch(issue)
         return comment
 
@@ -506,9 +510,15 @@ class JiraSimulator:
         """Delete a comment as a person would, which moves the Jira issue's `updated`."""
         issue, comment = self.comment(comment_id)
         issue.comments.remove(comment)
+        self._comment_issues.pop(str(comment.id), None)
         self._touch(issue)
 
     def comment(self, comment_id: str | int) -> tuple[SimIssue, SimComment]:
+        issue = self._comment_issues.get(str(comment_id))
+        if issue is not None and self.issues.get(issue.id) is issue:
+            for comment in issue.comments:
+                if str(comment.id) == str(comment_id):
+                    return issue, comment
         for issue in self.issues.values():
             for comment in issue.comments:
                 if str(comment.id) == str(comment_id):

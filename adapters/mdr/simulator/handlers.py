@@ -559,6 +559,7 @@ def decide_response(
                 )
             now = sim.now_ms()
             response.update(status=status, comment=comment, update_time=now)
+            sim._next_expiry = None
             incident.record["update_time"] = now
             sim._changed(incident, connection.connection_name, "update", "incident_response", response)
             sim._changed(

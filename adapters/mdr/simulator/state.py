@@ -8,6 +8,7 @@ import math
 import random
 import secrets
 import string
+import sys
 import time
 import uuid
 from collections import Counter
@@ -222,6 +223,10 @@ class MdrSimulator:
         self.confirm_log: list[ConfirmRecord] = []
         self._access_tokens: dict[str, _TokenRecord] = {}
         self._incidents: dict[str, _Incident] = {}
+        # The settings the last full scan of `expire_responses` ran with and
+        # the earliest expiry it left, so later calls before that moment skip
+        # the scan. A new response clears it.
+        self._next_expiry: tuple[tuple[int, str], int] | None = None
         self._assets: dict[str, dict[str, Any]] = {}
         self._asset_clients: dict[str, str] = {}
         self._tenants: dict[str, dict[str, str]] = {}
@@ -481,6 +486,7 @@ class MdrSimulator:
         }
         response.update(fields)
         incident.responses.append(response)
+        self._next_expiry = None
         incident.record["update_time"] = now
         self._changed(incident, SOC_AUTHOR, "create", "incident_response", response)
         self._changed(incident, SOC_AUTHOR, "update", "incident_details", incident.snapshot())
@@ -563,7 +569,12 @@ class MdrSimulator:
         if timeout_ms <= 0:
             return 0
         now = self.now_ms()
+        scanned_with = (timeout_ms, self.settings.response_initial_status)
+        if self._next_expiry is not None and self._next_expiry[0] == scanned_with and now < self._next_expiry[1]:
+            return 0
+
         expired = 0
+        next_expiry = sys.maxsize
         for incident in self._incidents.values():
             for response in incident.responses:
                 created = response.get("creation_time")
@@ -571,9 +582,11 @@ class MdrSimulator:
                     continue
                 expires_at = created + timeout_ms
                 if expires_at > now:
+                    next_expiry = min(next_expiry, expires_at)
                     continue
                 self._decline_on_timeout(incident, response, expires_at)
                 expired += 1
+        self._next_expiry = (scanned_with, next_expiry)
         return expired
 
     def _decline_on_timeout(self, incident: _Incident, response: dict[str, Any], expires_at: int) -> None:
