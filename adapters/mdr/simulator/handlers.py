@@ -113,12 +113,18 @@ async def api_incidents_history(
 
     # Paging runs per entity type (one search index each on the real
     # service), so a page holds up to page_size records of every type.
+    # One pass sorts the records into their types, the time range first,
+    # because it rules out most records after a backlog was read.
+    by_type: dict[str, list[HistoryRecord]] = {entity_type: [] for entity_type in HISTORY_ENTITY_TYPES}
+    for record in sim._history:
+        if not in_range(record.changed_at, minimum, maximum):
+            continue
+        of_type = by_type.get(record.entity_type)
+        if of_type is not None and wanted(record):
+            of_type.append(record)
     result: list[HistoryRecord] = []
-    for entity_type in HISTORY_ENTITY_TYPES:
-        of_type = sorted(
-            (r for r in sim._history if r.entity_type == entity_type and wanted(r)),
-            key=HistoryRecord.order,
-        )
+    for of_type in by_type.values():
+        of_type.sort(key=HistoryRecord.order)
         result.extend(of_type[(page - 1) * page_size : page * page_size])
     result.sort(key=HistoryRecord.order)
     return [record.to_wire() for record in result]
