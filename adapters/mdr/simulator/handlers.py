@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import json
 import logging
@@ -113,19 +114,24 @@ async def api_incidents_history(
 
     # Paging runs per entity type (one search index each on the real
     # service), so a page holds up to page_size records of every type.
-    # One pass sorts the records into their types, the time range first,
-    # because it rules out most records after a backlog was read.
-    by_type: dict[str, list[HistoryRecord]] = {entity_type: [] for entity_type in HISTORY_ENTITY_TYPES}
-    for record in sim._history:
-        if not in_range(record.changed_at, minimum, maximum):
-            continue
-        of_type = by_type.get(record.entity_type)
-        if of_type is not None and wanted(record):
-            of_type.append(record)
     result: list[HistoryRecord] = []
-    for of_type in by_type.values():
-        of_type.sort(key=HistoryRecord.order)
-        result.extend(of_type[(page - 1) * page_size : page * page_size])
+    for entity_type in HISTORY_ENTITY_TYPES:
+        orders, records = sim.history_of_type(entity_type)
+        start = 0 if minimum is None else bisect.bisect_left(orders, (minimum, -1))
+        skip = (page - 1) * page_size
+        on_page = 0
+        for record in records[start:]:
+            if maximum is not None and record.changed_at > maximum:
+                break
+            if not wanted(record):
+                continue
+            if skip:
+                skip -= 1
+                continue
+            result.append(record)
+            on_page += 1
+            if on_page == page_size:
+                break
     result.sort(key=HistoryRecord.order)
     return [record.to_wire() for record in result]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 import math
@@ -232,6 +233,11 @@ class MdrSimulator:
         self._tenants: dict[str, dict[str, str]] = {}
         self.blobs = BlobStore()
         self._history: list[HistoryRecord] = []
+        # The history in time order per entity type, caught up with
+        # `_history` on each read (see `history_of_type`).
+        self._history_orders: dict[str, list[tuple[int, int]]] = {}
+        self._history_by_type: dict[str, list[HistoryRecord]] = {}
+        self._history_indexed = 0
         self._next_incident_number = 1_336_650
         # The injected faults; `drop_reply_after_commit` and `drop_rules` are its older, narrower interface.
         self.faults = FaultPlan(seed or 0)
@@ -861,6 +867,20 @@ class MdrSimulator:
         self._changed(incident, author, "create", "incident_comment", comment)
         self._changed(incident, author, "update", "incident_details", incident.snapshot())
         return copy.deepcopy(comment)
+
+    def history_of_type(self, entity_type: str) -> tuple[list[tuple[int, int]], list[HistoryRecord]]:
+        """Return the history records of one entity type in time order, with their `order()` keys for bisecting.
+
+        Records appended to `_history` since the last call are sorted in first.
+        """
+        for record in self._history[self._history_indexed :]:
+            orders = self._history_orders.setdefault(record.entity_type, [])
+            records = self._history_by_type.setdefault(record.entity_type, [])
+            position = bisect.bisect(orders, record.order())
+            orders.insert(position, record.order())
+            records.insert(position, record)
+        self._history_indexed = len(self._history)
+        return self._history_orders.get(entity_type, []), self._history_by_type.get(entity_type, [])
 
     def _changed(
         self,
