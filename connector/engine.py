@@ -168,6 +168,9 @@ class ConnectionSync:
         # Incidents of the current page known to have no parked entry, so a
         # successful reconciliation of one has nothing to unpark.
         self._not_parked: set[str] = set()
+        # Incidents of the current page that had no link when the page was
+        # read, so their `ensure_ticket` need not read it again.
+        self._unlinked: set[str] = set()
 
     @property
     def own_account(self) -> TicketAccount | None:
@@ -483,12 +486,14 @@ class ConnectionSync:
         """Read for a page of incidents, in one request each, what their reconciliations run inside would read one by one.
 
         These are which of the `reconciled` incidents have no parked entry,
-        and the tickets of the `unlinked` ones (`_look_up_tickets`). Both are
-        dropped at the end of the block, so no later cycle acts on them.
+        and the tickets of the `unlinked` ones (`_look_up_tickets`), whose
+        missing links the caller read with the page. All are dropped at the
+        end of the block, so no later cycle acts on them.
         """
         if len(reconciled) > 1:
             parked = await self.store.parked_item_ids(self.name, INCIDENT, reconciled, not_before=None)
             self._not_parked.update(incident_id for incident_id in reconciled if incident_id not in parked)
+        self._unlinked.update(unlinked)
         try:
             await self._look_up_tickets(unlinked)
             yield
@@ -496,6 +501,7 @@ class ConnectionSync:
             for incident_id in reconciled:
                 self._not_parked.discard(incident_id)
             for incident_id in unlinked:
+                self._unlinked.discard(incident_id)
                 self._looked_up.pop(incident_id, None)
 
     async def _look_up_tickets(self, incident_ids: list[str]) -> None:
@@ -771,7 +777,11 @@ class ConnectionSync:
         Returns None while an earlier create with an unknown outcome cannot yet
         be looked up, because the ticket system's search may not see it.
         """
-        link = await self.store.get_link(self.name, incident.incident_id)
+        if incident.incident_id in self._unlinked:
+            self._unlinked.discard(incident.incident_id)
+            link = None
+        else:
+            link = await self.store.get_link(self.name, incident.incident_id)
         if link is not None and link.state == LINKED:
             return link
 

@@ -164,6 +164,25 @@ async def test_lone_incident_uses_single_lookup(harness: SyncHarness, monkeypatc
     assert calls.single == [incident_id]
 
 
+async def test_page_links_not_read_again(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The incidents a page found unlinked get their tickets without another read of their links."""
+    incidents = [harness.seed()["incident_id"] for _ in range(3)]
+    reads: list[str] = []
+    get_link = Store.get_link
+
+    async def counted(store: Store, connection: str, incident_id: str) -> Any:
+        reads.append(incident_id)
+        return await get_link(store, connection, incident_id)
+
+    monkeypatch.setattr(Store, "get_link", counted)
+
+    sync = await harness.cycles(1)
+
+    assert reads == []
+    assert all(len(harness.issues_for(incident_id)) == 1 for incident_id in incidents)
+    assert sync._unlinked == set()
+
+
 # Parked entries
 
 
