@@ -20,6 +20,7 @@ from mdr_connector.adapters.jira.adapter import (
     MAX_TEXT_LENGTH,
     TRUNCATION_NOTE,
     JiraTicketAdapter,
+    _parse_time,
     _truncated,
     jql_minute,
 )
@@ -1059,3 +1060,32 @@ async def test_get_ticket_by_key_or_id(start_jira: StartJira, make_adapter: Make
     assert await adapter.get_ticket(ref.id) == ref
     assert await adapter.get_ticket("999999") is None
     assert await adapter.get_ticket("../myself") is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-04T10:00:00.000+0300",
+        "2026-12-04T10:00:00.123-0530",
+        "2026-12-04T10:00:00+0000",
+        "2026-12-04T10:00:00.000Z",
+        "2026-12-04T10:00:00.000+03:00",
+        "2026-12-04T23:59:59.999-1200",
+    ],
+)
+def test_jira_time_read_as_strptime(text: str) -> None:
+    """Jira times read by the fast path equal what strptime reads, in UTC."""
+    pattern = "%Y-%m-%dT%H:%M:%S.%f%z" if "." in text else "%Y-%m-%dT%H:%M:%S%z"
+    expected = datetime.strptime(text, pattern).astimezone(timezone.utc)
+
+    assert _parse_time(text) == expected
+    assert _parse_time(text).tzinfo == timezone.utc
+
+
+@pytest.mark.parametrize(
+    "text", ["2026-02-30T10:00:00.000+0300", "2026-12-04T10:00:00.000+9900", "2026-12-04T10:00:00.000", "2026-12-04"]
+)
+def test_jira_time_invalid(text: str) -> None:
+    """An impossible date, an offset of a day or more, or a time without an offset is invalid."""
+    with pytest.raises(InvalidPayloadError, match="unreadable time"):
+        _parse_time(text)
