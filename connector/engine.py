@@ -520,10 +520,10 @@ class ConnectionSync:
             found = await self._read(lambda: self.tickets.find_incident_tickets(incident_ids))
         except ConnectionFatalError:
             raise
-        except ConnectorError as err:
+        except Exception as err:  # noqa: BLE001 - each incident's own lookup keeps a bad reply to that incident
             log.info(
                 "sync.ticket.lookup_batch_failed",
-                extra={"connection": self.name, "incidents": len(incident_ids), "error": str(err)},
+                extra={"connection": self.name, "incidents": len(incident_ids), "error": f"{type(err).__name__}: {err}"},
             )
             return
         self._looked_up.update({incident_id: found.get(incident_id) for incident_id in incident_ids})

@@ -93,3 +93,18 @@ async def make_adapter(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MakeAda
 async def cloud_adapter(jira_cloud: RunningJira, make_adapter: MakeAdapter) -> JiraTicketAdapter:
     """An opened adapter on the Cloud simulator."""
     return await make_adapter(jira_cloud)
+
+
+async def paged_issues(
+    start_jira: StartJira, make_adapter: MakeAdapter, deployment: str, draft: Callable[[str], Any], step: float = 1
+) -> tuple[RunningJira, JiraTicketAdapter, Any, list[Any]]:
+    """Five issues made from `draft`, `step` seconds apart, on a Jira that pages searches by two; also the time before them."""
+    running = await start_jira(deployment=deployment)
+    running.sim.settings.search_page_cap = 2
+    adapter = await make_adapter(running)
+    since = running.sim.now()
+    refs = []
+    for number in range(5):
+        refs.append(await adapter.create_ticket(draft(f"paged-{number}")))
+        running.sim.advance(step)
+    return running, adapter, since, refs

@@ -93,6 +93,17 @@ async def test_batch_on_datacenter(jira_dc: RunningJira, make_adapter: Any) -> N
     assert jira_dc.sim.calls["GET /rest/api/2/search"] == 1
 
 
+async def test_batch_needs_own_label(jira_cloud: RunningJira, cloud_adapter: JiraTicketAdapter) -> None:
+    """An issue whose property names one incident but whose label is another's is found for neither, as by find_ticket."""
+    create_marked_issue(jira_cloud.sim, "named-1", label_id="labelled-2")
+
+    found = await cloud_adapter.find_incident_tickets(["named-1", "labelled-2"])
+
+    assert found == {}
+    assert await cloud_adapter.find_ticket("named-1") is None
+    assert await cloud_adapter.find_ticket("labelled-2") is None
+
+
 # The engine
 
 
@@ -137,6 +148,24 @@ async def test_failed_batch_falls_back(harness: SyncHarness, monkeypatch: pytest
     assert harness.issue_for(incidents[0]).key == adopted.key
     assert sync.stats.tickets_created == 2
     assert [record.incidents for record in caplog.records if record.message == "sync.ticket.lookup_batch_failed"] == [3]
+
+
+async def test_batch_bug_falls_back(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch that fails with an unexpected error, such as a reply missing a key, also falls back to single lookups."""
+    incidents = [harness.seed()["incident_id"] for _ in range(2)]
+    calls = Calls(monkeypatch)
+
+    async def broken(adapter: JiraTicketAdapter, incident_ids: Any) -> Any:
+        raise KeyError("key")
+
+    monkeypatch.setattr(JiraTicketAdapter, "find_incident_tickets", broken)
+    caplog.set_level(logging.INFO)
+
+    sync = await harness.cycles(1)
+
+    assert sorted(calls.single) == sorted(incidents)
+    assert sync.stats.tickets_created == 2
+    assert [record.error for record in caplog.records if record.message == "sync.ticket.lookup_batch_failed"] == ["KeyError: 'key'"]
 
 
 async def test_pending_create_looked_up_alone(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:

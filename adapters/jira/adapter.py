@@ -322,11 +322,13 @@ class JiraTicketAdapter:
                 f"AND labels in ({labels}) ORDER BY created ASC"
             )
             issues = await self._call(
-                "find_incident_tickets", self._search_with_properties, query, ["created"], self._reconcile_ids()
+                "find_incident_tickets", self._search_with_properties, query, ["created", "labels"], self._reconcile_ids()
             )
             for issue in issues:
                 incident_id = _incident_id_of(issue)
-                if incident_id in requested:
+                # A batch whose labels match an issue only without regard to
+                # case returns it too, so it is taken from its own label's batch.
+                if incident_id in requested and incident_id in batch and _has_label(issue, correlation_label(incident_id)):
                     found.setdefault(incident_id, []).append(issue)
 
         for incident_id, matches in found.items():
@@ -404,9 +406,13 @@ class JiraTicketAdapter:
         )
         self.time_zone = _zone_or_none(zone_name) or self.time_zone
 
-        changes = [self._change_of(issue) for issue in issues]
-        changes = [change for change in changes if change.updated >= since]
-        return sorted(changes, key=lambda change: (change.updated, _numeric(change.ref.id)))
+        # Two passes of the search, or a moved issue, can name a ticket twice; its newest state counts.
+        newest: dict[str, TicketChange] = {}
+        for change in (self._change_of(issue) for issue in issues):
+            known = newest.get(change.ref.id)
+            if change.updated >= since and (known is None or change.updated > known.updated):
+                newest[change.ref.id] = change
+        return sorted(newest.values(), key=lambda change: (change.updated, _numeric(change.ref.id)))
 
     # Comments
 
@@ -869,12 +875,24 @@ class JiraTicketAdapter:
         # the tickets it has links for.
         query = f'{projects} AND updated >= "{literal}" ORDER BY updated ASC'
 
+        # Cloud's page tokens cannot be checked for a shift (see
+        # `_shifted_while_paged`), so there a result of several pages is read
+        # twice and both passes are returned. An issue pushed off a page in
+        # one pass is in the other, unless issues dropped out at that place in both.
+        passes_needed = 2 if self.deployment == "cloud" else 1
+        clean: list[dict[str, Any]] = []
         for attempt in range(1, STABLE_SEARCH_ATTEMPTS + 1):
-            result = self._search(client, query, ["updated"], [], reconcile)
-            if not _moved_while_paged(result):
+            result = self._search(client, query, ["updated"], [], reconcile, overlap=True)
+            if result.pages <= 1 and not clean:
                 return result.issues, zone_name
+            if not _shifted_while_paged(result):
+                clean.extend(result.issues)
+                passes_needed -= 1
+                if passes_needed == 0:
+                    return clean, zone_name
+                continue
             log.info("jira.search.reordered", extra={"project": self.project, "attempt": attempt, "pages": result.pages})
-            # A move means someone edits issues right now, so the next pass waits for the burst to pass.
+            # A shift means someone edits issues right now, so the next pass waits for the burst to pass.
             time.sleep(REORDER_PAUSE_SECONDS)
         raise RemoteUnavailableError(
             f"Jira issues of project {self.project} kept changing while the change search was paged "
@@ -948,10 +966,13 @@ class JiraTicketAdapter:
         fields: list[str],
         properties: list[str],
         reconcile: list[int],
+        *,
+        overlap: bool = False,
     ) -> SearchResult:
+        """Page through a search; with `overlap`, Data Center pages start one issue early so a shift shows."""
         if self.deployment == "cloud":
             return _search_cloud(client, query, fields, properties, reconcile)
-        return _search_datacenter(client, query, fields, properties)
+        return _search_datacenter(client, query, fields, properties, overlap=overlap)
 
     # Records
 
@@ -1133,10 +1154,11 @@ def _issue_property(client: JIRA, issue_id: str) -> Any:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The issues of a paged search, with its page count."""
+    """The issues of a paged search, with its page count and whether overlapping pages showed a shift."""
 
     issues: list[dict[str, Any]]
     pages: int
+    shifted: bool = False
 
 
 def _search_cloud(
@@ -1177,9 +1199,14 @@ def _page_issues(page: Any, path: str) -> list[dict[str, Any]]:
 
 
 def _search_datacenter(
-    client: JIRA, query: str, fields: list[str], properties: list[str]
+    client: JIRA, query: str, fields: list[str], properties: list[str], *, overlap: bool = False
 ) -> SearchResult:
-    """Page through the classic `search` with startAt until `total` is reached."""
+    """Page through the classic `search` with startAt until `total` is reached.
+
+    With `overlap` each page after the first starts at the last issue read.
+    A different first issue means that the order shifted since the last
+    page: the search stops there and reports the shift.
+    """
     issues: list[dict[str, Any]] = []
     params: dict[str, Any] = {"jql": query, "maxResults": PAGE_SIZE, "fields": ",".join(fields)}
     if properties:
@@ -1187,31 +1214,39 @@ def _search_datacenter(
 
     pages = 0
     while True:
-        params["startAt"] = len(issues)
+        repeated = 1 if overlap and issues else 0
+        params["startAt"] = len(issues) - repeated
         page = _request(client, "GET", "search", params=params)
         pages += 1
         batch = _page_issues(page, "search")
+        if repeated:
+            if not batch or str(batch[0].get("id")) != str(issues[-1].get("id")):
+                return SearchResult(issues, pages, shifted=True)
+            batch = batch[1:]
         issues.extend(batch)
         if not batch or _reached_total(len(issues), page):
             return SearchResult(issues, pages)
 
 
-def _moved_while_paged(result: SearchResult) -> bool:
-    """Tell whether an issue moved while a search ordered by `updated` was being paged.
+def _shifted_while_paged(result: SearchResult) -> bool:
+    """Tell whether the order of a search by `updated` shifted while it was being paged, so an issue may be missing.
 
-    An issue changed after its page was read moves to the end of the order,
-    so every later issue moves one place back and the first issue of the
-    next page is never returned. The moved issue itself is then returned
-    twice: on its old page, and again on the last page. An issue changed
-    before its page was read moves without pushing any unread issue off a
-    page, and is returned once. A one-page search is a single reply and
-    cannot be affected.
+    An issue that changes after its page was read moves to the end of the
+    order, and one that is deleted or leaves the searched projects drops
+    out. Either way every later issue moves one place back, and the first
+    issue of the next page is never returned. Data Center pages overlap by
+    one issue, which shows the shift (`SearchResult.shifted`). On Cloud a
+    moved issue shows by coming back on the last page a second time. An
+    issue that drops out leaves no trace there, which is why a Cloud result
+    of several pages is read twice.
     NOTE: this reads Cloud's nextPageToken as an offset, as the simulator
-    does. A token that holds the last sort key skips no issue, and then a
-    moved issue costs only one more pass.
+    does. A token that contains the last sort key skips no issue, and then
+    the second pass costs only requests.
     """
     if result.pages <= 1:
         return False
+    if result.shifted:
+        return True
     ids = [str(issue.get("id")) for issue in result.issues]
     return len(ids) != len(set(ids))
 
@@ -1332,7 +1367,7 @@ def _zone_or_none(name: Any) -> ZoneInfo | None:
         return None
 
 
-_JIRA_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?[+-]\d{4}")
+_JIRA_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{3})?[+-](?:[01]\d|2[0-3])[0-5]\d")
 
 
 def _parse_time(text: str) -> datetime:
@@ -1377,6 +1412,14 @@ def _labels(labels: Iterable[str]) -> list[str]:
 def _cut_utf16(text: str, limit: int) -> str:
     """Cut text to `limit` UTF-16 code units, the unit Jira counts, without splitting a character."""
     return text.encode("utf-16-le")[: limit * 2].decode("utf-16-le", errors="ignore")
+
+
+def _has_label(issue: dict[str, Any], label: str) -> bool:
+    """Tell whether a search result issue carries `label`, compared without regard to case as JQL compares it."""
+    labels = (issue.get("fields") or {}).get("labels")
+    if not isinstance(labels, list):
+        return True
+    return label.casefold() in (str(item).casefold() for item in labels)
 
 
 def _incident_id_of(issue: dict[str, Any]) -> str | None:
