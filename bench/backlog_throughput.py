@@ -2,9 +2,16 @@
 
     .venv/bin/python bench/backlog_throughput.py [--incidents 2000] [--comments 3] [--baseline-incidents 500]
         [--mdr-concurrency 4] [--ticket-concurrency 4] [--in-flight 16] [--latency-ms 20] [--skip-baseline]
+        [--backlog-hours 24]
 
 Each run starts fresh MDR and Jira simulators in child processes and seeds
 MDR with the incidents, each with `--comments` SOC comments of unique text.
+The incidents were created one after another over `--backlog-hours`,
+ending an hour before the run, and each comment 10 minutes after the one
+before, as in a backlog that grew before the connector started. With
+`--backlog-hours 0` every record is from the moment of the run. Then all
+of them lie inside the connector's `mdr_overlap_seconds`, and each cycle
+reads the whole history again to catch records that arrive late.
 
 - Connector: the engine, built as the service builds it, runs cycles back
   to back from an empty ledger until every incident has its issue and
@@ -50,6 +57,8 @@ import common
 
 TARGET_RATIO = 3.0
 PAGE_SIZE = 100
+# The time between an incident's creation and each of its comments in a spread backlog.
+COMMENT_STEP_MS = 10 * 60 * 1000
 
 
 @dataclass
@@ -98,7 +107,7 @@ def check_issues(issues: list[dict[str, Any]], backlog: list[dict[str, Any]], co
 
 async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
     with (work / "simulators.log").open("w", encoding="utf-8") as log_file, common.simulators(args.latency, log_file) as sims:
-        backlog = await sims.mdr.acall("seed", count=args.incidents, comments=args.comments)
+        backlog = await seed_backlog(sims, args, args.incidents)
         settings = common.connection_settings(
             work,
             sims,
@@ -155,6 +164,17 @@ async def run_connector(args: argparse.Namespace, work: Path) -> RunResult:
     )
 
 
+async def seed_backlog(sims: Any, args: argparse.Namespace, count: int) -> list[dict[str, Any]]:
+    """Seed the backlog: spread over the `--backlog-hours` before the last hour, or all now when that is 0."""
+    if args.backlog_hours <= 0:
+        return await sims.mdr.acall("seed", count=count, comments=args.comments)
+    span_ms = int(args.backlog_hours * 3600 * 1000)
+    start_ms = common.epoch_ms(datetime.now(timezone.utc)) - span_ms - COMMENT_STEP_MS * (args.comments + 1) - 3600 * 1000
+    return await sims.mdr.acall(
+        "seed", count=count, comments=args.comments, start_ms=start_ms, step_ms=span_ms // count, comment_step_ms=COMMENT_STEP_MS
+    )
+
+
 class TransactionCounter:
     """A count of the transactions begun on a store's database from the counter's creation on, reads included."""
 
@@ -173,7 +193,7 @@ class TransactionCounter:
 
 async def run_baseline(args: argparse.Namespace, work: Path) -> RunResult:
     with (work / "simulators.log").open("w", encoding="utf-8") as log_file, common.simulators(args.latency, log_file) as sims:
-        backlog = await sims.mdr.acall("seed", count=args.baseline_incidents, comments=args.comments)
+        backlog = await seed_backlog(sims, args, args.baseline_incidents)
         settings = common.connection_settings(work, sims)
         await common.activate_token(settings, sims.mdr.details["console_token"])
 
@@ -313,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, default=16,
                         help="the connection's sync.max_incidents_in_flight (default: 16)")
     parser.add_argument("--skip-baseline", action="store_true", help="run the connector only")
+    parser.add_argument(
+        "--backlog-hours",
+        type=float,
+        default=24,
+        help="hours over which the incidents were created, ending an hour before the run; 0 creates all of them now (default: 24)",
+    )
     common.add_latency_option(parser)
     args = parser.parse_args(argv)
     if min(args.incidents, args.baseline_incidents, args.in_flight) < 1 or args.comments < 0:
@@ -324,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         "Backlog throughput: first sync of a backlog, connector against a sequential baseline",
         f"{args.incidents} incidents (baseline {args.baseline_incidents}) with {args.comments} comments each, "
         f"mdr.max_concurrency {args.mdr_concurrency}, ticket.max_concurrency {args.ticket_concurrency}, "
-        f"sync.max_incidents_in_flight {args.in_flight}, latency {args.latency_ms:g} ms",
+        f"sync.max_incidents_in_flight {args.in_flight}, latency {args.latency_ms:g} ms, "
+        f"backlog over {args.backlog_hours:g} hours",
     )
     try:
         return common.run(run(args))

@@ -59,11 +59,14 @@ class MdrCommands:
     def details(self) -> dict[str, Any]:
         return {"console_token": self.sim.issue_console_token(CLIENT_ID)}
 
-    def seed(self, count: int, comments: int = 0, start_ms: int | None = None, step_ms: int = 0) -> list[dict[str, Any]]:
+    def seed(
+        self, count: int, comments: int = 0, start_ms: int | None = None, step_ms: int = 0, comment_step_ms: int = 0
+    ) -> list[dict[str, Any]]:
         """Seed `count` incidents with `comments` SOC comments each, every text unique.
 
-        With `start_ms`, incident i is created and last changed at
-        `start_ms + i * step_ms`, so its history records lie in the past.
+        With `start_ms`, incident i is created at `start_ms + i * step_ms`,
+        and its comment k at `comment_step_ms * k` after that, so their
+        history records lie in the past.
         """
         seeded = []
         for index in range(count):
@@ -78,7 +81,8 @@ class MdrCommands:
                     f"<p>Note {number} on incident {incident['incident_number']}: check <b>{incident_id}</b> "
                     f"for scheduled tasks and autorun entries.</p>"
                 )
-                self.sim.add_soc_comment(CLIENT_ID, incident_id, text, author="SOC Analyst")
+                at_ms = None if start_ms is None else start_ms + index * step_ms + number * comment_step_ms
+                self.sim.add_soc_comment(CLIENT_ID, incident_id, text, author="SOC Analyst", at_ms=at_ms)
             current = self.sim.incident(CLIENT_ID, incident_id)
             seeded.append(
                 {

@@ -510,3 +510,19 @@ def test_response_expiry_after_skipped_scans(mdr_sim: MdrSimulator) -> None:
 
     statuses = {response["response_id"]: response["status"] for response in mdr_sim.responses(MDR_CLIENT_ID, incident_id)}
     assert statuses == {first["response_id"]: "Declined", old["response_id"]: "Declined"}
+
+
+async def test_backdated_comment_history(mdr_sim: MdrSimulator) -> None:
+    """A comment added with `at_ms` carries that time in its record, its history records and the incident's update_time."""
+    incident = mdr_sim.seed_incident(MDR_CLIENT_ID, creation_time=1_700_000_000_000, update_time=1_700_000_000_000)
+    incident_id = incident["incident_id"]
+
+    comment = mdr_sim.add_soc_comment(MDR_CLIENT_ID, incident_id, "<p>old note</p>", at_ms=1_700_000_600_000)
+
+    records = [record for record in mdr_sim._history if record.incident_id == incident_id]
+    assert comment["creation_time"] == 1_700_000_600_000
+    assert [(record.entity_type, record.changed_at) for record in records[1:]] == [
+        ("incident_comment", 1_700_000_600_000),
+        ("incident_details", 1_700_000_600_000),
+    ]
+    assert mdr_sim.incident(MDR_CLIENT_ID, incident_id)["update_time"] == 1_700_000_600_000

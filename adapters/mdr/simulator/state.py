@@ -462,11 +462,15 @@ class MdrSimulator:
         return copy.deepcopy(incident.snapshot())
 
     def add_soc_comment(
-        self, client_id: str, incident_id: str, text: str, *, author: str = "Kaspersky MDR SOC"
+        self, client_id: str, incident_id: str, text: str, *, author: str = "Kaspersky MDR SOC", at_ms: int | None = None
     ) -> dict[str, Any]:
-        """Add an analyst comment (HTML text, origin `Service`) and move the incident's `update_time`."""
+        """Add an analyst comment (HTML text, origin `Service`) and move the incident's `update_time`.
+
+        `at_ms` dates the comment and its history records in the past, as
+        for a backlog that grew before the connector started; default now.
+        """
         incident = self._incident(client_id, incident_id)
-        return self._add_comment(incident, text, author=author, origin="Service")
+        return self._add_comment(incident, text, author=author, origin="Service", at_ms=at_ms)
 
     def add_response(self, client_id: str, incident_id: str, **fields: Any) -> dict[str, Any]:
         """Propose a remediation response on an incident, in the initial status unless given."""
@@ -850,8 +854,10 @@ class MdrSimulator:
             raise KeyError(f"no incident {incident_id!r} for client {client_id!r}")
         return incident
 
-    def _add_comment(self, incident: _Incident, text: str, *, author: str, origin: str) -> dict[str, Any]:
-        now = self.now_ms()
+    def _add_comment(
+        self, incident: _Incident, text: str, *, author: str, origin: str, at_ms: int | None = None
+    ) -> dict[str, Any]:
+        now = self.now_ms() if at_ms is None else at_ms
         comment = {
             "comment_id": self._es_id(),
             "author_name": author,
@@ -864,8 +870,8 @@ class MdrSimulator:
         incident.record["update_time"] = now
         # A new comment shows in history as two records: the comment and an
         # incident update whose only change is update_time.
-        self._changed(incident, author, "create", "incident_comment", comment)
-        self._changed(incident, author, "update", "incident_details", incident.snapshot())
+        self._changed(incident, author, "create", "incident_comment", comment, changed_at=at_ms)
+        self._changed(incident, author, "update", "incident_details", incident.snapshot(), changed_at=at_ms)
         return copy.deepcopy(comment)
 
     def history_of_type(self, entity_type: str) -> tuple[list[tuple[int, int]], list[HistoryRecord]]:
