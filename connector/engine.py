@@ -171,6 +171,9 @@ class ConnectionSync:
         # Incidents of the current page that had no link when the page was
         # read, so their `ensure_ticket` need not read it again.
         self._unlinked: set[str] = set()
+        # Whether the last MDR change read stopped at its page budget with
+        # changes left, so the runner starts the next cycle without waiting.
+        self.backlog_remaining = False
 
     @property
     def own_account(self) -> TicketAccount | None:
@@ -238,6 +241,7 @@ class ConnectionSync:
         Page numbers are used only inside one millisecond that contains more
         than a page of incidents, with `max_update_time` pinning the window to it.
         """
+        self.backlog_remaining = False
         if self.settings.sync.change_source == "history" and await self.sync_mdr_history():
             return
 
@@ -290,6 +294,7 @@ class ConnectionSync:
             else:
                 window_start, page_number = newest, 1
 
+        self.backlog_remaining = True
         log.info(
             "sync.mdr.backlog_remaining",
             extra={"connection": self.name, "cursor": cursor, "pages": sync.max_pages_per_cycle},
@@ -359,6 +364,7 @@ class ConnectionSync:
         if window.covered_until is not None and window.covered_until > cursor:
             await self.store.set_cursor(self.name, HISTORY_CURSOR, str(window.covered_until))
         if not window.complete:
+            self.backlog_remaining = True
             log.info(
                 "sync.mdr.backlog_remaining",
                 extra={"connection": self.name, "cursor": window.covered_until, "pages": window.pages},

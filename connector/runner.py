@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # How long a cycle in progress may run on after SIGTERM before it is cancelled.
 # Cancelling mid-write is safe: every write has a recorded intent.
 SHUTDOWN_GRACE_SECONDS = 20.0
+# The pause between cycles while an MDR backlog remains.
+BACKLOG_PAUSE_SECONDS = 1.0
 
 ConnectionFactory = Callable[[Settings, ConnectionSettings, Store], AbstractAsyncContextManager[ConnectionSync]]
 
@@ -282,6 +284,10 @@ async def run_cycle_until_stopped(
     if observer is not None:
         observer.cycle_succeeded(sync.name, interval, sync.stats)
         await report_state(sync, observer)
+    if getattr(sync, "backlog_remaining", False):
+        # A first sync or a burst left MDR changes unread: the next cycle
+        # starts almost at once, and the pause keeps a bug from spinning.
+        return min(interval, BACKLOG_PAUSE_SECONDS)
     return interval
 
 

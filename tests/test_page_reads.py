@@ -336,3 +336,24 @@ async def test_failed_post_keeps_earlier_copies(harness: SyncHarness, monkeypatc
     assert items[posts[0]].state == DONE
     assert items[posts[0]].target_id == str(copy.id)
     assert [items[source_id].state for source_id in posts[1:]] == ["pending"]
+
+
+# The runner's pause
+
+
+@pytest.mark.parametrize("source", ["history", "list"])
+async def test_backlog_remaining_flag(harness: SyncHarness, source: str) -> None:
+    """A cycle that stops at its page budget with changes left says so, and the cycle that drains them clears it."""
+    harness.use_sync(page_size=3, max_pages_per_cycle=2, change_source=source)
+    for _ in range(12):
+        harness.seed()
+        harness.advance(0.01)
+    sync = await harness.engine()
+
+    await sync.run_cycle()
+    first = sync.backlog_remaining
+    for _cycle in range(8):
+        await sync.run_cycle()
+
+    assert first is True
+    assert sync.backlog_remaining is False

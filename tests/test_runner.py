@@ -12,7 +12,13 @@ import pytest
 
 from mdr_connector.connector.config import Settings
 from mdr_connector.connector.errors import RemoteUnavailableError, TokenExpiredError
-from mdr_connector.connector.runner import run_forever, sync_once
+from mdr_connector.connector.runner import (
+    BACKLOG_PAUSE_SECONDS,
+    FailureStreak,
+    run_cycle_until_stopped,
+    run_forever,
+    sync_once,
+)
 from mdr_connector.connector.locks import ConnectionLock
 from mdr_connector.connector.sync_common import SyncStats
 
@@ -154,3 +160,16 @@ def test_failure_outranks_busy() -> None:
     assert sync_exit_code([failed, busy]) == 1
     assert sync_exit_code([busy, fine]) == 75
     assert sync_exit_code([fine]) == 0
+
+
+@pytest.mark.parametrize(("backlog", "expected"), [(True, BACKLOG_PAUSE_SECONDS), (False, 60.0)])
+async def test_backlog_shortens_pause(tmp_path: Path, backlog: bool, expected: float) -> None:
+    """After a cycle that left MDR changes unread the next one follows after a short pause, else after the interval."""
+    connection = settings_for(tmp_path, "main").connections[0]
+    settings = connection.model_copy(update={"sync": connection.sync.model_copy(update={"interval_seconds": 60.0})})
+    sync = FakeSync(settings, [None, None], asyncio.Event())
+    sync.backlog_remaining = backlog
+
+    delay = await run_cycle_until_stopped(sync, asyncio.Event(), FailureStreak("main"))
+
+    assert delay == expected
