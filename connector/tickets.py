@@ -290,3 +290,18 @@ class TicketAdapter(Protocol):
 
     async def get_ticket(self, key: str) -> TicketRef | None:
         """Return the ticket with this key (SEC-12) or this id (10012), or None when there is none."""
+
+
+async def find_each_ticket(adapter: TicketAdapter, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+    """Look up each incident's ticket with `find_ticket`, one request after another.
+
+    This is `find_incident_tickets` for adapters without a search that
+    covers many incidents; their `capabilities.batch_lookup` stays off, so
+    the engine does not call it and keeps its concurrent single lookups.
+    """
+    found: dict[str, TicketRef] = {}
+    for incident_id in incident_ids:
+        ref = await adapter.find_ticket(incident_id)
+        if ref is not None:
+            found[incident_id] = ref
+    return found

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from mdr_connector.connector.tickets import (
     TicketQuery,
     TicketRef,
     TicketState,
+    find_each_ticket,
 )
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,9 @@ class RedmineTicketAdapter:
                 extra={"incident_id": incident_id, "ticket_keys": [str(issue["id"]) for issue in matches]},
             )
         return self._ref(matches[0])
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        return await find_each_ticket(self, incident_ids)
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         """Create an issue with the correlation field set in the same request.

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from mdr_connector.connector.tickets import (
     TicketQuery,
     TicketRef,
     TicketState,
+    find_each_ticket,
 )
 
 log = logging.getLogger(__name__)
@@ -274,6 +275,9 @@ class ServiceNowTicketAdapter:
                 extra={"incident_id": incident_id, "ticket_keys": [str(row.get("number")) for row in matches]},
             )
         return self._ref(matches[0])
+
+    async def find_incident_tickets(self, incident_ids: Sequence[str]) -> dict[str, TicketRef]:
+        return await find_each_ticket(self, incident_ids)
 
     async def create_ticket(self, draft: TicketDraft) -> TicketRef:
         """Create a record carrying the correlation id. A lost reply is OutcomeUnknownError, to be followed by `find_ticket`."""

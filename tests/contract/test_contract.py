@@ -132,6 +132,21 @@ async def test_created_ticket_found_by_incident(backend: ContractBackend) -> Non
     assert same_ticket(await fresh.find_ticket(incident_id), ref)
 
 
+async def test_tickets_found_together(backend: ContractBackend) -> None:
+    """The tickets of several incidents are found in one call, as find_ticket finds each, and a missing one is left out."""
+    adapter = await backend.open()
+    found_ids = [new_incident_id(), new_incident_id()]
+    missing_id = new_incident_id()
+    refs = [await adapter.create_ticket(ticket_draft(backend, incident_id)) for incident_id in found_ids]
+    await backend.make_searchable()
+
+    found = await adapter.find_incident_tickets([found_ids[0], missing_id, found_ids[1]])
+
+    assert sorted(found) == sorted(found_ids)
+    for incident_id, ref in zip(found_ids, refs, strict=True):
+        assert same_ticket(found[incident_id], ref)
+
+
 async def test_unknown_incident_not_found(backend: ContractBackend) -> None:
     """An incident id no ticket carries finds nothing, even with other tickets present."""
     adapter = await backend.open()
