@@ -296,7 +296,7 @@ async def find_each_ticket(adapter: TicketAdapter, incident_ids: Sequence[str]) 
     """Look up each incident's ticket with `find_ticket`, one request after another.
 
     This is `find_incident_tickets` for adapters without a search that
-    covers many incidents; their `capabilities.batch_lookup` stays off, so
+    covers many incidents. Their `capabilities.batch_lookup` stays off, so
     the engine does not call it and keeps its concurrent single lookups.
     """
     found: dict[str, TicketRef] = {}
