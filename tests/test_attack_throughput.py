@@ -244,7 +244,7 @@ def history_by_full_sort(
 ) -> list[dict[str, Any]]:
     """The incidents/history page as the simulator computed it before it kept a sorted index per entity type."""
 
-    def wanted(record: HistoryRecord) -> bool:
+    def selected(record: HistoryRecord) -> bool:
         incident = sim._incidents.get(record.incident_id)
         return (
             record.client_id == connection.client_id
@@ -257,7 +257,7 @@ def history_by_full_sort(
 
     result: list[HistoryRecord] = []
     for entity_type in HISTORY_ENTITY_TYPES:
-        of_type = sorted((r for r in sim._history if r.entity_type == entity_type and wanted(r)), key=HistoryRecord.order)
+        of_type = sorted((r for r in sim._history if r.entity_type == entity_type and selected(r)), key=HistoryRecord.order)
         result.extend(of_type[(page - 1) * page_size : page * page_size])
     result.sort(key=HistoryRecord.order)
     return [record.to_wire() for record in result]
@@ -354,18 +354,18 @@ def test_comment_index_after_deletes(jira_cloud: RunningJira) -> None:
     sim = jira_cloud.sim
     first = sim.create_issue({**BASE, "labels": []})
     second = sim.create_issue({**BASE, "labels": []})
-    kept = sim.add_comment(first.key, "kept")
+    remaining = sim.add_comment(first.key, "remaining")
     deleted = sim.add_comment(first.key, "deleted")
     orphan = sim.add_comment(second.key, "on a removed issue")
 
     sim.delete_comment(deleted.id)
     sim.issues.pop(second.id)
 
-    assert sim.comment(kept.id) == (first, kept)
-    assert sim.comment(str(kept.id)) == (first, kept)
-    for gone in (deleted.id, orphan.id, f"0{kept.id}"):
+    assert sim.comment(remaining.id) == (first, remaining)
+    assert sim.comment(str(remaining.id)) == (first, remaining)
+    for missing in (deleted.id, orphan.id, f"0{remaining.id}"):
         with pytest.raises(SimError):
-            sim.comment(gone)
+            sim.comment(missing)
 
 
 

@@ -343,7 +343,7 @@ async def test_failed_post_keeps_earlier_copies(harness: SyncHarness, monkeypatc
 
 @pytest.mark.parametrize("source", ["history", "list"])
 async def test_backlog_remaining_flag(harness: SyncHarness, source: str) -> None:
-    """A cycle that stops at its page budget with changes left says so, and the cycle that drains them clears it."""
+    """A cycle that stops at its page budget with changes left sets backlog_remaining, and the cycle that drains them clears it."""
     harness.use_sync(page_size=3, max_pages_per_cycle=2, change_source=source)
     for _ in range(12):
         harness.seed()
