@@ -357,7 +357,7 @@ class CommentSync:
             for comment, drafts in drafted:
                 try:
                     await self._copy_to_ticket(
-                        incident, ref, view, comment, drafts, intent_recorded=comment.comment_id in recorded, finished=finished
+                        incident, ref, view, comment, drafts, finished=finished if comment.comment_id in recorded else None
                     )
                 except ItemError as err:
                     failed.append(f"comment {comment.comment_id}: {err}")
@@ -374,14 +374,13 @@ class CommentSync:
         comment: Comment,
         drafts: list[CommentDraft] | None,
         *,
-        intent_recorded: bool,
-        finished: dict[str, str],
+        finished: dict[str, str] | None,
     ) -> None:
         """Post the copy of an MDR comment from its `drafts`, or its missing parts, unless a lost reply already landed it.
 
         `drafts` is None only for a copy that landed already on a system without a comment length limit.
-        A copy whose intent was recorded with others goes into `finished`
-        (source id to copy id) for the caller to record as done.
+        `finished` is given when the caller recorded the copy's intent with
+        others: the copy id goes there (by source id) for the caller to record as done.
         """
         landed = view.on_ticket.get((MDR_ORIGIN, comment.comment_id))
         if drafts is None:
@@ -395,13 +394,13 @@ class CommentSync:
         if landed is not None:
             await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, landed.id)
             return
-        if not intent_recorded:
+        if finished is None:
             await self.store.start_item(self.name, incident.incident_id, COMMENT, MDR_TO_TICKET, comment.comment_id)
         posted = await self.tickets.add_comment(ref, drafts[0])
-        if intent_recorded:
-            finished[comment.comment_id] = posted.id
-        else:
+        if finished is None:
             await self._finish_copy(incident, MDR_TO_TICKET, comment.comment_id, posted.id)
+        else:
+            finished[comment.comment_id] = posted.id
         self.stats.comments_to_ticket += 1
         self._log_mirrored(MDR_TO_TICKET, incident, ref, comment.comment_id, posted.id)
 

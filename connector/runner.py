@@ -284,7 +284,7 @@ async def run_cycle_until_stopped(
     if observer is not None:
         observer.cycle_succeeded(sync.name, interval, sync.stats)
         await report_state(sync, observer)
-    if getattr(sync, "backlog_remaining", False):
+    if sync.backlog_remaining:
         # A first sync or a burst left MDR changes unread: the next cycle
         # starts almost at once, and the pause keeps a bug from spinning.
         return min(interval, BACKLOG_PAUSE_SECONDS)

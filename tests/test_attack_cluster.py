@@ -69,6 +69,7 @@ class CountingSync:
         self.settings = connection
         self.name = connection.name
         self.stats = SyncStats()
+        self.backlog_remaining = False
         self.store = store
         self.mdr = None
         self.cycles = cycles

@@ -45,6 +45,7 @@ class FakeSync:
         self.settings = settings
         self.name = settings.name
         self.stats = SyncStats()
+        self.backlog_remaining = False
         self.outcomes = outcomes
         self.stop = stop
 
