@@ -137,7 +137,7 @@ async def test_engine_lookup_not_reused_next_cycle(harness: SyncHarness) -> None
         assert any("later note" in comment.body for comment in harness.issue_for(incident_id).comments)
 
 
-# Paged change search: _moved_while_paged
+# Paged change search: _shifted_while_paged
 
 
 def act_after_first_page(monkeypatch: pytest.MonkeyPatch, action: Any) -> list[str]:
@@ -184,7 +184,7 @@ async def test_change_search_issue_deleted(
 ) -> None:
     """An issue deleted after its page was read costs no other changed issue its place in the result."""
     running, adapter, since, refs = await paged_issues(start_jira, make_adapter, deployment, ticket_draft)
-    # The issues were written 30 s before the search, so no recent write explains a second pass.
+    # The issues were written 30 s before the search, so only the deletion can cause a second pass.
     running.sim.advance(30)
     act_after_first_page(monkeypatch, lambda: running.sim.issues.pop(int(refs[0].id)))
 
