@@ -206,6 +206,12 @@ async def _renew(cluster: Cluster) -> None:
 def _stop_lost(tasks: LeaseTasks) -> None:
     for task, fence in tasks.values():
         if fence.remaining() <= 0:
+            if not fence.lost:
+                # After a stall this check can run before any renewal, which would log the loss otherwise.
+                log.warning(
+                    "cluster.lease.lost",
+                    extra={"connection": fence.connection, "instance": fence.holder, "epoch": fence.epoch},
+                )
             fence.lost = True
             task.cancel()
 

@@ -279,6 +279,10 @@ async def run_cycle_until_stopped(
         # Cancelled from outside (its lease lost in cluster mode): the cycle stops too.
         if not cycle.done():
             cycle.cancel()
+        elif not cycle.cancelled():
+            # A cycle that failed just as this wait was cancelled counts as seen,
+            # so asyncio logs no "Task exception was never retrieved" for it.
+            cycle.exception()
 
     streak.succeeded()
     if observer is not None:
