@@ -1147,7 +1147,8 @@ async def stall_steps(report: RunReport, sims: Simulators, people: People, clust
         report.problems["shares"].append(f"the leases never spread over the instances; last shares {dict(watch.samples[-1].shares())}")
         return
 
-    feeding = asyncio.create_task(feed(people, settings))
+    stop_feeding = asyncio.Event()
+    feeding = asyncio.create_task(feed(people, settings, stop_feeding))
     try:
         stalled = await pick_writing_instance(cluster, watch, recorder, timeout=60)
         if stalled is None:
@@ -1203,9 +1204,10 @@ async def stall_steps(report: RunReport, sims: Simulators, people: People, clust
         for instance in others:
             instance.send(signal.SIGCONT)
     finally:
-        feeding.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feeding
+        # A cancel could land between a simulator's write and its record in
+        # `people.expected`, which then misses a comment or an incident.
+        stop_feeding.set()
+        await feeding
         for instance in cluster.running():
             instance.send(signal.SIGCONT)
     await people.act_in_mdr(settings.later_incidents, comments=settings.connections, files=1)
@@ -1259,13 +1261,18 @@ def refresh_begun_before(recorder: WriteRecorder, pid: int, connection: str, sto
     return bool(confirms) and confirms[-1].pid == pid and confirms[-1].at < stopped_at
 
 
-async def feed(people: People, settings: ClusterRunSettings) -> None:
-    """Add an incident with a comment every `feed_every_seconds`, connection after connection, so every instance keeps writing."""
+async def feed(people: People, settings: ClusterRunSettings, stop: asyncio.Event) -> None:
+    """Add an incident with a comment every `feed_every_seconds`, connection after connection, until `stop` is set.
+
+    Every instance keeps writing meanwhile. An incident begun is finished
+    before the feed ends, so what people added is all on record.
+    """
     number = 0
-    while True:
+    while not stop.is_set():
         await people.incident(people.sims.layout.connections[number % settings.connections])
         number += 1
-        await asyncio.sleep(settings.feed_every_seconds)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.feed_every_seconds)
 
 
 async def pick_writing_instance(cluster: Cluster, watch: LeaseWatch, recorder: WriteRecorder, timeout: float) -> Instance | None:

@@ -291,19 +291,19 @@ async def test_stop_lost_logs_expired_lease(caplog: pytest.LogCaptureFixture) ->
     from mdr_connector.connector.cluster_runner import _stop_lost
 
     expired = Fence("conn00", "vm-1", 2, valid_until=50.0, clock=lambda: 100.0)
-    held = Fence("conn01", "vm-1", 3, valid_until=150.0, clock=lambda: 100.0)
-    tasks = {fence.connection: (asyncio.create_task(asyncio.sleep(60)), fence) for fence in (expired, held)}
+    current = Fence("conn01", "vm-1", 3, valid_until=150.0, clock=lambda: 100.0)
+    tasks = {fence.connection: (asyncio.create_task(asyncio.sleep(60)), fence) for fence in (expired, current)}
     caplog.set_level("WARNING", logger="mdr_connector.connector.cluster_runner")
 
     _stop_lost(tasks)
     _stop_lost(tasks)
     await asyncio.gather(tasks["conn00"][0], return_exceptions=True)
-    held_running = not tasks["conn01"][0].done()
+    current_running = not tasks["conn01"][0].done()
     tasks["conn01"][0].cancel()
 
     lost = [record for record in caplog.records if record.message == "cluster.lease.lost"]
     assert [(record.connection, record.instance, record.epoch) for record in lost] == [("conn00", "vm-1", 2)]
     assert expired.lost is True
     assert tasks["conn00"][0].cancelled()
-    assert held.lost is False
-    assert held_running
+    assert current.lost is False
+    assert current_running
