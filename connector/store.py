@@ -1,6 +1,7 @@
 """The ledger: links, synced items, cursors and parked items, in SQL.
 
-SQLite (through aiosqlite) by default; any SQLAlchemy async URL works
+SQLite by default, through the aiosqlite dialect with statements run on
+the event loop's thread (connector/inline_sqlite.py); any SQLAlchemy async URL works
 (`postgresql+asyncpg://...` in production). The schema belongs to the
 alembic migrations in `migrations/`; `Store.upgrade()` applies them.
 
@@ -50,6 +51,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql.compiler import IdentifierPreparer
 from sqlalchemy.types import TypeDecorator
 
+from mdr_connector.connector import inline_sqlite
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.i18n import N_
 
@@ -326,8 +328,10 @@ def _enable_sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor = dbapi_connection.cursor()  # type: ignore[attr-defined]
     # WAL lets a `status` command read while `run` writes; busy_timeout makes
     # a second writer wait instead of failing at once with "database is locked".
+    # The inline driver waits for locks in a thread of its own instead.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    if not isinstance(dbapi_connection.driver_connection, inline_sqlite.InlineConnection):  # type: ignore[attr-defined]
+        cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
 
@@ -350,6 +354,8 @@ class Store:
         # go stale, and the ping would add a query to every transaction.
         pre_ping = make_url(url).get_backend_name() != "sqlite"
         self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=pre_ping)
+        if self.engine.dialect.driver == "aiosqlite":
+            event.listen(self.engine.sync_engine, "do_connect", inline_sqlite.use_inline_driver)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _enable_sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)

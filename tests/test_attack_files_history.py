@@ -583,7 +583,8 @@ async def test_history_crash_mid_cycle(harness: SyncHarness, monkeypatch: pytest
     monkeypatch.setattr(sync.tickets, "create_ticket", fatal_second_create)
     with pytest.raises(ConnectionFatalError):
         await sync.run_cycle()
-    assert creates == 2
+    # Incidents reconcile concurrently, so the third create can begin before the second fails.
+    assert creates >= 2
 
     await restarts(harness, 3)
 
