@@ -73,6 +73,39 @@ async def test_failed_create_intent_is_dropped(store: Store) -> None:
     assert (await store.get_link("main", "inc-2")).state == LINKED
 
 
+@pytest.mark.parametrize("upsert", [True, False], ids=["on-conflict", "reading-first"])
+async def test_link_rewrites_keep_origin(store: Store, monkeypatch: pytest.MonkeyPatch, upsert: bool) -> None:
+    """A second create intent and a relink keep the link's row, number and creation time, and update the rest."""
+    if not upsert:
+        monkeypatch.setattr(store_module, "_UPSERT_DIALECTS", frozenset())
+    await store.start_create("main", "inc-1", 42)
+    first = await store.get_link("main", "inc-1")
+    await store.start_create("main", "inc-1", 99)
+    again = await store.get_link("main", "inc-1")
+    assert again.id == first.id
+    assert again.incident_number == 42
+    assert again.created_at == first.created_at
+    assert again.create_started_at > first.create_started_at
+
+    linked = await store.record_link(
+        "main", "inc-1", 43, ticket_key="SEC-1", ticket_id="1", ticket_url="u1", fields_hash="h1"
+    )
+    assert (linked.id, linked.created_at) == (first.id, first.created_at)
+    assert (linked.state, linked.incident_number, linked.ticket_key, linked.fields_hash) == (LINKED, 43, "SEC-1", "h1")
+
+    relinked = await store.record_link(
+        "main", "inc-1", 43, ticket_key="SEC-2", ticket_id="2", ticket_url="u2", fields_hash=None
+    )
+    assert relinked.id == first.id
+    assert (relinked.ticket_key, relinked.ticket_id, relinked.fields_hash) == ("SEC-2", "2", None)
+    assert relinked.updated_at >= linked.updated_at
+    assert (await store.get_link("main", "inc-1")).ticket_url == "u2"
+
+    fresh = await store.record_link("main", "inc-2", 7, ticket_key="SEC-3", ticket_id="3", ticket_url="u3", fields_hash=None)
+    assert fresh.id != first.id
+    assert (fresh.state, fresh.incident_number, fresh.created_at) == (LINKED, 7, fresh.updated_at)
+
+
 async def test_item_pending_then_done(store: Store) -> None:
     """A synced item moves from pending to done with its target id, once per source id."""
     await store.start_item("main", "inc-1", "comment", MDR_TO_TICKET, "c1")
