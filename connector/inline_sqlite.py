@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -34,6 +35,8 @@ T = TypeVar("T")
 # How long a statement waits for another process's lock before it fails with "database is locked".
 LOCK_WAIT_SECONDS = 30.0
 LOCK_WAIT_THREADS = 4
+# SQLite's busy timeout is a C int of milliseconds. PRAGMA busy_timeout sets a larger value to 0, which disables waiting.
+MAX_BUSY_TIMEOUT_MS = 2**31 - 1
 
 _lock_waiters: ThreadPoolExecutor | None = None
 
@@ -119,19 +122,28 @@ class InlineConnection:
         return await self._run_waiting(connection, function, *args)
 
     async def _run_waiting(self, connection: sqlite3.Connection, function: Callable[..., T], *args: Any) -> T:
-        wait_ms = int(self.lock_wait_seconds * 1000)
+        # The pool has more connections than there are lock-wait threads, so a
+        # wait can queue behind others. The time it spends queued counts toward the lock wait.
+        deadline = time.monotonic() + self.lock_wait_seconds
 
         def waiting() -> T:
+            remaining = max(0.0, deadline - time.monotonic())
+            wait_ms = int(min(remaining * 1000, MAX_BUSY_TIMEOUT_MS))
             connection.execute(f"PRAGMA busy_timeout={wait_ms}")
             try:
                 return function(*args)
             finally:
                 connection.execute("PRAGMA busy_timeout=0")
 
-        future = asyncio.get_running_loop().run_in_executor(_lock_wait_executor(), waiting)
+        job = _lock_wait_executor().submit(waiting)
+        future = asyncio.wrap_future(job)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
+            # A wait still queued behind other waits has not touched the
+            # connection, so dropping it ends the cancel at once.
+            if job.cancel():
+                raise
             # The thread still uses the connection, and the caller's rollback
             # or close must not run beside it, so the cancel waits for it.
             while not future.done():
@@ -139,6 +151,10 @@ class InlineConnection:
                     await asyncio.wait([future])
                 except asyncio.CancelledError:
                     continue
+            # The cancel wins over the thread's outcome. Reading the thread's error marks
+            # it retrieved, so asyncio does not log it when the future is collected.
+            if not future.cancelled():
+                future.exception()
             raise
 
     async def cursor(self) -> InlineCursor:
@@ -165,9 +181,25 @@ class InlineConnection:
         self.stop()
 
     def stop(self) -> None:
-        """Close the sqlite3 connection; a second call does nothing."""
+        """Roll back an open transaction, then close the sqlite3 connection. A second call does nothing.
+
+        The dialect closes a connection without a rollback when it invalidates
+        it, as after a cancel. sqlite3 finishes a close only once no cursor
+        references the connection's statements, and the cursor of a failed
+        statement lives on in the exception's traceback. Until then the
+        transaction, and with it the write lock, would stay open.
+
+        NOTE: a read left part-way (a stream) is not in a transaction, so
+        its snapshot stays until its cursor is collected, and the WAL cannot
+        be checkpointed past it until then.
+        """
         connection, self._connection = self._connection, None
-        if connection is not None:
+        if connection is None:
+            return
+        try:
+            if connection.in_transaction:
+                connection.rollback()
+        finally:
             connection.close()
 
 
@@ -183,7 +215,10 @@ class InlineCursor:
         return self
 
     async def executemany(self, sql: str, parameters: Iterable[Iterable[Any]]) -> InlineCursor:
-        await self._connection.run(self._cursor.executemany, sql, parameters)
+        # A statement that meets a lock runs a second time, so an iterator
+        # would start it again without the rows the first try consumed.
+        rows = parameters if isinstance(parameters, Sequence) else list(parameters)
+        await self._connection.run(self._cursor.executemany, sql, rows)
         return self
 
     # NOTE: a fetch is not run again when the database is locked, because the

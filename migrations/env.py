@@ -16,9 +16,10 @@ import asyncio
 
 from alembic import context
 from sqlalchemy import pool, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from mdr_connector.connector.inline_sqlite import LOCK_WAIT_SECONDS
 from mdr_connector.connector.store import Base
 
 target_metadata = Base.metadata
@@ -66,7 +67,12 @@ def run_migrations(connection: Connection) -> None:
 
 async def run_async_migrations() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
-    engine = create_async_engine(url, poolclass=pool.NullPool)
+    connect_args: dict[str, object] = {}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and "timeout" not in parsed.query:
+        # The ledger's own connections wait this long for another process's write lock, so a migration waits as long.
+        connect_args["timeout"] = LOCK_WAIT_SECONDS
+    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_migrations)
