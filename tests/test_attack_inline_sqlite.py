@@ -7,11 +7,10 @@ import gc
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from fixtures_sqlite import store, write_lock  # noqa: F401 - store is a fixture
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
@@ -19,26 +18,6 @@ from mdr_connector.connector import inline_sqlite
 from mdr_connector.connector.store import Store
 
 WAIT_LOGGER = "mdr_connector.connector.inline_sqlite"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
-    yield opened
-    await opened.close()
-
-
-@contextmanager
-def write_lock(database: Path) -> Iterator[sqlite3.Connection]:
-    """Hold the database's write lock, as another process writing would, until the block ends."""
-    holder = sqlite3.connect(database, isolation_level=None, timeout=0)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield holder
-    finally:
-        if holder.in_transaction:
-            holder.execute("COMMIT")
-        holder.close()
 
 
 def can_write(database: Path) -> bool:

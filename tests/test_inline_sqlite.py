@@ -4,36 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from fixtures_sqlite import store, write_lock  # noqa: F401 - store is a fixture
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from mdr_connector.connector import inline_sqlite
 from mdr_connector.connector.store import Store
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
-    yield opened
-    await opened.close()
-
-
-@contextmanager
-def write_lock(database: Path) -> Iterator[sqlite3.Connection]:
-    """Hold the database's write lock, as another process writing would, until the block ends."""
-    holder = sqlite3.connect(database, isolation_level=None, timeout=0)
-    holder.execute("BEGIN IMMEDIATE")
-    try:
-        yield holder
-    finally:
-        if holder.in_transaction:
-            holder.execute("COMMIT")
-        holder.close()
 
 
 async def ticks_while(task: asyncio.Task[object], seconds: float) -> int:
