@@ -24,6 +24,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar, cast
 
+from sqlalchemy.exc import DBAPIError
+
 from mdr_connector.adapters.mdr.models import Incident
 from mdr_connector.connector.assets import AssetDetails, assets_wanted
 from mdr_connector.connector.attachments import AttachmentSync
@@ -106,6 +108,18 @@ def build_cycle_steps(context: SyncContext) -> list[CycleStep]:
     steps.append(TicketIncidentRequests(context))
     steps.append(LedgerRetention(context))
     return steps
+
+
+def failure_reason(err: BaseException) -> str:
+    """Describe a failure for the log and the parked entry.
+
+    A database error is described by the driver's error alone. SQLAlchemy's
+    own text adds the statement and its parameters: incident data such as
+    host names and comment text, which `status` and `parked list` would show.
+    """
+    if isinstance(err, DBAPIError) and err.orig is not None:
+        return f"{type(err).__name__}: {err.orig}"
+    return f"{type(err).__name__}: {err}"
 
 
 class ConnectionSync:
@@ -701,7 +715,7 @@ class ConnectionSync:
 
     async def _record_failure(self, incident_id: str, err: BaseException) -> None:
         self.stats.failures += 1
-        reason = f"{type(err).__name__}: {err}"
+        reason = failure_reason(err)
         log.error(
             "sync.incident.failed",
             extra={"connection": self.name, "incident_id": incident_id, "error": reason},

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections import Counter
 
 import pytest
+from sqlalchemy.exc import OperationalError
 from fixtures_mdr import MDR_CLIENT_ID, MDR_CONNECTION_NAME
 from fixtures_postgres import LEDGER_BACKENDS
 from fixtures_sync import SyncHarness
@@ -849,3 +851,24 @@ async def test_new_ticket_not_read_back(harness: SyncHarness) -> None:
     assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}/comment"] == 1
     assert harness.jira.sim.calls["GET /rest/api/2/issue/{issue}"] == 1
     assert sync.stats.own_writes_confirmed == 1
+
+
+async def test_database_error_parks_short_reason(harness: SyncHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ledger error parks the incident with the driver's error, not the statement and its incident data."""
+    incident_id = harness.seed()["incident_id"]
+    sync = await harness.engine()
+
+    async def locked(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError(
+            "UPDATE links SET mdr_status=? WHERE incident_id=?",
+            ("host-finance-17", incident_id),
+            sqlite3.OperationalError("database is locked"),
+        )
+
+    monkeypatch.setattr(harness.store, "record_mdr_reconciled", locked)
+    await sync.run_cycle()
+
+    parked = await harness.store.get_parked("main", INCIDENT, incident_id)
+    assert parked is not None
+    assert parked.reason == "OperationalError: database is locked"
+
