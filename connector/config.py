@@ -26,8 +26,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from mdr_connector.connector.errors import ConfigError
+from mdr_connector.connector.inline_sqlite import lock_wait_of
 from mdr_connector.connector.logs import register_secret
 from mdr_connector.connector.mappingfile import BUILTIN_MAPPING_PREFIX
 from mdr_connector.connector.yamlfiles import (
@@ -384,6 +387,24 @@ class ClusterSettings(StrictModel):
         return self
 
 
+def check_sqlite_lock_wait(url: str) -> None:
+    """Raise ValueError when an SQLite URL's `timeout` option is not a number of seconds; other URLs pass."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Opening the store reports a URL that does not parse, with SQLAlchemy's reason.
+        return
+    if parsed.get_backend_name() != "sqlite":
+        return
+    try:
+        lock_wait_of(parsed.query)
+    except ValueError:
+        raise ValueError(
+            f"timeout={parsed.query.get('timeout')} in database_url is not a number of seconds from 0 up; "
+            "set ?timeout=SECONDS, how long a statement waits for another process's lock, for example ?timeout=30"
+        ) from None
+
+
 class Settings(StrictModel):
     """The whole configuration file."""
 
@@ -407,7 +428,10 @@ class Settings(StrictModel):
     @field_validator("database_url")
     @classmethod
     def _database_url_without_password(cls, value: str | SecretRef | None) -> str | SecretRef | None:
-        return reject_inline_password(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        check_sqlite_lock_wait(value)
+        return reject_inline_password(value)
 
     @model_validator(mode="after")
     def _cluster_on_postgresql(self) -> Settings:

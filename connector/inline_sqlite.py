@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -50,9 +51,25 @@ def use_inline_driver(_dialect: object, _record: object, _args: list[Any], optio
     options["async_creator_fn"] = connect
 
 
+def lock_wait_of(options: Mapping[str, Any]) -> float:
+    """Return the lock wait in seconds that the URL's `timeout` option sets, or the default.
+
+    Raises ValueError for a value that is not a finite number of seconds from 0 up.
+    """
+    value = options.get("timeout", LOCK_WAIT_SECONDS)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"timeout={value!r} is not a number of seconds") from None
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise ValueError(f"timeout={value!r} is not a number of seconds from 0 up")
+    return seconds
+
+
 async def connect(database: str, **options: Any) -> InlineConnection:
     """Open `database` with the sqlite3 module and the dialect's options, for use on this thread and lock waits."""
-    lock_wait = float(options.pop("timeout", LOCK_WAIT_SECONDS))
+    lock_wait = lock_wait_of(options)
+    options.pop("timeout", None)
     # With no busy timeout, a locked statement fails at once on the loop's thread, and `run` repeats it in a thread that waits.
     options["timeout"] = 0
     options["check_same_thread"] = False

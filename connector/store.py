@@ -309,6 +309,9 @@ class StoreCounts:
     parked_items: int
 
 
+# SQLAlchemy's default wait for a pooled connection.
+DEFAULT_POOL_TIMEOUT_SECONDS = 30.0
+
 # Ids per `IN (...)` query: asyncpg accepts at most 32,767 parameters per
 # statement and SQLite before 3.32 only 999, so long id lists go in chunks.
 IN_CHUNK_SIZE = 500
@@ -410,8 +413,24 @@ class Store:
         # A server such as PostgreSQL can close a pooled connection (restart,
         # idle timeout), so a checkout pings it first. An SQLite file cannot
         # go stale, and the ping would add a query to every transaction.
-        pre_ping = make_url(url).get_backend_name() != "sqlite"
-        self.engine: AsyncEngine = create_async_engine(url, pool_pre_ping=pre_ping)
+        parsed = make_url(url)
+        pre_ping = parsed.get_backend_name() != "sqlite"
+        options: dict[str, object] = {"pool_pre_ping": pre_ping}
+        if parsed.get_backend_name() == "sqlite":
+            try:
+                lock_wait = inline_sqlite.lock_wait_of(parsed.query)
+            except ValueError as err:
+                raise ConfigError.from_template(
+                    N_(
+                        "invalid database URL: timeout={value} is not a number of seconds from 0 up; "
+                        "set ?timeout=SECONDS, how long a statement waits for another process's lock, for example ?timeout=30"
+                    ),
+                    value=parsed.query.get("timeout"),
+                ) from err
+            # A statement waiting for another process's lock keeps its pooled
+            # connection, so others may wait for a connection as long.
+            options["pool_timeout"] = max(DEFAULT_POOL_TIMEOUT_SECONDS, lock_wait)
+        self.engine: AsyncEngine = create_async_engine(url, **options)
         if self.engine.dialect.driver == "aiosqlite":
             event.listen(self.engine.sync_engine, "do_connect", inline_sqlite.use_inline_driver)
         if self.engine.dialect.name == "sqlite":

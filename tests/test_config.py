@@ -14,6 +14,7 @@ import yaml
 from mdr_connector.connector.config import ConnectionSettings, SecretRef, load_settings
 from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.mappingfile import load_mapping
+from mdr_connector.connector.store import Store
 
 VALID_CONFIG = """
 data_dir: state
@@ -221,6 +222,24 @@ def test_mapping_requires_every_priority(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="missing: LOW"):
         load_mapping(str(path))
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
+def test_sqlite_timeout_is_checked(tmp_path: Path, value: str) -> None:
+    """An SQLite URL whose timeout is not seconds from 0 up is rejected by the config check, with the fix named."""
+    config = f"database_url: sqlite+aiosqlite:///state/ledger.db?timeout={value}\n" + VALID_CONFIG
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path / "db.yaml", config))
+    assert f"timeout={value} in database_url is not a number of seconds" in str(caught.value)
+    assert "?timeout=SECONDS" in str(caught.value)
+
+
+def test_sqlite_timeout_is_accepted(tmp_path: Path) -> None:
+    """A timeout in seconds passes the config check and sets the ledger's pool wait to at least that long."""
+    config = "database_url: sqlite+aiosqlite:///state/ledger.db?timeout=90\n" + VALID_CONFIG
+    settings = load_settings(write(tmp_path / "db.yaml", config))
+    store = Store(settings.resolved_database_url())
+    assert store.engine.pool.timeout() == 90
 
 
 def test_url_with_password_is_rejected(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from mdr_connector.connector import inline_sqlite
+from mdr_connector.connector.errors import ConfigError
 from mdr_connector.connector.store import Store
 
 
@@ -122,3 +123,20 @@ async def test_closed_connection_rejects_calls(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="no active connection"):
         await connection.cursor()
+
+
+async def test_invalid_timeout_stops_open(tmp_path: Path) -> None:
+    """A store URL whose timeout is not a number of seconds fails to open with the value and the fix named."""
+    with pytest.raises(ConfigError) as caught:
+        await Store.open(f"sqlite+aiosqlite:///{tmp_path}/ledger.db?timeout=abc")
+    assert "timeout=abc is not a number of seconds" in str(caught.value)
+    assert "?timeout=SECONDS" in str(caught.value)
+
+
+async def test_pool_waits_as_long_as_locks(tmp_path: Path) -> None:
+    """A lock wait longer than SQLAlchemy's 30-second pool wait lengthens the pool wait, so a waiting statement's connection is not missed."""
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path}/ledger.db?timeout=90")
+    try:
+        assert store.engine.pool.timeout() == 90
+    finally:
+        await store.close()
