@@ -3,9 +3,10 @@
 aiosqlite hands every call (cursor, execute, fetch, commit) to a thread of
 its own and wakes the event loop with the result. A ledger transaction makes
 about five such calls, and in a backlog sync the hand-offs cost more CPU
-time than the statements. In bench/backlog_throughput.py on a 2-core Intel
-Xeon, the connector's process made about 660 voluntary context switches per
-incident with aiosqlite and about 290 with this driver. A ledger statement
+time than the statements. In a 1,000-incident run of bench/backlog_throughput.py
+on a 2-core Intel Xeon, `getrusage` counted about 660 voluntary context
+switches per incident in the connector's process with aiosqlite, and about 290
+with this driver (docs/benchmarks.md, step 14). A ledger statement
 on a local file takes tens of microseconds, so this driver runs it inline.
 
 A statement that finds the database locked by another process (a CLI
