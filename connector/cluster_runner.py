@@ -140,6 +140,9 @@ async def run_cluster(
     outcomes: list[ConnectionOutcome] = []
     try:
         while not stop.is_set():
+            # After a stall, balancing can wait on rows that other instances
+            # lock, so the local deadlines are checked before it as well.
+            _stop_lost(tasks)
             changes = await _balance(cluster)
             _stop_lost(tasks)
             for fence in changes.acquired:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Callable
@@ -437,3 +438,52 @@ async def test_orphans_not_handed_back_in_loop(store: Store, tmp_path: Path) -> 
 
     moves = {name: after[name] - before[name] for name in names}
     assert max(moves.values()) <= 1, f"lease changes of holder in 8 s: {moves}"
+
+
+async def test_lost_lease_seen_while_balance_waits(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease past its local deadline is stopped and logged even while balancing waits on other instances' rows.
+
+    After a stall, renewals and the balance can both wait on lease rows that
+    stopped instances lock, and only the local deadline check sees the loss.
+    """
+    from mdr_connector.connector import cluster_runner
+
+    settings = settings_for(tmp_path, ["alpha"], "solo")
+    original_balance = Cluster.balance
+    balanced_once = asyncio.Event()
+    never = asyncio.Event()
+
+    def stall(cluster: Cluster) -> None:
+        # The process was stopped: every held lease's local deadline has passed.
+        for fence in cluster.fences.values():
+            fence._clock = lambda: time.monotonic() + 1000
+
+    async def balance_then_wait(self: Cluster) -> Any:
+        if balanced_once.is_set():
+            await never.wait()
+        changes = await original_balance(self)
+        balanced_once.set()
+        # The stall lands while the loop waits for its next round.
+        asyncio.get_running_loop().call_later(0.05, stall, self)
+        return changes
+
+    async def no_renewals(_cluster: Cluster) -> None:
+        await never.wait()
+
+    monkeypatch.setattr(Cluster, "balance", balance_then_wait)
+    monkeypatch.setattr(cluster_runner, "keep_renewed", no_renewals)
+    caplog.set_level("WARNING", logger="mdr_connector.connector.cluster_runner")
+    cycles: dict[str, int] = {}
+    stop = asyncio.Event()
+    runner = asyncio.create_task(run_cluster(settings, store, counting_factory(cycles), stop, Observer(settings.observability)))
+    try:
+        lost = await wait_until(lambda: any(record.message == "cluster.lease.lost" for record in caplog.records))
+    finally:
+        stop.set()
+        never.set()
+        await asyncio.wait_for(runner, DEADLINE_SECONDS)
+
+    assert cycles.get("alpha", 0) > 0
+    assert lost
