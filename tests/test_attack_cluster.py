@@ -446,7 +446,7 @@ async def test_lost_lease_seen_while_balance_waits(
     """A lease past its local deadline is stopped and logged even while balancing waits on other instances' rows.
 
     After a stall, renewals and the balance can both wait on lease rows that
-    stopped instances lock, and only the local deadline check sees the loss.
+    stopped instances lock, and only the local deadline check detects the loss.
     """
     from mdr_connector.connector import cluster_runner
 
