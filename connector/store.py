@@ -346,6 +346,25 @@ def _sorted_rows(
     return rows
 
 
+async def _upsert_by_reading(
+    session: AsyncSession,
+    model: type[Base],
+    keys: list[dict[str, object]],
+    *,
+    inserted: dict[str, object],
+    updated: dict[str, object],
+    per_row: list[dict[str, object]] | None,
+) -> None:
+    """Upsert by reading each row first, for databases without INSERT ... ON CONFLICT."""
+    for key, own in _sorted_rows(keys, per_row):
+        row = await session.scalar(select(model).filter_by(**key))
+        if row is None:
+            session.add(model(**key, **inserted, **own))
+            continue
+        for name, value in {**updated, **own}.items():
+            setattr(row, name, value)
+
+
 def _item_key(connection: str, incident_id: str, kind: str, direction: str, source_id: str) -> dict[str, object]:
     """Return the columns of `uq_synced_items_source`, which name one synced item."""
     return {
@@ -414,9 +433,9 @@ class Store:
         # idle timeout), so a checkout pings it first. An SQLite file cannot
         # go stale, and the ping would add a query to every transaction.
         parsed = make_url(url)
-        pre_ping = parsed.get_backend_name() != "sqlite"
-        options: dict[str, object] = {"pool_pre_ping": pre_ping}
-        if parsed.get_backend_name() == "sqlite":
+        on_sqlite = parsed.get_backend_name() == "sqlite"
+        options: dict[str, object] = {"pool_pre_ping": not on_sqlite}
+        if on_sqlite:
             try:
                 lock_wait = inline_sqlite.lock_wait_of(parsed.query)
             except ValueError as err:
@@ -765,7 +784,7 @@ class Store:
             return
 
         async with self.sessions() as session, session.begin():
-            await self._upsert_in(session, model, keys, inserted=inserted, updated=updated, per_row=per_row)
+            await _upsert_by_reading(session, model, keys, inserted=inserted, updated=updated, per_row=per_row)
 
     async def _upsert_in(
         self,
@@ -783,13 +802,7 @@ class Store:
             await session.execute(*upsert)
             return
 
-        for key, own in _sorted_rows(keys, per_row):
-            row = await session.scalar(select(model).filter_by(**key))
-            if row is None:
-                session.add(model(**key, **inserted, **own))
-                continue
-            for name, value in {**updated, **own}.items():
-                setattr(row, name, value)
+        await _upsert_by_reading(session, model, keys, inserted=inserted, updated=updated, per_row=per_row)
 
     def _upsert_plan(
         self,
