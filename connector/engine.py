@@ -24,8 +24,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar, cast
 
-from sqlalchemy.exc import DBAPIError
-
 from mdr_connector.adapters.mdr.models import Incident
 from mdr_connector.connector.assets import AssetDetails, assets_wanted
 from mdr_connector.connector.attachments import AttachmentSync
@@ -38,6 +36,7 @@ from mdr_connector.connector.errors import (
     InvalidPayloadError,
     ItemError,
     RejectedError,
+    failure_reason,
 )
 from mdr_connector.connector.history import read_history_window
 from mdr_connector.connector.mapping import (
@@ -108,18 +107,6 @@ def build_cycle_steps(context: SyncContext) -> list[CycleStep]:
     steps.append(TicketIncidentRequests(context))
     steps.append(LedgerRetention(context))
     return steps
-
-
-def failure_reason(err: BaseException) -> str:
-    """Describe a failure for the log and the parked entry.
-
-    A database error is described by the driver's error alone. SQLAlchemy's
-    own text adds the statement and its parameters: incident data such as
-    host names and comment text, which `status` and `parked list` would show.
-    """
-    if isinstance(err, DBAPIError) and err.orig is not None:
-        return f"{type(err).__name__}: {err.orig}"
-    return f"{type(err).__name__}: {err}"
 
 
 class ConnectionSync:
@@ -543,7 +530,7 @@ class ConnectionSync:
         except Exception as err:  # noqa: BLE001 - each incident's own lookup keeps a bad reply to that incident
             log.info(
                 "sync.ticket.lookup_batch_failed",
-                extra={"connection": self.name, "incidents": len(incident_ids), "error": f"{type(err).__name__}: {err}"},
+                extra={"connection": self.name, "incidents": len(incident_ids), "error": failure_reason(err)},
             )
             return
         self._looked_up.update({incident_id: found.get(incident_id) for incident_id in incident_ids})

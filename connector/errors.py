@@ -25,6 +25,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Self
 
+from sqlalchemy.exc import DBAPIError
+
+
+def failure_reason(err: BaseException) -> str:
+    """Describe a failure for a log line or a parked entry.
+
+    A database error is described by the driver's error alone. SQLAlchemy's
+    own text adds the statement and its parameters: incident data such as
+    host names and comment text, which `status` and `parked list` would show.
+    """
+    if isinstance(err, DBAPIError) and err.orig is not None:
+        return f"{type(err).__name__}: {err.orig}"
+    return f"{type(err).__name__}: {err}"
+
 
 # The maximum wait a rate limit may impose, one day. A longer Retry-After is cut to this.
 MAX_RETRY_AFTER_SECONDS = 86400.0

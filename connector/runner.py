@@ -24,6 +24,7 @@ from mdr_connector.connector.errors import (
     ConnectionFatalError,
     ConnectorError,
     RateLimitedError,
+    failure_reason,
 )
 from mdr_connector.connector.locks import ConnectionLock
 from mdr_connector.connector.observability import Observer, serve_observability
@@ -70,7 +71,7 @@ class FailureStreak:
         if self.failures == 1:
             log.error(
                 "sync.cycle.failing",
-                extra={"connection": self.connection, "error": f"{type(err).__name__}: {err}"},
+                extra={"connection": self.connection, "error": failure_reason(err)},
             )
 
     def succeeded(self) -> None:

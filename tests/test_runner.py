@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from mdr_connector.connector.config import Settings
 from mdr_connector.connector.errors import RemoteUnavailableError, TokenExpiredError
@@ -115,6 +117,21 @@ async def test_failure_streak_logged_once(tmp_path: Path, caplog: pytest.LogCapt
     events = [record.getMessage() for record in caplog.records]
     assert events.count("sync.cycle.failing") == 1
     assert events.count("sync.cycle.recovered") == 1
+
+
+def test_failure_streak_hides_statement(caplog: pytest.LogCaptureFixture) -> None:
+    """A database error starts its streak with the driver's error, not the statement and its incident data."""
+    error = OperationalError(
+        "UPDATE links SET mdr_status=? WHERE incident_id=?",
+        ("host-finance-17", "inc-1"),
+        sqlite3.OperationalError("database is locked"),
+    )
+
+    with caplog.at_level(logging.INFO, logger="mdr_connector.connector.runner"):
+        FailureStreak("main").failed(error)
+
+    [record] = [record for record in caplog.records if record.getMessage() == "sync.cycle.failing"]
+    assert record.error == "OperationalError: database is locked"
 
 
 async def test_sync_once_reports_busy(tmp_path: Path) -> None:
